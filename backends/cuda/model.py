@@ -1,0 +1,150 @@
+"""Load the 4-bit base model for the CUDA backend: attention kernel choice and clear load errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.config import QLoraConfig
+from common.errors import QLoraError
+
+# Fastest first. FA4 and FA3 are Hopper-class kernels; FA2 needs Ampere or newer.
+FLASH_KERNELS = (
+    ("flash_attention_4", "is_flash_attn_4_available", (9, 0)),
+    ("flash_attention_3", "is_flash_attn_3_available", (9, 0)),
+    ("flash_attention_2", "is_flash_attn_2_available", (8, 0)),
+)
+INSTALL_HINT = (
+    "install a FlashAttention kernel for the H100 (`make setup-h100` tries flash-attn-4, "
+    "then flash-attn); training continues with PyTorch SDPA, which is slower on packed data"
+)
+
+
+def installed_flash_kernels(capability: tuple[int, int] | None) -> list[str]:
+    """FlashAttention generations that are installed and run on a GPU of this capability."""
+    from transformers.utils import import_utils
+
+    if capability is None:
+        return []
+    return [
+        name
+        for name, probe, needs in FLASH_KERNELS
+        if capability >= needs and getattr(import_utils, probe, lambda: False)()
+    ]
+
+
+def choose_attention(requested: str, device: str, capability, say) -> str:
+    if device != "cuda":
+        if requested.startswith("flash"):
+            say.warn(f"{requested} needs a CUDA GPU: using sdpa on the CPU")
+        return "sdpa" if requested in ("auto",) or requested.startswith("flash") else requested
+    available = installed_flash_kernels(capability)
+    if requested == "auto":
+        if available:
+            say.ok(f"attention: {available[0]} (fastest FlashAttention installed)")
+            return available[0]
+        say.warn(f"attention: no FlashAttention kernel found; {INSTALL_HINT}")
+        return "sdpa"
+    if requested.startswith("flash") and requested not in available:
+        fallback = available[0] if available else "sdpa"
+        say.warn(f"attention: {requested} is not installed or not supported here; using {fallback}. "
+                 + ("" if available else INSTALL_HINT))
+        return fallback
+    say.ok(f"attention: {requested}")
+    return requested
+
+
+def model_source(cfg: QLoraConfig) -> tuple[str, bool]:
+    """(path or id to load, local_files_only). A cached hub model loads without the network."""
+    name = cfg.model.name_or_path
+    if Path(name).exists():
+        check_local_model(Path(name))
+        return name, True
+    if cfg.model.local_files_only:
+        return name, True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", revision=cfg.model.revision)
+    except Exception:  # an id that is not a valid repo name: let from_pretrained explain
+        cached = None
+    return name, isinstance(cached, str)
+
+
+def check_local_model(path: Path) -> None:
+    if not path.is_dir():
+        raise QLoraError(f"model.name_or_path {path} is a file; point it at the model folder.")
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        missing.append("weights (*.safetensors)")
+    if missing:
+        raise QLoraError(
+            f"model folder {path} is incomplete: missing {', '.join(missing)}. Download the whole "
+            "model (`hf download mistralai/Mistral-7B-Instruct-v0.3 --local-dir <folder>`)."
+        )
+
+
+def explain_load_error(name: str, exc: Exception) -> QLoraError:
+    chain, text = [], ""
+    cursor: BaseException | None = exc
+    while cursor is not None:
+        chain.append(type(cursor).__name__)
+        text += f" {cursor}"
+        cursor = cursor.__cause__ or cursor.__context__
+    if "GatedRepoError" in chain or "gated" in text.lower() or "401" in text:
+        return QLoraError(
+            f"{name} is a gated model: accept its license on the Hugging Face page, then log in "
+            "(`hf auth login`) or set HF_TOKEN, or point model.name_or_path at a local copy."
+        )
+    if "RepositoryNotFoundError" in chain:
+        return QLoraError(f"model {name!r} does not exist on the hub; check model.name_or_path.")
+    if {"LocalEntryNotFoundError", "OfflineModeIsEnabled"} & set(chain) or "offline" in text.lower():
+        return QLoraError(
+            f"model {name!r} is not in the local cache and the hub cannot be reached (offline). "
+            "Download it where there is network (`hf download mistralai/Mistral-7B-Instruct-v0.3`) "
+            "or set model.name_or_path to a local folder."
+        )
+    return QLoraError(f"could not load model {name!r}: {exc}")
+
+
+def load_quantized_model(cfg: QLoraConfig, attn: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = cfg.quantization
+    dtype = getattr(torch, q.compute_dtype)
+    quant = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        if q.load_in_4bit
+        else None
+    )
+    name, local_only = model_source(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=cfg.model.revision,
+            quantization_config=quant,
+            dtype=dtype,
+            attn_implementation=attn,
+            device_map={"": 0 if device == "cuda" else "cpu"},
+            local_files_only=local_only,
+        )
+    except (OSError, ValueError) as exc:
+        raise explain_load_error(name, exc) from None
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    return model
+
+
+def load_hf_tokenizer(cfg: QLoraConfig):
+    """The HF tokenizer is only used by TRL for padding; our data layer does the tokenizing."""
+    from transformers import AutoTokenizer
+
+    name, local_only = model_source(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=cfg.model.revision, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        raise explain_load_error(name, exc) from None

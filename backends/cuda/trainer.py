@@ -1,0 +1,314 @@
+"""CUDA backend: QLoRA with bitsandbytes NF4 + FlashAttention + TRL's SFTTrainer.
+
+Read top to bottom: setup() loads the 4-bit base and builds the SFTTrainer over the shared data
+layer's examples (token ids + assistant-only loss mask, never re-tokenized); train() runs it,
+stopping cleanly on SIGTERM / Ctrl-C; save() writes the PEFT adapter into the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
+from common.config import QLoraConfig
+from common.data import Example, PreparedData
+from common.errors import PlatformError, QLoraError
+from common.run_files import RunFolder
+from common.tracking import resolve_tracker
+
+PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
+
+
+def to_dataset(examples: list[Example]):
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "input_ids": [e.input_ids for e in examples],
+            "assistant_masks": [e.loss_mask for e in examples],
+        }
+    )
+
+
+def resolve_device(requested: str):
+    import torch
+
+    if requested == "cpu":
+        return "cpu", None
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.get_device_capability(0)
+    if requested == "cuda":
+        raise PlatformError(
+            "this config trains on a CUDA GPU (cuda.device: cuda) but PyTorch sees none. "
+            "Check `nvidia-smi` and that torch is a CUDA build, or use --platform cpu for the demo."
+        )
+    return "cpu", None
+
+
+def liger_wanted(setting, device: str, say) -> bool:
+    import importlib.util
+
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting is True and not installed:
+        say.warn("cuda.use_liger is true but liger-kernel is not installed: running without it")
+    if device != "cuda":
+        return False
+    return bool(setting) and installed
+
+
+class CudaTrainer:
+    def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say):
+        self.cfg, self.run, self.data, self.say = cfg, run, data, say
+        self.trainer = None
+        self.stop_requested = False
+        self.tracker = "none"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, say = self.cfg, self.say
+        self.device, capability = resolve_device(cfg.cuda.device)
+        self.attn = choose_attention(cfg.cuda.attn_implementation, self.device, capability, say)
+        self.model = load_quantized_model(cfg, self.attn, self.device)
+        self._check_vocab()
+        tokenizer = load_hf_tokenizer(cfg)
+        self.tracker, notice = resolve_tracker(cfg.tracking.report_to)
+        if notice:
+            say.warn(notice)
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.run.root / "tensorboard"))
+        os.environ.setdefault("WANDB_PROJECT", cfg.tracking.project)
+        from peft import LoraConfig
+        from trl import SFTTrainer
+
+        lora = cfg.lora
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias=lora.bias,
+            task_type=lora.task_type,
+        )
+        self.trainer = SFTTrainer(
+            model=self.model,
+            args=self._sft_config(),
+            train_dataset=to_dataset(self.data.train),
+            eval_dataset=to_dataset(self.data.val),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[self._metrics_callback(), self._stop_callback()],
+        )
+
+    def _check_vocab(self) -> None:
+        vocab = self.model.config.vocab_size
+        highest = max(max(e.input_ids) for e in (*self.data.train, *self.data.val))
+        if highest >= vocab:
+            raise QLoraError(
+                f"model {self.cfg.model.name_or_path} has {vocab} token embeddings but the data uses "
+                f"token id {highest}: the model is not a Mistral-7B-v0.3 (32768-token) model."
+            )
+
+    def _micro_batching(self) -> tuple[int, int]:
+        """(micro-batch, accumulation). Packed rows are concatenated padding-free; SDPA then builds
+        a dense block mask over the whole micro-batch, so with SDPA one row per micro-batch and
+        more accumulation trains on the same tokens per optimizer step, faster (facts.md)."""
+        t = self.cfg.training
+        if t.packing and self.attn == "sdpa" and self.device == "cuda" and t.batch_size > 1:
+            self.say.warn(
+                f"packing with sdpa: micro-batch {t.batch_size} x accumulation "
+                f"{t.gradient_accumulation_steps} runs as 1 x {t.batch_size * t.gradient_accumulation_steps}"
+                " (same tokens per step, no dense cross-row mask)"
+            )
+            return 1, t.batch_size * t.gradient_accumulation_steps
+        return t.batch_size, t.gradient_accumulation_steps
+
+    def _sft_config(self):
+        from trl import SFTConfig
+
+        cfg, t, e = self.cfg, self.cfg.training, self.cfg.eval
+        micro, accumulation = self._micro_batching()
+        on_cpu = self.device == "cpu"
+        checkpointing = {"use_reentrant": False}
+        return SFTConfig(
+            output_dir=str(self.run.checkpoints),
+            run_name=self.run.root.name,
+            num_train_epochs=t.epochs,
+            max_steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+            optim=t.optimizer if not on_cpu or "paged" not in t.optimizer else "adamw_torch",
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            per_device_train_batch_size=micro,
+            per_device_eval_batch_size=e.eval_batch_size,
+            gradient_accumulation_steps=accumulation,
+            gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing,
+            bf16=t.bf16,
+            use_cpu=on_cpu,
+            seed=t.seed,
+            data_seed=t.seed,
+            max_length=cfg.data.max_seq_length,
+            packing=t.packing,
+            packing_strategy="bfd",
+            pad_token=PAD_TOKEN,
+            completion_only_loss=False,
+            use_liger_kernel=liger_wanted(cfg.cuda.use_liger, self.device, self.say),
+            logging_steps=e.logging_steps,
+            eval_strategy="steps",
+            eval_steps=e.eval_steps,
+            save_strategy="steps",
+            save_steps=e.save_steps,
+            save_total_limit=e.save_total_limit,
+            load_best_model_at_end=e.load_best_model_at_end,
+            metric_for_best_model=e.metric_for_best_model,
+            greater_is_better=False,
+            include_num_input_tokens_seen="non_padding",
+            report_to=[] if self.tracker == "none" else [self.tracker],
+            dataloader_num_workers=0 if on_cpu else 2,
+            disable_tqdm=False,
+        )
+
+    # ------------------------------------------------------------------ callbacks
+    def _metrics_callback(self):
+        from transformers import TrainerCallback
+
+        run = self.run
+
+        class Metrics(TrainerCallback):
+            """metrics.jsonl gets every log line, with real (non-padding) tokens per second."""
+
+            last = None
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                now, tokens = time.time(), state.num_input_tokens_seen
+                record = {"step": state.global_step, "epoch": state.epoch, "time": now, **(logs or {})}
+                if "loss" in record and self.last is not None and now > self.last[0]:
+                    rate = (tokens - self.last[1]) / (now - self.last[0])
+                    record["tokens_per_second"] = rate
+                    logs["tokens/s"] = round(rate)
+                if "loss" in record:
+                    self.last = (now, tokens)
+                run.log_metrics(record)
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.last = (time.time(), state.num_input_tokens_seen)
+
+        return Metrics()
+
+    def _stop_callback(self):
+        from transformers import TrainerCallback
+
+        owner = self
+
+        class StopOnSignal(TrainerCallback):
+            """After SIGTERM / Ctrl-C, the step in flight finishes, then a checkpoint is saved."""
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if owner.stop_requested:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return StopOnSignal()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.say.warn(
+            f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(press Ctrl-C again to abort without saving)"
+        )
+
+    # ------------------------------------------------------------------ train
+    def train(self, resume: str | None = None) -> dict:
+        import torch
+
+        if self.trainer is None:
+            self.setup()
+        resume_from = self._resume_point(resume)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        started = time.time()
+        try:
+            output = self.trainer.train(resume_from_checkpoint=resume_from)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        wall = time.time() - started
+        self.save()
+        state = self.trainer.state
+        summary = {
+            "backend": "cuda",
+            "device": torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu",
+            "attention": self.attn,
+            "tracker": self.tracker,
+            "interrupted": self.stop_requested,
+            "resumed_from": resume_from,
+            "global_step": state.global_step,
+            "max_steps": state.max_steps,
+            "epoch": state.epoch,
+            "real_tokens": state.num_input_tokens_seen,
+            "wall_seconds": wall,
+            "tokens_per_second": (state.num_input_tokens_seen - self.trainer._initial_num_input_tokens_seen) / wall
+            if wall
+            else None,
+            "train_loss": output.training_loss,
+            "final_eval_loss": _last(state.log_history, "eval_loss"),
+            "best_eval_loss": state.best_metric,
+            "best_checkpoint": state.best_model_checkpoint,
+            "peak_memory_gb": _peak_memory_gb(self.device),
+        }
+        self.run.write_summary(summary)
+        self.run.plot_losses()
+        return summary
+
+    def _resume_point(self, resume: str | None) -> str | None:
+        if resume is None:
+            return None
+        if resume == "auto":
+            from transformers.trainer_utils import get_last_checkpoint
+
+            last = get_last_checkpoint(str(self.run.checkpoints)) if self.run.checkpoints.is_dir() else None
+            if last is None:
+                self.say.warn(f"--resume auto: no checkpoint under {self.run.checkpoints}; starting fresh")
+            else:
+                self.say.ok(f"resuming from {last}")
+            return last
+        if not Path(resume, "trainer_state.json").is_file():
+            raise QLoraError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json).")
+        return resume
+
+    # ------------------------------------------------------------------ save
+    def save(self) -> None:
+        """The final (best, when load_best_model_at_end) adapter in PEFT format, in the run folder."""
+        model = self.trainer.model
+        model.save_pretrained(str(self.run.root))
+        self._name_base_model()
+
+    def _name_base_model(self) -> None:
+        import json
+
+        path = self.run.root / "adapter_config.json"
+        config = json.loads(path.read_text())
+        config["base_model_name_or_path"] = self.cfg.model.name_or_path
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _last(history: list[dict], key: str):
+    values = [h[key] for h in history if key in h]
+    return values[-1] if values else None
+
+
+def _peak_memory_gb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB

@@ -1,0 +1,240 @@
+"""`qlora`: one command line for both platforms. Heavy frameworks load only inside `train`/`demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.config import QLoraConfig
+from common.config_loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config
+from common.console import Say
+from common.errors import QLoraError, UsageError
+
+LATER = {
+    "check": "the preflight `qlora check` (issue #5)",
+    "plan": "the memory and time planner `qlora plan` (issue #6)",
+    "convert": "adapter conversion `qlora convert` (issue #4)",
+}
+
+
+def config_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("config")
+    group.add_argument(
+        "--platform", choices=sorted(PLATFORM_FILES), help=f"use configs/training_config_<P>.yaml (env {ENV_PLATFORM})"
+    )
+    group.add_argument("--config", metavar="FILE", help=f"a config YAML (env {ENV_CONFIG})")
+    group.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one value, e.g. --set lora.r=8 (repeatable)",
+    )
+    group.add_argument("--backend", choices=["cuda", "mlx"], help="override the platform's backend")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora",
+        description="QLoRA fine-tuning of Mistral-7B-Instruct-v0.3 on an H100 (CUDA) or an Apple M4 (MLX).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cfg = config_options()
+
+    p = sub.add_parser("config", parents=[cfg], help="print the resolved config")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("train", parents=[cfg], help="train an adapter (platform detected unless given)")
+    p.add_argument("--resume", metavar="auto|DIR", help="continue from the newest or a given checkpoint")
+    p.add_argument("--run-name", help="run folder name under tracking.output_dir")
+
+    p = sub.add_parser("demo", help="train the tiny built-in model on the sample data, on the CPU")
+    p.add_argument("--backend", choices=["cuda", "mlx"], default=None, help="which backend to exercise")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-name", default=None)
+
+    data = sub.add_parser("data", help="inspect or tokenize a JSONL chat file").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION"
+    )
+    p = data.add_parser("stats", parents=[cfg], help="counts and token-length percentiles")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p = data.add_parser("tokenize", parents=[cfg], help="write token ids and loss masks as JSONL")
+    p.add_argument("file")
+    p.add_argument("--out", required=True)
+
+    for name, what in LATER.items():
+        sub.add_parser(name, help=f"{what}: not available yet", add_help=True)
+    return parser
+
+
+def resolve(args, say: Say, detect_platform: bool = False) -> QLoraConfig:
+    """Config from --config / --platform / env, else (for train) from platform detection."""
+    import os
+
+    from common import platform as plat
+
+    platform = args.platform
+    chosen_by_env = os.environ.get(ENV_CONFIG) or os.environ.get(ENV_PLATFORM)
+    if detect_platform and not (platform or args.config or chosen_by_env):
+        choice = plat.choose(plat.detect(), backend=args.backend)
+        for note in choice.notes:
+            say.warn(note) if "not" in note or "below" in note else say.info(note)
+        platform = choice.platform
+    overrides = list(args.overrides)
+    if getattr(args, "backend", None):
+        overrides.append(f"backend={args.backend}")
+    return load_config(args.config, platform, overrides)
+
+
+def cmd_config(args, say: Say) -> int:
+    cfg = resolve(args, say)
+    if args.json:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _tokenizer_for(cfg: QLoraConfig):
+    from common.data import ChatTokenizer, find_tokenizer_file
+
+    return ChatTokenizer(find_tokenizer_file(cfg.model.name_or_path))
+
+
+def _config_or_default(args, say: Say) -> QLoraConfig:
+    if args.platform or args.config:
+        return resolve(args, say)
+    return QLoraConfig()
+
+
+def cmd_data_stats(args, say: Say) -> int:
+    from common.data import fit_length, length_stats, read_conversations
+
+    cfg = _config_or_default(args, say)
+    conversations, blank = read_conversations(args.file)
+    tokenizer = _tokenizer_for(cfg)
+    examples = [tokenizer.encode(c) for c in conversations]
+    stats = length_stats([len(e) for e in examples], cfg.data.max_seq_length)
+    stats["target_tokens"] = sum(e.n_targets for e in examples)
+    stats["turns_mean"] = sum(len(c.messages) for c in conversations) / len(conversations)
+    stats["with_system_prompt"] = sum(c.messages[0][0] == "system" for c in conversations)
+    outcomes = [fit_length(e, cfg.data.max_seq_length, cfg.data.overlong)[1] for e in examples]
+    stats["would_truncate"] = outcomes.count("truncated")
+    stats["would_drop"] = outcomes.count("dropped")
+    stats["blank_lines_skipped"] = blank
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    say.info(f"{args.file}: {stats['count']} conversations, {stats['tokens']:,} tokens "
+             f"({stats['target_tokens']:,} trained on), {stats['with_system_prompt']} with a system prompt")
+    say.info(
+        "tokens per example: mean {mean:.0f}, min {min}, p50 {p50}, p90 {p90}, p95 {p95}, p99 {p99}, max {max}".format(**stats)
+    )
+    line = (f"{stats['over_max_seq_length']} exceed data.max_seq_length={cfg.data.max_seq_length} "
+            f"(overlong={cfg.data.overlong}: {stats['would_truncate']} truncated, {stats['would_drop']} dropped)")
+    say.warn(line) if stats["over_max_seq_length"] else say.ok(line)
+    return 0
+
+
+def cmd_data_tokenize(args, say: Say) -> int:
+    from common.data import fit_length, read_conversations
+
+    cfg = _config_or_default(args, say)
+    conversations, _ = read_conversations(args.file)
+    tokenizer = _tokenizer_for(cfg)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept = 0
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for conversation in conversations:
+            example, _ = fit_length(tokenizer.encode(conversation), cfg.data.max_seq_length, cfg.data.overlong)
+            if example is not None:
+                handle.write(json.dumps({"input_ids": example.input_ids, "loss_mask": example.loss_mask}) + "\n")
+                kept += 1
+    tmp.replace(out)
+    say.ok(f"wrote {kept} of {len(conversations)} examples to {out}")
+    return 0
+
+
+def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
+    from common.preflight import require_platform
+    from common.data import prepare_data
+    from common.run_files import RunFolder
+    from common.trainer import make_trainer
+
+    cfg = cfg or resolve(args, say, detect_platform=True)
+    if args.run_name:
+        cfg.tracking.run_name = args.run_name
+    require_platform(cfg)
+    data = prepare_data(cfg.data, _tokenizer_for(cfg))
+    report = data.report
+    say.ok(f"data: {report.n_train} training and {report.n_val} validation examples")
+    for warning in report.warnings:
+        say.warn(warning)
+    if args.resume and not cfg.tracking.run_name:
+        raise UsageError("--resume needs --run-name (the run folder to continue)")
+    run = RunFolder.create(cfg)
+    say.info(f"run folder: {run.root}")
+    trainer = make_trainer(cfg, run, data, say)
+    trainer.setup()
+    summary = trainer.train(resume=args.resume)
+    if summary.get("interrupted"):
+        say.warn(f"stopped early at step {summary['global_step']}; checkpoint and adapter saved.")
+        say.info(f"continue with: qlora train {_replay(args)} --run-name {run.root.name} --resume auto")
+        return 0
+    say.ok(
+        f"done: {summary['global_step']} steps, eval_loss {summary.get('best_eval_loss') or summary.get('final_eval_loss')}, "
+        f"adapter in {run.root}"
+    )
+    return 0
+
+
+def _replay(args) -> str:
+    parts = [f"--platform {args.platform}"] if getattr(args, "platform", None) else []
+    if getattr(args, "config", None):
+        parts.append(f"--config {args.config}")
+    parts += [f"--set {o}" for o in getattr(args, "overrides", [])]
+    return " ".join(parts)
+
+
+def cmd_demo(args, say: Say) -> int:
+    from backends.tiny_model import ensure_tiny_mistral
+
+    overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
+    cfg = load_config(platform="cpu", overrides=overrides)
+    model_dir = Path(cfg.model.name_or_path)
+    if not (model_dir / "config.json").is_file():
+        say.info(f"building the tiny demo model in {model_dir} (random weights, real v0.3 tokenizer)")
+        ensure_tiny_mistral(model_dir)
+    args.platform, args.config, args.resume = "cpu", None, None
+    args.run_name = args.run_name or f"demo-{cfg.backend}"
+    return cmd_train(args, say, cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    say = Say()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in LATER:
+        say.warn(f"{LATER[args.command]} is not implemented yet; it lands with that issue.")
+        return 2
+    handlers = {"config": cmd_config, "train": cmd_train, "demo": cmd_demo}
+    handler = handlers.get(args.command) or {"stats": cmd_data_stats, "tokenize": cmd_data_tokenize}[args.data_command]
+    try:
+        return handler(args, say)
+    except QLoraError as exc:
+        say.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        say.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Load, merge and validate configs.
+
+Precedence: schema defaults < base YAML (via `extends:`) < platform YAML < `--set a.b=c`.
+Every value remembers where it came from, so an error names the file and the full key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from common.config import QLoraConfig
+from common.errors import ConfigError, UsageError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+PLATFORM_FILES = {
+    "h100": "training_config_h100.yaml",
+    "m4": "training_config_m4.yaml",
+    "cpu": "training_config_cpu.yaml",
+}
+ENV_CONFIG = "QLORA_CONFIG"
+ENV_PLATFORM = "QLORA_PLATFORM"
+LOADER_KEYS = {"extends"}  # read by the loader, never part of the schema
+
+
+def platform_config_path(platform: str) -> Path:
+    if platform not in PLATFORM_FILES:
+        raise UsageError(
+            f"unknown platform '{platform}'; choose one of: {', '.join(PLATFORM_FILES)}"
+        )
+    return CONFIG_DIR / PLATFORM_FILES[platform]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found. Check the path, or use --platform.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8.") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: {where}invalid YAML ({problem}).") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, not a list.")
+    return data
+
+
+def _merge(
+    into: dict[str, Any], new: Mapping[str, Any], sources: dict[str, str], origin: str, prefix=""
+) -> None:
+    """Deep-merge `new` into `into`, recording the origin of every leaf that `new` sets."""
+    for key, value in new.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value, sources, origin, prefix=f"{path}.")
+            continue
+        into[key] = dict(value) if isinstance(value, Mapping) else value
+        for leaf in _leaves(value, path):
+            sources[leaf] = origin
+
+
+def _leaves(value: Any, path: str) -> Iterable[str]:
+    if isinstance(value, Mapping) and value:
+        for key, sub in value.items():
+            yield from _leaves(sub, f"{path}.{key}")
+    else:
+        yield path
+
+
+def _load_chain(path: Path, merged: dict, sources: dict, seen: tuple[Path, ...] = ()) -> None:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle ({' -> '.join(map(str, seen))}).")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: extends: must be a file name, got {parent!r}.")
+        _load_chain(path.parent / parent, merged, sources, (*seen, path))
+    _merge(merged, data, sources, str(_display(path)))
+
+
+def _display(path: Path) -> Path:
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`lora.r=8` -> {"lora": {"r": 8}}; the value is read as YAML (numbers, bools, lists)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UsageError(f"--set {text!r}: expected KEY=VALUE, for example --set lora.r=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node: dict[str, Any] = {}
+    cursor = node
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return node
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    platform: str | None = None,
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> QLoraConfig:
+    """Resolve a config from a file, a platform name or the environment, plus overrides."""
+    env = os.environ if env is None else env
+    config_file = config_file or env.get(ENV_CONFIG) or None
+    platform = platform or (None if config_file else env.get(ENV_PLATFORM)) or None
+    if config_file and platform:
+        raise UsageError("give either --config or --platform, not both")
+    if not config_file and not platform:
+        raise UsageError("no config chosen: pass --platform h100|m4|cpu or --config FILE")
+    path = Path(config_file) if config_file else platform_config_path(platform)
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    _load_chain(path, merged, sources)
+    for text in overrides:
+        _merge(merged, parse_override(text), sources, f"--set {text}")
+    return validate(merged, sources, default_origin=str(_display(path)))
+
+
+def validate(data: dict, sources: Mapping[str, str], default_origin: str) -> QLoraConfig:
+    try:
+        return QLoraConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(err, sources, default_origin) for err in exc.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def _describe(err: dict, sources: Mapping[str, str], default_origin: str) -> str:
+    loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
+    key = ".".join(loc)
+    origin = _origin(key, sources, default_origin)
+    if err["type"] == "extra_forbidden":
+        hint = suggest_key(loc)
+        tip = f", did you mean {hint}?" if hint else f"; allowed here: {_allowed(loc[:-1])}"
+        return f"{origin}: {key}: unknown key{tip}"
+    message = err["msg"].removeprefix("Value error, ")
+    if not key:
+        return f"{origin}: {message}"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{origin}: {key}: {message}{shown}"
+
+
+def _origin(key: str, sources: Mapping[str, str], default_origin: str) -> str:
+    if key in sources:
+        return sources[key]
+    nested = [src for path, src in sources.items() if path.startswith(f"{key}.")]
+    return nested[0] if nested else default_origin
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = QLoraConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _allowed(parent: list[str]) -> str:
+    model = _model_at(parent)
+    return ", ".join(model.model_fields) if model else "(none)"
+
+
+def all_keys(model: type[BaseModel] = QLoraConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(all_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def suggest_key(loc: list[str]) -> str | None:
+    """The nearest real key for a typo: in the same section first, then anywhere."""
+    parent, leaf = loc[:-1], loc[-1]
+    model = _model_at(parent)
+    if model:
+        fields = list(model.model_fields)
+        close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.5)
+        # "rank" -> "r", "lr" -> ...: a field that starts the typo (or that the typo starts).
+        close = close or [f for f in fields if leaf.startswith(f) or f.startswith(leaf)][:1]
+        if close:
+            return ".".join([*parent, close[0]])
+    by_leaf = {key.rsplit(".", 1)[-1]: key for key in all_keys()}
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    return by_leaf[close[0]] if close else None

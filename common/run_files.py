@@ -1,0 +1,82 @@
+"""The run folder both backends write: adapters/<run-name>/ with the adapter, the resolved
+config, metrics.jsonl, loss.png and summary.json; checkpoints under checkpoints/."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from common.config import QLoraConfig
+
+
+def default_run_name(cfg: QLoraConfig) -> str:
+    return cfg.tracking.run_name or time.strftime(f"{cfg.platform}-%Y%m%d-%H%M%S")
+
+
+@dataclass
+class RunFolder:
+    root: Path
+
+    @classmethod
+    def create(cls, cfg: QLoraConfig) -> RunFolder:
+        root = Path(cfg.tracking.output_dir) / default_run_name(cfg)
+        root.mkdir(parents=True, exist_ok=True)
+        folder = cls(root)
+        folder.write_config(cfg)
+        return folder
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def write_config(self, cfg: QLoraConfig) -> None:
+        text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        (self.root / "config.yaml").write_text("# resolved config of this run\n" + text)
+
+    def log_metrics(self, record: dict) -> None:
+        with self.metrics.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+
+    def write_summary(self, summary: dict) -> Path:
+        path = self.root / "summary.json"
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        return path
+
+    def plot_losses(self) -> Path | None:
+        """loss.png: training and evaluation loss against optimizer step."""
+        records = self.read_metrics()
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if not train and not evals:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for points, label, style in ((train, "train", "-"), (evals, "eval", "o-")):
+            if points:
+                ax.plot(*zip(*points), style, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.root.name)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        path = self.root / "loss.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path

@@ -1,0 +1,34 @@
+"""The `Trainer` protocol both backends implement, and the one place that picks a backend.
+
+Backends are imported here lazily, so `qlora config`, `qlora check` and `--help` never pay for
+torch or mlx.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from common.config import QLoraConfig
+from common.data import PreparedData
+from common.run_files import RunFolder
+
+
+class Trainer(Protocol):
+    """setup() loads the model and builds the training loop; train() runs it (optionally resuming
+    from a checkpoint folder) and returns the run summary; save() writes the final adapter."""
+
+    def setup(self) -> None: ...
+
+    def train(self, resume: str | None = None) -> dict: ...
+
+    def save(self) -> None: ...
+
+
+def make_trainer(cfg: QLoraConfig, run: RunFolder, data: PreparedData, say) -> Trainer:
+    if cfg.backend == "cuda":
+        from backends.cuda.trainer import CudaTrainer
+
+        return CudaTrainer(cfg, run, data, say)
+    from backends.mlx.trainer import MlxTrainer
+
+    return MlxTrainer(cfg, run, data, say)
