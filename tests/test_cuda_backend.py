@@ -1,0 +1,256 @@
+"""The CUDA backend's real code path (bitsandbytes 4-bit + PEFT + TRL SFTTrainer) on a tiny
+Mistral on the CPU: it learns, only LoRA weights move, the saved adapter reproduces the trainer's
+logits, prompts carry no loss, and an interrupted run resumes to the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from conftest import SAMPLE
+
+pytest.importorskip("trl")
+pytest.importorskip("bitsandbytes")
+
+import torch  # noqa: E402
+
+from backends.cuda import model as cuda_model  # noqa: E402
+from backends.cuda.trainer import CudaTrainer  # noqa: E402
+from common.config_loader import load_config  # noqa: E402
+from common.console import Say  # noqa: E402
+from common.data import ChatTokenizer, prepare_data  # noqa: E402
+from common.errors import QLoraError  # noqa: E402
+from common.run_files import RunFolder  # noqa: E402
+from common.tracking import resolve_tracker  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(model_dir, out_dir, *extra):
+    return load_config(
+        platform="cpu",
+        overrides=[
+            f"model.name_or_path={model_dir}",
+            f"tracking.output_dir={out_dir}",
+            f"data.train_file={SAMPLE / 'train.jsonl'}",
+            f"data.val_file={SAMPLE / 'val.jsonl'}",
+            "tracking.report_to=none",
+            *extra,
+        ],
+    )
+
+
+def make_trainer(cfg, name):
+    cfg.tracking.run_name = name
+    data = prepare_data(cfg.data, ChatTokenizer())
+    trainer = CudaTrainer(cfg, RunFolder.create(cfg), data, Say())
+    trainer.setup()
+    return trainer
+
+
+def lora_state(model):
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def frozen_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One packed run of the real path, shared by the assertions below."""
+    out = tmp_path_factory.mktemp("runs")
+    cfg = tiny_config(
+        tiny_model_dir, out, "training.packing=true", "training.max_steps=60",
+        "data.max_seq_length=256", "training.batch_size=2",
+        "eval.eval_steps=20", "eval.save_steps=20", "eval.logging_steps=5",
+    )
+    trainer = make_trainer(cfg, "packed")
+    before_lora, before_frozen = lora_state(trainer.trainer.model), frozen_state(trainer.trainer.model)
+    summary = trainer.train()
+    return trainer, summary, before_lora, before_frozen
+
+
+def test_eval_loss_falls_clearly(trained):
+    trainer, summary, _, _ = trained
+    evals = [r["eval_loss"] for r in trainer.run.read_metrics() if "eval_loss" in r]
+    assert len(evals) >= 3
+    assert evals[-1] < evals[0] - 1.0, evals
+    assert summary["global_step"] == 60 and summary["real_tokens"] > 0
+
+
+def test_only_lora_weights_move(trained):
+    trainer, _, before_lora, before_frozen = trained
+    after_lora, after_frozen = lora_state(trainer.trainer.model), frozen_state(trainer.trainer.model)
+    moved = [n for n in before_lora if not torch.equal(before_lora[n], after_lora[n])]
+    assert len(moved) == len(before_lora) > 0  # every A and B trained
+    for name, value in before_frozen.items():
+        assert torch.equal(value, after_frozen[name]), f"frozen weight {name} changed"
+
+
+def test_saved_adapter_reproduces_the_trainers_logits(trained):
+    from peft import PeftModel
+
+    trainer, _, _, _ = trained
+    root = trainer.run.root
+    config = json.loads((root / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == trainer.cfg.model.name_or_path
+    assert config["r"] == 16 and config["lora_alpha"] == 32 and sorted(config["target_modules"]) == sorted(
+        trainer.cfg.lora.target_modules
+    )
+    ids = torch.tensor([trainer.data.val[0].input_ids])
+    own = trainer.trainer.model.eval()
+    with torch.no_grad():
+        expected = own(input_ids=ids).logits.float()
+        base = cuda_model.load_quantized_model(trainer.cfg, "sdpa", "cpu")
+        without_adapter = base(input_ids=ids).logits.float()
+        got = PeftModel.from_pretrained(base, str(root)).eval()(input_ids=ids).logits.float()
+    error = (got - expected).abs().max().item()
+    effect = (without_adapter - expected).abs().max().item()
+    # Logits are computed in bf16 (the seed's compute dtype): a couple of bf16 steps of a logit is
+    # rounding; an adapter that was not saved, or saved wrongly, misses by the whole effect.
+    assert effect > 1.0
+    assert error < 0.05 * effect, (error, effect)
+
+
+def test_run_folder_holds_everything(trained):
+    trainer, summary, _, _ = trained
+    root = trainer.run.root
+    for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "metrics.jsonl",
+                 "loss.png", "summary.json"):
+        assert (root / name).is_file(), name
+    assert any(root.joinpath("checkpoints").glob("checkpoint-*"))
+    assert summary["best_checkpoint"] and summary["best_eval_loss"] is not None
+    rates = [r["tokens_per_second"] for r in trainer.run.read_metrics() if "tokens_per_second" in r]
+    assert rates and all(r > 0 for r in rates)
+
+
+def test_prompt_tokens_carry_no_loss(trained):
+    """The packed rows TRL trains on hold exactly our targets, and the collated batch keeps them."""
+    trainer, _, _, _ = trained
+    sft = trainer.trainer
+    dataset = sft.train_dataset
+    targets = sum(sum(1 for label in row["labels"] if label != -100) for row in dataset)
+    assert targets == sum(e.n_targets for e in trainer.data.train)
+    for row in dataset.select(range(3)):
+        assert all(label in (-100, token) for label, token in zip(row["labels"], row["input_ids"]))
+    batch = sft.data_collator([dataset[0], dataset[1]])
+    expected = sum(sum(1 for label in dataset[i]["labels"] if label != -100) for i in (0, 1))
+    assert int((batch["labels"] != -100).sum()) == expected
+    assert "position_ids" in batch and "attention_mask" not in batch  # padding-free
+    inst = {3, 4}  # [INST], [/INST]
+    assert not inst & set(batch["labels"][batch["labels"] != -100].tolist())
+
+
+def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_ends(tiny_model_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    # No evaluation before the interruption: on the CPU, bitsandbytes repacks 4-bit weights for its
+    # inference kernel at the first eval, which changes later training numerics slightly (CPU only).
+    steps = ["training.max_steps=12", "eval.eval_steps=12", "eval.save_steps=4", "eval.logging_steps=2",
+             "eval.load_best_model_at_end=false"]
+    reference = make_trainer(tiny_config(tiny_model_dir, tmp_path, *steps), "straight")
+    reference.train()
+    expected = lora_state(reference.trainer.model)
+
+    interrupted = make_trainer(tiny_config(tiny_model_dir, tmp_path, *steps), "resumable")
+    initial = lora_state(interrupted.trainer.model)
+
+    class Terminate(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted.trainer.add_callback(Terminate())
+    summary = interrupted.train()
+    # the signal lands at the end of step 6; the step in flight (7) finishes, then it saves
+    assert summary["interrupted"] and summary["global_step"] == 7
+    assert (interrupted.run.checkpoints / "checkpoint-7").is_dir()
+    assert (interrupted.run.root / "adapter_model.safetensors").is_file()
+
+    resumed = make_trainer(tiny_config(tiny_model_dir, tmp_path, *steps), "resumable")
+    summary = resumed.train(resume="auto")
+    assert summary["resumed_from"].endswith("checkpoint-7") and summary["global_step"] == 12
+    got = lora_state(resumed.trainer.model)
+    assert {p.dtype for n, p in resumed.trainer.model.named_parameters() if "lora_" in n} == {torch.float32}
+    moved = max((initial[n] - expected[n]).abs().max().item() for n in expected)
+    diff = max((got[n] - expected[n]).abs().max().item() for n in expected)
+    assert moved > 1e-3 and diff < 1e-6, (diff, moved)
+
+
+# ------------------------------------------------------------------ fallbacks
+
+
+class Recorder(Say):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def warn(self, message):
+        self.lines.append(("warn", message))
+
+    def ok(self, message):
+        self.lines.append(("ok", message))
+
+
+def test_attention_falls_back_to_sdpa_with_an_install_hint(monkeypatch):
+    say = Recorder()
+    monkeypatch.setattr(cuda_model, "installed_flash_kernels", lambda cap: [])
+    assert cuda_model.choose_attention("auto", "cuda", (9, 0), say) == "sdpa"
+    assert cuda_model.choose_attention("flash_attention_2", "cuda", (9, 0), say) == "sdpa"
+    assert all(kind == "warn" and "FlashAttention" in text or "flash" in text for kind, text in say.lines)
+    assert cuda_model.choose_attention("auto", "cpu", None, say) == "sdpa"
+
+
+def test_attention_picks_the_fastest_kernel_the_gpu_supports(monkeypatch):
+    from transformers.utils import import_utils
+
+    for name in ("is_flash_attn_4_available", "is_flash_attn_3_available", "is_flash_attn_2_available"):
+        monkeypatch.setattr(import_utils, name, lambda: True)
+    say = Recorder()
+    assert cuda_model.choose_attention("auto", "cuda", (9, 0), say) == "flash_attention_4"
+    assert cuda_model.choose_attention("auto", "cuda", (8, 0), say) == "flash_attention_2"  # A100: no FA3/FA4
+    assert cuda_model.installed_flash_kernels((7, 5)) == []
+
+
+def test_tracking_never_prompts():
+    def installed(*names):
+        return lambda name: name in names
+
+    assert resolve_tracker("wandb", env={}, installed=installed("wandb"), logged_in=lambda env: True) == ("wandb", None)
+    tracker, note = resolve_tracker("wandb", env={}, installed=installed("wandb", "tensorboard"),
+                                    logged_in=lambda env: False)
+    assert tracker == "tensorboard" and "not logged in" in note and "wandb login" in note
+    tracker, note = resolve_tracker("wandb", env={}, installed=installed(), logged_in=lambda env: False)
+    assert tracker == "none" and "metrics.jsonl" in note
+    assert resolve_tracker("wandb", env={"WANDB_MODE": "offline"}, installed=installed("wandb"))[0] == "wandb"
+    assert resolve_tracker("tensorboard", env={}, installed=installed())[0] == "none"
+
+
+def test_offline_hub_model_gives_an_actionable_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tiny_config("mistralai/Mistral-7B-Instruct-v0.3", tmp_path)
+    cfg.cuda.attn_implementation = "sdpa"
+    with pytest.raises(QLoraError, match="not in the local cache"):
+        cuda_model.load_quantized_model(cfg, "sdpa", "cpu")
+
+
+def test_local_model_loads_offline_and_incomplete_folder_is_named(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    assert cuda_model.model_source(cfg) == (str(tiny_model_dir), True)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    cfg.model.name_or_path = str(broken)
+    with pytest.raises(QLoraError, match=r"incomplete: missing weights"):
+        cuda_model.model_source(cfg)
+
+
+def test_gated_model_error_says_how_to_log_in():
+    class GatedRepoError(OSError):
+        pass
+
+    err = cuda_model.explain_load_error("mistralai/Mistral-7B-Instruct-v0.3", GatedRepoError("401 Client Error"))
+    assert "gated" in str(err) and "HF_TOKEN" in str(err)
