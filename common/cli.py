@@ -163,8 +163,8 @@ def cmd_data_tokenize(args, say: Say) -> int:
 
 
 def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
-    from common.preflight import require_platform
     from common.data import prepare_data
+    from common.preflight import require_platform
     from common.run_files import RunFolder
     from common.trainer import make_trainer
 
@@ -204,7 +204,7 @@ def _replay(args) -> str:
 
 
 def cmd_demo(args, say: Say) -> int:
-    from backends.tiny_model import ensure_tiny_mistral
+    from backends.random_mistral import ensure_tiny_mistral
 
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     cfg = load_config(platform="cpu", overrides=overrides)

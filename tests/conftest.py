@@ -26,9 +26,9 @@ def chat_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
-    from backends.tiny_model import build_tiny_mistral
+    from backends.random_mistral import build_random_mistral
 
-    return build_tiny_mistral(tmp_path_factory.mktemp("tiny") / "tiny-mistral")
+    return build_random_mistral(tmp_path_factory.mktemp("tiny") / "tiny-mistral")
 
 
 def write_jsonl(path: Path, records) -> Path:

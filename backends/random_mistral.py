@@ -1,7 +1,8 @@
-"""Build a tiny random-weight Mistral with the real v0.3 tokenizer: the demo's and the tests' base.
+"""Random-weight Mistral checkpoints with the real v0.3 tokenizer, built from a config.
 
-No model hub is needed: the architecture comes from a config and the tokenizer from the file
-that mistral-common ships. Both backends load it (MLX converts it to 4-bit on first use).
+TINY_SHAPE is the demo's and the tests' base; MISTRAL_7B_SHAPE is Mistral-7B-v0.3's exact shape,
+for measuring speed and memory on a GPU without downloading weights (neither depends on the
+weights' values). No model hub is needed: the tokenizer is the file mistral-common ships.
 """
 
 from __future__ import annotations
@@ -22,16 +23,30 @@ TINY_SHAPE = dict(
 )
 
 
-def build_tiny_mistral(
-    out_dir: str | Path, seed: int = 0, initializer_range: float = 0.2, **shape
+MISTRAL_7B_SHAPE = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+)
+
+
+def build_random_mistral(
+    out_dir: str | Path,
+    shape: dict | None = None,
+    seed: int = 0,
+    initializer_range: float = 0.2,
+    device: str = "cpu",
 ) -> Path:
-    """Write a Hugging Face checkpoint (config, safetensors, tokenizer) to out_dir."""
+    """Write a Hugging Face checkpoint (config, bf16 safetensors, tokenizer) to out_dir."""
     import torch
     from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dims = {**TINY_SHAPE, **shape}
+    dims = shape or TINY_SHAPE
     config = MistralConfig(
         vocab_size=32768,
         max_position_embeddings=32768,
@@ -46,7 +61,13 @@ def build_tiny_mistral(
         **dims,
     )
     torch.manual_seed(seed)
-    model = MistralForCausalLM(config).to(torch.bfloat16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # a 7B model in fp32 would need 29 GB just to exist
+    try:
+        with torch.device(device):
+            model = MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.save_pretrained(out)
     shutil.copyfile(default_tokenizer_file(), out / "tokenizer.model")
     shutil.copyfile(default_tokenizer_file(), out / "tokenizer.model.v3")
@@ -57,5 +78,5 @@ def build_tiny_mistral(
 def ensure_tiny_mistral(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
-        build_tiny_mistral(path)
+        build_random_mistral(path)
     return path

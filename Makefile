@@ -1,0 +1,79 @@
+# mistral-qlora: one Makefile for the H100 (CUDA), the Apple M4 (MLX) and the CPU demo/tests.
+#   make demo    set up (CPU) and train the tiny built-in model on the sample data
+#   make test    set up (CPU) and run the test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+QLORA := $(BIN)/qlora
+RED := \033[31m
+GREEN := \033[32m
+YELLOW := \033[33m
+NC := \033[0m
+ARGS ?=
+
+.PHONY: help setup setup-cpu setup-h100 setup-m4 flash-attn demo test lint check plan train train-h100 train-m4 convert bench
+
+help:
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  $(GREEN)%-12s$(NC) %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo -e "$(RED)Python >= 3.10 is needed (found $$($(PY) --version))$(NC)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+setup: ## set up for this machine (H100 / Apple silicon / CPU, detected)
+	@if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then $(MAKE) setup-h100; \
+	elif [ "$$(uname -s)-$$(uname -m)" = "Darwin-arm64" ]; then $(MAKE) setup-m4; \
+	else echo -e "$(YELLOW)no NVIDIA GPU and no Apple silicon: setting up the CPU demo and tests$(NC)"; $(MAKE) setup-cpu; fi
+
+$(VENV)/.cpu-ready: configs/constraints/cpu.txt pyproject.toml | $(BIN)/python
+	@echo -e "$(GREEN)installing the CPU stack (torch 2.13.0 CPU build first)$(NC)"
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r configs/constraints/cpu.txt
+	$(BIN)/pip install -q -e . --no-deps
+	@touch $@
+
+setup-cpu: $(VENV)/.cpu-ready ## CPU: both backends on tiny models (demo, tests)
+	@echo -e "$(GREEN)✔ CPU environment ready in $(VENV)$(NC)"
+
+setup-h100: | $(BIN)/python ## NVIDIA H100: CUDA stack, then FlashAttention if it can be installed
+	$(BIN)/pip install -q -r configs/constraints/h100.txt
+	$(BIN)/pip install -q -e . --no-deps
+	@$(MAKE) --no-print-directory flash-attn
+	@echo -e "$(GREEN)✔ H100 environment ready; next: make check, make train-h100$(NC)"
+
+flash-attn: ## try flash-attn-4 (pure Python, Hopper), then flash-attn 2; SDPA otherwise
+	@$(BIN)/pip install -q --pre "flash-attn-4==4.0.0b36" \
+	  && echo -e "$(GREEN)✔ flash-attn-4 installed$(NC)" \
+	  || { echo -e "$(YELLOW)! flash-attn-4 could not be installed; trying flash-attn 2 (builds from source, can take an hour)$(NC)"; \
+	       MAX_JOBS=8 $(BIN)/pip install -q flash-attn --no-build-isolation \
+	       && echo -e "$(GREEN)✔ flash-attn 2 installed$(NC)" \
+	       || echo -e "$(YELLOW)! no FlashAttention: training will use PyTorch SDPA (slower on packed data). See docs/h100.md$(NC)"; }
+
+setup-m4: | $(BIN)/python ## Apple silicon: MLX stack
+	@[ "$$(uname -s)-$$(uname -m)" = "Darwin-arm64" ] || { echo -e "$(RED)setup-m4 needs an Apple silicon Mac$(NC)"; exit 1; }
+	$(BIN)/pip install -q -r configs/constraints/m4.txt
+	$(BIN)/pip install -q -e . --no-deps
+	@echo -e "$(GREEN)✔ M4 environment ready; next: make check, make train-m4$(NC)"
+
+demo: setup-cpu ## set up and train the tiny built-in model on the CPU (ARGS="--backend mlx")
+	$(QLORA) demo $(ARGS)
+
+test: setup-cpu ## set up and run the tests
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup-cpu ## ruff
+	$(BIN)/ruff check common backends tests scripts bench
+
+train: ## train on this machine's platform (detected)
+	$(QLORA) train $(ARGS)
+
+train-h100: ## train with configs/training_config_h100.yaml
+	$(QLORA) train --platform h100 $(ARGS)
+
+train-m4: ## train with configs/training_config_m4.yaml
+	$(QLORA) train --platform m4 $(ARGS)
+
+check plan convert bench: ## (lands with its issue; says so)
+	@echo -e "$(YELLOW)! make $@ is not available yet: it lands with its own issue (see README, Roadmap)$(NC)"; exit 2

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Steps of the H100 benchmark, run on a CUDA machine from the repository root:
+#   bash bench/run_h100.sh install   # wheels carried in .whl1/.whl2/.whl3 (see docs/benchmarks.md)
+#   bash bench/run_h100.sh prepare   # random-weight Mistral-7B-shaped checkpoint + synthetic data
+#   bash bench/run_h100.sh stock     # the stock TRL baseline, 25 steps
+#   bash bench/run_h100.sh train [qlora train args...]   # the real `qlora train` path
+# On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
+set -euo pipefail
+SITE=${SITE:-/tmp/site}
+OUT=${OUT:-bench/results}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/python_packages:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python3}
+
+case "${1:-}" in
+  install)
+    mkdir -p "$SITE" /tmp/parts
+    for d in .whl1 .whl2; do
+      if compgen -G "$d/*.whl" >/dev/null; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $d/*.whl
+      fi
+    done
+    [ -d .devsite ] && cp -r .devsite/* "$SITE"/
+    compgen -G ".whl3/*" >/dev/null && cp .whl3/* /tmp/parts/
+    if [ "$(ls /tmp/parts | wc -l)" -ge 4 ] && [ ! -d "$SITE/nvidia_cutlass_dsl/lib" ]; then
+      cat /tmp/parts/cu12.part-* > /tmp/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+        /tmp/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    fi
+    $PY - <<'PY'
+import importlib, importlib.metadata as md
+for name in ["torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "liger-kernel",
+             "mistral-common", "flash-attn-4", "nvidia-cutlass-dsl-libs-cu12"]:
+    try:
+        print(f"{name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name}: not installed")
+PY
+    ;;
+  prepare)
+    $PY bench/make_checkpoint.py /tmp/mistral-7b-random
+    [ -f /tmp/bench-data/train.jsonl ] || $PY bench/make_chat_data.py --kind chat --train 15000 --val 300 --out /tmp/bench-data
+    $PY -m common.cli data stats /tmp/bench-data/train.jsonl --platform h100 --json > /tmp/bench-data/stats.json
+    cat /tmp/bench-data/stats.json
+    ;;
+  stock)
+    $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-data --steps "${STEPS:-25}" \
+      --out "$OUT/stock.json"
+    ;;
+  train)
+    shift
+    $PY -m common.cli train --config bench/h100_bench.yaml "$@"
+    ;;
+  *)
+    sed -n '2,8p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,101 @@
+"""The `qlora` command as a user runs it: resolved configs, data tools, and bad input that gets
+a clear message and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, SAMPLE, chat, write_jsonl
+
+
+def qlora(*args, cwd=REPO, env_extra=None):
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": "", **(env_extra or {})}
+    done = subprocess.run(
+        [sys.executable, "-m", "common.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("platform", ["h100", "m4"])
+def test_config_json_shows_the_seed_values(platform):
+    code, out = qlora("config", "--platform", platform, "--json")
+    assert code == 0
+    cfg = json.loads(out)
+    assert cfg["lora"] == {
+        "r": 16, "alpha": 32, "dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "bias": "none", "task_type": "CAUSAL_LM",
+    }
+    assert cfg["training"]["learning_rate"] == 2e-4 and cfg["training"]["max_grad_norm"] == 0.3
+    assert cfg["quantization"]["quant_type"] == "nf4" and cfg["quantization"]["double_quant"] is True
+    assert cfg["platform"] == platform
+
+
+def test_config_overrides_on_the_command_line():
+    code, out = qlora("config", "--platform", "h100", "--set", "lora.r=8", "--backend", "cuda", "--json")
+    assert code == 0 and json.loads(out)["lora"]["r"] == 8
+
+
+@pytest.mark.parametrize(
+    "args, code, expected",
+    [
+        (["config", "--platform", "h100", "--set", "lora.rank=8"], 1, "did you mean lora.r?"),
+        (["config", "--platform", "h100", "--set", "lora.r"], 2, "expected KEY=VALUE"),
+        (["config", "--config", "nope.yaml"], 1, "config file not found"),
+        (["config", "--platform", "h100", "--config", "x.yaml"], 2, "either --config or --platform"),
+        (["config", "--platform", "tpu"], 2, "invalid choice"),
+        pytest.param(["train", "--platform", "h100"], 1, "trains on an NVIDIA GPU",
+                     marks=pytest.mark.skipif(bool(__import__("shutil").which("nvidia-smi")), reason="has a GPU")),
+        (["check"], 2, "not implemented yet"),
+    ],
+)
+def test_bad_commands_explain_themselves(args, code, expected):
+    got, out = qlora(*args)
+    assert got == code, out
+    assert expected in out
+    assert "Traceback" not in out
+
+
+def test_bad_data_is_reported_before_any_model_loads(tmp_path):
+    bad = write_jsonl(tmp_path / "train.jsonl", [chat("q", "a"), '{"messages": [{"role": "user", "content": "q"}]}'])
+    code, out = qlora("train", "--platform", "cpu", "--set", f"data.train_file={bad}",
+                      "--set", "model.name_or_path=/nonexistent/model")
+    assert code == 1 and "Traceback" not in out
+    assert f"{bad}:2: the conversation must end with an assistant message" in out
+
+
+def test_data_stats_and_tokenize(tmp_path):
+    code, out = qlora("data", "stats", str(SAMPLE / "train.jsonl"), "--json")
+    stats = json.loads(out)
+    assert code == 0 and stats["count"] == 320 and stats["p50"] <= stats["p95"] <= stats["max"]
+    assert stats["target_tokens"] < stats["tokens"]
+    code, out = qlora("data", "stats", str(SAMPLE / "train.jsonl"), "--platform", "cpu", "--set",
+                      "data.max_seq_length=40")
+    assert code == 0 and "exceed data.max_seq_length=40" in out
+
+    target = tmp_path / "tok.jsonl"
+    code, out = qlora("data", "tokenize", str(SAMPLE / "val.jsonl"), "--out", str(target))
+    assert code == 0, out
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(rows) == 48
+    assert all(len(r["input_ids"]) == len(r["loss_mask"]) and set(r["loss_mask"]) == {0, 1} for r in rows)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_from_a_fresh_folder(tmp_path):
+    pytest.importorskip("trl")
+    code, out = qlora(
+        "demo", "--set", "training.max_steps=10", "--set", "eval.eval_steps=5", "--set", "eval.save_steps=10",
+        "--set", f"data.train_file={SAMPLE / 'train.jsonl'}", "--set", f"data.val_file={SAMPLE / 'val.jsonl'}",
+        cwd=tmp_path,
+    )
+    assert code == 0, out[-3000:]
+    run = tmp_path / "adapters" / "demo-cuda"
+    assert (tmp_path / "models" / "tiny-mistral-v0.3" / "config.json").is_file()
+    assert (run / "adapter_model.safetensors").is_file() and (run / "loss.png").is_file()
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 10
