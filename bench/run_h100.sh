@@ -22,10 +22,11 @@ case "${1:-}" in
     done
     [ -d .devsite ] && cp -r .devsite/* "$SITE"/
     compgen -G ".whl3/*" >/dev/null && cp .whl3/* /tmp/parts/
-    if [ "$(ls /tmp/parts | wc -l)" -ge 4 ] && [ ! -d "$SITE/nvidia_cutlass_dsl/lib" ]; then
-      cat /tmp/parts/cu12.part-* > /tmp/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-        /tmp/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    if [ "$(ls /tmp/parts | wc -l)" -ge 4 ] && ! compgen -G "$SITE/nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/_cutlass_ir.cu12*" >/dev/null; then
+      # unzip, not pip --target: pip would skip (or, with --upgrade, replace) the existing
+      # nvidia_cutlass_dsl folder that the base and core wheels share with this one
+      cat /tmp/parts/cu12.part-* > /tmp/cu12.whl
+      $PY -m zipfile -e /tmp/cu12.whl "$SITE"
     fi
     $PY - <<'PY'
 import importlib, importlib.metadata as md
@@ -49,7 +50,7 @@ PY
     ;;
   train)
     shift
-    $PY -m common.cli train --config bench/h100_bench.yaml "$@"
+    exec $PY -m common.cli train --config bench/h100_bench.yaml "$@"  # exec: signals reach Python
     ;;
   *)
     sed -n '2,8p' "$0"; exit 2 ;;

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 import pytest
 from conftest import SAMPLE
@@ -197,22 +198,39 @@ class Recorder(Say):
 
 def test_attention_falls_back_to_sdpa_with_an_install_hint(monkeypatch):
     say = Recorder()
-    monkeypatch.setattr(cuda_model, "installed_flash_kernels", lambda cap: [])
+    monkeypatch.setattr(cuda_model, "installed_flash_kernels", lambda cap, say=None: [])
     assert cuda_model.choose_attention("auto", "cuda", (9, 0), say) == "sdpa"
     assert cuda_model.choose_attention("flash_attention_2", "cuda", (9, 0), say) == "sdpa"
     assert all(kind == "warn" and "FlashAttention" in text or "flash" in text for kind, text in say.lines)
     assert cuda_model.choose_attention("auto", "cpu", None, say) == "sdpa"
 
 
-def test_attention_picks_the_fastest_kernel_the_gpu_supports(monkeypatch):
+def _pretend_flash_installed(monkeypatch, broken=()):
+    import types
+
     from transformers.utils import import_utils
 
     for name in ("is_flash_attn_4_available", "is_flash_attn_3_available", "is_flash_attn_2_available"):
         monkeypatch.setattr(import_utils, name, lambda: True)
+    for module in ("flash_attn", "flash_attn.cute", "flash_attn_interface"):
+        monkeypatch.setitem(sys.modules, module, None if module in broken else types.ModuleType(module))
+
+
+def test_attention_picks_the_fastest_kernel_the_gpu_supports(monkeypatch):
+    _pretend_flash_installed(monkeypatch)
     say = Recorder()
     assert cuda_model.choose_attention("auto", "cuda", (9, 0), say) == "flash_attention_4"
     assert cuda_model.choose_attention("auto", "cuda", (8, 0), say) == "flash_attention_2"  # A100: no FA3/FA4
     assert cuda_model.installed_flash_kernels((7, 5)) == []
+
+
+def test_a_flash_kernel_that_does_not_load_is_skipped(monkeypatch):
+    """flash-attn-4 without its native cutlass library passed transformers' probe and crashed the
+    model load on the H100; now it is skipped with a warning."""
+    _pretend_flash_installed(monkeypatch, broken=("flash_attn.cute", "flash_attn_interface"))
+    say = Recorder()
+    assert cuda_model.choose_attention("auto", "cuda", (9, 0), say) == "flash_attention_2"
+    assert any("flash_attention_4 is installed but does not load" in text for _, text in say.lines)
 
 
 def test_tracking_never_prompts():

@@ -8,10 +8,11 @@ from common.config import QLoraConfig
 from common.errors import QLoraError
 
 # Fastest first. FA4 and FA3 are Hopper-class kernels; FA2 needs Ampere or newer.
+# (name, transformers' availability probe, minimum compute capability, module that must import)
 FLASH_KERNELS = (
-    ("flash_attention_4", "is_flash_attn_4_available", (9, 0)),
-    ("flash_attention_3", "is_flash_attn_3_available", (9, 0)),
-    ("flash_attention_2", "is_flash_attn_2_available", (8, 0)),
+    ("flash_attention_4", "is_flash_attn_4_available", (9, 0), "flash_attn.cute"),
+    ("flash_attention_3", "is_flash_attn_3_available", (9, 0), "flash_attn_interface"),
+    ("flash_attention_2", "is_flash_attn_2_available", (8, 0), "flash_attn"),
 )
 INSTALL_HINT = (
     "install a FlashAttention kernel for the H100 (`make setup-h100` tries flash-attn-4, "
@@ -19,17 +20,30 @@ INSTALL_HINT = (
 )
 
 
-def installed_flash_kernels(capability: tuple[int, int] | None) -> list[str]:
-    """FlashAttention generations that are installed and run on a GPU of this capability."""
+def installed_flash_kernels(capability: tuple[int, int] | None, say=None) -> list[str]:
+    """FlashAttention generations that are installed, import cleanly and suit this GPU.
+
+    "Installed" is not enough: a package whose native part is missing (flash-attn-4 without its
+    CUDA toolkit flavour of cutlass-dsl, say) passes transformers' probe and fails at model load.
+    """
+    import importlib
+
     from transformers.utils import import_utils
 
     if capability is None:
         return []
-    return [
-        name
-        for name, probe, needs in FLASH_KERNELS
-        if capability >= needs and getattr(import_utils, probe, lambda: False)()
-    ]
+    usable = []
+    for name, probe, needs, module in FLASH_KERNELS:
+        if capability < needs or not getattr(import_utils, probe, lambda: False)():
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # any import failure means: not usable here
+            if say:
+                say.warn(f"{name} is installed but does not load ({type(exc).__name__}: {exc}); skipping it")
+            continue
+        usable.append(name)
+    return usable
 
 
 def choose_attention(requested: str, device: str, capability, say) -> str:
@@ -37,7 +51,7 @@ def choose_attention(requested: str, device: str, capability, say) -> str:
         if requested.startswith("flash"):
             say.warn(f"{requested} needs a CUDA GPU: using sdpa on the CPU")
         return "sdpa" if requested in ("auto",) or requested.startswith("flash") else requested
-    available = installed_flash_kernels(capability)
+    available = installed_flash_kernels(capability, say)
     if requested == "auto":
         if available:
             say.ok(f"attention: {available[0]} (fastest FlashAttention installed)")

@@ -74,6 +74,7 @@ class CudaTrainer:
         self.model = load_quantized_model(cfg, self.attn, self.device)
         self._check_vocab()
         tokenizer = load_hf_tokenizer(cfg)
+        tokenizer.pad_token = PAD_TOKEN
         self.tracker, notice = resolve_tracker(cfg.tracking.report_to)
         if notice:
             say.warn(notice)
@@ -147,7 +148,6 @@ class CudaTrainer:
         cfg, t, e = self.cfg, self.cfg.training, self.cfg.eval
         micro, accumulation = self._micro_batching()
         on_cpu = self.device == "cpu"
-        checkpointing = {"use_reentrant": False}
         return SFTConfig(
             output_dir=str(self.run.checkpoints),
             run_name=self.run.root.name,
@@ -162,8 +162,7 @@ class CudaTrainer:
             per_device_train_batch_size=micro,
             per_device_eval_batch_size=e.eval_batch_size,
             gradient_accumulation_steps=accumulation,
-            gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing,
+            **_checkpointing_args(t.gradient_checkpointing),
             bf16=t.bf16,
             use_cpu=on_cpu,
             seed=t.seed,
@@ -171,7 +170,6 @@ class CudaTrainer:
             max_length=cfg.data.max_seq_length,
             packing=t.packing,
             packing_strategy="bfd",
-            pad_token=PAD_TOKEN,
             completion_only_loss=False,
             use_liger_kernel=liger_wanted(cfg.cuda.use_liger, self.device, self.say),
             logging_steps=e.logging_steps,
@@ -185,7 +183,9 @@ class CudaTrainer:
             greater_is_better=False,
             include_num_input_tokens_seen="non_padding",
             report_to=[] if self.tracker == "none" else [self.tracker],
-            dataloader_num_workers=0 if on_cpu else 2,
+            # No worker processes: the examples are already token ids, and workers die on a
+            # Ctrl-C or a process-group SIGTERM before the main process can save (seen on the H100)
+            dataloader_num_workers=0,
             disable_tqdm=False,
         )
 
@@ -314,6 +314,16 @@ class CudaTrainer:
         config = json.loads(path.read_text())
         config["base_model_name_or_path"] = self.cfg.model.name_or_path
         path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _checkpointing_args(enabled: bool) -> dict:
+    """transformers 5.20+ renamed gradient checkpointing to activation checkpointing."""
+    from transformers import TrainingArguments
+
+    kwargs = {"use_reentrant": False}
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        return {"activation_checkpointing": enabled, "activation_checkpointing_kwargs": kwargs}
+    return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": kwargs}
 
 
 def _last(history: list[dict], key: str):
