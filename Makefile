@@ -75,5 +75,11 @@ train-h100: ## train with configs/training_config_h100.yaml
 train-m4: ## train with configs/training_config_m4.yaml
 	$(QLORA) train --platform m4 $(ARGS)
 
-check plan convert bench: ## (lands with its issue; says so)
+bench: ## H100: random 7B-shaped checkpoint, stock TRL baseline, then our path (docs/benchmarks.md)
+	@command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1 || { echo -e "$(RED)make bench needs an NVIDIA GPU (run make setup-h100 there first)$(NC)"; exit 1; }
+	PY=$(BIN)/python bash bench/run_h100.sh prepare
+	PY=$(BIN)/python bash bench/run_h100.sh stock
+	PY=$(BIN)/python bash bench/run_h100.sh train $(ARGS)
+
+check plan convert: ## (lands with its issue; says so)
 	@echo -e "$(YELLOW)! make $@ is not available yet: it lands with its own issue (see README, Roadmap)$(NC)"; exit 2

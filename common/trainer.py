@@ -10,6 +10,7 @@ from typing import Protocol
 
 from common.config import QLoraConfig
 from common.data import PreparedData
+from common.errors import QLoraError
 from common.run_files import RunFolder
 
 
@@ -29,6 +30,12 @@ def make_trainer(cfg: QLoraConfig, run: RunFolder, data: PreparedData, say) -> T
         from backends.cuda.trainer import CudaTrainer
 
         return CudaTrainer(cfg, run, data, say)
-    from backends.mlx.trainer import MlxTrainer
-
+    try:
+        from backends.mlx.trainer import MlxTrainer
+    except ModuleNotFoundError as exc:
+        if exc.name != "backends.mlx.trainer":
+            raise
+        raise QLoraError(
+            "the MLX backend is not in this version yet (issue #7); use --backend cuda"
+        ) from None
     return MlxTrainer(cfg, run, data, say)

@@ -183,3 +183,12 @@ def test_suggestions_cover_every_section():
 def test_platform_files_exist():
     for name in PLATFORM_FILES.values():
         assert Path(CONFIG_DIR / name).is_file()
+
+
+def test_config_reference_is_generated_from_the_schema():
+    import subprocess
+    import sys
+
+    script = CONFIG_DIR.parent / "scripts" / "gen_config_docs.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True)
+    assert done.returncode == 0, "docs/config.md is stale: run python scripts/gen_config_docs.py"
