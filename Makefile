@@ -81,5 +81,9 @@ bench: ## H100: random 7B-shaped checkpoint, stock TRL baseline, then our path (
 	PY=$(BIN)/python bash bench/run_h100.sh stock
 	PY=$(BIN)/python bash bench/run_h100.sh train $(ARGS)
 
-check plan convert: ## (lands with its issue; says so)
+convert: ## convert an adapter: make convert SRC=dir DST=dir [ARGS="--base-model DIR --verify"]
+	@[ -n "$(SRC)" ] && [ -n "$(DST)" ] || { echo -e "$(RED)usage: make convert SRC=adapter_dir DST=new_dir$(NC)"; exit 2; }
+	$(QLORA) convert "$(SRC)" "$(DST)" $(ARGS)
+
+check plan: ## (lands with its issue; says so)
 	@echo -e "$(YELLOW)! make $@ is not available yet: it lands with its own issue (see README, Roadmap)$(NC)"; exit 2

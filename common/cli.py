@@ -16,7 +16,6 @@ from common.errors import QLoraError, UsageError
 LATER = {
     "check": "the preflight `qlora check` (issue #5)",
     "plan": "the memory and time planner `qlora plan` (issue #6)",
-    "convert": "adapter conversion `qlora convert` (issue #4)",
 }
 
 
@@ -64,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("tokenize", parents=[cfg], help="write token ids and loss masks as JSONL")
     p.add_argument("file")
     p.add_argument("--out", required=True)
+
+    p = sub.add_parser("convert", help="convert a LoRA adapter between PEFT and mlx-lm (either way)")
+    p.add_argument("src", help="adapter folder (format detected)")
+    p.add_argument("dst", help="new folder for the converted adapter")
+    p.add_argument("--to", choices=["peft", "mlx"], help="target format (default: the other one)")
+    p.add_argument("--base-model", metavar="DIR", help="base model folder: checks shapes and layer count")
+    p.add_argument("--verify", action="store_true",
+                   help="compare logits of base + adapter in PyTorch and MLX (needs --base-model)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed logit difference")
 
     for name, what in LATER.items():
         sub.add_parser(name, help=f"{what}: not available yet", add_help=True)
@@ -217,6 +225,30 @@ def cmd_demo(args, say: Say) -> int:
     return cmd_train(args, say, cfg)
 
 
+def cmd_convert(args, say: Say) -> int:
+    import shutil
+
+    from common.adapters import convert
+
+    if args.verify and not args.base_model:
+        raise UsageError("--verify needs --base-model DIR (the unquantized base model folder)")
+    target = convert(args.src, args.dst, to=args.to, base_model=args.base_model)
+    say.ok(f"wrote a {target} adapter to {args.dst}")
+    if args.verify:
+        from common.adapter_verify import max_logit_difference
+
+        peft_dir, mlx_dir = (args.dst, args.src) if target == "peft" else (args.src, args.dst)
+        diff = max_logit_difference(args.base_model, peft_dir, mlx_dir)
+        if diff > args.tolerance:
+            shutil.rmtree(args.dst, ignore_errors=True)
+            raise QLoraError(
+                f"verification failed: logits differ by up to {diff:.3g} (tolerance {args.tolerance:g}); "
+                f"{args.dst} was removed"
+            )
+        say.ok(f"verified: PyTorch/PEFT and MLX logits agree within {diff:.2g} (tolerance {args.tolerance:g})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     say = Say()
     parser = build_parser()
@@ -224,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in LATER:
         say.warn(f"{LATER[args.command]} is not implemented yet; it lands with that issue.")
         return 2
-    handlers = {"config": cmd_config, "train": cmd_train, "demo": cmd_demo}
+    handlers = {"config": cmd_config, "train": cmd_train, "demo": cmd_demo, "convert": cmd_convert}
     handler = handlers.get(args.command) or {"stats": cmd_data_stats, "tokenize": cmd_data_tokenize}[args.data_command]
     try:
         return handler(args, say)

@@ -1,0 +1,390 @@
+"""LoRA adapters between mlx-lm and PEFT, as pure functions over arrays and metadata.
+
+No released tool converts these (mlx-lm has no PEFT import or export). Both compute
+`W x + s * B (A dropout(x))`; they differ in file names, key names, orientation and how the scale
+is stored:
+
+| | mlx-lm | PEFT |
+|---|---|---|
+| files | adapters.safetensors, adapter_config.json | adapter_model.safetensors, adapter_config.json |
+| A | model.layers.{i}.self_attn.q_proj.lora_a, (in, r) | base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, (r, in) |
+| B | ...lora_b, (r, out) | ...lora_B.weight, (out, r) |
+| scale | lora_parameters.scale | lora_alpha / r (or / sqrt(r) with use_rslora) |
+| layers | num_layers: the last N blocks (-1 = all) | layers_to_transform (null = all) |
+
+An `Adapter` holds the PEFT orientation; readers and writers translate. Nothing heavier than numpy
+and safetensors is imported here; `verify` (framework-heavy) lives in `common/adapter_verify.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.config import ALL_PROJECTIONS
+from common.errors import QLoraError
+
+PARENT = {p: ("self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for p in ALL_PROJECTIONS}
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+MLX_FILES = ("adapters.safetensors", "adapter_config.json")
+PEFT_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+)
+MLX_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([ab])$")
+
+
+class AdapterError(QLoraError):
+    pass
+
+
+@dataclass
+class Adapter:
+    rank: int
+    scale: float  # the factor on B A x, whatever the format stores
+    dropout: float
+    targets: list[str]
+    a: dict[tuple[int, str], np.ndarray]  # (layer, projection) -> (r, in)
+    b: dict[tuple[int, str], np.ndarray]  # (layer, projection) -> (out, r)
+    base_model: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.a})
+
+
+# ---------------------------------------------------------------------------- safetensors
+
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read every tensor as float32. safetensors' numpy API cannot read bfloat16 (numpy has no
+    such dtype), and adapters are often saved in it, so the (simple) format is read here."""
+    raw = path.read_bytes()
+    try:
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + size])
+    except (ValueError, UnicodeDecodeError):
+        raise AdapterError(f"{path}: not a safetensors file") from None
+    body = memoryview(raw)[8 + size :]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        chunk = body[start:end]
+        if info["dtype"] == "BF16":
+            bits = np.frombuffer(chunk, dtype=np.uint16).astype(np.uint32) << 16
+            array = bits.view(np.float32)
+        elif info["dtype"] in _DTYPES:
+            array = np.frombuffer(chunk, dtype=_DTYPES[info["dtype"]]).astype(np.float32)
+        else:
+            raise AdapterError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        tensors[name] = array.reshape(info["shape"])
+    return tensors
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path))
+
+
+# ---------------------------------------------------------------------------- detection
+
+
+def detect_format(folder: str | Path) -> str:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: adapter folder not found")
+    if (folder / "adapter_model.safetensors").is_file():
+        kind = "peft"
+    elif (folder / "adapters.safetensors").is_file():
+        kind = "mlx"
+    elif (folder / "adapter_model.bin").is_file():
+        raise AdapterError(f"{folder}: adapter_model.bin (pickle) is not read; re-save it with safetensors")
+    else:
+        raise AdapterError(
+            f"{folder}: no adapter weights (expected adapter_model.safetensors for PEFT or "
+            "adapters.safetensors for mlx-lm)"
+        )
+    if not (folder / "adapter_config.json").is_file():
+        raise AdapterError(f"{folder}: adapter_config.json is missing")
+    return kind
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+# ---------------------------------------------------------------------------- PEFT
+
+
+def read_peft(folder: str | Path) -> Adapter:
+    folder = Path(folder)
+    config = _read_json(folder / "adapter_config.json")
+    _refuse_unfaithful_peft(folder, config)
+    r = int(config["r"])
+    alpha = float(config.get("lora_alpha", r))
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    a, b = {}, {}
+    for name, array in read_safetensors(folder / "adapter_model.safetensors").items():
+        match = PEFT_KEY.match(name)
+        if not match:
+            raise AdapterError(f"{folder}: tensor {name} is not a LoRA weight of a Mistral projection")
+        layer, parent, proj, which = int(match[1]), match[2], match[3], match[4]
+        _check_target(folder, proj, parent)
+        (a if which == "A" else b)[(layer, proj)] = array
+    adapter = Adapter(r, scale, float(config.get("lora_dropout", 0.0)), _targets(config, a), a, b,
+                      config.get("base_model_name_or_path"))
+    _check_pairs(folder, adapter)
+    return adapter
+
+
+def _refuse_unfaithful_peft(folder: Path, config: dict) -> None:
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {config.get('peft_type')} (only LORA converts)")
+    if config.get("use_dora"):
+        problems.append("DoRA (use_dora: true) has a magnitude vector mlx-lm's LoRA cannot hold")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append("per-module rank_pattern / alpha_pattern")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']} (fully trained modules)")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias: {config['bias']}")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out: true")
+    if problems:
+        raise AdapterError(f"{folder}: cannot convert faithfully: " + "; ".join(problems))
+
+
+def _check_target(folder: Path, proj: str, parent: str) -> None:
+    if proj not in PARENT or PARENT[proj] != parent:
+        raise AdapterError(
+            f"{folder}: adapts {parent}.{proj}, which is not one of the Mistral projections "
+            f"({', '.join(ALL_PROJECTIONS)})"
+        )
+
+
+def _targets(config: dict, a: dict) -> list[str]:
+    present = {proj for _, proj in a}
+    return [p for p in ALL_PROJECTIONS if p in present]
+
+
+def _check_pairs(folder: Path, adapter: Adapter) -> None:
+    if not adapter.a:
+        raise AdapterError(f"{folder}: the adapter holds no LoRA weights")
+    if set(adapter.a) != set(adapter.b):
+        missing = sorted(set(adapter.a) ^ set(adapter.b))[:3]
+        raise AdapterError(f"{folder}: A and B do not pair up (e.g. layer/projection {missing})")
+    for key, a in adapter.a.items():
+        b = adapter.b[key]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != adapter.rank or b.shape[1] != adapter.rank:
+            raise AdapterError(
+                f"{folder}: layer {key[0]} {key[1]}: A {a.shape} and B {b.shape} do not have rank {adapter.rank}"
+            )
+
+
+def peft_config(adapter: Adapter, num_layers: int | None) -> dict:
+    layers = adapter.layers
+    all_layers = num_layers is not None and layers == list(range(num_layers))
+    alpha = adapter.scale * adapter.rank
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": adapter.base_model,
+        "r": adapter.rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": adapter.dropout,
+        "target_modules": list(adapter.targets),
+        "layers_to_transform": None if all_layers else layers,
+        "layers_pattern": None if all_layers else "layers",
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
+    out = {}
+    for (layer, proj), a in adapter.a.items():
+        stem = f"base_model.model.model.layers.{layer}.{PARENT[proj]}.{proj}"
+        out[f"{stem}.lora_A.weight"] = a
+        out[f"{stem}.lora_B.weight"] = adapter.b[(layer, proj)]
+    return out
+
+
+# ---------------------------------------------------------------------------- mlx-lm
+
+
+def read_mlx(folder: str | Path) -> Adapter:
+    folder = Path(folder)
+    config = _read_json(folder / "adapter_config.json")
+    kind = config.get("fine_tune_type", "lora")
+    if kind != "lora":
+        raise AdapterError(f"{folder}: fine_tune_type {kind!r} cannot be converted (only 'lora')")
+    params = config.get("lora_parameters") or {}
+    if "rank" not in params or "scale" not in params:
+        raise AdapterError(f"{folder}: adapter_config.json lacks lora_parameters.rank / .scale")
+    a, b = {}, {}
+    for name, array in read_safetensors(folder / "adapters.safetensors").items():
+        match = MLX_KEY.match(name)
+        if not match:
+            raise AdapterError(f"{folder}: tensor {name} is not a LoRA weight of a Mistral projection")
+        layer, parent, proj, which = int(match[1]), match[2], match[3], match[4]
+        _check_target(folder, proj, parent)
+        # mlx-lm stores A as (in, r) and B as (r, out): the transposes of PEFT's
+        (a if which == "a" else b)[(layer, proj)] = array.T
+    # blocks padded with zero A and B (see mlx_tensors) carry nothing: leave them out
+    for key in [k for k in a if k in b and not a[k].any() and not b[k].any()]:
+        del a[key], b[key]
+    base = config.get("base_model_name_or_path") or config.get("model")
+    adapter = Adapter(int(params["rank"]), float(params["scale"]), float(params.get("dropout", 0.0)),
+                      [], a, b, base)
+    adapter.targets = _targets({}, a)
+    adapter.extra["num_layers"] = config.get("num_layers")
+    _check_pairs(folder, adapter)
+    return adapter
+
+
+def mlx_config(adapter: Adapter, num_layers: int | None) -> dict:
+    first = adapter.layers[0]
+    suffix = None if num_layers is None else num_layers - first
+    return {
+        "fine_tune_type": "lora",
+        # mlx-lm adapts the last N blocks; blocks in that range without weights in the file get
+        # zero B below, so they add nothing (the same function as PEFT's layers_to_transform)
+        "num_layers": -1 if first == 0 else suffix,
+        "lora_parameters": {
+            "rank": adapter.rank,
+            "scale": adapter.scale,
+            "dropout": adapter.dropout,
+            "keys": [f"{PARENT[p]}.{p}" for p in adapter.targets],
+        },
+        "base_model_name_or_path": adapter.base_model,
+    }
+
+
+def mlx_tensors(adapter: Adapter, num_layers: int | None) -> dict[str, np.ndarray]:
+    out = {}
+    last = (num_layers - 1) if num_layers else adapter.layers[-1]
+    shapes = {proj: (adapter.a[k].shape, adapter.b[k].shape) for k in adapter.a for proj in [k[1]]}
+    for layer in range(adapter.layers[0], last + 1):
+        for proj in adapter.targets:
+            a_shape, b_shape = shapes[proj]
+            a = adapter.a.get((layer, proj), np.zeros(a_shape, np.float32))
+            b = adapter.b.get((layer, proj), np.zeros(b_shape, np.float32))
+            stem = f"model.layers.{layer}.{PARENT[proj]}.{proj}"
+            out[f"{stem}.lora_a"], out[f"{stem}.lora_b"] = a.T, b.T
+    return out
+
+
+# ---------------------------------------------------------------------------- base model checks
+
+
+def base_shapes(base_dir: str | Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(number of layers, projection -> (in, out)) from a Hugging Face config.json."""
+    path = Path(base_dir) / "config.json"
+    if not path.is_file():
+        raise AdapterError(f"{base_dir}: no config.json; --base-model must be a model folder")
+    c = _read_json(path)
+    hidden, mlp = c["hidden_size"], c["intermediate_size"]
+    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head_dim, c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim
+    return c["num_hidden_layers"], {
+        "q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+        "gate_proj": (hidden, mlp), "up_proj": (hidden, mlp), "down_proj": (mlp, hidden),
+    }
+
+
+def check_against_base(adapter: Adapter, base_dir: str | Path) -> int:
+    layers, shapes = base_shapes(base_dir)
+    if adapter.layers[-1] >= layers:
+        raise AdapterError(f"adapter has layer {adapter.layers[-1]} but {base_dir} has {layers} layers")
+    for (layer, proj), a in adapter.a.items():
+        want_in, want_out = shapes[proj]
+        got_in, got_out = a.shape[1], adapter.b[(layer, proj)].shape[0]
+        if (got_in, got_out) != (want_in, want_out):
+            raise AdapterError(
+                f"layer {layer} {proj}: adapter maps {got_in} -> {got_out} features but {base_dir} "
+                f"has {want_in} -> {want_out}: this adapter was not trained on this base model"
+            )
+    return layers
+
+
+# ---------------------------------------------------------------------------- convert
+
+
+def read_adapter(folder: str | Path) -> tuple[str, Adapter]:
+    kind = detect_format(folder)
+    return kind, (read_peft(folder) if kind == "peft" else read_mlx(folder))
+
+
+def convert(src: str | Path, dst: str | Path, to: str | None = None, base_model: str | Path | None = None) -> str:
+    """Convert the adapter in `src` to the other format (or `to`) in `dst`. Everything is checked
+    before anything is written, and `dst` appears whole or not at all."""
+    kind, adapter = read_adapter(src)
+    to = to or ("mlx" if kind == "peft" else "peft")
+    if to not in ("peft", "mlx"):
+        raise AdapterError(f"--to {to}: choose peft or mlx")
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise AdapterError(f"{dst}: already exists and is not empty; choose another folder or remove it")
+    num_layers = check_against_base(adapter, base_model) if base_model else _layer_count(adapter)
+    if to == "mlx" and adapter.layers[0] != 0 and num_layers is None:
+        raise AdapterError(
+            f"{src}: adapts layers {adapter.layers[0]}-{adapter.layers[-1]} only, and mlx-lm counts adapted "
+            "layers from the end: pass --base-model DIR so the model's layer count is known"
+        )
+    if base_model and not adapter.base_model:
+        adapter.base_model = str(base_model)
+    if to == "peft":
+        config, tensors, files = peft_config(adapter, num_layers), peft_tensors(adapter), PEFT_FILES
+    else:
+        config, tensors, files = mlx_config(adapter, num_layers), mlx_tensors(adapter, num_layers), MLX_FILES
+    _write_atomically(dst, files, tensors, config)
+    return to
+
+
+def _layer_count(adapter: Adapter) -> int | None:
+    """Without a base model: an mlx-lm adapter that says -1, or whose layers start at 0 and are
+    contiguous, covers all layers; otherwise the total is unknown."""
+    layers = adapter.layers
+    if adapter.extra.get("num_layers") == -1 or (layers[0] == 0 and layers == list(range(len(layers)))):
+        return layers[-1] + 1 if layers[0] == 0 else None
+    return None
+
+
+def _write_atomically(dst: Path, files: tuple[str, str], tensors: dict, config: dict) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        write_safetensors(tmp / files[0], tensors)
+        (tmp / files[1]).write_text(json.dumps(config, indent=2) + "\n")
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
