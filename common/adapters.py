@@ -359,12 +359,15 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, base_model:
         )
     if base_model and not adapter.base_model:
         adapter.base_model = str(base_model)
-    if to == "peft":
-        config, tensors, files = peft_config(adapter, num_layers), peft_tensors(adapter), PEFT_FILES
-    else:
-        config, tensors, files = mlx_config(adapter, num_layers), mlx_tensors(adapter, num_layers), MLX_FILES
-    _write_atomically(dst, files, tensors, config)
+    _write_atomically(dst, *render(adapter, to, num_layers))
     return to
+
+
+def render(adapter: Adapter, fmt: str, num_layers: int | None) -> tuple[tuple[str, str], dict, dict]:
+    """(file names, tensors, config) of `adapter` in `fmt`."""
+    if fmt == "peft":
+        return PEFT_FILES, peft_tensors(adapter), peft_config(adapter, num_layers)
+    return MLX_FILES, mlx_tensors(adapter, num_layers), mlx_config(adapter, num_layers)
 
 
 def _layer_count(adapter: Adapter) -> int | None:
@@ -374,6 +377,17 @@ def _layer_count(adapter: Adapter) -> int | None:
     if adapter.extra.get("num_layers") == -1 or (layers[0] == 0 and layers == list(range(len(layers)))):
         return layers[-1] + 1 if layers[0] == 0 else None
     return None
+
+
+def write_adapter(adapter: Adapter, folder: str | Path, fmt: str, num_layers: int | None) -> None:
+    """Write `adapter` in `fmt` into an existing folder (a run folder), each file atomically."""
+    folder = Path(folder)
+    files, tensors, config = render(adapter, fmt, num_layers)
+    for name, write in ((files[0], lambda p: write_safetensors(p, tensors)),
+                        (files[1], lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))):
+        partial = folder / f".{name}.partial"
+        write(partial)
+        os.replace(partial, folder / name)
 
 
 def _write_atomically(dst: Path, files: tuple[str, str], tensors: dict, config: dict) -> None:

@@ -215,6 +215,10 @@ def cmd_demo(args, say: Say) -> int:
     from backends.random_mistral import ensure_tiny_mistral
 
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
+    if args.backend == "mlx" and not any(o.startswith("training.max_steps=") for o in overrides):
+        # MLX's CPU backend (Linux) runs this tiny model at ~40 tokens/s: 40 steps, a few minutes
+        say.info("MLX on the CPU is slow: the demo runs 40 steps (--set training.max_steps=N to change)")
+        overrides.append("training.max_steps=40")
     cfg = load_config(platform="cpu", overrides=overrides)
     model_dir = Path(cfg.model.name_or_path)
     if not (model_dir / "config.json").is_file():

@@ -1,0 +1,381 @@
+"""MLX backend: 4-bit LoRA with mlx-lm on Apple unified memory, from the shared config and examples.
+
+Read top to bottom: setup() converts the base model to 4-bit MLX once (cached), adds LoRA layers
+with the CUDA path's r / alpha / dropout / targets, and builds AdamW with the seed's schedule;
+train() runs the loop; save() writes the adapter natively (mlx/) and in PEFT format (run root).
+
+mlx-lm's loading, quantization, LoRA layers and gradient checkpointing are reused. Its `train()`
+is not: it cannot restore optimizer state, step or data order (its resume reloads weights only),
+averages accumulated micro-batches instead of weighting them by tokens, and has no best-k
+checkpoints or graceful stop. The loop below is the part written here for that.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from common.adapters import PARENT, Adapter, write_adapter
+from common.config import QLoraConfig
+from common.data import Example, PreparedData
+from common.errors import QLoraError
+from common.run_files import RunFolder
+from common.tracking import resolve_tracker
+
+PAD_ID = 0  # <unk>: never a real token, and masked out of the loss anyway
+
+
+def cached_model_name(name: str, bits: int, group: int) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip("/")) + f"-mlx-{bits}bit-g{group}"
+
+
+class MlxTrainer:
+    def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say):
+        self.cfg, self.run, self.data, self.say = cfg, run, data, say
+        self.step = 0
+        self.stop_requested = False
+        self.after_step = []  # callables(step): hooks for tests and tools
+        self.best: list[tuple[float, int]] = []  # (eval_loss, step) of kept checkpoints
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import mlx.core as mx
+        import mlx.optimizers as optim
+        from mlx_lm.tuner.trainer import grad_checkpoint
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+        from mlx_lm.utils import load
+
+        cfg = self.cfg
+        self.model_path = self._quantized_model()
+        self.model, _ = load(str(self.model_path))
+        self.model.freeze()
+        self.lora_parameters = {
+            "rank": cfg.lora.r,
+            "scale": cfg.lora_scale,
+            "dropout": cfg.lora.dropout,
+            "keys": [f"{PARENT[p]}.{p}" for p in cfg.lora.target_modules],
+        }
+        mx.random.seed(cfg.training.seed)  # the LoRA A initialisation is random: make it repeatable
+        linear_to_lora_layers(self.model, -1, self.lora_parameters)
+        layer_class = type(self.model.layers[0])
+        # mlx-lm's grad_checkpoint patches the layer *class*; a second trainer in the same process
+        # would wrap it twice, which changes how dropout draws random numbers: wrap once.
+        if cfg.training.gradient_checkpointing and not getattr(layer_class, "_qlora_checkpointed", False):
+            grad_checkpoint(self.model.layers[0])
+            layer_class._qlora_checkpointed = True
+        self.num_layers = len(self.model.layers)
+        self.total_steps = self._total_steps()
+        self.optimizer = optim.AdamW(learning_rate=self._schedule(), weight_decay=cfg.training.weight_decay)
+        self.tracker, notice = resolve_tracker(cfg.tracking.report_to)
+        if notice:
+            self.say.warn(notice)
+        trainable = sum(v.size for _, v in _flatten(self.model.trainable_parameters()))
+        self.say.ok(f"MLX: {self.model_path} with LoRA on {self.num_layers} layers ({trainable:,} trainable)")
+
+    def _quantized_model(self) -> Path:
+        """A pre-quantized MLX folder is used as is; anything else is converted once and cached."""
+        cfg = self.cfg
+        source = Path(cfg.model.name_or_path)
+        config = source / "config.json"
+        if config.is_file() and "quantization" in json.loads(config.read_text()):
+            return source
+        name = cached_model_name(cfg.model.name_or_path, cfg.mlx.quant_bits, cfg.mlx.quant_group_size)
+        cached = Path(cfg.mlx.model_cache_dir) / name
+        if (cached / "config.json").is_file():
+            return cached
+        from mlx_lm.convert import convert
+
+        self.say.info(f"converting {cfg.model.name_or_path} to {cfg.mlx.quant_bits}-bit MLX in {cached} (once)")
+        partial = cached.with_name(cached.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            convert(str(cfg.model.name_or_path), str(partial), quantize=True,
+                    q_bits=cfg.mlx.quant_bits, q_group_size=cfg.mlx.quant_group_size)
+        except Exception as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise QLoraError(f"could not convert {cfg.model.name_or_path} to MLX: {exc}") from None
+        os.replace(partial, cached)
+        return cached
+
+    def _micro_batches_per_epoch(self) -> int:
+        return math.ceil(len(self.data.train) / self.cfg.training.batch_size)
+
+    def _total_steps(self) -> int:
+        t = self.cfg.training
+        if t.max_steps > 0:
+            return t.max_steps
+        return max(1, math.ceil(self._micro_batches_per_epoch() * t.epochs / t.gradient_accumulation_steps))
+
+    def _schedule(self):
+        import mlx.optimizers as optim
+
+        t = self.cfg.training
+        warmup = math.ceil(t.warmup_ratio * self.total_steps)
+        decay = {
+            "cosine": optim.cosine_decay(t.learning_rate, max(1, self.total_steps - warmup)),
+            "linear": optim.linear_schedule(t.learning_rate, 0.0, max(1, self.total_steps - warmup)),
+            "constant_with_warmup": lambda step: t.learning_rate,
+        }[t.lr_scheduler]
+        if not warmup:
+            return decay
+        return optim.join_schedules([optim.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
+
+    # ------------------------------------------------------------------ data
+    def micro_batch(self, index: int) -> list[Example]:
+        """Micro-batch `index` of the whole run: each epoch is a fresh seeded shuffle, so the data
+        order depends only on the step, and a resumed run sees what an uninterrupted one would."""
+        import random
+
+        per_epoch = self._micro_batches_per_epoch()
+        epoch, position = divmod(index, per_epoch)
+        order = list(range(len(self.data.train)))
+        random.Random(self.cfg.training.seed + epoch).shuffle(order)
+        size = self.cfg.training.batch_size
+        return [self.data.train[i] for i in order[position * size : (position + 1) * size]]
+
+    @staticmethod
+    def to_arrays(examples: list[Example]):
+        import mlx.core as mx
+
+        width = max(len(e) for e in examples)
+        ids = [e.input_ids + [PAD_ID] * (width - len(e)) for e in examples]
+        mask = [e.loss_mask + [0] * (width - len(e)) for e in examples]
+        return mx.array(ids), mx.array(mask)
+
+    # ------------------------------------------------------------------ loss
+    @staticmethod
+    def loss_sum(model, ids, mask):
+        """Summed cross-entropy over target tokens (fp32) and their count. The mask marks tokens to
+        predict, so position t's logits are scored against token t+1 where mask[t+1] is set."""
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        logits = model(ids[:, :-1]).astype(mx.float32)
+        targets, weights = ids[:, 1:], mask[:, 1:].astype(mx.float32)
+        losses = nn.losses.cross_entropy(logits, targets) * weights
+        return losses.sum(), weights.sum()
+
+    def evaluate(self) -> float:
+        import mlx.core as mx
+
+        self.model.eval()
+        total, count = 0.0, 0.0
+        size = self.cfg.eval.eval_batch_size
+        for start in range(0, len(self.data.val), size):
+            loss, n = self.loss_sum(self.model, *self.to_arrays(self.data.val[start : start + size]))
+            mx.eval(loss, n)
+            total, count = total + loss.item(), count + n.item()
+        self.model.train()
+        return total / max(count, 1.0)
+
+    # ------------------------------------------------------------------ train
+    def train(self, resume: str | None = None) -> dict:
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        e = self.cfg.eval
+        resumed_from = self._resume(resume)
+        value_and_grad = nn.value_and_grad(self.model, self.loss_sum)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.model.train()
+        started, first_step = time.time(), self.step
+        interval = {"loss": 0.0, "tokens": 0.0, "real": 0, "start": time.time()}
+        tokens_seen = 0
+        try:
+            while self.step < self.total_steps and not self.stop_requested:
+                loss_sum, targets, real, grad_norm = self._optimizer_step(value_and_grad)
+                interval["loss"] += loss_sum
+                self.step += 1
+                interval["tokens"] += targets
+                interval["real"] += real
+                tokens_seen += real
+                if self.step % e.logging_steps == 0 or self.step == self.total_steps:
+                    self._log(interval, grad_norm.item())
+                    interval = {"loss": 0.0, "tokens": 0.0, "real": 0, "start": time.time()}
+                eval_loss = self.evaluate() if self.step % e.eval_steps == 0 or self.step == self.total_steps else None
+                if eval_loss is not None:
+                    self.run.log_metrics({"step": self.step, "time": time.time(), "eval_loss": eval_loss})
+                    self.say.info(f"step {self.step}: eval_loss {eval_loss:.4f}")
+                if self.step % e.save_steps == 0 or self.step == self.total_steps:
+                    self.save_checkpoint(eval_loss)
+                for hook in self.after_step:
+                    hook(self.step)
+            if self.stop_requested and not self._checkpoint(self.step).is_dir():
+                self.save_checkpoint(None)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        wall = time.time() - started
+        if not self.stop_requested and e.load_best_model_at_end and self.best:
+            best_step = min(self.best)[1]
+            self.model.load_weights(str(self._checkpoint(best_step) / "adapters.safetensors"), strict=False)
+        self.save()
+        summary = {
+            "backend": "mlx",
+            "device": mx.default_device().type.name if hasattr(mx.default_device().type, "name") else str(mx.default_device()),
+            "model": str(self.model_path),
+            "interrupted": self.stop_requested,
+            "resumed_from": resumed_from,
+            "global_step": self.step,
+            "max_steps": self.total_steps,
+            "real_tokens": tokens_seen,
+            "wall_seconds": wall,
+            "tokens_per_second": tokens_seen / wall if wall and self.step > first_step else None,
+            "final_eval_loss": _last(self.run.read_metrics(), "eval_loss"),
+            "best_eval_loss": min(self.best)[0] if self.best else None,
+            "best_checkpoint": str(self._checkpoint(min(self.best)[1])) if self.best else None,
+            "peak_memory_gb": mx.get_peak_memory() / 1024**3,
+        }
+        self.run.write_summary(summary)
+        self.run.plot_losses()
+        return summary
+
+    def _optimizer_step(self, value_and_grad) -> tuple[float, float, int, object]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches. Gradients of the
+        summed loss are added up and divided by the number of target tokens: every trained token
+        weighs the same, as in the CUDA path (mlx-lm's own loop averages micro-batch means)."""
+        import mlx.core as mx
+        import mlx.optimizers as optim
+        from mlx.utils import tree_map
+
+        t = self.cfg.training
+        grads_sum, loss_sum, targets, real = None, 0.0, 0.0, 0
+        for k in range(t.gradient_accumulation_steps):
+            mx.random.seed(t.seed * 1_000_003 + self.step * 1009 + k)  # dropout: a function of the step
+            batch = self.micro_batch(self.step * t.gradient_accumulation_steps + k)
+            (loss, n), grads = value_and_grad(self.model, *self.to_arrays(batch))
+            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            mx.eval(loss, n, grads_sum)
+            loss_sum, targets = loss_sum + loss.item(), targets + n.item()
+            real += sum(len(x) for x in batch)
+        grads = tree_map(lambda g: g / max(targets, 1.0), grads_sum)  # noqa: B023 (used at once)
+        grads, grad_norm = optim.clip_grad_norm(grads, t.max_grad_norm)
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        return loss_sum, targets, real, grad_norm
+
+    def _log(self, interval: dict, grad_norm: float) -> None:
+        seconds = max(time.time() - interval["start"], 1e-9)
+        record = {
+            "step": self.step,
+            "time": time.time(),
+            "loss": interval["loss"] / max(interval["tokens"], 1.0),
+            "learning_rate": float(self.optimizer.learning_rate.item()),
+            "grad_norm": grad_norm,
+            "tokens_per_second": interval["real"] / seconds,
+        }
+        self.run.log_metrics(record)
+        self.say.info(
+            f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f}, lr {record['learning_rate']:.3g}, "
+            f"{record['tokens_per_second']:.0f} tokens/s"
+        )
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.say.warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                      "(press Ctrl-C again to abort without saving)")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, step: int) -> Path:
+        return self.run.checkpoints / f"checkpoint-{step}"
+
+    def save_checkpoint(self, eval_loss: float | None) -> None:
+        """Adapter, optimizer state and progress, written to a temporary folder and renamed, so a
+        half-written checkpoint is never picked up."""
+        import mlx.core as mx
+
+        target = self._checkpoint(self.step)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        mx.save_safetensors(str(partial / "adapters.safetensors"), dict(_flatten(self.model.trainable_parameters())))
+        mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(_flatten(self.optimizer.state)))
+        if eval_loss is not None:
+            self.best.append((eval_loss, self.step))
+        state = {"step": self.step, "eval_loss": eval_loss, "best": self.best}
+        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the best `save_total_limit` by eval_loss, and always the newest (for resuming)."""
+        keep = {step for _, step in sorted(self.best)[: self.cfg.eval.save_total_limit]}
+        keep.add(self.step)
+        for folder in self.run.checkpoints.glob("checkpoint-*"):
+            step = folder.name.removeprefix("checkpoint-")
+            if step.isdigit() and int(step) not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+        self.best = [(loss, step) for loss, step in self.best if step in keep]
+
+    def _resume(self, resume: str | None) -> str | None:
+        import mlx.core as mx
+        from mlx.utils import tree_unflatten
+
+        if resume is None:
+            return None
+        folder = self._latest_checkpoint() if resume == "auto" else Path(resume)
+        if folder is None:
+            self.say.warn(f"--resume auto: no checkpoint under {self.run.checkpoints}; starting fresh")
+            return None
+        if not (folder / "trainer_state.json").is_file():
+            raise QLoraError(f"--resume {folder}: not a checkpoint folder (no trainer_state.json).")
+        state = json.loads((folder / "trainer_state.json").read_text())
+        self.model.load_weights(str(folder / "adapters.safetensors"), strict=False)
+        self.optimizer.init(self.model.trainable_parameters())
+        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        self.step, self.best = state["step"], [tuple(x) for x in state["best"]]
+        self.say.ok(f"resuming from {folder} (step {self.step})")
+        return str(folder)
+
+    def _latest_checkpoint(self) -> Path | None:
+        done = [p for p in self.run.checkpoints.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+        return max(done, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+
+    # ------------------------------------------------------------------ save
+    def save(self) -> None:
+        """The adapter natively (run/mlx, for `mlx_lm.generate --adapter-path`) and in PEFT format
+        (the run folder), through the shared converter's writers."""
+        import numpy as np
+
+        params = dict(_flatten(self.model.trainable_parameters()))
+        a, b = {}, {}
+        for name, value in params.items():
+            match = re.match(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([ab])$", name)
+            if match:
+                key = (int(match[1]), match[3])
+                (a if match[4] == "a" else b)[key] = np.array(value.astype(_f32())).T
+        adapter = Adapter(self.cfg.lora.r, self.cfg.lora_scale, self.cfg.lora.dropout,
+                          list(self.cfg.lora.target_modules), a, b, self.cfg.model.name_or_path)
+        native = self.run.root / "mlx"
+        native.mkdir(exist_ok=True)
+        write_adapter(adapter, native, "mlx", self.num_layers)
+        config = json.loads((native / "adapter_config.json").read_text())
+        config["model"] = str(self.model_path)  # the 4-bit MLX base this adapter was trained on
+        (native / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_adapter(adapter, self.run.root, "peft", self.num_layers)
+
+
+def _flatten(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+def _f32():
+    import mlx.core as mx
+
+    return mx.float32
+
+
+def _last(records: list[dict], key: str):
+    values = [r[key] for r in records if key in r]
+    return values[-1] if values else None

@@ -1,0 +1,121 @@
+"""The MLX backend (mlx[cpu] runs on Linux) on a tiny Mistral: it learns, a stopped and resumed
+run ends where an uninterrupted one ends, and its PEFT export gives PyTorch the MLX logits."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from conftest import SAMPLE
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from common.config_loader import load_config  # noqa: E402
+from common.console import Say  # noqa: E402
+from common.data import ChatTokenizer, prepare_data  # noqa: E402
+from common.run_files import RunFolder  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# MLX's CPU matmuls are slow here (~2 s a step on the tiny model): keep runs short
+FAST = ["training.batch_size=2", "data.max_seq_length=96", "eval.eval_batch_size=16", "tracking.report_to=none"]
+
+
+def mlx_trainer(model_dir, out, name, *extra, val_examples=16):
+    from backends.mlx.trainer import MlxTrainer
+
+    cfg = load_config(platform="cpu", overrides=[
+        "backend=mlx", f"model.name_or_path={model_dir}", f"tracking.output_dir={out}",
+        f"mlx.model_cache_dir={out / 'models'}", f"data.train_file={SAMPLE / 'train.jsonl'}",
+        f"data.val_file={SAMPLE / 'val.jsonl'}", *FAST, *extra])
+    cfg.tracking.run_name = name
+    data = prepare_data(cfg.data, ChatTokenizer())
+    data.val = data.val[:val_examples]
+    trainer = MlxTrainer(cfg, RunFolder.create(cfg), data, Say())
+    trainer.setup()
+    return trainer
+
+
+def lora(trainer) -> dict:
+    from mlx.utils import tree_flatten
+
+    return {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mlx")
+    trainer = mlx_trainer(tiny_model_dir, out, "learn", "training.max_steps=16", "eval.eval_steps=8",
+                          "eval.save_steps=8", "eval.logging_steps=4", "training.learning_rate=3e-3")
+    before = trainer.evaluate()
+    summary = trainer.train()
+    return trainer, summary, before
+
+
+def test_validation_loss_falls(trained):
+    trainer, summary, before = trained
+    after = [r["eval_loss"] for r in trainer.run.read_metrics() if "eval_loss" in r]
+    assert after[-1] < before - 1.0, (before, after)
+    assert summary["global_step"] == 16 and summary["best_checkpoint"]
+
+
+def test_run_folder_has_native_and_peft_adapters(trained):
+    trainer, _, _ = trained
+    root = trainer.run.root
+    for name in ("adapter_model.safetensors", "adapter_config.json", "mlx/adapters.safetensors",
+                 "mlx/adapter_config.json", "metrics.jsonl", "loss.png", "summary.json", "config.yaml"):
+        assert (root / name).is_file(), name
+
+
+def test_peft_export_gives_pytorch_the_mlx_logits(trained, tiny_model_dir):
+    """The exported PEFT adapter on the unquantized base in PyTorch vs the native adapter on the
+    same base in MLX, both float32."""
+    from common.adapter_verify import max_logit_difference
+
+    trainer, _, _ = trained
+    assert max_logit_difference(tiny_model_dir, trainer.run.root, trainer.run.root / "mlx") <= 1e-4
+
+
+def test_mlx_lm_loads_the_native_adapter(trained):
+    from mlx_lm.utils import load
+
+    trainer, _, _ = trained
+    model, _ = load(str(trainer.model_path), adapter_path=str(trainer.run.root / "mlx"))
+    assert model(mx.array([[1, 3, 4]])).shape[-1] == 32768
+
+
+def test_batches_are_the_shared_examples(trained):
+    trainer, _, _ = trained
+    batch = trainer.micro_batch(0)
+    ids, mask = trainer.to_arrays(batch)
+    for row, example in enumerate(batch):
+        n = len(example)
+        assert np.array(ids[row, :n]).tolist() == example.input_ids
+        assert np.array(mask[row, :n]).tolist() == example.loss_mask
+        assert not np.array(mask[row, n:]).any()  # padding is never a target
+    assert all(any(e is x for x in trainer.data.train) for e in batch)
+
+
+def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(tiny_model_dir, tmp_path):
+    steps = ["training.max_steps=6", "eval.eval_steps=6", "eval.save_steps=6", "eval.logging_steps=2",
+             "training.gradient_accumulation_steps=2", "eval.load_best_model_at_end=false"]
+    straight = mlx_trainer(tiny_model_dir, tmp_path, "straight", *steps, val_examples=2)
+    straight.train()
+
+    stopped = mlx_trainer(tiny_model_dir, tmp_path, "resumable", *steps, val_examples=2)
+    initial = lora(stopped)
+    stopped.after_step.append(lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM))
+    summary = stopped.train()
+    assert summary["interrupted"] and summary["global_step"] == 3
+    assert (stopped.run.checkpoints / "checkpoint-3" / "optimizer.safetensors").is_file()
+
+    resumed = mlx_trainer(tiny_model_dir, tmp_path, "resumable", *steps, val_examples=2)
+    summary = resumed.train(resume="auto")
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["global_step"] == 6
+    expected, got = lora(straight), lora(resumed)
+    moved = max(np.abs(expected[k] - initial[k]).max() for k in expected)
+    diff = max(np.abs(expected[k] - got[k]).max() for k in expected)
+    assert moved > 1e-3 and diff < 1e-6, (diff, moved)
