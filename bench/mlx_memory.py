@@ -28,7 +28,7 @@ CASES = [  # (seq, batch, checkpointing, layers)
 ]
 
 
-def one_case(model: str, seq: int, batch: int, ckpt: bool, layers: int) -> dict:
+def one_case(model: str, seq: int, batch: int, ckpt: bool, layers: int, mode: str = "step") -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -55,6 +55,25 @@ def one_case(model: str, seq: int, batch: int, ckpt: bool, layers: int) -> dict:
     value_and_grad = nn.value_and_grad(trainer.model, trainer.loss_sum)
     mx.clear_cache()
     mx.reset_peak_memory()
+    if mode == "forward-eager":  # the same forward, evaluated one block at a time
+        from mlx_lm.models.base import create_attention_mask
+
+        ids, _ = trainer.to_arrays(data.train)
+        inner = trainer.model.model
+        h = inner.embed_tokens(ids)
+        attn_mask = create_attention_mask(h, None)
+        for block in inner.layers:
+            h = block(h, attn_mask, cache=None)
+            mx.eval(h)
+        mx.eval(trainer.model.lm_head(inner.norm(h)) if hasattr(trainer.model, "lm_head") else h)
+        return {"seq": seq, "batch": batch, "layers": layers, "mode": mode,
+                "weights_gb": weights / 1024**3, "peak_gb": mx.get_peak_memory() / 1024**3}
+    if mode != "step":  # how much of the peak is the forward, or the backward without the update
+        ids, mask = trainer.to_arrays(data.train)
+        out = trainer.loss_sum(trainer.model, ids, mask) if mode == "forward" else value_and_grad(trainer.model, ids, mask)
+        mx.eval(out)
+        return {"seq": seq, "batch": batch, "checkpointing": ckpt, "layers": layers, "mode": mode,
+                "weights_gb": weights / 1024**3, "peak_gb": mx.get_peak_memory() / 1024**3}
     start = time.time()
     trainer._optimizer_step(value_and_grad)
     first = time.time() - start
@@ -79,9 +98,10 @@ def main() -> None:
     case.add_argument("--batch", type=int, default=1)
     case.add_argument("--no-ckpt", action="store_true")
     case.add_argument("--layers", type=int, default=32)
+    case.add_argument("--mode", choices=["step", "forward", "grad", "forward-eager"], default="step")
     args = parser.parse_args()
     if args.cmd == "case":
-        print("RESULT " + json.dumps(one_case(args.model, args.seq, args.batch, not args.no_ckpt, args.layers)))
+        print("RESULT " + json.dumps(one_case(args.model, args.seq, args.batch, not args.no_ckpt, args.layers, args.mode)))
         return
     results = []
     for seq, batch, ckpt, layers in CASES:
