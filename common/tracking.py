@@ -40,3 +40,39 @@ def resolve_tracker(
     if requested == "tensorboard" and not installed("tensorboard"):
         return "none", "TensorBoard is not installed: metrics go to metrics.jsonl only"
     return requested, None
+
+
+class MetricSink:
+    """Sends metric records to wandb or TensorBoard, for the MLX backend (the CUDA backend uses
+    transformers' own integrations). metrics.jsonl is written by the run folder either way."""
+
+    def __init__(self, tracker: str, run_root: Path, project: str, run_name: str):
+        self.wandb = self.tensorboard = None
+        if tracker == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(project=project, name=run_name, dir=str(run_root), resume="allow")
+        elif tracker == "tensorboard":
+            from tensorboard.summary import DirectoryOutput, Writer
+
+            self.tensorboard = Writer(DirectoryOutput(str(run_root / "tensorboard")))
+
+    def log(self, record: dict) -> None:
+        step = record["step"]
+        scalars = {
+            (key.replace("eval_", "eval/") if key.startswith("eval_") else f"train/{key}"): float(value)
+            for key, value in record.items()
+            if key not in ("step", "time") and isinstance(value, (int, float))
+        }
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.tensorboard is not None:
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, step=step)
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

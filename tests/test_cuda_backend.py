@@ -272,3 +272,24 @@ def test_gated_model_error_says_how_to_log_in():
 
     err = cuda_model.explain_load_error("mistralai/Mistral-7B-Instruct-v0.3", GatedRepoError("401 Client Error"))
     assert "gated" in str(err) and "HF_TOKEN" in str(err)
+
+
+def test_metric_sink_writes_tensorboard_and_wandb(tmp_path, monkeypatch):
+    """The MLX backend's tracker: TensorBoard event files, or wandb.log with namespaced keys."""
+    import types
+
+    from common.tracking import MetricSink
+
+    sink = MetricSink("tensorboard", tmp_path, "p", "run")
+    sink.log({"step": 3, "time": 1.0, "loss": 2.5, "eval_loss": 2.0})
+    sink.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+    logged = []
+    fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(
+        log=lambda data, step: logged.append((step, data)), finish=lambda: logged.append("finished")))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    sink = MetricSink("wandb", tmp_path, "p", "run")
+    sink.log({"step": 4, "time": 1.0, "loss": 1.5, "eval_loss": 1.25})
+    sink.close()
+    assert logged == [(4, {"train/loss": 1.5, "eval/loss": 1.25}), "finished"]

@@ -26,7 +26,7 @@ from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
 from common.run_files import RunFolder
-from common.tracking import resolve_tracker
+from common.tracking import MetricSink, resolve_tracker
 
 PAD_ID = 0  # <unk>: never a real token, and masked out of the loss anyway
 
@@ -75,6 +75,7 @@ class MlxTrainer:
         self.tracker, notice = resolve_tracker(cfg.tracking.report_to)
         if notice:
             self.say.warn(notice)
+        self.sink = MetricSink(self.tracker, self.run.root, cfg.tracking.project, self.run.root.name)
         trainable = sum(v.size for _, v in _flatten(self.model.trainable_parameters()))
         self.say.ok(f"MLX: {self.model_path} with LoRA on {self.num_layers} layers ({trainable:,} trainable)")
 
@@ -200,7 +201,7 @@ class MlxTrainer:
                     interval = {"loss": 0.0, "tokens": 0.0, "real": 0, "start": time.time()}
                 eval_loss = self.evaluate() if self.step % e.eval_steps == 0 or self.step == self.total_steps else None
                 if eval_loss is not None:
-                    self.run.log_metrics({"step": self.step, "time": time.time(), "eval_loss": eval_loss})
+                    self._record({"step": self.step, "time": time.time(), "eval_loss": eval_loss})
                     self.say.info(f"step {self.step}: eval_loss {eval_loss:.4f}")
                 if self.step % e.save_steps == 0 or self.step == self.total_steps:
                     self.save_checkpoint(eval_loss)
@@ -234,6 +235,7 @@ class MlxTrainer:
         }
         self.run.write_summary(summary)
         self.run.plot_losses()
+        self.sink.close()
         return summary
 
     def _optimizer_step(self, value_and_grad) -> tuple[float, float, int, object]:
@@ -270,11 +272,15 @@ class MlxTrainer:
             "grad_norm": grad_norm,
             "tokens_per_second": interval["real"] / seconds,
         }
-        self.run.log_metrics(record)
+        self._record(record)
         self.say.info(
             f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f}, lr {record['learning_rate']:.3g}, "
             f"{record['tokens_per_second']:.0f} tokens/s"
         )
+
+    def _record(self, record: dict) -> None:
+        self.run.log_metrics(record)
+        self.sink.log(record)
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested:
