@@ -85,5 +85,8 @@ convert: ## convert an adapter: make convert SRC=dir DST=dir [ARGS="--base-model
 	@[ -n "$(SRC)" ] && [ -n "$(DST)" ] || { echo -e "$(RED)usage: make convert SRC=adapter_dir DST=new_dir$(NC)"; exit 2; }
 	$(QLORA) convert "$(SRC)" "$(DST)" $(ARGS)
 
-check plan: ## (lands with its issue; says so)
+check: ## preflight for this machine and config (ARGS="--platform h100")
+	$(QLORA) check $(ARGS)
+
+plan: ## (lands with its issue; says so)
 	@echo -e "$(YELLOW)! make $@ is not available yet: it lands with its own issue (see README, Roadmap)$(NC)"; exit 2

@@ -8,13 +8,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich.markup import escape
+
 from common.config import QLoraConfig
 from common.config_loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config
 from common.console import Say
 from common.errors import QLoraError, UsageError
 
 LATER = {
-    "check": "the preflight `qlora check` (issue #5)",
     "plan": "the memory and time planner `qlora plan` (issue #6)",
 }
 
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[cfg], help="train an adapter (platform detected unless given)")
     p.add_argument("--resume", metavar="auto|DIR", help="continue from the newest or a given checkpoint")
     p.add_argument("--run-name", help="run folder name under tracking.output_dir")
+
+    p = sub.add_parser("check", parents=[cfg], help="preflight: is this machine ready for this config?")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("demo", help="train the tiny built-in model on the sample data, on the CPU")
     p.add_argument("--backend", choices=["cuda", "mlx"], default=None, help="which backend to exercise")
@@ -170,16 +174,58 @@ def cmd_data_tokenize(args, say: Say) -> int:
     return 0
 
 
+def show_checks(rows, say: Say) -> None:
+    from rich.table import Table
+
+    colors = {"ok": "green", "warning": "yellow", "blocking": "red"}
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for column in ("check", "status", "details"):
+        table.add_column(column)
+    for row in rows:
+        details = escape(row.message) + (f"\n[{colors[row.status]}]→ {escape(row.fix)}[/]" if row.fix else "")
+        table.add_row(row.name, f"[{colors[row.status]}]{row.status}[/]", details)
+    say.console.print(table)
+
+
+def show_problems(rows, say: Say) -> None:
+    """Warnings and blocking rows as whole lines (paths and line numbers stay greppable)."""
+    for row in rows:
+        if row.status == "ok":
+            continue
+        text = f"{row.name}: {row.message}" + (f"\n  → {row.fix}" if row.fix else "")
+        say.error(text) if row.status == "blocking" else say.warn(text)
+
+
+def cmd_check(args, say: Say) -> int:
+    from common.preflight import as_json, blocked, run_checks
+
+    cfg = resolve(args, say, detect_platform=True)
+    rows = run_checks(cfg)
+    if args.json:
+        print(as_json(rows))
+        return 1 if blocked(rows) else 0
+    say.info(f"config: {cfg.platform} ({cfg.backend} backend)")
+    show_checks(rows, say)
+    if blocked(rows):
+        say.error("not ready: fix the blocking rows above")
+        return 1
+    say.ok("ready")
+    return 0
+
+
 def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     from common.data import prepare_data
-    from common.preflight import require_platform
+    from common.preflight import blocked, run_checks
     from common.run_files import RunFolder
     from common.trainer import make_trainer
 
     cfg = cfg or resolve(args, say, detect_platform=True)
     if args.run_name:
         cfg.tracking.run_name = args.run_name
-    require_platform(cfg)
+    rows = run_checks(cfg)
+    show_problems(rows, say)
+    if blocked(rows):
+        raise QLoraError("preflight found blocking problems (above); nothing was loaded. `qlora check` re-runs it.")
     data = prepare_data(cfg.data, _tokenizer_for(cfg))
     report = data.report
     say.ok(f"data: {report.n_train} training and {report.n_val} validation examples")
@@ -260,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in LATER:
         say.warn(f"{LATER[args.command]} is not implemented yet; it lands with that issue.")
         return 2
-    handlers = {"config": cmd_config, "train": cmd_train, "demo": cmd_demo, "convert": cmd_convert}
+    handlers = {"config": cmd_config, "train": cmd_train, "demo": cmd_demo, "convert": cmd_convert,
+                "check": cmd_check}
     handler = handlers.get(args.command) or {"stats": cmd_data_stats, "tokenize": cmd_data_tokenize}[args.data_command]
     try:
         return handler(args, say)

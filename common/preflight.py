@@ -1,10 +1,287 @@
-"""Checks that refuse an impossible run before any model loads (the full `qlora check` is issue #5)."""
+"""`qlora check`: everything that can be found wrong before a model loads, in seconds.
+
+Also run at the start of `qlora train`. Nothing here imports torch or mlx or loads the 7B model:
+packages are read from their metadata, GPUs from nvidia-smi, the model from its files or the cache.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata as metadata
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
 from common import platform as plat
 from common.config import QLoraConfig
-from common.errors import PlatformError
+from common.errors import PlatformError, QLoraError
+
+OK, WARN, BLOCK = "ok", "warning", "blocking"
+
+# The oldest versions the code is known to work with (also in pyproject.toml's extras).
+MINIMUM = {
+    "cuda": {"torch": "2.6", "transformers": "5.17", "peft": "0.21", "trl": "1.16", "bitsandbytes": "0.49",
+             "datasets": "4.0", "accelerate": "1.15"},
+    "mlx": {"mlx": "0.32", "mlx-lm": "0.32"},
+}
+# Measured peaks (docs/benchmarks.md, docs/m4.md), until the planner (issue #6) predicts any config.
+MEASURED_PEAK_GB = {
+    "h100": (12.5, "measured on an H100, 2026-11-26, 4 packed rows x 4096, flash-attn-4"),
+    "m4": (11.0, "estimate for Metal at 4096 x 1; measured upper bound 21.3 GB on MLX-CUDA, docs/m4.md"),
+}
+GB = 1024**3
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    message: str
+    fix: str = ""
+
+
+@dataclass
+class Environment:
+    """What the checks look at; tests replace any part."""
+
+    info: plat.PlatformInfo | None = None
+    env: dict = field(default_factory=lambda: dict(os.environ))
+    free_disk: Callable[[Path], int] = lambda path: shutil.disk_usage(_existing(path)).free
+    version: Callable[[str], str | None] = None  # package -> version or None
+    home: Path = field(default_factory=Path.home)
+
+    def __post_init__(self):
+        self.info = self.info or plat.detect()
+        self.version = self.version or _installed_version
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _older(version: str, minimum: str) -> bool:
+    def parts(text):
+        out = []
+        for piece in text.split("+")[0].split(".")[:3]:
+            digits = "".join(ch for ch in piece if ch.isdigit())
+            out.append(int(digits or 0))
+        return out
+
+    return parts(version) < parts(minimum)
+
+
+# ---------------------------------------------------------------------------- the checks
+
+
+def check_python(cfg, env) -> list[Check]:
+    ok = sys.version_info >= (3, 10)
+    return [Check("python", OK if ok else BLOCK, sys.version.split()[0], "" if ok else "use Python 3.10 or newer")]
+
+
+def check_packages(cfg, env) -> list[Check]:
+    rows = []
+    for package, minimum in MINIMUM[cfg.backend].items():
+        version = env.version(package)
+        if version is None:
+            setup = "make setup-h100" if cfg.backend == "cuda" else "make setup-m4"
+            rows.append(Check(package, BLOCK, "not installed", f"run `{setup}` (or pip install '{package}>={minimum}')"))
+        elif _older(version, minimum):
+            rows.append(Check(package, BLOCK, f"{version} is older than {minimum}", f"pip install -U '{package}>={minimum}'"))
+        else:
+            rows.append(Check(package, OK, version))
+    return rows
+
+
+def check_accelerator(cfg, env) -> list[Check]:
+    info = env.info
+    try:
+        require_platform(cfg, info)
+    except PlatformError as exc:
+        return [Check("accelerator", BLOCK, info.describe(), str(exc))]
+    if info.gpu:
+        gpu = info.gpu
+        rows = [Check("accelerator", OK if gpu.is_h100 else WARN, info.describe(),
+                      "" if gpu.is_h100 else plat.gpu_fit_note(gpu))]
+        if not gpu.bf16 and cfg.training.bf16:
+            rows.append(Check("bf16", BLOCK, f"{gpu.name} has no bfloat16", "use an Ampere or newer GPU"))
+        return rows + check_bitsandbytes_library(gpu)
+    if info.apple:
+        return [Check("accelerator", OK, info.describe())]
+    return [Check("accelerator", OK, f"{info.describe()}: the {cfg.platform} config runs on the CPU")]
+
+
+def check_bitsandbytes_library(gpu: plat.GpuInfo) -> list[Check]:
+    spec = importlib.util.find_spec("bitsandbytes")
+    if spec is None or not spec.origin:
+        return []
+    libs = sorted(p.name for p in Path(spec.origin).parent.glob("libbitsandbytes_cuda*"))
+    if not libs:
+        return [Check("bitsandbytes", BLOCK, "no CUDA library in the bitsandbytes package",
+                      "reinstall bitsandbytes (pip install --force-reinstall bitsandbytes)")]
+    return [Check("bitsandbytes CUDA", OK, f"{len(libs)} CUDA builds ({libs[-1]}); driver CUDA {gpu.cuda_version or '?'}")]
+
+
+def check_attention(cfg, env) -> list[Check]:
+    if cfg.backend != "cuda" or cfg.cuda.device == "cpu":
+        return []
+    capability = env.info.gpu.compute_capability if env.info.gpu else (0, 0)
+    found = [name for name, dist, needs in (("flash_attention_4", "flash-attn-4", (9, 0)),
+                                            ("flash_attention_3", "flash-attn-3", (9, 0)),
+                                            ("flash_attention_2", "flash-attn", (8, 0)))
+             if env.version(dist) and capability >= needs]
+    if found:
+        return [Check("attention", OK, f"{found[0]} (installed; confirmed when the model loads)")]
+    return [Check("attention", WARN, "no FlashAttention installed: PyTorch SDPA (slower on packed data)",
+                  "make flash-attn")]
+
+
+def check_data(cfg, env) -> list[Check]:
+    from common.data import read_conversations
+
+    rows = []
+    for key, path in (("data.train_file", cfg.data.train_file), ("data.val_file", cfg.data.val_file)):
+        if path is None:
+            continue
+        if key == "data.val_file" and not Path(path).exists():
+            rows.append(Check(key, WARN, f"{path} not found: {cfg.data.val_fraction:.0%} of train is held out"))
+            continue
+        try:
+            conversations, _ = read_conversations(path)
+        except QLoraError as exc:
+            rows.append(Check(key, BLOCK, str(exc).splitlines()[0], "\n".join(str(exc).splitlines()[1:4])))
+            continue
+        rows.append(Check(key, OK, f"{path}: {len(conversations)} conversations, all valid"))
+    return rows
+
+
+def hf_token(env) -> bool:
+    token_file = Path(env.env.get("HF_HOME", env.home / ".cache" / "huggingface")) / "token"
+    return bool(env.env.get("HF_TOKEN") or env.env.get("HUGGING_FACE_HUB_TOKEN") or token_file.is_file())
+
+
+def model_cached(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:
+        return False
+
+
+def check_model(cfg, env, cached: Callable[[str], bool] = model_cached) -> list[Check]:
+    name = cfg.model.name_or_path
+    local = Path(name)
+    if local.exists():
+        missing = [] if (local / "config.json").is_file() else ["config.json"]
+        if not any(local.glob("*.safetensors")):
+            missing.append("*.safetensors weights")
+        if missing:
+            return [Check("model", BLOCK, f"{name} is incomplete: missing {', '.join(missing)}",
+                          "download the whole model folder again")]
+        return [Check("model", OK, f"{name} (local folder)")]
+    if cfg.platform == "cpu" and name.startswith("models/"):
+        return [Check("model", OK, f"{name} is built by `qlora demo` on first use")]
+    if cached(name):
+        return [Check("model", OK, f"{name} is in the Hugging Face cache (loads offline)")]
+    if env.env.get("HF_HUB_OFFLINE") == "1" or cfg.model.local_files_only:
+        return [Check("model", BLOCK, f"{name} is not cached and offline mode is on",
+                      f"download it first (`hf download {name}`) or point model.name_or_path at a folder")]
+    if not hf_token(env):
+        return [Check("model", BLOCK, f"{name} is gated and no Hugging Face token was found",
+                      "accept the license on the model page, then `hf auth login` (or set HF_TOKEN)")]
+    return [Check("model", WARN, f"{name} will be downloaded on first use (about 14.5 GB)")]
+
+
+def lora_parameters(cfg: QLoraConfig, model_config: dict | None = None) -> int:
+    c = model_config or {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
+    q = c["num_attention_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    kv = c["num_key_value_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    h, m = c["hidden_size"], c["intermediate_size"]
+    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+    per_layer = sum(cfg.lora.r * sum(dims[t]) for t in cfg.lora.target_modules)
+    return per_layer * c["num_hidden_layers"]
+
+
+def disk_needed_gb(cfg: QLoraConfig, model_cached_or_local: bool) -> tuple[float, str]:
+    local_config = Path(cfg.model.name_or_path) / "config.json"
+    model_config = json.loads(local_config.read_text()) if local_config.is_file() else None
+    adapter = lora_parameters(cfg, model_config) * 4  # fp32 master weights
+    checkpoint = adapter * 3  # adapter + Adam's two moments
+    keep = cfg.eval.save_total_limit + 1  # the best N and the newest
+    parts = {"checkpoints": keep * checkpoint, "final adapter (PEFT + native)": 2 * adapter}
+    if not model_cached_or_local and model_config is None:
+        parts["model download"] = 14.5 * GB
+    if cfg.backend == "mlx":
+        parts["4-bit MLX copy"] = 4.0 * GB if model_config is None else 0.3 * GB
+    total = sum(parts.values()) / GB
+    return total, ", ".join(f"{k} {v / GB:.1f} GB" for k, v in parts.items())
+
+
+def check_disk(cfg, env, cached: Callable[[str], bool] = model_cached) -> list[Check]:
+    present = Path(cfg.model.name_or_path).exists() or cached(cfg.model.name_or_path)
+    need, detail = disk_needed_gb(cfg, present)
+    free = env.free_disk(Path(cfg.tracking.output_dir)) / GB
+    status = OK if free >= need * 1.2 else BLOCK
+    return [Check("disk", status, f"{free:.1f} GB free, {need:.1f} GB needed ({detail})",
+                  "" if status == OK else "free disk space or set tracking.output_dir to a larger disk")]
+
+
+def check_tracking(cfg, env) -> list[Check]:
+    from common.tracking import resolve_tracker
+
+    tracker, notice = resolve_tracker(cfg.tracking.report_to, env=env.env)
+    return [Check("tracking", WARN if notice else OK, notice or tracker)]
+
+
+def check_memory(cfg, env) -> list[Check]:
+    if cfg.platform not in MEASURED_PEAK_GB:
+        return []
+    peak, source = MEASURED_PEAK_GB[cfg.platform]
+    if env.info.gpu:
+        available, what = env.info.gpu.total_gb, "GPU memory"
+    elif env.info.apple:
+        available, what = env.info.apple.unified_memory_gb * 0.7, "of unified memory usable by the GPU (~70%)"
+    else:
+        return []
+    status = OK if peak < available * 0.9 else WARN
+    return [Check("memory fit", status, f"~{peak:.1f} GB needed ({source}); {available:.0f} GB {what}",
+                  "" if status == OK else "lower data.max_seq_length or training.batch_size (docs/m4.md)")]
+
+
+CHECKS = [check_python, check_packages, check_accelerator, check_attention, check_data, check_model,
+          check_disk, check_tracking, check_memory]
+
+
+def run_checks(cfg: QLoraConfig, env: Environment | None = None) -> list[Check]:
+    env = env or Environment()
+    rows = []
+    for check in CHECKS:
+        rows.extend(check(cfg, env))
+    return rows
+
+
+def blocked(rows: list[Check]) -> bool:
+    return any(r.status == BLOCK for r in rows)
+
+
+def as_json(rows: list[Check]) -> str:
+    return json.dumps({"ready": not blocked(rows), "checks": [asdict(r) for r in rows]}, indent=2)
 
 
 def require_platform(cfg: QLoraConfig, info: plat.PlatformInfo | None = None) -> plat.PlatformInfo:

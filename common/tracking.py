@@ -31,11 +31,12 @@ def resolve_tracker(
             return "wandb", f"wandb in {env['WANDB_MODE']} mode (WANDB_MODE)"
         if installed("wandb") and logged_in(env):
             return "wandb", None
-        reason = "wandb is not installed" if not installed("wandb") else "wandb is not logged in"
+        if installed("wandb"):
+            reason, advice = "wandb is not logged in", "run `wandb login` to use wandb"
+        else:
+            reason, advice = "wandb is not installed", "pip install wandb && wandb login, to use wandb"
         if installed("tensorboard"):
-            return "tensorboard", (
-                f"{reason}: logging to TensorBoard instead (run `wandb login` to use wandb)"
-            )
+            return "tensorboard", f"{reason}: logging to TensorBoard instead ({advice})"
         return "none", f"{reason} and TensorBoard is not installed: metrics go to metrics.jsonl only"
     if requested == "tensorboard" and not installed("tensorboard"):
         return "none", "TensorBoard is not installed: metrics go to metrics.jsonl only"

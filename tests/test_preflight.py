@@ -1,0 +1,127 @@
+"""`qlora check`: each check's verdict on faked machines, without any hardware or download."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SAMPLE, chat, write_jsonl
+
+from common import platform as plat
+from common import preflight as pf
+from common.config_loader import load_config
+
+H100 = plat.GpuInfo("NVIDIA H100 80GB HBM3", 79.6, 78.0, (9, 0), "580", "13.0")
+VERSIONS = {"torch": "2.11.0+cu130", "transformers": "5.24.0", "peft": "0.21.2", "trl": "1.16.0",
+            "bitsandbytes": "0.50.2", "datasets": "5.2.0", "accelerate": "1.15.0", "flash-attn-4": "4.0.0b36",
+            "mlx": "0.32.4", "mlx-lm": "0.32.2"}
+
+
+def machine(gpu=None, apple=None, versions=VERSIONS, free_gb=500, env=None, home=None):
+    kind = "cuda" if gpu else "apple" if apple else "cpu"
+    return pf.Environment(
+        info=plat.PlatformInfo(kind, "test", gpu=gpu, apple=apple),
+        env=env or {}, free_disk=lambda path: free_gb * pf.GB,
+        version=lambda name: versions.get(name), home=home or Path("/nonexistent-home"),
+    )
+
+
+def h100_config(tmp_path, *extra):
+    return load_config(platform="h100", overrides=[
+        f"data.train_file={SAMPLE / 'train.jsonl'}", f"data.val_file={SAMPLE / 'val.jsonl'}",
+        f"tracking.output_dir={tmp_path}", "tracking.report_to=none", *extra])
+
+
+def by_name(rows):
+    return {row.name: row for row in rows}
+
+
+def test_a_ready_h100(tmp_path):
+    env = machine(gpu=H100, env={"HF_TOKEN": "x"})
+    rows = pf.run_checks(h100_config(tmp_path), env)
+    assert not pf.blocked(rows), [r for r in rows if r.status != "ok"]
+    names = by_name(rows)
+    assert names["attention"].status == "ok" and "flash_attention_4" in names["attention"].message
+    assert names["memory fit"].status == "ok"
+    assert "valid" in names["data.train_file"].message
+
+
+def test_h100_config_on_a_cpu_blocks(tmp_path):
+    rows = by_name(pf.run_checks(h100_config(tmp_path), machine(env={"HF_TOKEN": "x"})))
+    assert rows["accelerator"].status == pf.BLOCK and "NVIDIA GPU" in rows["accelerator"].fix
+
+
+@pytest.mark.parametrize("versions, expected", [
+    ({**VERSIONS, "trl": None}, "not installed"),
+    ({**VERSIONS, "transformers": "4.57.1"}, "older than 5.17"),
+])
+def test_missing_or_old_packages_block(tmp_path, versions, expected):
+    rows = by_name(pf.run_checks(h100_config(tmp_path), machine(gpu=H100, versions=versions)))
+    bad = [r for r in rows.values() if r.status == pf.BLOCK and expected in r.message]
+    assert bad and ("make setup-h100" in bad[0].fix or "pip install -U" in bad[0].fix)
+
+
+def test_model_checks(tmp_path):
+    cfg = h100_config(tmp_path)
+    assert pf.check_model(cfg, machine(), cached=lambda n: False)[0].fix.startswith("accept the license")
+    assert pf.check_model(cfg, machine(env={"HF_TOKEN": "t"}), cached=lambda n: False)[0].status == pf.WARN
+    offline = pf.check_model(cfg, machine(env={"HF_HUB_OFFLINE": "1"}), cached=lambda n: False)[0]
+    assert offline.status == pf.BLOCK and "offline" in offline.message
+    assert pf.check_model(cfg, machine(), cached=lambda n: True)[0].status == pf.OK
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    cfg.model.name_or_path = str(folder)
+    assert "missing *.safetensors" in pf.check_model(cfg, machine())[0].message
+
+
+def test_token_file_counts_as_logged_in(tmp_path):
+    (tmp_path / ".cache" / "huggingface").mkdir(parents=True)
+    (tmp_path / ".cache" / "huggingface" / "token").write_text("hf_x")
+    assert pf.hf_token(machine(home=tmp_path))
+
+
+def test_too_little_disk_blocks_and_says_what_it_counted(tmp_path):
+    row = pf.check_disk(h100_config(tmp_path), machine(free_gb=5), cached=lambda n: False)[0]
+    assert row.status == pf.BLOCK and "model download 14.5 GB" in row.message and "checkpoints" in row.message
+
+
+def test_lora_size_matches_mlx_measurement():
+    # 41,943,040 trainable parameters were counted by MLX on the 7B shape (docs/m4.md)
+    assert pf.lora_parameters(load_config(platform="h100")) == 41_943_040
+
+
+def test_bad_data_blocks_with_file_and_line(tmp_path):
+    bad = write_jsonl(tmp_path / "t.jsonl", [chat("q", "a"), "{oops"])
+    cfg = h100_config(tmp_path, f"data.train_file={bad}")
+    row = by_name(pf.check_data(cfg, machine()))["data.train_file"]
+    assert row.status == pf.BLOCK and f"{bad}:2: invalid JSON" in row.fix
+
+
+def test_small_gpu_gets_a_memory_warning(tmp_path):
+    small = plat.GpuInfo("NVIDIA GeForce RTX 3060", 12, 11, (8, 6))
+    rows = by_name(pf.run_checks(h100_config(tmp_path), machine(gpu=small, env={"HF_TOKEN": "x"})))
+    assert rows["memory fit"].status == pf.WARN and rows["accelerator"].status == pf.WARN
+    assert rows["attention"].status == pf.WARN or "flash_attention_2" not in rows["attention"].message
+
+
+def test_m4_on_a_mac(tmp_path):
+    cfg = load_config(platform="m4", overrides=[f"data.train_file={SAMPLE / 'train.jsonl'}",
+                                                f"data.val_file={SAMPLE / 'val.jsonl'}", "tracking.report_to=none"])
+    rows = by_name(pf.run_checks(cfg, machine(apple=plat.AppleInfo("Apple M4", 32), env={"HF_TOKEN": "x"})))
+    assert not any(r.status == pf.BLOCK for r in rows.values())
+    assert rows["mlx"].status == pf.OK and rows["memory fit"].status == pf.OK
+
+
+def test_cli_check_json_and_exit_codes():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "common.cli", "check", "--platform", "cpu", "--json"],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    report = json.loads(done.stdout)
+    assert done.returncode == (0 if report["ready"] else 1)
+    assert {row["name"] for row in report["checks"]} >= {"python", "torch", "accelerator", "data.train_file", "disk"}
