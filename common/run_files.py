@@ -80,3 +80,19 @@ class RunFolder:
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return path
+
+
+def newest_complete_checkpoint(checkpoints: Path, marker: str = "trainer_state.json") -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint folder that was written to the end, and the incomplete ones skipped.
+
+    Both backends write `trainer_state.json` last (Hugging Face's Trainer does; the MLX backend
+    also renames a finished folder into place), so a folder without it was cut off mid-save."""
+    if not checkpoints.is_dir():
+        return None, []
+    numbered = [p for p in checkpoints.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+    skipped = []
+    for folder in sorted(numbered, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True):
+        if (folder / marker).is_file():
+            return folder, skipped
+        skipped.append(folder)
+    return None, skipped

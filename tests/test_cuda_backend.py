@@ -293,3 +293,21 @@ def test_metric_sink_writes_tensorboard_and_wandb(tmp_path, monkeypatch):
     sink.log({"step": 4, "time": 1.0, "loss": 1.5, "eval_loss": 1.25})
     sink.close()
     assert logged == [(4, {"train/loss": 1.5, "eval/loss": 1.25}), "finished"]
+
+
+def test_resume_auto_skips_a_checkpoint_cut_off_mid_save(tmp_path):
+    """Hugging Face writes trainer_state.json last; a folder without it must never be resumed."""
+    cfg = tiny_config("unused", tmp_path)
+    cfg.tracking.run_name = "cut"
+    run = RunFolder.create(cfg)
+    good, broken = run.checkpoints / "checkpoint-100", run.checkpoints / "checkpoint-200"
+    for folder in (good, broken):
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+    (good / "trainer_state.json").write_text("{}")
+    say = Recorder()
+    trainer = CudaTrainer(cfg, run, None, say)
+    assert trainer._resume_point("auto") == str(good)
+    assert any("checkpoint-200: incomplete" in text for _, text in say.lines)
+    (good / "trainer_state.json").unlink()
+    assert trainer._resume_point("auto") is None

@@ -16,7 +16,7 @@ from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quanti
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
-from common.run_files import RunFolder
+from common.run_files import RunFolder, newest_complete_checkpoint
 from common.tracking import resolve_tracker
 
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
@@ -288,14 +288,14 @@ class CudaTrainer:
         if resume is None:
             return None
         if resume == "auto":
-            from transformers.trainer_utils import get_last_checkpoint
-
-            last = get_last_checkpoint(str(self.run.checkpoints)) if self.run.checkpoints.is_dir() else None
+            last, skipped = newest_complete_checkpoint(self.run.checkpoints)
+            for folder in skipped:
+                self.say.warn(f"skipping {folder}: incomplete (cut off while saving)")
             if last is None:
-                self.say.warn(f"--resume auto: no checkpoint under {self.run.checkpoints}; starting fresh")
-            else:
-                self.say.ok(f"resuming from {last}")
-            return last
+                self.say.warn(f"--resume auto: no complete checkpoint under {self.run.checkpoints}; starting fresh")
+                return None
+            self.say.ok(f"resuming from {last}")
+            return str(last)
         if not Path(resume, "trainer_state.json").is_file():
             raise QLoraError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json).")
         return resume

@@ -25,7 +25,7 @@ from common.adapters import PARENT, Adapter, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
-from common.run_files import RunFolder
+from common.run_files import RunFolder, newest_complete_checkpoint
 from common.tracking import MetricSink, resolve_tracker
 
 PAD_ID = 0  # <unk>: never a real token, and masked out of the loss anyway
@@ -328,7 +328,12 @@ class MlxTrainer:
 
         if resume is None:
             return None
-        folder = self._latest_checkpoint() if resume == "auto" else Path(resume)
+        if resume == "auto":
+            folder, skipped = newest_complete_checkpoint(self.run.checkpoints)
+            for incomplete in skipped:
+                self.say.warn(f"skipping {incomplete}: incomplete (cut off while saving)")
+        else:
+            folder = Path(resume)
         if folder is None:
             self.say.warn(f"--resume auto: no checkpoint under {self.run.checkpoints}; starting fresh")
             return None
@@ -341,10 +346,6 @@ class MlxTrainer:
         self.step, self.best = state["step"], [tuple(x) for x in state["best"]]
         self.say.ok(f"resuming from {folder} (step {self.step})")
         return str(folder)
-
-    def _latest_checkpoint(self) -> Path | None:
-        done = [p for p in self.run.checkpoints.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
-        return max(done, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
 
     # ------------------------------------------------------------------ save
     def save(self) -> None:
