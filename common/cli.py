@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from common.config import QLoraConfig
 from common.config_loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config
 from common.console import Say
 from common.errors import QLoraError, UsageError
+from common.time_budget import TimeBudget, parse_duration
 
+STARTED = time.monotonic()  # a --time-budget counts from here, model loading included
 LATER = {
     "plan": "the memory and time planner `qlora plan` (issue #6)",
 }
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[cfg], help="train an adapter (platform detected unless given)")
     p.add_argument("--resume", metavar="auto|DIR", help="continue from the newest or a given checkpoint")
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="stop with everything saved before this much time has passed, e.g. 3h30m")
     p.add_argument("--run-name", help="run folder name under tracking.output_dir")
 
     p = sub.add_parser("check", parents=[cfg], help="preflight: is this machine ready for this config?")
@@ -219,6 +224,7 @@ def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     from common.run_files import RunFolder
     from common.trainer import make_trainer
 
+    budget = TimeBudget(parse_duration(args.time_budget), started=STARTED) if getattr(args, "time_budget", None) else None
     cfg = cfg or resolve(args, say, detect_platform=True)
     if args.run_name:
         cfg.tracking.run_name = args.run_name
@@ -236,10 +242,12 @@ def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     run = RunFolder.create(cfg)
     say.info(f"run folder: {run.root}")
     trainer = make_trainer(cfg, run, data, say)
+    trainer.time_budget = budget
     trainer.setup()
     summary = trainer.train(resume=args.resume)
     if summary.get("interrupted"):
-        say.warn(f"stopped early at step {summary['global_step']}; checkpoint and adapter saved.")
+        say.warn(f"stopped early at step {summary['global_step']} ({summary.get('stop_reason')}); "
+                 "checkpoint and adapter saved.")
         say.info(f"continue with: qlora train {_replay(args)} --run-name {run.root.name} --resume auto")
         return 0
     say.ok(
@@ -250,6 +258,7 @@ def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
 
 
 def _replay(args) -> str:
+    """The options that chose this run's config, to print the command that continues it."""
     parts = [f"--platform {args.platform}"] if getattr(args, "platform", None) else []
     if getattr(args, "config", None):
         parts.append(f"--config {args.config}")

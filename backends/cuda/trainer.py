@@ -64,6 +64,8 @@ class CudaTrainer:
         self.cfg, self.run, self.data, self.say = cfg, run, data, say
         self.trainer = None
         self.stop_requested = False
+        self.stop_reason = None  # "signal" | "time budget"
+        self.time_budget = None  # common.time_budget.TimeBudget, set by `--time-budget`
         self.tracker = "none"
 
     # ------------------------------------------------------------------ setup
@@ -102,6 +104,9 @@ class CudaTrainer:
             callbacks=[self._metrics_callback(), self._stop_callback()],
         )
         self._keep_adapter_in_fp32()
+        if self.time_budget is not None:
+            trainable = sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad)
+            self.time_budget.guess_save(trainable)
 
     def _keep_adapter_in_fp32(self) -> None:
         """TRL casts LoRA weights of quantized models to bf16. At lr 2e-4 an Adam step is about
@@ -220,25 +225,50 @@ class CudaTrainer:
         from transformers import TrainerCallback
 
         owner = self
+        every = self.cfg.eval.eval_steps
 
-        class StopOnSignal(TrainerCallback):
-            """After SIGTERM / Ctrl-C, the step in flight finishes, then a checkpoint is saved."""
+        class Stop(TrainerCallback):
+            """After SIGTERM / Ctrl-C, or when the time budget would not cover another step and the
+            saves, the step in flight finishes, then a checkpoint is saved. Step, evaluation and
+            save times are measured here for the budget."""
+
+            mark = 0.0
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self.mark = time.monotonic()
 
             def on_step_end(self, args, state, control, **kwargs):
+                now, budget = time.monotonic(), owner.time_budget
+                if budget is not None:
+                    budget.step_took(now - self.mark)
+                    if not owner.stop_requested and budget.should_stop((state.global_step + 1) % every == 0):
+                        owner.request_stop("time budget")
+                self.mark = now
                 if owner.stop_requested:
                     control.should_save = True
                     control.should_training_stop = True
 
-        return StopOnSignal()
+            def on_evaluate(self, args, state, control, **kwargs):
+                if owner.time_budget is not None:
+                    owner.time_budget.eval_took(time.monotonic() - self.mark)
+                self.mark = time.monotonic()
+
+            def on_save(self, args, state, control, **kwargs):
+                if owner.time_budget is not None:
+                    owner.time_budget.save_took(time.monotonic() - self.mark)
+
+        return Stop()
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_requested, self.stop_reason = True, reason
+        left = f" ({self.time_budget.remaining() / 60:.1f} min of the budget left)" if self.time_budget else ""
+        self.say.warn(f"{reason}: finishing this step, then saving a checkpoint{left}")
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stop_requested:  # a second Ctrl-C means "now"
+        if self.stop_requested and self.stop_reason == "signal":  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
-        self.stop_requested = True
-        self.say.warn(
-            f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-            "(press Ctrl-C again to abort without saving)"
-        )
+        self.request_stop("signal")
+        self.say.warn(f"{signal.Signals(signum).name} received (press Ctrl-C again to abort without saving)")
 
     # ------------------------------------------------------------------ train
     def train(self, resume: str | None = None) -> dict:
@@ -265,6 +295,7 @@ class CudaTrainer:
             "attention": self.attn,
             "tracker": self.tracker,
             "interrupted": self.stop_requested,
+            "stop_reason": self.stop_reason,
             "resumed_from": resume_from,
             "global_step": state.global_step,
             "max_steps": state.max_steps,

@@ -40,6 +40,8 @@ class MlxTrainer:
         self.cfg, self.run, self.data, self.say = cfg, run, data, say
         self.step = 0
         self.stop_requested = False
+        self.stop_reason = None  # "signal" | "time budget"
+        self.time_budget = None  # common.time_budget.TimeBudget, set by `--time-budget`
         self.after_step = []  # callables(step): hooks for tests and tools
         self.best: list[tuple[float, int]] = []  # (eval_loss, step) of kept checkpoints
 
@@ -77,6 +79,8 @@ class MlxTrainer:
             self.say.warn(notice)
         self.sink = MetricSink(self.tracker, self.run.root, cfg.tracking.project, self.run.root.name)
         trainable = sum(v.size for _, v in _flatten(self.model.trainable_parameters()))
+        if self.time_budget is not None:
+            self.time_budget.guess_save(trainable)
         self.say.ok(f"MLX: {self.model_path} with LoRA on {self.num_layers} layers ({trainable:,} trainable)")
 
     def _quantized_model(self) -> Path:
@@ -190,7 +194,9 @@ class MlxTrainer:
         tokens_seen = 0
         try:
             while self.step < self.total_steps and not self.stop_requested:
+                mark = time.monotonic()
                 loss_sum, targets, real, grad_norm = self._optimizer_step(value_and_grad)
+                self._time("step", mark)
                 interval["loss"] += loss_sum
                 self.step += 1
                 interval["tokens"] += targets
@@ -199,14 +205,22 @@ class MlxTrainer:
                 if self.step % e.logging_steps == 0 or self.step == self.total_steps:
                     self._log(interval, grad_norm.item())
                     interval = {"loss": 0.0, "tokens": 0.0, "real": 0, "start": time.time()}
+                mark = time.monotonic()
                 eval_loss = self.evaluate() if self.step % e.eval_steps == 0 or self.step == self.total_steps else None
+                if eval_loss is not None:
+                    self._time("eval", mark)
                 if eval_loss is not None:
                     self._record({"step": self.step, "time": time.time(), "eval_loss": eval_loss})
                     self.say.info(f"step {self.step}: eval_loss {eval_loss:.4f}")
                 if self.step % e.save_steps == 0 or self.step == self.total_steps:
+                    mark = time.monotonic()
                     self.save_checkpoint(eval_loss)
+                    self._time("save", mark)
                 for hook in self.after_step:
                     hook(self.step)
+                budget = self.time_budget
+                if budget and not self.stop_requested and budget.should_stop((self.step + 1) % e.eval_steps == 0):
+                    self.request_stop("time budget")
             if self.stop_requested and not self._checkpoint(self.step).is_dir():
                 self.save_checkpoint(None)
         finally:
@@ -222,6 +236,7 @@ class MlxTrainer:
             "device": mx.default_device().type.name if hasattr(mx.default_device().type, "name") else str(mx.default_device()),
             "model": str(self.model_path),
             "interrupted": self.stop_requested,
+            "stop_reason": self.stop_reason,
             "resumed_from": resumed_from,
             "global_step": self.step,
             "max_steps": self.total_steps,
@@ -282,12 +297,20 @@ class MlxTrainer:
         self.run.log_metrics(record)
         self.sink.log(record)
 
+    def _time(self, what: str, since: float) -> None:
+        if self.time_budget is not None:
+            getattr(self.time_budget, f"{what}_took")(time.monotonic() - since)
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_requested, self.stop_reason = True, reason
+        left = f" ({self.time_budget.remaining() / 60:.1f} min of the budget left)" if self.time_budget else ""
+        self.say.warn(f"{reason}: finishing this step, then saving a checkpoint{left}")
+
     def _on_signal(self, signum, frame) -> None:
-        if self.stop_requested:
+        if self.stop_requested and self.stop_reason == "signal":
             raise KeyboardInterrupt
-        self.stop_requested = True
-        self.say.warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                      "(press Ctrl-C again to abort without saving)")
+        self.request_stop("signal")
+        self.say.warn(f"{signal.Signals(signum).name} received (press Ctrl-C again to abort without saving)")
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, step: int) -> Path:
