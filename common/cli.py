@@ -9,8 +9,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from rich.markup import escape
-
 from common.config import QLoraConfig
 from common.config_loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config
 from common.console import Say
@@ -179,26 +177,13 @@ def cmd_data_tokenize(args, say: Say) -> int:
     return 0
 
 
-def show_checks(rows, say: Say) -> None:
-    from rich.table import Table
-
-    colors = {"ok": "green", "warning": "yellow", "blocking": "red"}
-    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for column in ("check", "status", "details"):
-        table.add_column(column)
+def show_checks(rows, say: Say, problems_only: bool = False) -> None:
+    """One line a check (never a table: paths and file:line stay whole, copyable and greppable)."""
     for row in rows:
-        details = escape(row.message) + (f"\n[{colors[row.status]}]→ {escape(row.fix)}[/]" if row.fix else "")
-        table.add_row(row.name, f"[{colors[row.status]}]{row.status}[/]", details)
-    say.console.print(table)
-
-
-def show_problems(rows, say: Say) -> None:
-    """Warnings and blocking rows as whole lines (paths and line numbers stay greppable)."""
-    for row in rows:
-        if row.status == "ok":
+        if problems_only and row.status == "ok":
             continue
-        text = f"{row.name}: {row.message}" + (f"\n  → {row.fix}" if row.fix else "")
-        say.error(text) if row.status == "blocking" else say.warn(text)
+        text = f"{row.name}: {row.message}" + (f"\n    → {row.fix}" if row.fix else "")
+        {"ok": say.ok, "warning": say.warn, "blocking": say.error}[row.status](text)
 
 
 def cmd_check(args, say: Say) -> int:
@@ -229,7 +214,7 @@ def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     if args.run_name:
         cfg.tracking.run_name = args.run_name
     rows = run_checks(cfg)
-    show_problems(rows, say)
+    show_checks(rows, say, problems_only=True)
     if blocked(rows):
         raise QLoraError("preflight found blocking problems (above); nothing was loaded. `qlora check` re-runs it.")
     data = prepare_data(cfg.data, _tokenizer_for(cfg))

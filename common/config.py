@@ -57,10 +57,10 @@ class LoraConfig(Section):
         unknown = [m for m in self.target_modules if m not in ALL_PROJECTIONS]
         if unknown:
             raise ValueError(
-                f"unknown target module(s) {unknown}; allowed: {', '.join(ALL_PROJECTIONS)}"
+                f"lora.target_modules: unknown target module(s) {unknown}; allowed: {', '.join(ALL_PROJECTIONS)}"
             )
         if len(set(self.target_modules)) != len(self.target_modules):
-            raise ValueError("target_modules lists a module twice")
+            raise ValueError("lora.target_modules lists a module twice")
         return self
 
 
@@ -167,7 +167,7 @@ class QLoraConfig(Section):
                 "use compute_dtype bfloat16 (or set training.bf16 false)"
             )
         if self.backend == "mlx" and self.platform == "h100":
-            raise ValueError("backend mlx with platform h100: use platform m4 or cpu for MLX")
+            raise ValueError("backend mlx with platform h100: use platform m4 or cpu for MLX (or backend cuda)")
         return self
 
     def get(self, dotted: str) -> Any:

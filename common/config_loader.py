@@ -153,6 +153,10 @@ def _describe(err: dict, sources: Mapping[str, str], default_origin: str) -> str
     loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
     key = ".".join(loc)
     origin = _origin(key, sources, default_origin)
+    mentioned = sorted({src for path, src in sources.items() if path in err["msg"]} | (
+        {sources[k] for k in ("backend", "platform") if k in sources and k in err["msg"].split(" ")}))
+    if err["type"] == "value_error" and mentioned:
+        origin = ", ".join(mentioned)  # a rule across keys: name where each of them was set
     if err["type"] == "extra_forbidden":
         hint = suggest_key(loc)
         tip = f", did you mean {hint}?" if hint else f"; allowed here: {_allowed(loc[:-1])}"

@@ -1,0 +1,149 @@
+"""The bad-input corpus: every case gets the right exit code and a message that names the file and
+line, or the key, and never a traceback. Data cases go through `qlora check` (what `qlora train`
+runs first, before any model loads); config and usage cases through `qlora config` / `train`.
+Environment cases (missing package, little disk or memory, no GPU) are in test_preflight.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO
+
+from common.cli import main
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+
+
+def msgs(*pairs):
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in pairs]})
+
+
+# (case id, file content (str, or bytes), expected text; "{f}" is the file's path)
+DATA_CASES = [
+    ("broken-json", f'{GOOD}\n{{"messages": [\n', "{f}:2: invalid JSON"),
+    ("bom-then-broken", b"\xef\xbb\xbf" + GOOD.encode() + b"\n{oops\n", "{f}:2: invalid JSON"),
+    ("only-blank-lines", "\n\n\n", "no conversations"),
+    ("empty-file", "", "no conversations"),
+    ("unknown-role", msgs(("user", "q"), ("bot", "a")), "{f}:1: message 2: unknown role 'bot'"),
+    ("assistant-first", msgs(("assistant", "a")), "{f}:1: message 1: expected role 'user', got 'assistant'"),
+    ("two-users", msgs(("user", "q"), ("user", "q")), "{f}:1: message 2: expected role 'assistant', got 'user'"),
+    ("system-not-first", msgs(("user", "q"), ("system", "s"), ("assistant", "a")), "'system' is only allowed first"),
+    ("only-system", msgs(("system", "s")), "{f}:1: only a system message"),
+    ("ends-with-user", msgs(("user", "q"), ("assistant", "a"), ("user", "q2")), "must end with an assistant message"),
+    ("empty-content", msgs(("user", ""), ("assistant", "a")), "{f}:1: message 1 (user): 'content' is empty"),
+    ("blank-content", msgs(("user", "q"), ("assistant", "   ")), "message 2 (assistant): 'content' is empty"),
+    ("null-content", json.dumps({"messages": [{"role": "user", "content": None}]}), "'content' must be a string, got NoneType"),
+    ("number-content", json.dumps({"messages": [{"role": "user", "content": 7}]}), "'content' must be a string, got int"),
+    ("list-content", json.dumps({"messages": [{"role": "user", "content": ["a"]}]}), "'content' must be a string, got list"),
+    ("missing-role", json.dumps({"messages": [{"content": "x"}]}), "{f}:1: message 1: missing 'role'"),
+    ("missing-content", json.dumps({"messages": [{"role": "user"}]}), "{f}:1: message 1 (user): missing 'content'"),
+    ("message-not-object", json.dumps({"messages": ["hi"]}), "message 1: expected an object"),
+    ("no-messages-key", json.dumps({"conversation": []}), "{f}:1: missing key 'messages' (keys present: conversation)"),
+    ("messages-not-list", json.dumps({"messages": "hi"}), "'messages' must be a non-empty list"),
+    ("messages-empty", json.dumps({"messages": []}), "'messages' must be a non-empty list"),
+    ("top-level-array", "[1, 2]", "{f}:1: expected a JSON object with 'messages', got list"),
+    ("top-level-string", '"hello"', "got str"),
+    ("invalid-utf8", GOOD.encode() + b'\n{"messages": "\xff"}\n', "{f}:2: not valid UTF-8"),
+    ("huge-line", '{"messages": "' + "x" * 10_000_001 + '"}', "{f}:1: line is 10,000,017 characters"),
+    ("25-bad-lines", "\n".join(["{oops"] * 25), "25 bad line(s)"),
+    ("bad-line-later", "\n".join([GOOD] * 41 + ["{oops"]), "{f}:42: invalid JSON"),
+]
+
+
+@pytest.mark.parametrize("case, content, expected", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data(tmp_path, capsys, case, content, expected):
+    path = tmp_path / f"{case}.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code = main(["check", "--platform", "cpu", "--set", f"data.train_file={path}", "--set", "data.val_file=null"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert expected.format(f=path) in " ".join(out.split()).replace("→ ", "") or expected.format(f=path) in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_missing_data_file(tmp_path, capsys, kind):
+    path = tmp_path / "train.jsonl"
+    if kind == "directory":
+        path.mkdir()
+    code = main(["check", "--platform", "cpu", "--set", f"data.train_file={path}"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and str(path) in out and ("not found" in out or "is a directory" in out)
+
+
+def test_bad_validation_file_names_its_own_line(tmp_path, capsys):
+    val = tmp_path / "val.jsonl"
+    val.write_text(f"{GOOD}\n{GOOD}\n{msgs(('user', 'q'))}\n")
+    code = main(["check", "--platform", "cpu", "--set", f"data.val_file={val}"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and f"{val}:3: the conversation must end with an assistant message" in out
+
+
+CONFIG_CASES = [
+    ("unknown-key", ["--set", "lora.rank=8"], 1, "lora.rank: unknown key, did you mean lora.r?"),
+    ("unknown-section", ["--set", "optimiser.lr=1"], 1, "optimiser: unknown key"),
+    ("wrong-type", ["--set", "lora.r=abc"], 1, "lora.r: Input should be a valid integer"),
+    ("rank-zero", ["--set", "lora.r=0"], 1, "lora.r: Input should be greater than or equal to 1 (got 0)"),
+    ("negative-lr", ["--set", "training.learning_rate=-1e-4"], 1, "training.learning_rate: Input should be greater than 0"),
+    ("dropout-too-big", ["--set", "lora.dropout=1.5"], 1, "lora.dropout: Input should be less than 1"),
+    ("bf16-with-fp16", ["--set", "quantization.compute_dtype=float16"], 1, "use compute_dtype bfloat16"),
+    ("save-not-multiple", ["--set", "eval.save_steps=150"], 1, "eval.save_steps (150) must be a multiple of eval.eval_steps (100)"),
+    ("unknown-target", ["--set", "lora.target_modules=[q_proj, lm_head]"], 1, "unknown target module(s) ['lm_head']"),
+    ("unknown-optimizer", ["--set", "training.optimizer=sgd"], 1, "training.optimizer: Input should be"),
+    ("unknown-overlong", ["--set", "data.overlong=cut"], 1, "data.overlong: Input should be 'truncate' or 'drop'"),
+    ("val-fraction", ["--set", "data.val_fraction=0.9"], 1, "data.val_fraction: Input should be less than 0.5"),
+    ("mlx-on-h100", ["--set", "backend=mlx"], 1, "backend mlx with platform h100"),
+    ("malformed-set", ["--set", "lora.r"], 2, "expected KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("case, extra, code, expected", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_values(capsys, case, extra, code, expected):
+    got = main(["config", "--platform", "h100", *extra])
+    out = " ".join(capsys.readouterr().out.split())
+    assert got == code and expected in out and "Traceback" not in out
+    if code == 1 and extra[0] == "--set":
+        assert f"--set {extra[1]}" in out  # where the bad value came from
+
+
+FILE_CASES = [
+    ("missing-file", None, "config file not found"),
+    ("invalid-yaml", "lora:\n  r: [16\n", "line 3, column 1: invalid YAML"),
+    ("top-level-list", "- lora\n", "the top level must be a mapping"),
+    ("bad-extends", "extends: nowhere.yaml\n", "nowhere.yaml: config file not found"),
+    ("typo-in-file", "extends: {h100}\ntraining:\n  learnig_rate: 1e-4\n", "training.learnig_rate: unknown key, did you mean training.learning_rate?"),
+    ("not-utf8", b"lora:\n  r: \xff\n", "not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("case, content, expected", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_bad_config_files(tmp_path, capsys, case, content, expected):
+    path = tmp_path / "my.yaml"
+    if content is not None:
+        text = content if isinstance(content, bytes) else content.format(h100=REPO / "configs" / "training_config_h100.yaml").encode()
+        path.write_bytes(text)
+    code = main(["config", "--config", str(path)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and expected in out and "Traceback" not in out
+    if content is not None and case != "bad-extends":
+        assert "my.yaml" in out  # the message names the file
+
+
+USAGE_CASES = [
+    (["config", "--platform", "h100", "--config", "x.yaml"], "give either --config or --platform"),
+    (["train", "--platform", "cpu", "--time-budget", "soon"], "use a duration such as 3h30m"),
+    (["train", "--platform", "cpu", "--resume", "auto"], "--resume needs --run-name"),
+    (["convert", "a", "b", "--verify"], "--verify needs --base-model"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", USAGE_CASES, ids=[a[0] + "-" + a[-1] for a, _ in USAGE_CASES])
+def test_usage_errors_exit_2(capsys, argv, expected):
+    code = main(argv)
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 2 and expected in out and "Traceback" not in out
+
+
+def test_the_corpus_has_at_least_40_cases():
+    assert len(DATA_CASES) + 3 + len(CONFIG_CASES) + len(FILE_CASES) + len(USAGE_CASES) >= 40
