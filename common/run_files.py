@@ -96,3 +96,11 @@ def newest_complete_checkpoint(checkpoints: Path, marker: str = "trainer_state.j
             return folder, skipped
         skipped.append(folder)
     return None, skipped
+
+
+def save_failed(step: int, exc: OSError, checkpoints: Path) -> str:
+    """The message for a checkpoint that could not be written (disk full, quota, permissions)."""
+    last, _ = newest_complete_checkpoint(checkpoints)
+    kept = f"the newest complete checkpoint, {last}, is intact" if last else "no earlier checkpoint exists"
+    return (f"could not write the checkpoint at step {step}: {exc.strerror or exc} ({exc.filename or checkpoints}); "
+            f"{kept}. Free disk space (or set tracking.output_dir to a larger disk), then continue with --resume auto.")

@@ -311,3 +311,25 @@ def test_resume_auto_skips_a_checkpoint_cut_off_mid_save(tmp_path):
     assert any("checkpoint-200: incomplete" in text for _, text in say.lines)
     (good / "trainer_state.json").unlink()
     assert trainer._resume_point("auto") is None
+
+
+def test_a_failing_checkpoint_write_keeps_the_earlier_ones_and_says_so(tiny_model_dir, tmp_path):
+    import errno
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, "training.max_steps=4", "eval.eval_steps=2", "eval.save_steps=2",
+                      "eval.load_best_model_at_end=false")
+    trainer = make_trainer(cfg, "diskfull")
+    real = trainer.trainer._save_optimizer_and_scheduler
+    calls = []
+
+    def full_disk(output_dir):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", output_dir)
+        return real(output_dir)
+
+    trainer.trainer._save_optimizer_and_scheduler = full_disk
+    with pytest.raises(QLoraError, match=r"step 4: No space left on device .*checkpoint-2, is intact"):
+        trainer.train()
+    assert (trainer.run.checkpoints / "checkpoint-2" / "trainer_state.json").is_file()
+    assert trainer._resume_point("auto").endswith("checkpoint-2")  # the cut-off checkpoint-4 is skipped

@@ -119,3 +119,25 @@ def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(tiny_model_dir, tm
     moved = max(np.abs(expected[k] - initial[k]).max() for k in expected)
     diff = max(np.abs(expected[k] - got[k]).max() for k in expected)
     assert moved > 1e-3 and diff < 1e-6, (diff, moved)
+
+
+def test_a_failing_checkpoint_write_keeps_the_earlier_ones(tiny_model_dir, tmp_path, monkeypatch):
+    import errno
+
+    from common.errors import QLoraError
+
+    trainer = mlx_trainer(tiny_model_dir, tmp_path, "diskfull", "training.max_steps=2", "eval.eval_steps=1",
+                          "eval.save_steps=1", "eval.load_best_model_at_end=false", val_examples=2)
+    real, calls = mx.save_safetensors, []
+
+    def full_disk(path, arrays):
+        calls.append(path)
+        if len(calls) > 2:  # the second checkpoint's first file
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(path, arrays)
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    with pytest.raises(QLoraError, match="checkpoint-1, is intact"):
+        trainer.train()
+    assert (trainer.run.checkpoints / "checkpoint-1" / "trainer_state.json").is_file()
+    assert not list(trainer.run.checkpoints.glob("*.partial"))

@@ -16,7 +16,7 @@ from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quanti
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
-from common.run_files import RunFolder, newest_complete_checkpoint
+from common.run_files import RunFolder, newest_complete_checkpoint, save_failed
 from common.tracking import resolve_tracker
 
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
@@ -283,6 +283,8 @@ class CudaTrainer:
         started = time.time()
         try:
             output = self.trainer.train(resume_from_checkpoint=resume_from)
+        except OSError as exc:  # a checkpoint write failed: the Trainer deletes old ones only after a save succeeds
+            raise QLoraError(save_failed(self.trainer.state.global_step, exc, self.run.checkpoints)) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

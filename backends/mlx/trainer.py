@@ -25,7 +25,7 @@ from common.adapters import PARENT, Adapter, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
-from common.run_files import RunFolder, newest_complete_checkpoint
+from common.run_files import RunFolder, newest_complete_checkpoint, save_failed
 from common.tracking import MetricSink, resolve_tracker
 
 PAD_ID = 0  # <unk>: never a real token, and masked out of the loss anyway
@@ -324,15 +324,19 @@ class MlxTrainer:
         target = self._checkpoint(self.step)
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        mx.save_safetensors(str(partial / "adapters.safetensors"), dict(_flatten(self.model.trainable_parameters())))
-        mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(_flatten(self.optimizer.state)))
-        if eval_loss is not None:
-            self.best.append((eval_loss, self.step))
-        state = {"step": self.step, "eval_loss": eval_loss, "best": self.best}
-        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(partial, target)
+        best = self.best + ([(eval_loss, self.step)] if eval_loss is not None else [])
+        try:
+            partial.mkdir(parents=True)
+            mx.save_safetensors(str(partial / "adapters.safetensors"), dict(_flatten(self.model.trainable_parameters())))
+            mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(_flatten(self.optimizer.state)))
+            state = {"step": self.step, "eval_loss": eval_loss, "best": best}
+            (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise QLoraError(save_failed(self.step, exc, self.run.checkpoints)) from None
+        self.best = best
         self._prune()
 
     def _prune(self) -> None:
