@@ -120,8 +120,28 @@ def check_accelerator(cfg, env) -> list[Check]:
             rows.append(Check("bf16", BLOCK, f"{gpu.name} has no bfloat16", "use an Ampere or newer GPU"))
         return rows + check_bitsandbytes_library(gpu)
     if info.apple:
-        return [Check("accelerator", OK, info.describe())]
+        return [Check("accelerator", OK, info.describe())] + check_mlx_runs(cfg, env)
     return [Check("accelerator", OK, f"{info.describe()}: the {cfg.platform} config runs on the CPU")]
+
+
+def check_mlx_runs(cfg, env, run=None) -> list[Check]:
+    """MLX imported and computing on the GPU, in a child process (a broken install can crash)."""
+    import subprocess
+
+    if cfg.backend != "mlx":
+        return []
+    code = "import mlx.core as mx; x = mx.array([1.0, 2.0]) * 2; mx.eval(x); print(mx.default_device())"
+    run = run or (lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60))
+    try:
+        done = run()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [Check("mlx runs", BLOCK, f"could not start MLX ({exc})", "reinstall: make setup-m4")]
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return [Check("mlx runs", BLOCK, f"MLX failed: {last}", "reinstall: make setup-m4")]
+    device = done.stdout.strip()
+    status = OK if "gpu" in device else WARN
+    return [Check("mlx runs", status, f"MLX computes on {device}", "" if status == OK else "MLX sees no GPU: check macOS >= 14")]
 
 
 def check_bitsandbytes_library(gpu: plat.GpuInfo) -> list[Check]:

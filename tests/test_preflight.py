@@ -125,3 +125,16 @@ def test_cli_check_json_and_exit_codes():
     report = json.loads(done.stdout)
     assert done.returncode == (0 if report["ready"] else 1)
     assert {row["name"] for row in report["checks"]} >= {"python", "torch", "accelerator", "data.train_file", "disk"}
+
+
+def test_mlx_runs_check():
+    import types
+
+    cfg = load_config(platform="m4")
+    ok = pf.check_mlx_runs(cfg, None, run=lambda: types.SimpleNamespace(returncode=0, stdout="Device(gpu, 0)\n", stderr=""))
+    assert ok[0].status == pf.OK and "gpu" in ok[0].message
+    broken = pf.check_mlx_runs(cfg, None, run=lambda: types.SimpleNamespace(
+        returncode=1, stdout="", stderr="Traceback...\nImportError: libmlx.dylib not found\n"))
+    assert broken[0].status == pf.BLOCK and "libmlx.dylib" in broken[0].message and "make setup-m4" in broken[0].fix
+    cpu_only = pf.check_mlx_runs(cfg, None, run=lambda: types.SimpleNamespace(returncode=0, stdout="Device(cpu, 0)", stderr=""))
+    assert cpu_only[0].status == pf.WARN
