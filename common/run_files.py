@@ -104,3 +104,25 @@ def save_failed(step: int, exc: OSError, checkpoints: Path) -> str:
     kept = f"the newest complete checkpoint, {last}, is intact" if last else "no earlier checkpoint exists"
     return (f"could not write the checkpoint at step {step}: {exc.strerror or exc} ({exc.filename or checkpoints}); "
             f"{kept}. Free disk space (or set tracking.output_dir to a larger disk), then continue with --resume auto.")
+
+
+def resume_folder(resume: str | None, checkpoints: Path, say) -> Path | None:
+    """The checkpoint folder `--resume` names: None (fresh start), `auto` (the newest complete one,
+    warning about any cut off mid-save) or a path, which must be a complete checkpoint."""
+    from common.errors import QLoraError
+
+    if resume is None:
+        return None
+    if resume == "auto":
+        folder, skipped = newest_complete_checkpoint(checkpoints)
+        for incomplete in skipped:
+            say.warn(f"skipping {incomplete}: incomplete (cut off while saving)")
+        if folder is None:
+            say.warn(f"--resume auto: no complete checkpoint under {checkpoints}; starting fresh")
+            return None
+    else:
+        folder = Path(resume)
+        if not (folder / "trainer_state.json").is_file():
+            raise QLoraError(f"--resume {resume}: not a complete checkpoint folder (no trainer_state.json).")
+    say.ok(f"resuming from {folder}")
+    return folder

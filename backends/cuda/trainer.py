@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
-from common.run_files import RunFolder, newest_complete_checkpoint, save_failed
+from common.run_files import RunFolder, resume_folder, save_failed
 from common.tracking import resolve_tracker
 
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
@@ -318,20 +317,8 @@ class CudaTrainer:
         return summary
 
     def _resume_point(self, resume: str | None) -> str | None:
-        if resume is None:
-            return None
-        if resume == "auto":
-            last, skipped = newest_complete_checkpoint(self.run.checkpoints)
-            for folder in skipped:
-                self.say.warn(f"skipping {folder}: incomplete (cut off while saving)")
-            if last is None:
-                self.say.warn(f"--resume auto: no complete checkpoint under {self.run.checkpoints}; starting fresh")
-                return None
-            self.say.ok(f"resuming from {last}")
-            return str(last)
-        if not Path(resume, "trainer_state.json").is_file():
-            raise QLoraError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json).")
-        return resume
+        folder = resume_folder(resume, self.run.checkpoints, self.say)
+        return str(folder) if folder else None
 
     # ------------------------------------------------------------------ save
     def save(self) -> None:

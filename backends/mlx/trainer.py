@@ -25,7 +25,7 @@ from common.adapters import PARENT, Adapter, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
-from common.run_files import RunFolder, newest_complete_checkpoint, save_failed
+from common.run_files import RunFolder, resume_folder, save_failed
 from common.tracking import MetricSink, resolve_tracker
 
 PAD_ID = 0  # <unk>: never a real token, and masked out of the loss anyway
@@ -353,25 +353,14 @@ class MlxTrainer:
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
-        if resume is None:
-            return None
-        if resume == "auto":
-            folder, skipped = newest_complete_checkpoint(self.run.checkpoints)
-            for incomplete in skipped:
-                self.say.warn(f"skipping {incomplete}: incomplete (cut off while saving)")
-        else:
-            folder = Path(resume)
+        folder = resume_folder(resume, self.run.checkpoints, self.say)
         if folder is None:
-            self.say.warn(f"--resume auto: no checkpoint under {self.run.checkpoints}; starting fresh")
             return None
-        if not (folder / "trainer_state.json").is_file():
-            raise QLoraError(f"--resume {folder}: not a checkpoint folder (no trainer_state.json).")
         state = json.loads((folder / "trainer_state.json").read_text())
         self.model.load_weights(str(folder / "adapters.safetensors"), strict=False)
         self.optimizer.init(self.model.trainable_parameters())
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
         self.step, self.best = state["step"], [tuple(x) for x in state["best"]]
-        self.say.ok(f"resuming from {folder} (step {self.step})")
         return str(folder)
 
     # ------------------------------------------------------------------ save
