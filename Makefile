@@ -88,5 +88,5 @@ convert: ## convert an adapter: make convert SRC=dir DST=dir [ARGS="--base-model
 check: ## preflight for this machine and config (ARGS="--platform h100")
 	$(QLORA) check $(ARGS)
 
-plan: ## (lands with its issue; says so)
-	@echo -e "$(YELLOW)! make $@ is not available yet: it lands with its own issue (see README, Roadmap)$(NC)"; exit 2
+plan: ## memory, time and disk before a run (ARGS="--platform h100 [--calibrate] [--time-budget 4h]")
+	$(QLORA) plan $(ARGS)

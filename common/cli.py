@@ -16,9 +16,6 @@ from common.errors import QLoraError, UsageError
 from common.time_budget import TimeBudget, parse_duration
 
 STARTED = time.monotonic()  # a --time-budget counts from here, model loading included
-LATER = {
-    "plan": "the memory and time planner `qlora plan` (issue #6)",
-}
 
 
 def config_options() -> argparse.ArgumentParser:
@@ -56,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", parents=[cfg], help="preflight: is this machine ready for this config?")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("plan", parents=[cfg], help="tokens, steps, memory, time and disk of a run, before it starts")
+    p.add_argument("--data", metavar="FILE", help="training file (default: data.train_file)")
+    p.add_argument("--time-budget", metavar="DURATION", help="say whether the run fits, e.g. 3h30m")
+    p.add_argument("--calibrate", action="store_true", help="time a few real steps here (cached per machine)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("demo", help="train the tiny built-in model on the sample data, on the CPU")
     p.add_argument("--backend", choices=["cuda", "mlx"], default=None, help="which backend to exercise")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -80,8 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare logits of base + adapter in PyTorch and MLX (needs --base-model)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed logit difference")
 
-    for name, what in LATER.items():
-        sub.add_parser(name, help=f"{what}: not available yet", add_help=True)
     return parser
 
 
@@ -203,6 +204,48 @@ def cmd_check(args, say: Say) -> int:
     return 0
 
 
+def cmd_plan(args, say: Say) -> int:
+    from common import calibrate as cal
+    from common import platform as plat
+    from common.data import prepare_data
+    from common.planner import ANCHORS, make_plan
+    from common.preflight import disk_needed_gb, model_cached
+
+    budget = parse_duration(args.time_budget) if args.time_budget else None
+    cfg = resolve(args, say, detect_platform=True)
+    if args.data:
+        cfg.data.train_file = args.data
+    data = prepare_data(cfg.data, _tokenizer_for(cfg))
+    info = plat.detect()
+    machine = info.describe().split(",")[0]
+    rates = None
+    if args.calibrate:
+        rates = cal.calibrate(cfg, data, machine, say)
+        cal.store(cfg, machine, rates)
+    rates = rates or cal.cached_rates(cfg, machine) or ANCHORS.get(cfg.platform)
+    if rates is None:
+        raise UsageError(f"no measured rates for platform {cfg.platform}: run `qlora plan --calibrate` here first")
+    if info.gpu:
+        memory, where = info.gpu.total_gb, f"{info.gpu.name}"
+    elif info.apple:
+        memory, where = info.apple.unified_memory_gb * 0.7, f"{info.apple.chip} (~70% of unified memory)"
+    else:
+        memory, where = {"h100": 80.0, "m4": 32 * 0.7}.get(cfg.platform), f"a {cfg.platform} (not this machine)"
+    local = Path(cfg.model.name_or_path).exists() or model_cached(cfg.model.name_or_path)
+    plan = make_plan(cfg, [len(e) for e in data.train], [len(e) for e in data.val], rates, memory,
+                     rates.source, disk_needed_gb(cfg, local), budget)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+        return 0 if plan.fits else 1
+    say.info(f"plan for the {cfg.platform} config ({cfg.backend} backend) on {where}:")
+    for figure in plan.figures:
+        say.info("  " + figure.text())
+    for line in plan.advice:
+        say.warn(line)
+    say.ok("fits") if plan.fits else say.error("does not fit: see the changes proposed above")
+    return 0 if plan.fits else 1
+
+
 def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     from common.data import prepare_data
     from common.preflight import blocked, run_checks
@@ -297,11 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     say = Say()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in LATER:
-        say.warn(f"{LATER[args.command]} is not implemented yet; it lands with that issue.")
-        return 2
     handlers = {"config": cmd_config, "train": cmd_train, "demo": cmd_demo, "convert": cmd_convert,
-                "check": cmd_check}
+                "check": cmd_check, "plan": cmd_plan}
     handler = handlers.get(args.command) or {"stats": cmd_data_stats, "tokenize": cmd_data_tokenize}[args.data_command]
     try:
         return handler(args, say)

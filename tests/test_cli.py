@@ -51,7 +51,7 @@ def test_config_overrides_on_the_command_line():
         (["config", "--platform", "tpu"], 2, "invalid choice"),
         pytest.param(["train", "--platform", "h100"], 1, "trains on an NVIDIA GPU",
                      marks=pytest.mark.skipif(bool(__import__("shutil").which("nvidia-smi")), reason="has a GPU")),
-        (["plan"], 2, "not implemented yet"),
+        (["plan", "--platform", "cpu"], 2, "run `qlora plan --calibrate` here first"),
     ],
 )
 def test_bad_commands_explain_themselves(args, code, expected):

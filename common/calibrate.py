@@ -1,0 +1,90 @@
+"""`qlora plan --calibrate`: time a few real steps of the actual config on this machine.
+
+The rates are cached per machine and config (~/.cache/mistral-qlora/calibration.json) and reused by
+later plans. The real backend runs (same model, data, kernels); its temporary run folder is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common.config import QLoraConfig
+from common.data import PreparedData
+from common.planner import Rates
+
+CACHE = Path.home() / ".cache" / "mistral-qlora" / "calibration.json"
+STEPS = 6  # the first two are warm-up (kernel compilation, allocator growth) and are not counted
+
+
+def signature(cfg: QLoraConfig, machine: str) -> str:
+    t = cfg.training
+    parts = [machine, cfg.backend, cfg.model.name_or_path, cfg.data.max_seq_length, t.batch_size,
+             t.gradient_accumulation_steps, t.packing, t.gradient_checkpointing, cfg.lora.r,
+             ",".join(cfg.lora.target_modules), cfg.cuda.attn_implementation, cfg.mlx.quant_bits]
+    return "|".join(map(str, parts))
+
+
+def cached_rates(cfg: QLoraConfig, machine: str, cache: Path = CACHE) -> Rates | None:
+    try:
+        entry = json.loads(cache.read_text()).get(signature(cfg, machine))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return Rates(**entry) if entry else None
+
+
+def store(cfg: QLoraConfig, machine: str, rates: Rates, cache: Path = CACHE) -> None:
+    try:
+        table = json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        table = {}
+    table[signature(cfg, machine)] = rates.__dict__
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(table, indent=2))
+
+
+def calibrate(cfg: QLoraConfig, data: PreparedData, machine: str, say) -> Rates:
+    from common.run_files import RunFolder
+    from common.trainer import make_trainer
+
+    trial = cfg.model_copy(deep=True)
+    scratch = Path(tempfile.mkdtemp(prefix="qlora-calibrate-"))
+    trial.training.max_steps = STEPS
+    trial.eval.logging_steps = 1
+    trial.eval.eval_steps = trial.eval.save_steps = 10**6  # no evaluation or checkpoint inside the timing
+    trial.eval.load_best_model_at_end = False
+    trial.tracking.report_to = "none"
+    trial.tracking.output_dir, trial.tracking.run_name = str(scratch), "calibration"
+    try:
+        started = time.monotonic()
+        trainer = make_trainer(trial, RunFolder.create(trial), data, say)
+        trainer.setup()
+        startup = time.monotonic() - started
+        summary = trainer.train()
+        rates = [r["tokens_per_second"] for r in trainer.run.read_metrics() if r.get("tokens_per_second")][2:]
+        mark = time.monotonic()
+        _evaluate(trainer)
+        eval_rate = sum(len(e) for e in data.val) / max(time.monotonic() - mark, 1e-9)
+        mark = time.monotonic()
+        trainer.save()
+        save = time.monotonic() - mark
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not rates:
+        from common.errors import QLoraError
+
+        raise QLoraError("calibration measured no steady step; try again with more training data")
+    when = time.strftime("%Y-%m-%d")
+    return Rates(statistics.median(rates), summary["peak_memory_gb"], eval_rate, save, startup,
+                 f"calibrated on {machine}, {when} ({STEPS} steps of this config)", True)
+
+
+def _evaluate(trainer) -> None:
+    if hasattr(trainer, "trainer"):  # CUDA: the SFTTrainer's own evaluation loop
+        trainer.trainer.evaluate()
+    else:
+        trainer.evaluate()

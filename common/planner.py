@@ -1,0 +1,141 @@
+"""`qlora plan`: tokens, steps, memory, time and disk of a run before it starts, each figure with
+its source (a measurement, a calibration on this machine, or a labelled estimate).
+
+Arithmetic only; the data statistics come from the shared data layer, the rates from measured
+anchors (docs/benchmarks.md, docs/m4.md) or from `--calibrate`, which times a few real steps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+
+from common.config import QLoraConfig
+
+
+@dataclass
+class Rates:
+    tokens_per_second: float  # real (non-padding) training tokens
+    peak_gb: float
+    eval_tokens_per_second: float
+    save_seconds: float
+    startup_seconds: float  # model load, data preparation, kernel compilation
+    source: str
+    measured: bool  # False: an estimate
+
+
+# Anchors for the shipped platform configs. H100: docs/benchmarks.md (2026-11-26): 8,499 tok/s steady,
+# 12.49 GB, 300 validation conversations (224K tokens) evaluated in 8-12 s. M4: docs/m4.md estimates.
+ANCHORS = {
+    "h100": Rates(8499, 12.5, 22000, 5.0, 60.0,
+                  "measured on an H100 80GB, 2026-11-26 (docs/benchmarks.md), packed 4 x 4096, flash-attn-4", True),
+    "m4": Rates(35, 11.0, 100, 5.0, 120.0,
+                "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
+}
+PACKING_FILL = 0.98  # best-fit-decreasing fills 4096-token rows almost completely (estimate)
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    source: str
+
+    def text(self) -> str:
+        value = f"{self.value:,.0f}" if abs(self.value) >= 100 else f"{self.value:,.2f}"
+        return f"{self.name}: {value} {self.unit}  [{self.source}]"
+
+
+@dataclass
+class Plan:
+    figures: list[Figure]
+    fits: bool
+    advice: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"fits": self.fits, "figures": [asdict(f) for f in self.figures], "advice": self.advice}
+
+
+def padded_tokens(lengths: list[int], batch: int, seed: int) -> int:
+    """Tokens including padding when random batches are padded to their longest example."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    total = 0
+    for start in range(0, len(order), batch):
+        chunk = [lengths[i] for i in order[start : start + batch]]
+        total += max(chunk) * len(chunk)
+    return total
+
+
+def steps_per_epoch(cfg: QLoraConfig, lengths: list[int]) -> tuple[int, int]:
+    """(optimizer steps per epoch, tokens processed per epoch including padding)."""
+    t = cfg.training
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    real = sum(lengths)
+    if t.packing and cfg.backend == "cuda":
+        rows = math.ceil(real / (cfg.data.max_seq_length * PACKING_FILL))
+        return max(1, math.ceil(rows / per_step)), real
+    return max(1, math.ceil(len(lengths) / per_step)), padded_tokens(lengths, t.batch_size, t.seed)
+
+
+def make_plan(
+    cfg: QLoraConfig,
+    train_lengths: list[int],
+    val_lengths: list[int],
+    rates: Rates,
+    device_memory_gb: float | None,
+    memory_source: str,
+    disk_gb: tuple[float, str],
+    time_budget_s: float | None = None,
+) -> Plan:
+    t, e = cfg.training, cfg.eval
+    per_epoch, processed = steps_per_epoch(cfg, train_lengths)
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.epochs)
+    epochs = steps / per_epoch
+    real_per_epoch = sum(train_lengths)
+    train_tokens = real_per_epoch * epochs
+    padding = 1 - real_per_epoch / processed if processed else 0.0
+    train_s = train_tokens / rates.tokens_per_second / max(1e-9, 1 - padding)
+    evals = steps // e.eval_steps + (1 if steps % e.eval_steps else 0)
+    eval_s = sum(val_lengths) / rates.eval_tokens_per_second
+    saves = steps // e.save_steps + 1
+    total_s = rates.startup_seconds + train_s + evals * eval_s + saves * rates.save_seconds
+    src = rates.source
+    figures = [
+        Figure("training examples", len(train_lengths), "", "data layer (after the length policy)"),
+        Figure("real tokens per epoch", real_per_epoch, "tokens", "data layer"),
+        Figure("padding", 100 * padding, "% of processed tokens",
+               "packing estimate (BFD fill 98%)" if t.packing and cfg.backend == "cuda" else "simulated padded batches"),
+        Figure("optimizer steps", steps, f"({per_epoch} per epoch, {epochs:.2f} epochs)", "config + data"),
+        Figure("peak memory", rates.peak_gb, "GB", memory_source),
+        Figure("one evaluation", eval_s, f"s ({len(val_lengths)} examples, {evals} evaluations)", src),
+        Figure("training time", train_s / 3600, "h", src),
+        Figure("total wall time", total_s / 3600, "h (startup, training, evaluations, checkpoints)", src),
+        Figure("disk", disk_gb[0], f"GB ({disk_gb[1]})", "computed from the adapter size"),
+    ]
+    advice: list[str] = []
+    fits = True
+    if device_memory_gb is not None and rates.peak_gb > 0.9 * device_memory_gb:
+        fits = False
+        advice.append(
+            f"memory: ~{rates.peak_gb:.1f} GB needed, {device_memory_gb:.0f} GB available: halve "
+            f"data.max_seq_length ({cfg.data.max_seq_length} -> {cfg.data.max_seq_length // 2}) or "
+            f"training.batch_size ({t.batch_size} -> {max(1, t.batch_size // 2)}) and double "
+            "gradient_accumulation_steps to keep the effective batch"
+        )
+    if time_budget_s is not None and total_s > time_budget_s:
+        fits = False
+        per_epoch_s = (total_s - rates.startup_seconds) / max(epochs, 1e-9)
+        room = max(0.0, time_budget_s - rates.startup_seconds)
+        fit_epochs = room / per_epoch_s
+        advice.append(
+            f"time: {total_s / 3600:.2f} h planned, {time_budget_s / 3600:.2f} h budget: "
+            f"--set training.epochs={max(fit_epochs, 0.01):.2f} fits, or keep {t.epochs:g} epochs on "
+            f"{min(100.0, 100 * fit_epochs / t.epochs):.0f}% of the data (a subset), or --time-budget "
+            "to stop with everything saved when the time is up"
+        )
+    if not rates.measured:
+        advice.append("these rates are estimates: `qlora plan --calibrate` measures a few real steps here")
+    return Plan(figures, fits, advice)

@@ -1,0 +1,86 @@
+"""`qlora plan`: the arithmetic with fixed rates, the "does not fit" advice, and a real calibration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, SAMPLE
+
+from common.config_loader import load_config
+from common.planner import Rates, make_plan, padded_tokens, steps_per_epoch
+
+RATES = Rates(tokens_per_second=10_000, peak_gb=12.5, eval_tokens_per_second=20_000, save_seconds=5,
+              startup_seconds=60, source="fixed", measured=True)
+
+
+def figures(plan):
+    return {f.name: f.value for f in plan.figures}
+
+
+def test_packed_arithmetic():
+    cfg = load_config(platform="h100")  # 4 rows x 4096 a step, 3 epochs
+    lengths = [1000] * 100  # 100K real tokens: 25 rows at 98% fill, 7 steps an epoch
+    assert steps_per_epoch(cfg, lengths) == (7, 100_000)
+    plan = make_plan(cfg, lengths, [500] * 20, RATES, 80, "m", (1.0, "x"))
+    f = figures(plan)
+    assert f["optimizer steps"] == 21 and f["padding"] == 0
+    assert f["training time"] == pytest.approx(300_000 / 10_000 / 3600)
+    # startup + training + 1 evaluation (step 21 < 100: the final one) * 0.5 s + 1 save * 5 s
+    assert f["total wall time"] == pytest.approx((60 + 30 + 0.5 + 5) / 3600)
+    assert plan.fits and plan.advice == []
+
+
+def test_padding_is_simulated_without_packing():
+    assert padded_tokens([10, 30], batch=2, seed=0) == 60
+    cfg = load_config(platform="m4", overrides=["training.batch_size=2", "training.gradient_accumulation_steps=1"])
+    plan = make_plan(cfg, [10, 30] * 50, [10], RATES, 32, "m", (1.0, "x"))
+    assert 0 < figures(plan)["padding"] <= 100 * (1 - 40 / 60) + 1e-9
+
+
+def test_memory_that_does_not_fit_gets_concrete_changes():
+    plan = make_plan(load_config(platform="h100"), [1000] * 10, [100], RATES, 8, "m", (1.0, "x"))
+    assert not plan.fits
+    assert any("data.max_seq_length (4096 -> 2048)" in a and "training.batch_size (4 -> 2)" in a for a in plan.advice)
+
+
+def test_time_over_budget_proposes_epochs_or_a_subset():
+    cfg = load_config(platform="h100")
+    plan = make_plan(cfg, [1000] * 10_000, [500] * 100, RATES, 80, "m", (1.0, "x"), time_budget_s=1800)
+    assert not plan.fits
+    advice = " ".join(plan.advice)
+    assert "training.epochs=" in advice and "of the data (a subset)" in advice and "--time-budget" in advice
+
+
+def test_estimates_say_so():
+    est = Rates(35, 11, 100, 5, 120, "estimate", measured=False)
+    plan = make_plan(load_config(platform="m4"), [1000] * 10, [100], est, 22, "m", (1.0, "x"))
+    assert any("--calibrate" in a for a in plan.advice)
+
+
+def run(*args, home):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, cwd=REPO, env=env)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_calibrate_on_the_cpu_then_reuse_the_cached_rates(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl")
+    common = ["--platform", "cpu", "--set", f"model.name_or_path={tiny_model_dir}",
+              "--set", f"data.train_file={SAMPLE / 'train.jsonl'}", "--set", f"data.val_file={SAMPLE / 'val.jsonl'}"]
+    code, out = run("plan", *common, home=tmp_path)
+    assert code == 2 and "run `qlora plan --calibrate` here first" in out
+    code, out = run("plan", *common, "--calibrate", "--json", home=tmp_path)
+    assert code == 0, out[-2000:]
+    plan, _ = json.JSONDecoder().raw_decode(out[out.index("{\n"):])
+    source = {f["name"]: f["source"] for f in plan["figures"]}["training time"]
+    assert source.startswith("calibrated on CPU only")
+    cache = json.loads((tmp_path / ".cache" / "mistral-qlora" / "calibration.json").read_text())
+    (entry,) = cache.values()
+    assert entry["tokens_per_second"] > 0 and entry["peak_gb"] > 0
+    code, out = run("plan", *common, home=tmp_path)
+    assert code == 0 and "calibrated on CPU only" in out  # reused, no new measurement
