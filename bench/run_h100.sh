@@ -3,6 +3,7 @@
 #   bash bench/run_h100.sh install   # wheels carried in .whl1/.whl2/.whl3 (see docs/benchmarks.md)
 #   bash bench/run_h100.sh prepare   # random-weight Mistral-7B-shaped checkpoint + synthetic data
 #   bash bench/run_h100.sh stock     # the stock TRL baseline, 25 steps
+#   bash bench/run_h100.sh plan [qlora plan args...]     # the planner on the same config
 #   bash bench/run_h100.sh train [qlora train args...]   # the real `qlora train` path
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
 set -euo pipefail
@@ -48,10 +49,14 @@ PY
     $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-data --steps "${STEPS:-25}" \
       --out "$OUT/stock.json"
     ;;
+  plan)
+    shift
+    exec $PY -m common.cli plan --config bench/h100_bench.yaml "$@"
+    ;;
   train)
     shift
     exec $PY -m common.cli train --config bench/h100_bench.yaml "$@"  # exec: signals reach Python
     ;;
   *)
-    sed -n '2,8p' "$0"; exit 2 ;;
+    sed -n "2,9p" "$0"; exit 2 ;;
 esac
