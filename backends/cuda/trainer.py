@@ -210,6 +210,7 @@ class CudaTrainer:
                 if "loss" in record and self.last is not None and now > self.last[0]:
                     rate = (tokens - self.last[1]) / (now - self.last[0])
                     record["tokens_per_second"] = rate
+                    record["interval_tokens"] = tokens - self.last[1]
                     logs["tokens/s"] = round(rate)
                 if "loss" in record:
                     self.last = (now, tokens)

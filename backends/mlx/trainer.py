@@ -286,6 +286,7 @@ class MlxTrainer:
             "learning_rate": float(self.optimizer.learning_rate.item()),
             "grad_norm": grad_norm,
             "tokens_per_second": interval["real"] / seconds,
+            "interval_tokens": interval["real"],
         }
         self._record(record)
         self.say.info(
