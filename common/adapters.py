@@ -140,15 +140,8 @@ def read_peft(folder: str | Path) -> Adapter:
     r = int(config["r"])
     alpha = float(config.get("lora_alpha", r))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    a, b = {}, {}
-    for name, array in read_safetensors(folder / "adapter_model.safetensors").items():
-        match = PEFT_KEY.match(name)
-        if not match:
-            raise AdapterError(f"{folder}: tensor {name} is not a LoRA weight of a Mistral projection")
-        layer, parent, proj, which = int(match[1]), match[2], match[3], match[4]
-        _check_target(folder, proj, parent)
-        (a if which == "A" else b)[(layer, proj)] = array
-    adapter = Adapter(r, scale, float(config.get("lora_dropout", 0.0)), _targets(config, a), a, b,
+    a, b = split_lora(read_safetensors(folder / "adapter_model.safetensors"), PEFT_KEY, "A", str(folder))
+    adapter = Adapter(r, scale, float(config.get("lora_dropout", 0.0)), _targets(a), a, b,
                       config.get("base_model_name_or_path"))
     _check_pairs(folder, adapter)
     return adapter
@@ -172,7 +165,7 @@ def _refuse_unfaithful_peft(folder: Path, config: dict) -> None:
         raise AdapterError(f"{folder}: cannot convert faithfully: " + "; ".join(problems))
 
 
-def _check_target(folder: Path, proj: str, parent: str) -> None:
+def _check_target(folder, proj: str, parent: str) -> None:
     if proj not in PARENT or PARENT[proj] != parent:
         raise AdapterError(
             f"{folder}: adapts {parent}.{proj}, which is not one of the Mistral projections "
@@ -180,7 +173,30 @@ def _check_target(folder: Path, proj: str, parent: str) -> None:
         )
 
 
-def _targets(config: dict, a: dict) -> list[str]:
+def split_lora(tensors: dict, pattern: re.Pattern, a_letter: str, where: str) -> tuple[dict, dict]:
+    """Named LoRA tensors -> (A, B) keyed by (layer, projection), as stored (not transposed)."""
+    a, b = {}, {}
+    for name, array in tensors.items():
+        match = pattern.match(name)
+        if not match:
+            raise AdapterError(f"{where}: tensor {name} is not a LoRA weight of a Mistral projection")
+        layer, parent, proj, which = int(match[1]), match[2], match[3], match[4]
+        _check_target(where, proj, parent)
+        (a if which == a_letter else b)[(layer, proj)] = array
+    return a, b
+
+
+def mlx_factors(tensors: dict, where: str) -> tuple[dict, dict]:
+    """mlx-lm tensors -> PEFT-oriented (A, B): mlx-lm stores A as (in, r) and B as (r, out).
+    Blocks padded with zero A and B (see mlx_tensors) carry nothing and are left out."""
+    a, b = split_lora(tensors, MLX_KEY, "a", where)
+    a, b = {k: v.T for k, v in a.items()}, {k: v.T for k, v in b.items()}
+    for key in [k for k in a if k in b and not a[k].any() and not b[k].any()]:
+        del a[key], b[key]
+    return a, b
+
+
+def _targets(a: dict) -> list[str]:
     present = {proj for _, proj in a}
     return [p for p in ALL_PROJECTIONS if p in present]
 
@@ -247,22 +263,11 @@ def read_mlx(folder: str | Path) -> Adapter:
     params = config.get("lora_parameters") or {}
     if "rank" not in params or "scale" not in params:
         raise AdapterError(f"{folder}: adapter_config.json lacks lora_parameters.rank / .scale")
-    a, b = {}, {}
-    for name, array in read_safetensors(folder / "adapters.safetensors").items():
-        match = MLX_KEY.match(name)
-        if not match:
-            raise AdapterError(f"{folder}: tensor {name} is not a LoRA weight of a Mistral projection")
-        layer, parent, proj, which = int(match[1]), match[2], match[3], match[4]
-        _check_target(folder, proj, parent)
-        # mlx-lm stores A as (in, r) and B as (r, out): the transposes of PEFT's
-        (a if which == "a" else b)[(layer, proj)] = array.T
-    # blocks padded with zero A and B (see mlx_tensors) carry nothing: leave them out
-    for key in [k for k in a if k in b and not a[k].any() and not b[k].any()]:
-        del a[key], b[key]
+    a, b = mlx_factors(read_safetensors(folder / "adapters.safetensors"), str(folder))
     base = config.get("base_model_name_or_path") or config.get("model")
     adapter = Adapter(int(params["rank"]), float(params["scale"]), float(params.get("dropout", 0.0)),
                       [], a, b, base)
-    adapter.targets = _targets({}, a)
+    adapter.targets = _targets(a)
     adapter.extra["num_layers"] = config.get("num_layers")
     _check_pairs(folder, adapter)
     return adapter

@@ -97,7 +97,7 @@ def resolve(args, say: Say, detect_platform: bool = False) -> QLoraConfig:
     if detect_platform and not (platform or args.config or chosen_by_env):
         choice = plat.choose(plat.detect(), backend=args.backend)
         for note in choice.notes:
-            say.warn(note) if "not" in note or "below" in note else say.info(note)
+            say.warn(note) if note in choice.warnings else say.info(note)
         platform = choice.platform
     overrides = list(args.overrides)
     if getattr(args, "backend", None):

@@ -67,6 +67,7 @@ class Choice:
     platform: str  # h100 | m4 | cpu
     backend: str  # cuda | mlx
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the notes that need the user's attention
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -137,22 +138,23 @@ DEFAULT_BACKEND = {"h100": "cuda", "m4": "mlx", "cpu": "cuda"}
 def choose(info: PlatformInfo, platform: str | None = None, backend: str | None = None) -> Choice:
     """Pick the config (platform) and backend; explicit choices win over detection."""
     notes: list[str] = []
+    warnings: list[str] = []
     if platform is None:
         platform = {"cuda": "h100", "apple": "m4", "cpu": "cpu"}[info.kind]
         notes.append(f"detected {info.describe()}: using the {platform} config")
         if info.gpu and not info.gpu.is_h100:
-            notes.append(gpu_fit_note(info.gpu))
+            warnings.append(gpu_fit_note(info.gpu))
         if info.apple and info.apple.unified_memory_gb and info.apple.unified_memory_gb < 32:
-            notes.append(
+            warnings.append(
                 f"{info.apple.unified_memory_gb:.0f} GB unified memory is below the 32 GB the m4 "
                 "config is sized for: lower data.max_seq_length (see docs/m4.md)"
             )
         if info.kind == "cpu":
-            notes.append(
+            warnings.append(
                 "no GPU and no Apple silicon: the cpu config trains the tiny built-in demo model; "
                 "a 7B run needs an NVIDIA GPU (--platform h100) or an Apple M-series Mac (--platform m4)"
             )
-    return Choice(platform, backend or DEFAULT_BACKEND.get(platform, "cuda"), notes)
+    return Choice(platform, backend or DEFAULT_BACKEND.get(platform, "cuda"), notes + warnings, warnings)
 
 
 def gpu_fit_note(gpu: GpuInfo) -> str:

@@ -21,7 +21,7 @@ import signal
 import time
 from pathlib import Path
 
-from common.adapters import PARENT, Adapter, write_adapter
+from common.adapters import PARENT, Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
@@ -371,12 +371,7 @@ class MlxTrainer:
         import numpy as np
 
         params = dict(_flatten(self.model.trainable_parameters()))
-        a, b = {}, {}
-        for name, value in params.items():
-            match = re.match(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([ab])$", name)
-            if match:
-                key = (int(match[1]), match[3])
-                (a if match[4] == "a" else b)[key] = np.array(value.astype(_f32())).T
+        a, b = mlx_factors({k: np.array(v.astype(_f32())) for k, v in params.items()}, "trained adapter")
         adapter = Adapter(self.cfg.lora.r, self.cfg.lora_scale, self.cfg.lora.dropout,
                           list(self.cfg.lora.target_modules), a, b, self.cfg.model.name_or_path)
         native = self.run.root / "mlx"
