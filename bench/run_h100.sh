@@ -3,6 +3,8 @@
 #   bash bench/run_h100.sh install   # wheels carried in .whl1/.whl2/.whl3 (see docs/benchmarks.md)
 #   bash bench/run_h100.sh prepare   # random-weight Mistral-7B-shaped checkpoint + synthetic data
 #   bash bench/run_h100.sh stock     # the stock TRL baseline, 25 steps
+#   bash bench/run_h100.sh ablation [ablation.py args...]  # speed levers one at a time (+ profile)
+#   bash bench/run_h100.sh loss-match  # stock vs optimized loss and gradients on one fixed batch
 #   bash bench/run_h100.sh plan [qlora plan args...]     # the planner on the same config
 #   bash bench/run_h100.sh train [qlora train args...]   # the real `qlora train` path
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
@@ -42,12 +44,22 @@ PY
   prepare)
     $PY bench/make_checkpoint.py /tmp/mistral-7b-random
     [ -f /tmp/bench-data/train.jsonl ] || $PY bench/make_chat_data.py --kind chat --train 15000 --val 300 --out /tmp/bench-data
+    [ -f /tmp/bench-long/train.jsonl ] || $PY bench/make_chat_data.py --kind long --train 3000 --val 100 --out /tmp/bench-long
+    $PY -m common.cli data stats /tmp/bench-long/train.jsonl --platform h100 --json > /tmp/bench-long/stats.json
     $PY -m common.cli data stats /tmp/bench-data/train.jsonl --platform h100 --json > /tmp/bench-data/stats.json
     cat /tmp/bench-data/stats.json
     ;;
   stock)
     $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-data --steps "${STEPS:-25}" \
       --out "$OUT/stock.json"
+    ;;
+  ablation)
+    shift
+    $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation.json" "$@"
+    ;;
+  loss-match)
+    $PY bench/loss_match.py --model /tmp/mistral-7b-random --data /tmp/bench-data/train.jsonl \
+      --config bench/h100_bench.yaml --out "$OUT/loss-match.json"
     ;;
   plan)
     shift
@@ -58,5 +70,5 @@ PY
     exec $PY -m common.cli train --config bench/h100_bench.yaml "$@"  # exec: signals reach Python
     ;;
   *)
-    sed -n "2,9p" "$0"; exit 2 ;;
+    sed -n "2,11p" "$0"; exit 2 ;;
 esac

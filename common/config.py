@@ -132,6 +132,18 @@ class CudaConfig(Section):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="cpu runs the same path on a tiny model (demo, tests)."
     )
+    checkpointed_layers: int | Literal["all"] = Field(
+        "all",
+        ge=1,
+        description="With training.gradient_checkpointing: how many decoder layers recompute their "
+        "activations in the backward pass (the first N); the others keep them, which is faster and "
+        "uses more memory. 'all' = every layer. See docs/benchmarks.md for the measured trade.",
+    )
+    fused_lora: bool = Field(
+        True,
+        description="Add the LoRA update inside its matmul (one kernel instead of PEFT's four); "
+        "same weights and math, faster on the GPU.",
+    )
 
 
 class MlxConfig(Section):
@@ -165,6 +177,11 @@ class QLoraConfig(Section):
             raise ValueError(
                 "training.bf16 is true but quantization.compute_dtype is float16; "
                 "use compute_dtype bfloat16 (or set training.bf16 false)"
+            )
+        if self.cuda.checkpointed_layers != "all" and not self.training.gradient_checkpointing:
+            raise ValueError(
+                f"cuda.checkpointed_layers is {self.cuda.checkpointed_layers} but "
+                "training.gradient_checkpointing is false; turn checkpointing on or drop the setting"
             )
         if self.backend == "mlx" and self.platform == "h100":
             raise ValueError("backend mlx with platform h100: use platform m4 or cpu for MLX (or backend cuda)")

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 
+from backends.cuda.checkpointing import checkpoint_limit_callback, checkpointing_args
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
@@ -100,12 +101,27 @@ class CudaTrainer:
             eval_dataset=to_dataset(self.data.val),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[self._metrics_callback(), self._stop_callback()],
+            callbacks=self._callbacks(),
         )
         self._keep_adapter_in_fp32()
+        self._speedups()
         if self.time_budget is not None:
             trainable = sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad)
             self.time_budget.guess_save(trainable)
+
+    def _callbacks(self) -> list:
+        callbacks = [self._metrics_callback(), self._stop_callback()]
+        layers = self.cfg.cuda.checkpointed_layers
+        if self.cfg.training.gradient_checkpointing and layers != "all":
+            callbacks.append(checkpoint_limit_callback(layers, self.say))
+        return callbacks
+
+    def _speedups(self) -> None:
+        if self.cfg.cuda.fused_lora:
+            from backends.cuda.fused_lora import install_fused_lora
+
+            if install_fused_lora(self.trainer.model):
+                self.say.ok("LoRA: update fused into its matmul (cuda.fused_lora)")
 
     def _keep_adapter_in_fp32(self) -> None:
         """TRL casts LoRA weights of quantized models to bf16. At lr 2e-4 an Adam step is about
@@ -166,7 +182,7 @@ class CudaTrainer:
             per_device_train_batch_size=micro,
             per_device_eval_batch_size=e.eval_batch_size,
             gradient_accumulation_steps=accumulation,
-            **_checkpointing_args(t.gradient_checkpointing),
+            **checkpointing_args(t.gradient_checkpointing),
             bf16=t.bf16,
             use_cpu=on_cpu,
             seed=t.seed,
@@ -335,16 +351,6 @@ class CudaTrainer:
         config = json.loads(path.read_text())
         config["base_model_name_or_path"] = self.cfg.model.name_or_path
         path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _checkpointing_args(enabled: bool) -> dict:
-    """transformers 5.20+ renamed gradient checkpointing to activation checkpointing."""
-    from transformers import TrainingArguments
-
-    kwargs = {"use_reentrant": False}
-    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
-        return {"activation_checkpointing": enabled, "activation_checkpointing_kwargs": kwargs}
-    return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": kwargs}
 
 
 def _last(history: list[dict], key: str):
