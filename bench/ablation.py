@@ -136,10 +136,13 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
     from common.console import Say
     from common.run_files import RunFolder
 
+    compile_layers = "bench.compile_layers=true" in overrides  # not a config key: torch.compile per layer
+    overrides = [o for o in overrides if o != "bench.compile_layers=true"]
+    profiling = args.profile == name
     fixed = [
-        f"training.max_steps={args.steps}", "eval.logging_steps=5", "eval.eval_steps=100000",
+        f"training.max_steps={args.steps + (5 if profiling else 0)}", "eval.logging_steps=5", "eval.eval_steps=100000",
         "eval.save_steps=100000", "eval.load_best_model_at_end=false", "tracking.report_to=none",
-        f"tracking.output_dir={args.runs}", f"tracking.run_name={name}",
+        f"tracking.output_dir={args.runs}", f"tracking.run_name={name}", *data_overrides(args),
     ]
     cfg = load_config(config, overrides=[*fixed, *overrides])
     say = Say()
@@ -147,10 +150,16 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
     started = time.monotonic()
     trainer.setup()
     setup_s = time.monotonic() - started
-    if args.profile == name:
-        trainer.trainer.add_callback(profiler_callback(args.warmup, 2, Path(args.out).parent, name, results))
+    if compile_layers:
+        from backends.cuda.checkpointing import decoder_layers
+
+        for layer in decoder_layers(trainer.trainer.model):
+            layer.compile(dynamic=True)
+    if profiling:  # after the measured steps, so the profiler's overhead is not in the rate
+        trainer.trainer.add_callback(profiler_callback(args.steps + 1, 2, Path(args.out).parent, name, results))
     summary = trainer.train()
-    rate, step_s = steady_rate(trainer.run.read_metrics(), args.warmup)
+    measured = [r for r in trainer.run.read_metrics() if r.get("step", 0) <= args.steps]
+    rate, step_s = steady_rate(measured, args.warmup)
     t = cfg.training
     layers = 32 if cfg.cuda.checkpointed_layers == "all" else min(32, cfg.cuda.checkpointed_layers)
     flops_per_token = 2 * MATMUL_PARAMS * (2 + layers / 32)
@@ -164,6 +173,7 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
         "checkpointed_layers": layers,
         "liger": bool(trainer.trainer.args.use_liger_kernel),
         "fused_lora": cfg.cuda.fused_lora,
+        "torch_compile": compile_layers,
         "steady_tokens_per_second": rate,
         "seconds_per_step": step_s,
         "whole_run_tokens_per_second": summary["tokens_per_second"],
@@ -181,6 +191,12 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
     return row
 
 
+def data_overrides(args) -> list[str]:
+    if not args.data_dir:
+        return []
+    return [f"data.train_file={args.data_dir}/train.jsonl", f"data.val_file={args.data_dir}/val.jsonl"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="bench/h100_bench.yaml")
@@ -190,6 +206,7 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=4000, help="first N training examples")
     parser.add_argument("--profile", help="variant to profile (2 steps after the warm-up)")
     parser.add_argument("--runs", default="/tmp/ablation-runs")
+    parser.add_argument("--data-dir", help="folder with train.jsonl and val.jsonl instead of the config's")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -198,7 +215,7 @@ def main() -> None:
     from common.config_loader import load_config
     from common.data import ChatTokenizer, prepare_data
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, overrides=data_overrides(args))
     data = prepare_data(cfg.data, ChatTokenizer())
     data.train = data.train[: args.train_subset]
     results: dict = {
@@ -208,6 +225,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup_steps": args.warmup,
         "train_examples": len(data.train),
+        "train_file": cfg.data.train_file,
         "variants": [],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

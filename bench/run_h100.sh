@@ -24,7 +24,12 @@ case "${1:-}" in
       fi
     done
     [ -d .devsite ] && cp -r .devsite/* "$SITE"/
-    compgen -G ".whl3/*" >/dev/null && cp .whl3/* /tmp/parts/
+    if [ -f .whl3/cu12.tar.xz ]; then
+      # the cu12 wheel's files (88 MB as a wheel), re-packed as tar.xz to fit one 64 MiB transfer
+      $PY -c "import tarfile, sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" .whl3/cu12.tar.xz "$SITE"
+    elif compgen -G ".whl3/cu12.part-*" >/dev/null; then
+      cp .whl3/cu12.part-* /tmp/parts/
+    fi
     if [ "$(ls /tmp/parts | wc -l)" -ge 4 ] && ! compgen -G "$SITE/nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/_cutlass_ir.cu12*" >/dev/null; then
       # unzip, not pip --target: pip would skip (or, with --upgrade, replace) the existing
       # nvidia_cutlass_dsl folder that the base and core wheels share with this one

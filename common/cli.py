@@ -208,21 +208,23 @@ def cmd_plan(args, say: Say) -> int:
     from common import calibrate as cal
     from common import platform as plat
     from common.data import prepare_data
-    from common.planner import ANCHORS, make_plan
+    from common.planner import anchor_rates, make_plan
     from common.preflight import disk_needed_gb, model_cached
 
+    if args.json:  # stdout carries only the JSON; progress and warnings go to stderr
+        say = Say(sys.stderr)
     budget = parse_duration(args.time_budget) if args.time_budget else None
     cfg = resolve(args, say, detect_platform=True)
     if args.data:
         cfg.data.train_file = args.data
     data = prepare_data(cfg.data, _tokenizer_for(cfg))
     info = plat.detect()
-    machine = info.describe().split(",")[0]
+    machine = info.label()
     rates = None
     if args.calibrate:
         rates = cal.calibrate(cfg, data, machine, say)
         cal.store(cfg, machine, rates)
-    rates = rates or cal.cached_rates(cfg, machine) or ANCHORS.get(cfg.platform)
+    rates = rates or cal.cached_rates(cfg, machine) or anchor_rates(cfg)
     if rates is None:
         raise UsageError(f"no measured rates for platform {cfg.platform}: run `qlora plan --calibrate` here first")
     if info.gpu:

@@ -6,7 +6,7 @@ merges them and validates the result against these models. Unknown keys are erro
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -132,9 +132,8 @@ class CudaConfig(Section):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="cpu runs the same path on a tiny model (demo, tests)."
     )
-    checkpointed_layers: int | Literal["all"] = Field(
+    checkpointed_layers: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
         "all",
-        ge=1,
         description="With training.gradient_checkpointing: how many decoder layers recompute their "
         "activations in the backward pass (the first N); the others keep them, which is faster and "
         "uses more memory. 'all' = every layer. See docs/benchmarks.md for the measured trade.",

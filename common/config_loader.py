@@ -145,8 +145,29 @@ def validate(data: dict, sources: Mapping[str, str], default_origin: str) -> QLo
     try:
         return QLoraConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(err, sources, default_origin) for err in exc.errors()]
+        lines = [_describe(err, sources, default_origin) for err in _merge_union_errors(exc.errors())]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def _merge_union_errors(errors: list[dict]) -> list[dict]:
+    """A value that matches no member of a union (`5 | "all"`) fails once per member, each under a
+    loc with the member's tag appended: report it once, under the real key, with every option."""
+    known = set(all_keys())
+    merged: dict[tuple, dict] = {}
+    for err in errors:
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        cut = next((n for n in range(len(loc), 0, -1) if ".".join(loc[:n]) in known), len(loc))
+        key = tuple(loc[:cut])
+        if cut == len(loc) or key not in merged:
+            merged.setdefault(key, {**err, "loc": key, "options": []})
+        if cut < len(loc):
+            merged[key]["options"].append(err["msg"].removeprefix("Input should be "))
+    result = []
+    for err in merged.values():
+        if len(err["options"]) > 1:
+            err["msg"] = "should be " + ", or ".join(err["options"])
+        result.append(err)
+    return result
 
 
 def _describe(err: dict, sources: Mapping[str, str], default_origin: str) -> str:

@@ -25,14 +25,55 @@ class Rates:
     measured: bool  # False: an estimate
 
 
-# Anchors for the shipped platform configs. H100: docs/benchmarks.md (2026-11-26): 8,499 tok/s steady,
-# 12.49 GB, 300 validation conversations (224K tokens) evaluated in 8-12 s. M4: docs/m4.md estimates.
+# Anchors for the shipped platform configs. H100 config (4 packed rows x 4096, flash-attn-4, Liger,
+# fused LoRA, 24 of 32 layers checkpointed): measured 2026-11-26 on H200s (docs/benchmarks.md):
+# 8,608-11,511 real tok/s steady across two machines (the lower one here), 33.9 GB; 300 validation
+# conversations (224K tokens) evaluated in 7-10 s. M4: docs/m4.md estimates.
 ANCHORS = {
-    "h100": Rates(8499, 12.5, 22000, 5.0, 60.0,
-                  "measured on an H100 80GB, 2026-11-26 (docs/benchmarks.md), packed 4 x 4096, flash-attn-4", True),
+    "h100": Rates(8608, 33.9, 22000, 5.0, 60.0,
+                  "measured on an H200, 2026-11-26 (docs/benchmarks.md; H100 not yet measured with this "
+                  "config), packed 4 x 4096, flash-attn-4, 24 of 32 layers checkpointed", True),
     "m4": Rates(35, 11.0, 100, 5.0, 120.0,
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
 }
+ANCHOR_CHECKPOINTED = 24  # the H100 anchor's cuda.checkpointed_layers
+
+# Peak GPU memory of the CUDA path for other micro-batches and checkpointing (GB), fitted to
+# measurements of 2026-11-26 (docs/benchmarks.md): 4.07 fixed (4-bit model, LoRA and optimizer
+# state, workspaces) + per 4096-token micro-batch row 2.10 with every layer checkpointed + 0.68 for
+# each layer that keeps its activations. Within 8% of the 6 configurations measured (1-4 rows,
+# 4-32 layers checkpointed).
+CUDA_FIXED_GB, CUDA_ROW_GB, CUDA_KEPT_LAYER_ROW_GB = 4.07, 2.10, 0.68
+DECODER_LAYERS = 32  # Mistral-7B
+
+
+def checkpointed(cfg: QLoraConfig) -> int:
+    if not cfg.training.gradient_checkpointing:
+        return 0
+    layers = cfg.cuda.checkpointed_layers
+    return DECODER_LAYERS if layers == "all" else min(layers, DECODER_LAYERS)
+
+
+def cuda_peak_gb(cfg: QLoraConfig) -> float:
+    """Predicted peak GPU memory of the CUDA path (estimate from measured points, see above)."""
+    rows = cfg.training.batch_size * cfg.data.max_seq_length / 4096
+    kept = DECODER_LAYERS - checkpointed(cfg)
+    return CUDA_FIXED_GB + rows * (CUDA_ROW_GB + CUDA_KEPT_LAYER_ROW_GB * kept)
+
+
+def anchor_rates(cfg: QLoraConfig) -> Rates | None:
+    """The platform's measured anchor, adjusted to this config's micro-batch and checkpointing on
+    CUDA: memory by `cuda_peak_gb`, speed by the recomputed share (a step costs 2 forward-sized
+    passes plus one per checkpointed layer's share; measured +8% from 32 to 24 layers, model +9%)."""
+    base = ANCHORS.get(cfg.platform)
+    if base is None or cfg.backend != "cuda" or cfg.platform != "h100":
+        return base
+    speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
+    return Rates(speed, cuda_peak_gb(cfg), base.eval_tokens_per_second, base.save_seconds, base.startup_seconds,
+                 base.source + "; memory and speed adjusted to this config (ESTIMATE from measured points)",
+                 base.measured)
+
+
 PACKING_FILL = 0.98  # best-fit-decreasing fills 4096-token rows almost completely (estimate)
 
 
@@ -119,6 +160,13 @@ def make_plan(
     fits = True
     if device_memory_gb is not None and rates.peak_gb > 0.9 * device_memory_gb:
         fits = False
+        if cfg.backend == "cuda" and checkpointed(cfg) < DECODER_LAYERS and cfg.training.gradient_checkpointing:
+            saved = cfg.training.batch_size * cfg.data.max_seq_length / 4096 * CUDA_KEPT_LAYER_ROW_GB
+            advice.append(
+                f"memory: each decoder layer that keeps its activations costs ~{saved:.1f} GB here: "
+                f"--set cuda.checkpointed_layers=all saves ~{saved * (DECODER_LAYERS - checkpointed(cfg)):.0f} GB "
+                "(slower by up to ~9%)"
+            )
         advice.append(
             f"memory: ~{rates.peak_gb:.1f} GB needed, {device_memory_gb:.0f} GB available: halve "
             f"data.max_seq_length ({cfg.data.max_seq_length} -> {cfg.data.max_seq_length // 2}) or "
