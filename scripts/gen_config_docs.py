@@ -29,6 +29,14 @@ def _bounds(field) -> str:
 
 
 def _type(annotation) -> str:
+    import typing
+
+    if typing.get_origin(annotation) is typing.Union:  # e.g. Annotated[int, Field(ge=1)] | Literal["all"]
+        return " or ".join(_type(member) for member in typing.get_args(annotation))
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *meta = typing.get_args(annotation)
+        bounds = _bounds(type("F", (), {"metadata": [m for info in meta for m in getattr(info, "metadata", [info])]}))
+        return f"{_type(base)} ({bounds})" if bounds else _type(base)
     text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
     return text.replace("Literal", "one of ").replace("|", "or")
 

@@ -95,6 +95,12 @@ CONFIG_CASES = [
     ("val-fraction", ["--set", "data.val_fraction=0.9"], 1, "data.val_fraction: Input should be less than 0.5"),
     ("mlx-on-h100", ["--set", "backend=mlx"], 1, "backend mlx with platform h100"),
     ("malformed-set", ["--set", "lora.r"], 2, "expected KEY=VALUE"),
+    ("checkpointed-layers-zero", ["--set", "cuda.checkpointed_layers=0"], 1,
+     "--set cuda.checkpointed_layers=0: cuda.checkpointed_layers: should be greater than or equal to 1, or 'all' (got 0)"),
+    ("checkpointed-layers-without-checkpointing",
+     ["--set", "training.gradient_checkpointing=false", "--set", "cuda.checkpointed_layers=8"], 1,
+     "cuda.checkpointed_layers is 8 but training.gradient_checkpointing is false"),
+    ("liger-not-a-bool", ["--set", "cuda.use_liger=maybe"], 1, "cuda.use_liger: should be a valid boolean"),
 ]
 
 

@@ -333,3 +333,74 @@ def test_a_failing_checkpoint_write_keeps_the_earlier_ones_and_says_so(tiny_mode
         trainer.train()
     assert (trainer.run.checkpoints / "checkpoint-2" / "trainer_state.json").is_file()
     assert trainer._resume_point("auto").endswith("checkpoint-2")  # the cut-off checkpoint-4 is skipped
+
+
+# ---------------------------------------------------------------- speed levers (cuda.fused_lora, checkpointing)
+def peft_tiny(tiny_model_dir, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = tiny_config(tiny_model_dir, "/tmp/unused")
+    model = get_peft_model(
+        cuda_model.load_quantized_model(cfg, "sdpa", "cpu"),
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=list(cfg.lora.target_modules)),
+    )
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_" in name:  # a trained-looking adapter: B = 0 would hide every LoRA difference
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    return model
+
+
+def loss_and_lora_grads(model, ids, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten().float() for n, p in model.named_parameters() if "lora_" in n])
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast-bf16", "no-autocast"])
+def test_fused_lora_computes_what_peft_computes(tiny_model_dir, autocast):
+    from backends.cuda.fused_lora import install_fused_lora
+
+    model = peft_tiny(tiny_model_dir)
+    ids = torch.randint(0, 32768, (2, 48), generator=torch.Generator().manual_seed(1))
+    peft_loss, peft_grads = loss_and_lora_grads(model, ids, autocast)
+    assert install_fused_lora(model) == 7 * 2  # 7 projections x 2 layers
+    fused_loss, fused_grads = loss_and_lora_grads(model, ids, autocast)
+    assert fused_loss == pytest.approx(peft_loss, rel=2**-8)  # bf16 rounding, not a different sum
+    assert torch.nn.functional.cosine_similarity(peft_grads, fused_grads, dim=0) > 0.999
+    assert (fused_grads.norm() / peft_grads.norm()).item() == pytest.approx(1, abs=0.01)
+
+
+def test_fused_lora_leaves_disabled_adapters_and_merges_to_peft(tiny_model_dir):
+    from backends.cuda.fused_lora import install_fused_lora
+
+    model = peft_tiny(tiny_model_dir)
+    install_fused_lora(model)
+    ids = torch.randint(0, 32768, (1, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with_adapter = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert not torch.allclose(with_adapter, base)  # the adapter is on in the fused path...
+    with torch.no_grad(), model.disable_adapter():  # ...and off means off (PEFT's own forward)
+        assert torch.equal(model(input_ids=ids).logits, base)
+
+
+def test_fewer_checkpointed_layers_train_the_same_weights(tiny_model_dir, tmp_path):
+    from backends.cuda.checkpointing import decoder_layers
+
+    runs = {}
+    for layers in ("all", "1"):
+        cfg = tiny_config(tiny_model_dir, tmp_path, "training.max_steps=4", "eval.eval_steps=100",
+                          "eval.save_steps=100", "eval.load_best_model_at_end=false",
+                          f"cuda.checkpointed_layers={layers}", "lora.dropout=0")
+        trainer = make_trainer(cfg, f"ckpt-{layers}")
+        trainer.train()
+        flags = [layer.gradient_checkpointing for layer in decoder_layers(trainer.trainer.model)]
+        runs[layers] = flags, lora_state(trainer.trainer.model)
+    assert runs["all"][0] == [True, True]
+    assert runs["1"][0] == [True, False]  # the first layer recomputes, the last keeps its activations
+    for name, weight in runs["all"][1].items():  # checkpointing changes memory, never the math
+        assert torch.allclose(weight, runs["1"][1][name], atol=1e-6), name

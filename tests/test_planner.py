@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, SAMPLE
 
 from common.config_loader import load_config
-from common.planner import Rates, make_plan, padded_tokens, steps_per_epoch
+from common.planner import Rates, anchor_rates, cuda_peak_gb, make_plan, padded_tokens, steps_per_epoch
 
 RATES = Rates(tokens_per_second=10_000, peak_gb=12.5, eval_tokens_per_second=20_000, save_seconds=5,
               startup_seconds=60, source="fixed", measured=True)
@@ -45,6 +45,38 @@ def test_memory_that_does_not_fit_gets_concrete_changes():
     plan = make_plan(load_config(platform="h100"), [1000] * 10, [100], RATES, 8, "m", (1.0, "x"))
     assert not plan.fits
     assert any("data.max_seq_length (4096 -> 2048)" in a and "training.batch_size (4 -> 2)" in a for a in plan.advice)
+
+
+# (overrides of the H100 config, peak GB measured on an H200 on 2026-11-26, docs/benchmarks.md)
+MEASURED_PEAKS = [
+    ([], 33.94),
+    (["cuda.checkpointed_layers=all"], 12.20),
+    (["training.batch_size=2"], 19.22),
+    (["training.batch_size=2", "cuda.checkpointed_layers=16"], 31.77),
+    (["training.batch_size=1", "cuda.checkpointed_layers=4"], 27.55),
+    (["training.batch_size=2", "cuda.checkpointed_layers=all"], 8.28),
+]
+
+
+@pytest.mark.parametrize("overrides, measured", MEASURED_PEAKS)
+def test_cuda_memory_model_is_within_ten_percent_of_the_measurements(overrides, measured):
+    predicted = cuda_peak_gb(load_config(platform="h100", overrides=overrides))
+    assert abs(predicted - measured) / measured < 0.10
+
+
+def test_anchor_follows_the_config():
+    shipped = anchor_rates(load_config(platform="h100"))
+    all_layers = anchor_rates(load_config(platform="h100", overrides=["cuda.checkpointed_layers=all"]))
+    assert all_layers.peak_gb < shipped.peak_gb - 15  # 8 layers x 4 rows of kept activations
+    assert all_layers.tokens_per_second < shipped.tokens_per_second  # every layer recomputed
+    assert "ESTIMATE" in all_layers.source and "H200" in all_layers.source
+
+
+def test_memory_over_with_kept_activations_proposes_checkpointing_every_layer():
+    cfg = load_config(platform="h100")
+    plan = make_plan(cfg, [1000] * 10, [100], anchor_rates(cfg), 24, "m", (1.0, "x"))  # a 24 GB card
+    assert not plan.fits
+    assert any("--set cuda.checkpointed_layers=all saves ~22 GB" in a for a in plan.advice)
 
 
 def test_time_over_budget_proposes_epochs_or_a_subset():
