@@ -75,11 +75,12 @@ train-h100: ## train with configs/training_config_h100.yaml
 train-m4: ## train with configs/training_config_m4.yaml
 	$(QLORA) train --platform m4 $(ARGS)
 
-bench: ## H100: random 7B-shaped checkpoint, stock TRL baseline, then our path (docs/benchmarks.md)
+BENCH_OUT ?= /tmp/bench-out
+bench: ## H100: random 7B checkpoint + data, stock TRL, our levers one by one, loss match -> bench/results, docs
 	@command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1 || { echo -e "$(RED)make bench needs an NVIDIA GPU (run make setup-h100 there first)$(NC)"; exit 1; }
-	PY=$(BIN)/python bash bench/run_h100.sh prepare
-	PY=$(BIN)/python bash bench/run_h100.sh stock
-	PY=$(BIN)/python bash bench/run_h100.sh train $(ARGS)
+	mkdir -p $(BENCH_OUT)
+	for step in prepare stock ablation loss-match versions; do OUT=$(BENCH_OUT) PY=$(BIN)/python bash bench/run_h100.sh $$step || exit 1; done
+	$(BIN)/python bench/report.py --collect $(BENCH_OUT)
 
 convert: ## convert an adapter: make convert SRC=dir DST=dir [ARGS="--base-model DIR --verify"]
 	@[ -n "$(SRC)" ] && [ -n "$(DST)" ] || { echo -e "$(RED)usage: make convert SRC=adapter_dir DST=new_dir$(NC)"; exit 2; }

@@ -5,6 +5,7 @@
 #   bash bench/run_h100.sh stock     # the stock TRL baseline, 25 steps
 #   bash bench/run_h100.sh ablation [ablation.py args...]  # speed levers one at a time (+ profile)
 #   bash bench/run_h100.sh loss-match  # stock vs optimized loss and gradients on one fixed batch
+#   bash bench/run_h100.sh versions    # library versions, for the results file
 #   bash bench/run_h100.sh plan [qlora plan args...]     # the planner on the same config
 #   bash bench/run_h100.sh train [qlora train args...]   # the real `qlora train` path
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
@@ -51,6 +52,7 @@ PY
     [ -f /tmp/bench-data/train.jsonl ] || $PY bench/make_chat_data.py --kind chat --train 15000 --val 300 --out /tmp/bench-data
     [ -f /tmp/bench-long/train.jsonl ] || $PY bench/make_chat_data.py --kind long --train 3000 --val 100 --out /tmp/bench-long
     $PY -m common.cli data stats /tmp/bench-long/train.jsonl --platform h100 --json > /tmp/bench-long/stats.json
+    mkdir -p "$OUT" && cp /tmp/bench-data/stats.json "$OUT/chat-stats.json" && cp /tmp/bench-long/stats.json "$OUT/long-stats.json"
     $PY -m common.cli data stats /tmp/bench-data/train.jsonl --platform h100 --json > /tmp/bench-data/stats.json
     cat /tmp/bench-data/stats.json
     ;;
@@ -60,7 +62,33 @@ PY
     ;;
   ablation)
     shift
-    $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation.json" "$@"
+    if [ $# -eq 0 ]; then  # the levers one at a time (no-Liger variants first), then long-tailed data
+      $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation.json" --profile shipped \
+        --variant "packed-fa=cuda.use_liger=false cuda.fused_lora=false cuda.checkpointed_layers=all" \
+        --variant "+liger=cuda.fused_lora=false cuda.checkpointed_layers=all" \
+        --variant "+fused-lora=cuda.checkpointed_layers=all" \
+        --variant "shipped="
+      $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation-long.json" \
+        --data-dir /tmp/bench-long --variant "shipped-long-data="
+    else
+      $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation.json" "$@"
+    fi
+    ;;
+  versions)
+    $PY - > "$OUT/versions.json" <<'PY'
+import json, importlib.metadata as md, platform, torch
+names = ["torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "liger-kernel", "flash-attn-4",
+         "nvidia-cutlass-dsl", "datasets", "mistral-common"]
+versions = {}
+for name in names:
+    try:
+        versions[name] = md.version(name)
+    except md.PackageNotFoundError:
+        versions[name] = None
+versions["python"] = platform.python_version()
+versions["cuda"] = torch.version.cuda
+print(json.dumps(versions, indent=2))
+PY
     ;;
   loss-match)
     $PY bench/loss_match.py --model /tmp/mistral-7b-random --data /tmp/bench-data/train.jsonl \
@@ -75,5 +103,5 @@ PY
     exec $PY -m common.cli train --config bench/h100_bench.yaml "$@"  # exec: signals reach Python
     ;;
   *)
-    sed -n "2,11p" "$0"; exit 2 ;;
+    sed -n "2,12p" "$0"; exit 2 ;;
 esac

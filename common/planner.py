@@ -121,6 +121,13 @@ def steps_per_epoch(cfg: QLoraConfig, lengths: list[int]) -> tuple[int, int]:
     return max(1, math.ceil(len(lengths) / per_step)), padded_tokens(lengths, t.batch_size, t.seed)
 
 
+def tokens_per_step(cfg: QLoraConfig, examples) -> float:
+    """Tokens one optimizer step processes (padding included), from the data layer's examples."""
+    lengths = [len(e) for e in examples]
+    steps, processed = steps_per_epoch(cfg, lengths)
+    return processed / steps
+
+
 def make_plan(
     cfg: QLoraConfig,
     train_lengths: list[int],

@@ -39,17 +39,26 @@ class TimeBudget:
         self.eval_s = 0.0
         self.save_s = 30.0  # replaced by guess_save() once the trainable size is known
         self.saves_timed = 0
+        self.evals_timed = 0
+        self.eval_steps_ratio = 0.0  # validation tokens / 3 x training tokens a step (guess_eval)
 
     def guess_save(self, trainable_parameters: int) -> None:
         """Before any save was timed: fp32 adapter plus Adam's two moments, on a slow disk."""
         if not self.saves_timed:
             self.save_s = 1.0 + trainable_parameters * 12 / DISK_BYTES_PER_S
 
+    def guess_eval(self, val_tokens: int, tokens_per_step: float) -> None:
+        """Before any evaluation was timed: a forward pass over the validation tokens, at a third of
+        a training step's cost per token (a step is a forward, a backward and, with checkpointing,
+        a recompute). On a slow backend a first evaluation can take longer than many steps."""
+        self.eval_steps_ratio = val_tokens / max(1.0, 3 * tokens_per_step)
+
     def step_took(self, seconds: float) -> None:
         self.step_s = max(self.step_s, seconds)  # the slowest step seen: budgets are for worst cases
 
     def eval_took(self, seconds: float) -> None:
         self.eval_s = max(self.eval_s, seconds)
+        self.evals_timed += 1
 
     def save_took(self, seconds: float) -> None:
         self.save_s = seconds if not self.saves_timed else max(self.save_s, seconds)
@@ -61,5 +70,6 @@ class TimeBudget:
     def should_stop(self, eval_due_next: bool = False) -> bool:
         """After a step: would the next step (and its evaluation) plus a checkpoint and the final
         adapter still fit?"""
-        need = self.step_s + (self.eval_s if eval_due_next else 0.0) + 2 * self.save_s
+        eval_s = self.eval_s if self.evals_timed else self.step_s * self.eval_steps_ratio
+        need = self.step_s + (eval_s if eval_due_next else 0.0) + 2 * self.save_s
         return self.remaining() < self.safety * need + self.reserve

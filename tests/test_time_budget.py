@@ -32,6 +32,16 @@ def test_stops_when_the_next_step_and_saves_would_not_fit():
     assert not budget.should_stop(eval_due_next=False) and budget.should_stop(eval_due_next=True)
 
 
+def test_an_untimed_first_evaluation_is_guessed_from_the_step_time():
+    now = [0.0]
+    budget = TimeBudget(100, started=0.0, clock=lambda: now[0])
+    budget.step_took(10)
+    budget.save_took(5)
+    budget.guess_eval(val_tokens=6000, tokens_per_step=1000)  # a forward over 6 steps' tokens: ~2 steps
+    now[0] = 60  # 40 s left: 1.5 * (10 + 20 + 10) + 4 = 64 s needed when the evaluation is due
+    assert not budget.should_stop(eval_due_next=False) and budget.should_stop(eval_due_next=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend, budget", [("cuda", 20), ("mlx", 45)])
 def test_a_tiny_budget_stops_in_time_with_everything_saved(tiny_model_dir, tmp_path, backend, budget):

@@ -16,6 +16,7 @@ from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quanti
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
+from common.planner import tokens_per_step
 from common.run_files import RunFolder, resume_folder, save_failed
 from common.tracking import resolve_tracker
 
@@ -108,6 +109,7 @@ class CudaTrainer:
         if self.time_budget is not None:
             trainable = sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad)
             self.time_budget.guess_save(trainable)
+            self.time_budget.guess_eval(sum(len(e) for e in self.data.val), tokens_per_step(cfg, self.data.train))
 
     def _callbacks(self) -> list:
         callbacks = [self._metrics_callback(), self._stop_callback()]

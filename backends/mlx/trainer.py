@@ -25,6 +25,7 @@ from common.adapters import PARENT, Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
+from common.planner import tokens_per_step
 from common.run_files import RunFolder, resume_folder, save_failed
 from common.tracking import MetricSink, resolve_tracker
 
@@ -81,6 +82,7 @@ class MlxTrainer:
         trainable = sum(v.size for _, v in _flatten(self.model.trainable_parameters()))
         if self.time_budget is not None:
             self.time_budget.guess_save(trainable)
+            self.time_budget.guess_eval(sum(len(e) for e in self.data.val), tokens_per_step(cfg, self.data.train))
         self.say.ok(f"MLX: {self.model_path} with LoRA on {self.num_layers} layers ({trainable:,} trainable)")
 
     def _quantized_model(self) -> Path:

@@ -1,0 +1,117 @@
+"""Collect one benchmark session's files into bench/results/<date>-<gpu>.json and write its table
+into docs/benchmarks.md (between the `bench:table` markers).
+
+  python bench/report.py --collect /tmp/bench-out            # after `make bench` (bench/run_h100.sh)
+  python bench/report.py --render bench/results/2026-11-26-h200.json   # table only, to stdout
+
+The folder holds what bench/run_h100.sh writes: stock.json, ablation.json, ablation-long.json,
+loss-match.json, versions.json and the data statistics chat-stats.json / long-stats.json (any may
+be missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "benchmarks.md"
+START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
+
+
+def collect(folder: Path) -> dict:
+    def read(name: str):
+        path = folder / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    ablation = read("ablation.json") or {}
+    long = read("ablation-long.json") or {}
+    result = {
+        "gpu": ablation.get("gpu") or (read("loss-match.json") or {}).get("gpu") or "unknown GPU",
+        "date": ablation.get("date") or (read("loss-match.json") or {}).get("date"),
+        "stock": read("stock.json"),
+        "ablation": ablation.get("variants", []) + long.get("variants", []),
+        "profile": ablation.get("profile"),
+        "loss_match": read("loss-match.json"),
+        "data": {"chat": read("chat-stats.json"), "long": read("long-stats.json")},
+        "versions": read("versions.json"),
+    }
+    return result
+
+
+def slug(gpu: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower().replace("nvidia", "")).strip("-") or "gpu"
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per measured path, the stock stack first."""
+    lines = [
+        f"Measured {result.get('date')} on one {result.get('gpu')} (`make bench`; raw numbers in "
+        f"`bench/results/`).",
+        "",
+        "| run | attention | rows x accumulation | checkpointed layers | Liger | fused LoRA | real tokens/s "
+        "(steady) | vs stock | peak GB | model TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    stock = result.get("stock") or {}
+    base = stock.get("real_tokens_per_second")
+    if base:
+        lines.append(f"| stock TRL (padded 4 x 4, no packing) | sdpa | 4 x 4 | 32 | no | no | {base:,.0f} | 1.00x | "
+                     f"{stock['peak_memory_gb']:.1f} | {base * 4 * 7.11e9 / 1e12:.0f} |")
+    for row in result.get("ablation", []):
+        if "error" in row:
+            lines.append(f"| {row['variant']} | | | | | | failed: {row['error'][:60]} | | | |")
+            continue
+        rate = row["steady_tokens_per_second"]
+        speedup = f"{rate / base:.2f}x" if base else ""
+        lines.append(
+            f"| {row['variant']} | {row['attention']} | {row['micro_batch_rows']} x {row['accumulation']} | "
+            f"{row['checkpointed_layers']} | {'yes' if row['liger'] else 'no'} | {'yes' if row['fused_lora'] else 'no'} | "
+            f"{rate:,.0f} | {speedup} | {row['peak_memory_gb']:.1f} | {row['model_tflops']:.0f} |"
+        )
+    match = result.get("loss_match")
+    if match:
+        lines += [
+            "",
+            f"Fixed batch ({match['examples']} examples, {match['target_tokens']:,} target tokens): stock loss "
+            f"{match['stock']['loss']:.5f}, optimized {match['optimized']['loss']:.5f} (relative difference "
+            f"{match['loss_relative_difference']:.1e}); LoRA gradients: cosine {match['lora_grad_cosine']:.4f}, "
+            f"norm ratio {match['lora_grad_norm_ratio']:.4f}; within bf16 tolerance: "
+            f"{'yes' if match['within_bf16_tolerance'] else 'NO'}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(text: str, docs: Path = DOCS) -> None:
+    content = docs.read_text()
+    if START not in content:
+        content += f"\n## Latest `make bench`\n\n{START}\n{END}\n"
+    head, rest = content.split(START, 1)
+    _, tail = rest.split(END, 1)
+    docs.write_text(f"{head}{START}\n{text}{END}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--collect", type=Path, help="folder with one session's result files")
+    group.add_argument("--render", type=Path, help="a bench/results/*.json to print as a table")
+    parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    args = parser.parse_args()
+    if args.render:
+        sys.stdout.write(table(json.loads(args.render.read_text())))
+        return
+    result = collect(args.collect)
+    out = REPO / "bench" / "results" / f"{result['date']}-{slug(result['gpu'])}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
+    if not args.no_docs:
+        write_docs(table(result))
+        print(f"updated the table in {DOCS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
