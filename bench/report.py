@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.ablation import MATMUL_PARAMS  # noqa: E402
+
 DOCS = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
 
@@ -48,33 +51,42 @@ def slug(gpu: str) -> str:
 
 def table(result: dict) -> str:
     """Markdown: one row per measured path, the stock stack first."""
+    versions = result.get("versions") or {}
+    shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     lines = [
-        f"Measured {result.get('date')} on one {result.get('gpu')} (`make bench`; raw numbers in "
-        f"`bench/results/`).",
+        f"Measured {result.get('date')} on one {result.get('gpu')} with `make bench` (= `bench/run_h100.sh` "
+        f"prepare, stock, ablation, loss-match, versions); raw numbers in `bench/results/`.",
+        *([f"Software: {shown}."] if shown else []),
         "",
-        "| run | attention | rows x accumulation | checkpointed layers | Liger | fused LoRA | real tokens/s "
+        "| run | attention | rows x accumulation | checkpointed layers | Liger | fused LoRA | padding | real tokens/s "
         "(steady) | vs stock | peak GB | model TFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     stock = result.get("stock") or {}
     base = stock.get("real_tokens_per_second")
     if base:
-        lines.append(f"| stock TRL (padded 4 x 4, no packing) | sdpa | 4 x 4 | 32 | no | no | {base:,.0f} | 1.00x | "
-                     f"{stock['peak_memory_gb']:.1f} | {base * 4 * 7.11e9 / 1e12:.0f} |")
+        padding = stock.get("padding_fraction")
+        lines.append(f"| stock TRL (padded batches, no packing) | sdpa | 4 x 4 | 32 | no | no | "
+                     f"{f'{padding:.0%}' if padding is not None else '?'} | {base:,.0f} | 1.00x | "
+                     f"{stock['peak_memory_gb']:.1f} | {base * 4 * MATMUL_PARAMS / 1e12:.0f} |")
     for row in result.get("ablation", []):
         if "error" in row:
-            lines.append(f"| {row['variant']} | | | | | | failed: {row['error'][:60]} | | | |")
+            lines.append(f"| {row['variant']} | | | | | | | failed: {row['error'][:60]} | | | |")
             continue
         rate = row["steady_tokens_per_second"]
         speedup = f"{rate / base:.2f}x" if base else ""
         lines.append(
             f"| {row['variant']} | {row['attention']} | {row['micro_batch_rows']} x {row['accumulation']} | "
             f"{row['checkpointed_layers']} | {'yes' if row['liger'] else 'no'} | {'yes' if row['fused_lora'] else 'no'} | "
-            f"{rate:,.0f} | {speedup} | {row['peak_memory_gb']:.1f} | {row['model_tflops']:.0f} |"
+            f"{'0%' if row['packing'] else '?'} | {rate:,.0f} | {speedup} | {row['peak_memory_gb']:.1f} | {row['model_tflops']:.0f} |"
         )
     match = result.get("loss_match")
     if match:
         lines += [
+            "",
+            "Padding: share of processed tokens that are padding (packing is padding-free; the stock figure "
+            "simulates its random batches of 4). Model TFLOP/s = 4 x 7.11e9 x tokens/s (forward plus input "
+            "gradients of the frozen base; recompute and attention not counted).",
             "",
             f"Fixed batch ({match['examples']} examples, {match['target_tokens']:,} target tokens): stock loss "
             f"{match['stock']['loss']:.5f}, optimized {match['optimized']['loss']:.5f} (relative difference "

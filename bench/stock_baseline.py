@@ -32,6 +32,7 @@ def main() -> None:
 
     from common.config import DataConfig
     from common.data import ChatTokenizer, read_conversations, tokenize_all
+    from common.planner import padded_tokens
 
     conversations, _ = read_conversations(Path(args.data) / "train.jsonl")
     examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig())
@@ -70,7 +71,10 @@ def main() -> None:
     trainer.train()
     wall = time.time() - started
     seconds, tokens = clock.end[0] - clock.start[0], clock.end[1] - clock.start[1]
-    padded = sum(len(e) for e in examples)  # for the padding fraction below
+    lengths = [len(e) for e in examples]
+    # padding of random batches of 4 padded to their longest example (the planner's simulation; the
+    # Trainer counts only non-padding tokens)
+    padded = padded_tokens(lengths, 4, 42)
     result = {
         "name": "stock TRL SFTTrainer (padded batches 4 x 4, SDPA, no packing, no Liger)",
         "steps": args.steps,
@@ -79,7 +83,8 @@ def main() -> None:
         "wall_seconds": wall,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "examples": len(examples),
-        "dataset_tokens": padded,
+        "dataset_tokens": sum(lengths),
+        "padding_fraction": 1 - sum(lengths) / padded,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
