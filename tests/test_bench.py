@@ -1,0 +1,98 @@
+"""The benchmark harness (bench/): its arithmetic, the report it writes into docs/benchmarks.md, and
+a CPU smoke run of the ablation and loss-match scripts on the tiny model (the H100 numbers
+themselves come from `make bench` on a GPU, never from a timed test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, SAMPLE
+
+sys.path.insert(0, str(REPO))
+
+from bench.ablation import MATMUL_PARAMS, category, steady_rate  # noqa: E402
+from bench.report import END, START, table, write_docs  # noqa: E402
+
+H100_RESULT = REPO / "bench" / "results" / "2026-11-26-h100-80gb-hbm3.json"
+
+
+def test_mistral_7b_matmul_parameters():
+    # 32 x (q 4096x4096 + k, v 4096x1024 + o 4096x4096 + 3 x 4096x14336) + LM head 4096x32768
+    assert MATMUL_PARAMS == 7_113_539_584
+
+
+def test_steady_rate_skips_the_warm_up_intervals():
+    records = [
+        {"step": 5, "tokens_per_second": 1000.0, "interval_tokens": 5000},  # warm-up: slow
+        {"step": 10, "tokens_per_second": 4000.0, "interval_tokens": 8000},  # steps 6-10: still warm-up
+        {"step": 15, "tokens_per_second": 8000.0, "interval_tokens": 8000},  # 1 s
+        {"step": 15, "eval_loss": 3.0},
+        {"step": 20, "tokens_per_second": 4000.0, "interval_tokens": 8000},  # 2 s
+    ]
+    rate, step_s = steady_rate(records, warmup=10)
+    assert rate == pytest.approx(16000 / 3) and step_s == pytest.approx(3 / 10)
+
+
+def test_kernels_fall_into_named_categories():
+    assert category("nvjet_sm90_tst_256x152_64x4_1x2_h_bz_coopA_TNT").startswith("matmul")
+    assert category("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>").startswith("bitsandbytes")
+    assert category("kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90").startswith("attention")
+    assert category("void at::native::fused_dropout_kernel_vec<c10::BFloat16>") == "dropout"
+    assert category("_rms_norm_backward_kernel").startswith("Liger")
+
+
+def test_the_report_table_holds_every_lever_and_the_loss_match():
+    result = json.loads(H100_RESULT.read_text())
+    text = table(result)
+    assert "| stock TRL (padded batches, no packing) | sdpa | 4 x 4 | 32 | no | no | 46% | 2,437 | 1.00x |" in text
+    assert "| shipped | flash_attention_4 | 4 x 1 | 24 | yes | yes | 0% | 10,568 | 4.34x | 33.9 |" in text
+    assert "within bf16 tolerance: yes" in text and "trl 1.16.0" in text
+
+
+def test_the_docs_table_is_the_committed_results(tmp_path):
+    docs = (REPO / "docs" / "benchmarks.md").read_text()
+    committed = docs.split(START, 1)[1].split(END, 1)[0].strip()
+    assert committed == table(json.loads(H100_RESULT.read_text())).strip()
+    copy = tmp_path / "benchmarks.md"
+    copy.write_text(docs)
+    write_docs("new table\n", copy)
+    write_docs("newer table\n", copy)  # replaces, never appends
+    text = copy.read_text()
+    assert text.count(START) == 1 and "newer table" in text and "new table\n" not in text
+    assert text.split(START)[0] == docs.split(START)[0]
+
+
+@pytest.mark.slow
+def test_ablation_and_loss_match_run_on_the_cpu(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl")
+    cpu = REPO / "configs" / "training_config_cpu.yaml"
+    out = tmp_path / "ablation.json"
+    data = [f"--data-dir={tmp_path}"]
+    (tmp_path / "train.jsonl").write_text((SAMPLE / "train.jsonl").read_text())
+    (tmp_path / "val.jsonl").write_text((SAMPLE / "val.jsonl").read_text())
+    done = subprocess.run(
+        [sys.executable, "bench/ablation.py", "--config", str(cpu), *data, "--steps", "12", "--warmup", "2",
+         "--train-subset", "120", "--runs", str(tmp_path / "runs"), "--out", str(out),
+         "--variant", f"plain=cuda.fused_lora=false model.name_or_path={tiny_model_dir}",
+         "--variant", f"levers=cuda.checkpointed_layers=1 model.name_or_path={tiny_model_dir}",
+         "--profile", "levers"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert rows["plain"]["fused_lora"] is False and rows["levers"]["checkpointed_layers"] == 1
+    assert all(r["steady_tokens_per_second"] > 0 and r["steps"] >= 12 for r in rows.values())
+    assert result["profile"]["variant"] == "levers" and (tmp_path / "profile-levers.txt").is_file()
+
+    match = tmp_path / "loss-match.json"
+    done = subprocess.run(
+        [sys.executable, "bench/loss_match.py", "--model", str(tiny_model_dir), "--data", str(SAMPLE / "train.jsonl"),
+         "--config", str(cpu), "--examples", "8", "--out", str(match)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(match.read_text())["within_bf16_tolerance"] is True
