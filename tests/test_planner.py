@@ -116,3 +116,16 @@ def test_calibrate_on_the_cpu_then_reuse_the_cached_rates(tiny_model_dir, tmp_pa
     assert entry["tokens_per_second"] > 0 and entry["peak_gb"] > 0
     code, out = run("plan", *common, home=tmp_path)
     assert code == 0 and "calibrated on CPU only" in out  # reused, no new measurement
+
+
+def test_a_calibration_is_reused_only_for_the_same_speed_settings(tmp_path):
+    from common.calibrate import cached_rates, store
+
+    cache = tmp_path / "calibration.json"
+    shipped = load_config(platform="h100")
+    store(shipped, "NVIDIA H100 80GB HBM3 (80 GB)", RATES, cache=cache)
+    assert cached_rates(shipped, "NVIDIA H100 80GB HBM3 (80 GB)", cache=cache) == RATES
+    for change in ("cuda.checkpointed_layers=all", "cuda.fused_lora=false", "cuda.use_liger=false", "training.batch_size=2"):
+        other = load_config(platform="h100", overrides=[change])
+        assert cached_rates(other, "NVIDIA H100 80GB HBM3 (80 GB)", cache=cache) is None, change
+    assert cached_rates(shipped, "NVIDIA H200 (140 GB)", cache=cache) is None
