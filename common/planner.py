@@ -26,13 +26,14 @@ class Rates:
 
 
 # Anchors for the shipped platform configs. H100 config (4 packed rows x 4096, flash-attn-4, Liger,
-# fused LoRA, 24 of 32 layers checkpointed): measured 2026-11-26 on H200s (docs/benchmarks.md):
-# 8,608-11,511 real tok/s steady across two machines (the lower one here), 33.9 GB; 300 validation
-# conversations (224K tokens) evaluated in 7-10 s. M4: docs/m4.md estimates.
+# fused LoRA, 24 of 32 layers checkpointed): measured 2026-11-26 on an H100 80GB (docs/benchmarks.md,
+# `make bench`): 10,568 real tok/s steady, 33.9 GB; 300 validation conversations (224K tokens)
+# evaluated in 7-10 s. Startup includes the slower first ~10 steps (flash-attn-4 compiling).
+# M4: docs/m4.md estimates.
 ANCHORS = {
-    "h100": Rates(8608, 33.9, 22000, 5.0, 60.0,
-                  "measured on an H200, 2026-11-26 (docs/benchmarks.md; H100 not yet measured with this "
-                  "config), packed 4 x 4096, flash-attn-4, 24 of 32 layers checkpointed", True),
+    "h100": Rates(10568, 33.9, 22000, 5.0, 75.0,
+                  "measured on an H100 80GB, 2026-11-26 (docs/benchmarks.md), packed 4 x 4096, flash-attn-4, "
+                  "fused LoRA, 24 of 32 layers checkpointed", True),
     "m4": Rates(35, 11.0, 100, 5.0, 120.0,
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
 }
