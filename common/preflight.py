@@ -28,11 +28,6 @@ MINIMUM = {
              "datasets": "4.0", "accelerate": "1.15"},
     "mlx": {"mlx": "0.32", "mlx-lm": "0.32"},
 }
-# Measured peaks (docs/benchmarks.md, docs/m4.md), until the planner (issue #6) predicts any config.
-MEASURED_PEAK_GB = {
-    "h100": (12.5, "measured on an H100, 2026-11-26, 4 packed rows x 4096, flash-attn-4"),
-    "m4": (11.0, "estimate for Metal at 4096 x 1; measured upper bound 21.3 GB on MLX-CUDA, docs/m4.md"),
-}
 GB = 1024**3
 
 
@@ -270,18 +265,26 @@ def check_tracking(cfg, env) -> list[Check]:
 
 
 def check_memory(cfg, env) -> list[Check]:
-    if cfg.platform not in MEASURED_PEAK_GB:
+    """The planner's peak for this config (measured anchors, adjusted to its micro-batch and
+    checkpointing on CUDA) against this machine's accelerator memory."""
+    from common.planner import anchor_rates, checkpointed
+
+    rates = anchor_rates(cfg)
+    if rates is None:
         return []
-    peak, source = MEASURED_PEAK_GB[cfg.platform]
     if env.info.gpu:
         available, what = env.info.gpu.total_gb, "GPU memory"
     elif env.info.apple:
         available, what = env.info.apple.unified_memory_gb * 0.7, "of unified memory usable by the GPU (~70%)"
     else:
         return []
-    status = OK if peak < available * 0.9 else WARN
-    return [Check("memory fit", status, f"~{peak:.1f} GB needed ({source}); {available:.0f} GB {what}",
-                  "" if status == OK else "lower data.max_seq_length or training.batch_size (docs/m4.md)")]
+    status = OK if rates.peak_gb < available * 0.9 else WARN
+    if cfg.backend == "cuda" and checkpointed(cfg) < 32 and cfg.training.gradient_checkpointing:
+        fix = "--set cuda.checkpointed_layers=all (fewer activations kept), or lower training.batch_size"
+    else:
+        fix = "lower data.max_seq_length or training.batch_size (docs/m4.md)"
+    return [Check("memory fit", status, f"~{rates.peak_gb:.1f} GB needed ({rates.source}); {available:.0f} GB {what}",
+                  "" if status == OK else f"{fix}; `qlora plan` shows the effect")]
 
 
 CHECKS = [check_python, check_packages, check_accelerator, check_attention, check_data, check_model,

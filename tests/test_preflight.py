@@ -138,3 +138,16 @@ def test_mlx_runs_check():
     assert broken[0].status == pf.BLOCK and "libmlx.dylib" in broken[0].message and "make setup-m4" in broken[0].fix
     cpu_only = pf.check_mlx_runs(cfg, None, run=lambda: types.SimpleNamespace(returncode=0, stdout="Device(cpu, 0)", stderr=""))
     assert cpu_only[0].status == pf.WARN
+
+
+def test_memory_fit_follows_the_config(tmp_path):
+    gpu = plat.GpuInfo("NVIDIA L40S", 48, 47, (8, 9))
+    env = machine(gpu=gpu, env={"HF_TOKEN": "x"})
+    shipped = by_name(pf.check_memory(h100_config(tmp_path), env))["memory fit"]
+    assert shipped.status == pf.OK and "~34.2 GB needed" in shipped.message  # 24 of 32 layers checkpointed
+    small = plat.GpuInfo("NVIDIA RTX 4090", 24, 23, (8, 9))
+    row = by_name(pf.check_memory(h100_config(tmp_path), machine(gpu=small, env={"HF_TOKEN": "x"})))["memory fit"]
+    assert row.status == pf.WARN and "--set cuda.checkpointed_layers=all" in row.fix
+    lean = by_name(pf.check_memory(h100_config(tmp_path, "cuda.checkpointed_layers=all"),
+                                   machine(gpu=small, env={"HF_TOKEN": "x"})))["memory fit"]
+    assert lean.status == pf.OK and "~12.5 GB needed" in lean.message
