@@ -373,7 +373,7 @@ def test_fused_lora_computes_what_peft_computes(tiny_model_dir, autocast):
     assert (fused_grads.norm() / peft_grads.norm()).item() == pytest.approx(1, abs=0.01)
 
 
-def test_fused_lora_leaves_disabled_adapters_and_merges_to_peft(tiny_model_dir):
+def test_fused_lora_leaves_disabled_adapters_to_peft(tiny_model_dir):
     from backends.cuda.fused_lora import install_fused_lora
 
     model = peft_tiny(tiny_model_dir)
