@@ -6,6 +6,7 @@
 #   bash bench/run_h100.sh ablation [ablation.py args...]  # speed levers one at a time (+ profile)
 #   bash bench/run_h100.sh loss-match  # stock vs optimized loss and gradients on one fixed batch
 #   bash bench/run_h100.sh versions    # library versions, for the results file
+#   bash bench/run_h100.sh curve-stock|curve-ours|curve-compare   # 300-step loss curves, stock vs ours
 #   bash bench/run_h100.sh plan [qlora plan args...]     # the planner on the same config
 #   bash bench/run_h100.sh train [qlora train args...]   # the real `qlora train` path
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
@@ -94,6 +95,21 @@ PY
     $PY bench/loss_match.py --model /tmp/mistral-7b-random --data /tmp/bench-data/train.jsonl \
       --config bench/h100_bench.yaml --out "$OUT/loss-match.json"
     ;;
+  curve-stock)  # ~25 min on an H100. Longer than one 10-minute call of our lent machines: start it
+    # detached there and poll for the file (not tried yet):
+    # nohup bash bench/run_h100.sh curve-stock > /tmp/curve-stock.log 2>&1 &   (then poll for the file)
+    $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-data --steps 300 \
+      --logging-steps 10 --eval-steps 100 --out "$OUT/stock-300.json"
+    ;;
+  curve-ours)   # ~6 min: the same tokens per step (3 packed rows ~ 16 padded examples), 300 steps
+    $PY -m common.cli train --config bench/h100_bench.yaml --set training.batch_size=3 \
+      --set tracking.run_name=curve --set eval.logging_steps=10
+    cp /tmp/adapters/curve/metrics.jsonl "$OUT/curve-ours-metrics.jsonl"
+    ;;
+  curve-compare)
+    $PY bench/compare_curves.py --stock "$OUT/stock-300.json" --ours "$OUT/curve-ours-metrics.jsonl" \
+      --out "$OUT/curve.json" --plot "$OUT/curve-vs-stock.png"
+    ;;
   plan)
     shift
     exec $PY -m common.cli plan --config bench/h100_bench.yaml "$@"
@@ -103,5 +119,5 @@ PY
     exec $PY -m common.cli train --config bench/h100_bench.yaml "$@"  # exec: signals reach Python
     ;;
   *)
-    sed -n "2,12p" "$0"; exit 2 ;;
+    sed -n "2,13p" "$0"; exit 2 ;;
 esac

@@ -3,6 +3,8 @@ batches (no packing), PyTorch SDPA, no Liger, on the same token ids and loss mas
 
   python bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-data \
       --steps 25 --out bench/results/stock.json
+  (--steps 300 --logging-steps 10 --eval-steps 100: the loss curve that bench/compare_curves.py
+  sets beside ours)
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True, help="folder with train.jsonl")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--logging-steps", type=int, default=5)
+    parser.add_argument("--eval-steps", type=int, default=0, help="evaluate on val.jsonl every N steps (0: never)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -34,11 +38,16 @@ def main() -> None:
     from common.data import ChatTokenizer, read_conversations, tokenize_all
     from common.planner import padded_tokens
 
-    conversations, _ = read_conversations(Path(args.data) / "train.jsonl")
-    examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig())
-    dataset = Dataset.from_dict(
-        {"input_ids": [e.input_ids for e in examples], "assistant_masks": [e.loss_mask for e in examples]}
-    )
+    def as_dataset(name: str):
+        conversations, _ = read_conversations(Path(args.data) / name)
+        examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig())
+        return examples, Dataset.from_dict(
+            {"input_ids": [e.input_ids for e in examples], "assistant_masks": [e.loss_mask for e in examples]}
+        )
+
+    examples, dataset = as_dataset("train.jsonl")
+    evaluating = args.eval_steps > 0
+    eval_dataset = as_dataset("val.jsonl")[1] if evaluating else None
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quant, dtype=torch.bfloat16,
@@ -50,7 +59,8 @@ def main() -> None:
         warmup_steps=0.03, optim="paged_adamw_32bit", weight_decay=0.01, max_grad_norm=0.3,
         per_device_train_batch_size=4, gradient_accumulation_steps=4, gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=True, max_length=4096, packing=False,
-        logging_steps=5, save_strategy="no", report_to=[], include_num_input_tokens_seen="non_padding",
+        logging_steps=args.logging_steps, save_strategy="no", per_device_eval_batch_size=4,
+        eval_strategy="steps" if evaluating else "no", eval_steps=args.eval_steps if evaluating else None, report_to=[], include_num_input_tokens_seen="non_padding",
         pad_token="<unk>", dataloader_num_workers=2,
     )
 
@@ -63,7 +73,7 @@ def main() -> None:
             self.end = (time.time(), state.num_input_tokens_seen)
 
     clock = Clock()
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
                          processing_class=AutoTokenizer.from_pretrained(args.model), peft_config=lora,
                          callbacks=[clock])
     torch.cuda.reset_peak_memory_stats()
@@ -79,9 +89,12 @@ def main() -> None:
         "name": "stock TRL SFTTrainer (padded batches 4 x 4, SDPA, no packing, no Liger)",
         "steps": args.steps,
         "real_tokens_per_second": tokens / seconds,
+        "rate_includes_evaluations": evaluating,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1024**3,
         "wall_seconds": wall,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "log": [{k: h[k] for k in ("step", "loss", "eval_loss", "num_input_tokens_seen") if k in h}
+                for h in trainer.state.log_history if "loss" in h or "eval_loss" in h],
         "examples": len(examples),
         "dataset_tokens": sum(lengths),
         "padding_fraction": 1 - sum(lengths) / padded,

@@ -96,3 +96,20 @@ def test_ablation_and_loss_match_run_on_the_cpu(tiny_model_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(match.read_text())["within_bf16_tolerance"] is True
+
+
+def curve(scale: float, evals: dict[int, float] | None = None) -> list[dict]:
+    records = [{"step": s, "loss": scale * (4 + 6 * 0.97**s)} for s in range(10, 301, 10)]
+    return records + [{"step": s, "eval_loss": v} for s, v in (evals or {}).items()]
+
+
+def test_curves_that_match_follow_and_curves_that_drift_do_not(tmp_path):
+    from bench.compare_curves import compare, plot
+
+    stock = curve(1.0, {100: 4.20, 200: 4.11, 300: 4.10})
+    close = compare(stock, curve(1.01, {100: 4.21, 200: 4.12, 300: 4.11}))
+    assert close["follows"] and close["worst_train"] == pytest.approx(0.01) and close["compared_steps"][0] == 40
+    assert not compare(stock, curve(1.08, {100: 4.2}))["follows"]  # training loss 8% off
+    assert not compare(stock, curve(1.0, {100: 4.40}))["follows"]  # same training loss, evaluation 5% off
+    plot(stock, curve(1.01), tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
