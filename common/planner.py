@@ -37,7 +37,7 @@ ANCHORS = {
     "m4": Rates(35, 11.0, 100, 5.0, 120.0,
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
 }
-ANCHOR_CHECKPOINTED = 24  # the H100 anchor's cuda.checkpointed_layers
+ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 24, 4  # the H100 anchor's cuda.checkpointed_layers and rows a micro-batch
 
 # Peak GPU memory of the CUDA path for other micro-batches and checkpointing (GB), fitted to
 # measurements of 2026-11-26 (docs/benchmarks.md): 4.07 fixed (4-bit model, LoRA and optimizer
@@ -69,6 +69,9 @@ def anchor_rates(cfg: QLoraConfig) -> Rates | None:
     base = ANCHORS.get(cfg.platform)
     if base is None or cfg.backend != "cuda" or cfg.platform != "h100":
         return base
+    t = cfg.training
+    if (checkpointed(cfg), t.batch_size, cfg.data.max_seq_length) == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096):
+        return base  # the measured configuration itself
     speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
     return Rates(speed, cuda_peak_gb(cfg), base.eval_tokens_per_second, base.save_seconds, base.startup_seconds,
                  base.source + "; memory and speed adjusted to this config (ESTIMATE from measured points)",
@@ -86,7 +89,8 @@ class Figure:
     source: str
 
     def text(self) -> str:
-        value = f"{self.value:,.0f}" if abs(self.value) >= 100 else f"{self.value:,.2f}"
+        whole = abs(self.value) >= 100 or float(self.value).is_integer()
+        value = f"{self.value:,.0f}" if whole else f"{self.value:,.2f}"
         return f"{self.name}: {value} {self.unit}  [{self.source}]"
 
 

@@ -144,7 +144,7 @@ def test_memory_fit_follows_the_config(tmp_path):
     gpu = plat.GpuInfo("NVIDIA L40S", 48, 47, (8, 9))
     env = machine(gpu=gpu, env={"HF_TOKEN": "x"})
     shipped = by_name(pf.check_memory(h100_config(tmp_path), env))["memory fit"]
-    assert shipped.status == pf.OK and "~34.2 GB needed" in shipped.message  # 24 of 32 layers checkpointed
+    assert shipped.status == pf.OK and "~33.9 GB needed" in shipped.message  # measured, 24 of 32 layers checkpointed
     small = plat.GpuInfo("NVIDIA RTX 4090", 24, 23, (8, 9))
     row = by_name(pf.check_memory(h100_config(tmp_path), machine(gpu=small, env={"HF_TOKEN": "x"})))["memory fit"]
     assert row.status == pf.WARN and "--set cuda.checkpointed_layers=all" in row.fix
