@@ -134,6 +134,7 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
     from backends.cuda.trainer import CudaTrainer
     from common.config_loader import load_config
     from common.console import Say
+    from common.planner import DECODER_LAYERS, checkpointed
     from common.run_files import RunFolder
 
     compile_layers = "bench.compile_layers=true" in overrides  # not a config key: torch.compile per layer
@@ -161,8 +162,8 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
     measured = [r for r in trainer.run.read_metrics() if r.get("step", 0) <= args.steps]
     rate, step_s = steady_rate(measured, args.warmup)
     t = cfg.training
-    layers = 32 if cfg.cuda.checkpointed_layers == "all" else min(32, cfg.cuda.checkpointed_layers)
-    flops_per_token = 2 * MATMUL_PARAMS * (2 + layers / 32)
+    layers = checkpointed(cfg)
+    flops_per_token = 2 * MATMUL_PARAMS * (2 + layers / DECODER_LAYERS)
     row = {
         "variant": name,
         "overrides": overrides,

@@ -77,6 +77,7 @@ def main() -> None:
     from common.config_loader import load_config
     from common.console import Say
     from common.data import ChatTokenizer, read_conversations, tokenize_all
+    from common.planner import checkpointed
 
     cfg = load_config(args.config, overrides=[f"model.name_or_path={args.model}"])
     conversations, _ = read_conversations(args.data)
@@ -110,8 +111,7 @@ def main() -> None:
     if device == "cuda":
         apply_liger_kernel(model, {})
     fused = install_fused_lora(model)
-    layers = cfg.cuda.checkpointed_layers
-    checkpointed, total = limit_checkpointed_layers(model, 32 if layers == "all" else layers)
+    recomputing, total = limit_checkpointed_layers(model, checkpointed(cfg))
     started = time.monotonic()
     ours_loss, ours_grads = loss_and_grads(model, examples, args.micro, padding_free=True, device=device)
     ours_s = time.monotonic() - started
@@ -129,7 +129,7 @@ def main() -> None:
         "stock": {"loss": stock_loss, "attention": "sdpa", "liger": False, "fused_lora": False,
                   "checkpointed_layers": total, "seconds": stock_s},
         "optimized": {"loss": ours_loss, "attention": attn, "liger": device == "cuda", "fused_lora": bool(fused),
-                      "checkpointed_layers": checkpointed, "seconds": ours_s},
+                      "checkpointed_layers": recomputing, "seconds": ours_s},
         "loss_relative_difference": rel,
         "lora_grad_cosine": cosine,
         "lora_grad_norm_ratio": norm_ratio,

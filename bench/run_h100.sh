@@ -53,8 +53,10 @@ PY
     [ -f /tmp/bench-data/train.jsonl ] || $PY bench/make_chat_data.py --kind chat --train 15000 --val 300 --out /tmp/bench-data
     [ -f /tmp/bench-long/train.jsonl ] || $PY bench/make_chat_data.py --kind long --train 3000 --val 100 --out /tmp/bench-long
     $PY -m common.cli data stats /tmp/bench-long/train.jsonl --platform h100 --json > /tmp/bench-long/stats.json
-    mkdir -p "$OUT" && cp /tmp/bench-data/stats.json "$OUT/chat-stats.json" && cp /tmp/bench-long/stats.json "$OUT/long-stats.json"
     $PY -m common.cli data stats /tmp/bench-data/train.jsonl --platform h100 --json > /tmp/bench-data/stats.json
+    mkdir -p "$OUT"
+    cp /tmp/bench-data/stats.json "$OUT/chat-stats.json"
+    cp /tmp/bench-long/stats.json "$OUT/long-stats.json"
     cat /tmp/bench-data/stats.json
     ;;
   stock)

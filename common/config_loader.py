@@ -158,8 +158,7 @@ def _merge_union_errors(errors: list[dict]) -> list[dict]:
         loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
         cut = next((n for n in range(len(loc), 0, -1) if ".".join(loc[:n]) in known), len(loc))
         key = tuple(loc[:cut])
-        if cut == len(loc) or key not in merged:
-            merged.setdefault(key, {**err, "loc": key, "options": []})
+        merged.setdefault(key, {**err, "loc": key, "options": []})
         if cut < len(loc):
             merged[key]["options"].append(err["msg"].removeprefix("Input should be "))
     result = []

@@ -55,6 +55,14 @@ def checkpointed(cfg: QLoraConfig) -> int:
     return DECODER_LAYERS if layers == "all" else min(layers, DECODER_LAYERS)
 
 
+def kept_layers(cfg: QLoraConfig) -> int:
+    """CUDA decoder layers that keep their activations because cuda.checkpointed_layers spares them
+    (0 when every layer is checkpointed, when checkpointing is off, or on MLX)."""
+    if cfg.backend != "cuda" or not cfg.training.gradient_checkpointing:
+        return 0
+    return DECODER_LAYERS - checkpointed(cfg)
+
+
 def cuda_peak_gb(cfg: QLoraConfig) -> float:
     """Predicted peak GPU memory of the CUDA path (estimate from measured points, see above)."""
     rows = cfg.training.batch_size * cfg.data.max_seq_length / 4096
@@ -172,11 +180,11 @@ def make_plan(
     fits = True
     if device_memory_gb is not None and rates.peak_gb > 0.9 * device_memory_gb:
         fits = False
-        if cfg.backend == "cuda" and checkpointed(cfg) < DECODER_LAYERS and cfg.training.gradient_checkpointing:
+        if kept_layers(cfg):
             saved = cfg.training.batch_size * cfg.data.max_seq_length / 4096 * CUDA_KEPT_LAYER_ROW_GB
             advice.append(
                 f"memory: each decoder layer that keeps its activations costs ~{saved:.1f} GB here: "
-                f"--set cuda.checkpointed_layers=all saves ~{saved * (DECODER_LAYERS - checkpointed(cfg)):.0f} GB "
+                f"--set cuda.checkpointed_layers=all saves ~{saved * kept_layers(cfg):.0f} GB "
                 "(slower by up to ~9%)"
             )
         advice.append(

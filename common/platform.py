@@ -50,19 +50,22 @@ class PlatformInfo:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def gpu_name(self) -> str:
+        """nvidia-smi names most cards 'NVIDIA ...' already; never say it twice."""
+        name = self.gpu.name if self.gpu else ""
+        return name if name.startswith("NVIDIA") else f"NVIDIA {name}"
+
     def label(self) -> str:
         """A short name of this machine, e.g. for the calibration cache: 'NVIDIA H200 (140 GB)'."""
         if self.gpu:
-            name = self.gpu.name if self.gpu.name.startswith("NVIDIA") else f"NVIDIA {self.gpu.name}"
-            return f"{name} ({self.gpu.total_gb:.0f} GB)"
+            return f"{self.gpu_name()} ({self.gpu.total_gb:.0f} GB)"
         return self.describe()
 
     def describe(self) -> str:
         if self.gpu:
             g = self.gpu
-            name = g.name if g.name.startswith("NVIDIA") else f"NVIDIA {g.name}"
             return (
-                f"{name} ({g.total_gb:.0f} GB, {g.free_gb:.0f} GB free, compute "
+                f"{self.gpu_name()} ({g.total_gb:.0f} GB, {g.free_gb:.0f} GB free, compute "
                 f"{g.compute_capability[0]}.{g.compute_capability[1]}, CUDA {g.cuda_version or '?'})"
             )
         if self.apple:

@@ -267,7 +267,7 @@ def check_tracking(cfg, env) -> list[Check]:
 def check_memory(cfg, env) -> list[Check]:
     """The planner's peak for this config (measured anchors, adjusted to its micro-batch and
     checkpointing on CUDA) against this machine's accelerator memory."""
-    from common.planner import anchor_rates, checkpointed
+    from common.planner import anchor_rates, kept_layers
 
     rates = anchor_rates(cfg)
     if rates is None:
@@ -279,7 +279,7 @@ def check_memory(cfg, env) -> list[Check]:
     else:
         return []
     status = OK if rates.peak_gb < available * 0.9 else WARN
-    if cfg.backend == "cuda" and checkpointed(cfg) < 32 and cfg.training.gradient_checkpointing:
+    if kept_layers(cfg):
         fix = "--set cuda.checkpointed_layers=all (fewer activations kept), or lower training.batch_size"
     else:
         fix = "lower data.max_seq_length or training.batch_size (docs/m4.md)"
