@@ -19,7 +19,7 @@ PY=${PY:-python3}
 
 case "${1:-}" in
   install)
-    mkdir -p "$SITE" /tmp/parts
+    mkdir -p "$SITE"
     for d in .whl1 .whl2; do
       if compgen -G "$d/*.whl" >/dev/null; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $d/*.whl
@@ -27,16 +27,11 @@ case "${1:-}" in
     done
     [ -d .devsite ] && cp -r .devsite/* "$SITE"/
     if [ -f .whl3/cu12.tar.xz ]; then
-      # the cu12 wheel's files (88 MB as a wheel), re-packed as tar.xz to fit one 64 MiB transfer
+      # The cu12 wheel's files (92 MB as a wheel; aarch64 stubs dropped), re-packed as tar.xz to fit one
+      # 64 MiB transfer: `python -m zipfile -e <wheel> d && tar cf - -C d . | xz -9 > .whl3/cu12.tar.xz`.
+      # Unpacked, not pip-installed: pip --target would skip (or, with --upgrade, replace) the
+      # nvidia_cutlass_dsl folder that the base and core wheels share with this one.
       $PY -c "import tarfile, sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" .whl3/cu12.tar.xz "$SITE"
-    elif compgen -G ".whl3/cu12.part-*" >/dev/null; then
-      cp .whl3/cu12.part-* /tmp/parts/
-    fi
-    if [ "$(ls /tmp/parts | wc -l)" -ge 4 ] && ! compgen -G "$SITE/nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/_cutlass_ir.cu12*" >/dev/null; then
-      # unzip, not pip --target: pip would skip (or, with --upgrade, replace) the existing
-      # nvidia_cutlass_dsl folder that the base and core wheels share with this one
-      cat /tmp/parts/cu12.part-* > /tmp/cu12.whl
-      $PY -m zipfile -e /tmp/cu12.whl "$SITE"
     fi
     $PY - <<'PY'
 import importlib, importlib.metadata as md
