@@ -172,7 +172,7 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
         "accumulation": trainer.trainer.args.gradient_accumulation_steps,
         "packing": t.packing,
         "checkpointed_layers": layers,
-        "liger": bool(trainer.trainer.args.use_liger_kernel),
+        "liger": list(cfg.cuda.liger_kernels) if trainer.trainer.args.use_liger_kernel else [],
         "fused_lora": cfg.cuda.fused_lora,
         "torch_compile": compile_layers,
         "steady_tokens_per_second": rate,

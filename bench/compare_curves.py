@@ -4,9 +4,11 @@ step and the same schedule, their loss curves side by side.
   python bench/compare_curves.py --stock stock-300.json --ours /tmp/adapters/curve/metrics.jsonl \
       --out bench/results/<date>-curve.json --plot docs/h100-curve-vs-stock.png
 
-stock: bench/stock_baseline.py --steps 300 --logging-steps 10 --eval-steps 100 (16 padded examples a
-step, ~11.9K real tokens); ours: `qlora train` on the H100 config with 3 packed rows a step (~12.0K
-real tokens), 300 steps, evaluations at 100/200/300 (`bash bench/run_h100.sh curve-ours`).
+stock: bench/stock_baseline.py --steps 300 --logging-steps 10 --eval-steps 100 --accumulation 2
+--max-length 3072 (8 padded examples a step, ~6.0K real tokens); ours: `qlora train` on the H100
+config with 2 packed rows of 3072 a step (~6.0K real tokens), 300 steps, evaluations at 100/200/300
+(`bash bench/run_h100.sh curve-stock` / `curve-ours`). Half the seed's 16 examples a step, so that
+the stock run fits the GPU time of one session (~14 min instead of ~25 on an H100).
 The examples differ step by step (packing regroups them), so the curves are compared smoothed:
 the mean of 3 consecutive logged training losses, after the first 30 steps, and the evaluations.
 """
@@ -58,7 +60,7 @@ def plot(stock: list[dict], ours: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for records, label, color in ((stock, "stock TRL (padded 4 x 4, SDPA)", "tab:gray"),
+    for records, label, color in ((stock, "stock TRL (padded, SDPA)", "tab:gray"),
                                   (ours, "ours (packed, FA4, Liger, fused LoRA)", "tab:blue")):
         train, evals = series(records, "loss"), series(records, "eval_loss")
         ax.plot(list(train), list(train.values()), label=f"{label}: training", color=color)

@@ -74,6 +74,7 @@ def main() -> None:
     from backends.cuda.checkpointing import limit_checkpointed_layers
     from backends.cuda.fused_lora import install_fused_lora
     from backends.cuda.model import choose_attention, load_quantized_model
+    from backends.cuda.trainer import liger_kernel_config
     from common.config_loader import load_config
     from common.console import Say
     from common.data import ChatTokenizer, read_conversations, tokenize_all
@@ -108,8 +109,9 @@ def main() -> None:
     capability = torch.cuda.get_device_capability(0) if device == "cuda" else None
     attn = choose_attention(cfg.cuda.attn_implementation, device, capability, Say())
     model.base_model.model.set_attn_implementation(attn)
-    if device == "cuda":
-        apply_liger_kernel(model, {})
+    liger = device == "cuda" and cfg.cuda.use_liger is not False
+    if liger:
+        apply_liger_kernel(model, liger_kernel_config(cfg.cuda.liger_kernels))
     fused = install_fused_lora(model)
     recomputing, total = limit_checkpointed_layers(model, checkpointed(cfg))
     started = time.monotonic()
@@ -128,7 +130,8 @@ def main() -> None:
         "micro_batch_examples": args.micro,
         "stock": {"loss": stock_loss, "attention": "sdpa", "liger": False, "fused_lora": False,
                   "checkpointed_layers": total, "seconds": stock_s},
-        "optimized": {"loss": ours_loss, "attention": attn, "liger": device == "cuda", "fused_lora": bool(fused),
+        "optimized": {"loss": ours_loss, "attention": attn, "liger": cfg.cuda.liger_kernels if liger else [],
+                      "fused_lora": bool(fused),
                       "checkpointed_layers": recomputing, "seconds": ours_s},
         "loss_relative_difference": rel,
         "lora_grad_cosine": cosine,

@@ -77,7 +77,7 @@ def table(result: dict) -> str:
         speedup = f"{rate / base:.2f}x" if base else ""
         lines.append(
             f"| {row['variant']} | {row['attention']} | {row['micro_batch_rows']} x {row['accumulation']} | "
-            f"{row['checkpointed_layers']} | {'yes' if row['liger'] else 'no'} | {'yes' if row['fused_lora'] else 'no'} | "
+            f"{row['checkpointed_layers']} | {liger_cell(row['liger'])} | {'yes' if row['fused_lora'] else 'no'} | "
             f"{'0%' if row['packing'] else '?'} | {rate:,.0f} | {speedup} | {row['peak_memory_gb']:.1f} | {row['model_tflops']:.0f} |"
         )
     match = result.get("loss_match")
@@ -95,6 +95,16 @@ def table(result: dict) -> str:
             f"{'yes' if match['within_bf16_tolerance'] else 'NO'}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+LIGER_SHORT = {"rope": "RoPE", "rms_norm": "RMSNorm", "swiglu": "SwiGLU", "fused_linear_cross_entropy": "FLCE"}
+
+
+def liger_cell(kernels) -> str:
+    """Older results say yes/no (every kernel or none); newer ones list the kernels."""
+    if isinstance(kernels, bool) or not kernels:
+        return "yes" if kernels else "no"
+    return "all" if len(kernels) == len(LIGER_SHORT) else " + ".join(LIGER_SHORT.get(k, k) for k in kernels)
 
 
 def write_docs(text: str, docs: Path = DOCS) -> None:

@@ -3,8 +3,8 @@ batches (no packing), PyTorch SDPA, no Liger, on the same token ids and loss mas
 
   python bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-data \
       --steps 25 --out bench/results/stock.json
-  (--steps 300 --logging-steps 10 --eval-steps 100: the loss curve that bench/compare_curves.py
-  sets beside ours)
+  (--steps 300 --logging-steps 10 --eval-steps 100 --accumulation 2 --max-length 3072: the loss
+  curve that bench/compare_curves.py sets beside ours)
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--logging-steps", type=int, default=5)
     parser.add_argument("--eval-steps", type=int, default=0, help="evaluate on val.jsonl every N steps (0: never)")
+    parser.add_argument("--accumulation", type=int, default=4, help="micro-batches of 4 per step (seed: 4)")
+    parser.add_argument("--max-length", type=int, default=4096, help="truncation length (seed: 4096)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -40,7 +42,7 @@ def main() -> None:
 
     def as_dataset(name: str):
         conversations, _ = read_conversations(Path(args.data) / name)
-        examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig())
+        examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig(max_seq_length=args.max_length))
         return examples, Dataset.from_dict(
             {"input_ids": [e.input_ids for e in examples], "assistant_masks": [e.loss_mask for e in examples]}
         )
@@ -57,8 +59,8 @@ def main() -> None:
     config = SFTConfig(
         output_dir="/tmp/stock-baseline", max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="cosine",
         warmup_steps=0.03, optim="paged_adamw_32bit", weight_decay=0.01, max_grad_norm=0.3,
-        per_device_train_batch_size=4, gradient_accumulation_steps=4, gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=True, max_length=4096, packing=False,
+        per_device_train_batch_size=4, gradient_accumulation_steps=args.accumulation, gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=True, max_length=args.max_length, packing=False,
         logging_steps=args.logging_steps, save_strategy="no", per_device_eval_batch_size=4,
         eval_strategy="steps" if evaluating else "no", eval_steps=args.eval_steps if evaluating else None, report_to=[], include_num_input_tokens_seen="non_padding",
         pad_token="<unk>", dataloader_num_workers=2,
@@ -86,8 +88,10 @@ def main() -> None:
     # Trainer counts only non-padding tokens)
     padded = padded_tokens(lengths, 4, 42)
     result = {
-        "name": "stock TRL SFTTrainer (padded batches 4 x 4, SDPA, no packing, no Liger)",
+        "name": f"stock TRL SFTTrainer (padded batches 4 x {args.accumulation}, SDPA, no packing, no Liger)",
         "steps": args.steps,
+        "accumulation": args.accumulation,
+        "max_length": args.max_length,
         "real_tokens_per_second": tokens / seconds,
         "rate_includes_evaluations": evaluating,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1024**3,

@@ -6,9 +6,9 @@ merges them and validates the result against these models. Unknown keys are erro
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -124,11 +124,20 @@ class TrackingConfig(Section):
     output_dir: str = Field("adapters", description="Each run writes adapters/<run_name>/.")
 
 
+LigerKernel = Literal["rope", "rms_norm", "swiglu", "fused_linear_cross_entropy"]
+LIGER_KERNELS: tuple[str, ...] = get_args(LigerKernel)
+
+
 class CudaConfig(Section):
     attn_implementation: Literal[
         "auto", "flash_attention_4", "flash_attention_3", "flash_attention_2", "sdpa", "eager"
     ] = Field("auto", description="auto = fastest installed FlashAttention, else SDPA.")
     use_liger: bool | Literal["auto"] = Field("auto", description="Liger kernels when installed.")
+    liger_kernels: list[LigerKernel] = Field(
+        default_factory=lambda: list(LIGER_KERNELS),
+        description="With use_liger: which Liger kernels replace the model's own (rope, rms_norm, swiglu, "
+        "fused_linear_cross_entropy). Each changes speed and memory, not the math: see docs/benchmarks.md.",
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="cpu runs the same path on a tiny model (demo, tests)."
     )
@@ -143,6 +152,16 @@ class CudaConfig(Section):
         description="Add the LoRA update inside its matmul (one kernel instead of PEFT's four); "
         "same weights and math, faster on the GPU.",
     )
+
+    @field_validator("liger_kernels")
+    @classmethod
+    def _no_repeats(cls, kernels: list[str]) -> list[str]:
+        if not kernels:
+            raise ValueError("is empty: name at least one kernel (to train without Liger, set use_liger: false in the cuda section)")
+        repeated = sorted({k for k in kernels if kernels.count(k) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once; name each kernel once")
+        return kernels
 
 
 class MlxConfig(Section):

@@ -176,7 +176,8 @@ def _describe(err: dict, sources: Mapping[str, str], default_origin: str) -> str
     mentioned = sorted({src for path, src in sources.items() if path in err["msg"]} | (
         {sources[k] for k in ("backend", "platform") if k in sources and k in err["msg"].split(" ")}))
     if err["type"] == "value_error" and mentioned:
-        origin = ", ".join(mentioned)  # a rule across keys: name where each of them was set
+        # a rule across keys: name where each of them was set (the failing key's own origin first)
+        origin = ", ".join(dict.fromkeys([origin, *mentioned]) if key else mentioned)
     if err["type"] == "extra_forbidden":
         hint = suggest_key(loc)
         tip = f", did you mean {hint}?" if hint else f"; allowed here: {_allowed(loc[:-1])}"

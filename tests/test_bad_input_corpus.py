@@ -101,6 +101,13 @@ CONFIG_CASES = [
      ["--set", "training.gradient_checkpointing=false", "--set", "cuda.checkpointed_layers=8"], 1,
      "cuda.checkpointed_layers is 8 but training.gradient_checkpointing is false"),
     ("liger-not-a-bool", ["--set", "cuda.use_liger=maybe"], 1, "cuda.use_liger: should be a valid boolean"),
+    ("liger-unknown-kernel", ["--set", "cuda.liger_kernels=[rope,layernorm]"], 1,
+     "--set cuda.liger_kernels=[rope,layernorm]: cuda.liger_kernels: Input should be 'rope', 'rms_norm', 'swiglu' or "
+     "'fused_linear_cross_entropy' (got 'layernorm')"),
+    ("liger-kernel-twice", ["--set", "cuda.liger_kernels=[rope,rope]"], 1, "lists rope more than once"),
+    ("liger-no-kernels", ["--set", "cuda.liger_kernels=[]"], 1,
+     "--set cuda.liger_kernels=[]: cuda.liger_kernels: is empty: name at least one kernel (to train without Liger, "
+     "set use_liger: false in the cuda section)"),
 ]
 
 

@@ -404,3 +404,21 @@ def test_fewer_checkpointed_layers_train_the_same_weights(tiny_model_dir, tmp_pa
     assert runs["1"][0] == [True, False]  # the first layer recomputes, the last keeps its activations
     for name, weight in runs["all"][1].items():  # checkpointing changes memory, never the math
         assert torch.allclose(weight, runs["1"][1][name], atol=1e-6), name
+
+
+def test_chosen_liger_kernels_reach_the_trainer(tiny_model_dir, tmp_path):
+    """transformers hands `liger_kernel_config` to Liger, which silently drops unknown names: the
+    config's kernel names must be Liger's own, and the ones left out must be switched off."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, "training.max_steps=1",
+                      "cuda.liger_kernels=[rope,fused_linear_cross_entropy]")
+    trainer = make_trainer(cfg, "liger-choice")
+    assert trainer.trainer.args.liger_kernel_config == {
+        "rope": True, "rms_norm": False, "swiglu": False, "fused_linear_cross_entropy": True, "cross_entropy": False,
+    }
+    try:
+        from liger_kernel.transformers.monkey_patch import apply_liger_kernel_to_mistral
+    except ImportError:  # no Liger on this machine (CPU): the names are checked on the GPU bench
+        return
+    import inspect
+
+    assert set(trainer.trainer.args.liger_kernel_config) <= set(inspect.signature(apply_liger_kernel_to_mistral).parameters)

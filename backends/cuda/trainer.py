@@ -13,7 +13,7 @@ import time
 
 from backends.cuda.checkpointing import checkpoint_limit_callback, checkpointing_args
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
-from common.config import QLoraConfig
+from common.config import LIGER_KERNELS, QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
 from common.planner import tokens_per_step
@@ -58,6 +58,12 @@ def liger_wanted(setting, device: str, say) -> bool:
     if device != "cuda":
         return False
     return bool(setting) and installed
+
+
+def liger_kernel_config(kernels: list[str]) -> dict[str, bool]:
+    """transformers' `liger_kernel_config`: the chosen kernels on, the others (and Liger's plain
+    cross-entropy, which the fused linear one replaces) off."""
+    return {**{name: name in kernels for name in LIGER_KERNELS}, "cross_entropy": False}
 
 
 class CudaTrainer:
@@ -119,6 +125,8 @@ class CudaTrainer:
         return callbacks
 
     def _speedups(self) -> None:
+        if self.trainer.args.use_liger_kernel:  # applied by transformers' Trainer
+            self.say.ok(f"Liger kernels: {', '.join(self.cfg.cuda.liger_kernels)} (cuda.liger_kernels)")
         if self.cfg.cuda.fused_lora:
             from backends.cuda.fused_lora import install_fused_lora
 
@@ -194,6 +202,7 @@ class CudaTrainer:
             packing_strategy="bfd",
             completion_only_loss=False,
             use_liger_kernel=liger_wanted(cfg.cuda.use_liger, self.device, self.say),
+            liger_kernel_config=liger_kernel_config(cfg.cuda.liger_kernels),
             logging_steps=e.logging_steps,
             eval_strategy="steps",
             eval_steps=e.eval_steps,
