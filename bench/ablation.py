@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # Matmul parameters a token passes through in Mistral-7B (32 layers of q,k,v,o + gate,up,down, and
 # the LM head). A frozen-base LoRA step costs 2N (forward) + 2N (input gradients) FLOPs per token,
 # and 2N more for each layer share that is recomputed (attention adds ~1.5% at these lengths).
+RUN_ID = time.strftime("%Y%m%d-%H%M%S")  # a fresh folder per invocation: never read an earlier run's metrics
 MATMUL_PARAMS = 32 * (4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336) + 4096 * 32768
 
 # Kernel name fragments -> where the time goes (the profile's categories).
@@ -143,7 +144,7 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
     fixed = [
         f"training.max_steps={args.steps + (5 if profiling else 0)}", "eval.logging_steps=5", "eval.eval_steps=100000",
         "eval.save_steps=100000", "eval.load_best_model_at_end=false", "tracking.report_to=none",
-        f"tracking.output_dir={args.runs}", f"tracking.run_name={name}", *data_overrides(args),
+        f"tracking.output_dir={args.runs}/{RUN_ID}", f"tracking.run_name={name}", *data_overrides(args),
     ]
     cfg = load_config(config, overrides=[*fixed, *overrides])
     say = Say()
@@ -184,6 +185,8 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
         "setup_seconds": setup_s,
         "steps": summary["global_step"],
         "losses": [r["loss"] for r in trainer.run.read_metrics() if "loss" in r],
+        # real tokens/s of each logged interval: shows warm-up and how steady the machine was
+        "interval_rates": [[r["step"], round(r["tokens_per_second"])] for r in measured if r.get("tokens_per_second")],
     }
     print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
     del trainer

@@ -73,14 +73,16 @@ PY
       $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation.json" "$@"
     fi
     ;;
-  liger)  # the Liger kernels one at a time at the shipped checkpointing, each variant a superset of
-    # the one before (Liger patches model classes and functions for the rest of a process)
-    $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation-liger.json" \
+  liger)  # the Liger kernels one at a time at the shipped checkpointing; in each process every variant
+    # is a superset of the one before (Liger patches model classes and functions for the rest of a process)
+    $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation-liger-a.json" \
       --variant "no-liger=cuda.use_liger=false" \
-      --variant "flce=cuda.liger_kernels=[fused_linear_cross_entropy]" \
-      --variant "flce+rope=cuda.liger_kernels=[fused_linear_cross_entropy,rope]" \
-      --variant "flce+rope+swiglu=cuda.liger_kernels=[fused_linear_cross_entropy,rope,swiglu]" \
+      --variant "rms_norm=cuda.liger_kernels=[rms_norm]" \
+      --variant "rms_norm+swiglu=cuda.liger_kernels=[rms_norm,swiglu]" \
       --variant "all-liger="
+    $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation-liger-b.json" \
+      --variant "rope=cuda.liger_kernels=[rope]" \
+      --variant "rope+swiglu=cuda.liger_kernels=[rope,swiglu]"
     ;;
   versions)
     $PY - > "$OUT/versions.json" <<'PY'

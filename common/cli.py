@@ -258,6 +258,16 @@ def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     cfg = cfg or resolve(args, say, detect_platform=True)
     if args.run_name:
         cfg.tracking.run_name = args.run_name
+    if args.resume and not cfg.tracking.run_name:
+        raise UsageError("--resume needs --run-name (the run folder to continue)")
+    folder = Path(cfg.tracking.output_dir) / cfg.tracking.run_name if cfg.tracking.run_name else None
+    earlier = RunFolder.earlier_run(folder) if folder and not args.resume else None
+    if earlier:
+        raise UsageError(
+            f"run folder {folder} already holds a run ({earlier}); a new run there would mix its metrics "
+            f"and overwrite its checkpoints and adapter. Continue it with --resume auto, or choose another "
+            f"--run-name (nothing was changed)."
+        )
     rows = run_checks(cfg)
     show_checks(rows, say, problems_only=True)
     if blocked(rows):
@@ -267,8 +277,6 @@ def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     say.ok(f"data: {report.n_train} training and {report.n_val} validation examples")
     for warning in report.warnings:
         say.warn(warning)
-    if args.resume and not cfg.tracking.run_name:
-        raise UsageError("--resume needs --run-name (the run folder to continue)")
     run = RunFolder.create(cfg)
     say.info(f"run folder: {run.root}")
     trainer = make_trainer(cfg, run, data, say)

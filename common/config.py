@@ -124,7 +124,7 @@ class TrackingConfig(Section):
     output_dir: str = Field("adapters", description="Each run writes adapters/<run_name>/.")
 
 
-LigerKernel = Literal["rope", "rms_norm", "swiglu", "fused_linear_cross_entropy"]
+LigerKernel = Literal["rope", "rms_norm", "swiglu"]
 LIGER_KERNELS: tuple[str, ...] = get_args(LigerKernel)
 
 
@@ -135,8 +135,9 @@ class CudaConfig(Section):
     use_liger: bool | Literal["auto"] = Field("auto", description="Liger kernels when installed.")
     liger_kernels: list[LigerKernel] = Field(
         default_factory=lambda: list(LIGER_KERNELS),
-        description="With use_liger: which Liger kernels replace the model's own (rope, rms_norm, swiglu, "
-        "fused_linear_cross_entropy). Each changes speed and memory, not the math: see docs/benchmarks.md.",
+        description="With use_liger: which Liger kernels replace the model's own. Each changes speed and "
+        "memory, not the math: see docs/benchmarks.md. (The loss never builds the full logits either way: "
+        "TRL computes it with its own chunked LM head, in place of Liger's fused linear cross-entropy.)",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="cpu runs the same path on a tiny model (demo, tests)."

@@ -29,6 +29,22 @@ class RunFolder:
         folder.write_config(cfg)
         return folder
 
+    @staticmethod
+    def earlier_run(root: Path) -> str | None:
+        """What an earlier run left in this folder (None when nothing that a new run would mix with
+        or overwrite: no metrics, checkpoints, adapter or summary)."""
+        found = []
+        metrics = root / "metrics.jsonl"
+        if metrics.exists():
+            found.append(f"{sum(1 for line in metrics.read_text(encoding='utf-8').splitlines() if line.strip())} "
+                         "metric records")
+        checkpoints = sorted(p.name for p in (root / "checkpoints").glob("checkpoint-*"))
+        if checkpoints:
+            found.append(f"{len(checkpoints)} checkpoint(s), newest {checkpoints[-1]}")
+        found += [name for name in ("adapter_model.safetensors", "adapters.safetensors", "summary.json")
+                  if (root / name).exists()]
+        return ", ".join(found) or None
+
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"

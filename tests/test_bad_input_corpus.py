@@ -102,8 +102,8 @@ CONFIG_CASES = [
      "cuda.checkpointed_layers is 8 but training.gradient_checkpointing is false"),
     ("liger-not-a-bool", ["--set", "cuda.use_liger=maybe"], 1, "cuda.use_liger: should be a valid boolean"),
     ("liger-unknown-kernel", ["--set", "cuda.liger_kernels=[rope,layernorm]"], 1,
-     "--set cuda.liger_kernels=[rope,layernorm]: cuda.liger_kernels: Input should be 'rope', 'rms_norm', 'swiglu' or "
-     "'fused_linear_cross_entropy' (got 'layernorm')"),
+     "--set cuda.liger_kernels=[rope,layernorm]: cuda.liger_kernels: Input should be 'rope', 'rms_norm' or 'swiglu' "
+     "(got 'layernorm')"),
     ("liger-kernel-twice", ["--set", "cuda.liger_kernels=[rope,rope]"], 1, "lists rope more than once"),
     ("liger-no-kernels", ["--set", "cuda.liger_kernels=[]"], 1,
      "--set cuda.liger_kernels=[]: cuda.liger_kernels: is empty: name at least one kernel (to train without Liger, "

@@ -99,3 +99,18 @@ def test_demo_runs_end_to_end_from_a_fresh_folder(tmp_path):
     assert (tmp_path / "models" / "tiny-mistral-v0.3" / "config.json").is_file()
     assert (run / "adapter_model.safetensors").is_file() and (run / "loss.png").is_file()
     assert json.loads((run / "summary.json").read_text())["global_step"] == 10
+
+
+def test_a_new_run_never_overwrites_an_earlier_run_of_the_same_name(tmp_path):
+    earlier = tmp_path / "runs" / "mine"
+    (earlier / "checkpoints" / "checkpoint-20").mkdir(parents=True)
+    (earlier / "metrics.jsonl").write_text('{"step": 10, "loss": 2.0}\n{"step": 20, "loss": 1.5}\n')
+    (earlier / "adapter_model.safetensors").write_bytes(b"weights of an expensive run")
+    before = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    code, out = qlora("train", "--platform", "cpu", "--run-name", "mine",
+                      "--set", f"tracking.output_dir={tmp_path / 'runs'}", "--set", "tracking.report_to=none")
+    assert code != 0 and "Traceback" not in out
+    flat = " ".join(out.split())
+    assert "already holds a run (2 metric records, 1 checkpoint(s), newest checkpoint-20, adapter_model.safetensors)" in flat
+    assert "--resume auto" in flat and "nothing was changed" in flat
+    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before

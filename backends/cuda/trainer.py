@@ -61,9 +61,11 @@ def liger_wanted(setting, device: str, say) -> bool:
 
 
 def liger_kernel_config(kernels: list[str]) -> dict[str, bool]:
-    """transformers' `liger_kernel_config`: the chosen kernels on, the others (and Liger's plain
-    cross-entropy, which the fused linear one replaces) off."""
-    return {**{name: name in kernels for name in LIGER_KERNELS}, "cross_entropy": False}
+    """transformers' `liger_kernel_config`: the chosen kernels on, the others off. Liger's losses stay
+    off: TRL's SFTTrainer computes the loss with its own chunked LM head (no full logits) and refuses
+    Liger's fused linear cross-entropy, which would replace the model's forward."""
+    return {**{name: name in kernels for name in LIGER_KERNELS}, "cross_entropy": False,
+            "fused_linear_cross_entropy": False}
 
 
 class CudaTrainer:
