@@ -25,27 +25,40 @@ class Rates:
     measured: bool  # False: an estimate
 
 
-# Anchors for the shipped platform configs. H100 config (4 packed rows x 4096, flash-attn-4, Liger,
-# fused LoRA, 24 of 32 layers checkpointed): measured 2026-11-26 on an H100 80GB (docs/benchmarks.md,
-# `make bench`): 10,568 real tok/s steady, 33.9 GB; 300 validation conversations (224K tokens)
-# evaluated in 7-10 s. Startup includes the slower first ~10 steps (flash-attn-4 compiling).
-# M4: docs/m4.md estimates.
+# Anchors for the shipped platform configs. H100 config (4 packed rows x 4096, flash-attn-4, Liger
+# RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed): measured 2026-11-26 on an H100 80GB
+# through `qlora train` (docs/benchmarks.md, bench/results/2026-11-26-h100-liger.json): 9,846 real
+# tok/s steady, 33.9 GB; 300 validation conversations (224K tokens) evaluated in 8-10 s. Startup
+# includes the slower first ~10 steps (flash-attn-4 compiling). M4: docs/m4.md estimates.
 ANCHORS = {
-    "h100": Rates(10568, 33.9, 22000, 5.0, 75.0,
-                  "measured on an H100 80GB, 2026-11-26 (docs/benchmarks.md), packed 4 x 4096, flash-attn-4, "
-                  "fused LoRA, 24 of 32 layers checkpointed", True),
+    "h100": Rates(9846, 33.9, 22000, 5.0, 75.0,
+                  "measured on an H100 80GB, 2026-11-26 (docs/benchmarks.md): qlora train, packed 4 x 4096, "
+                  "flash-attn-4, Liger RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed", True),
     "m4": Rates(35, 11.0, 100, 5.0, 120.0,
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
 }
 ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 24, 4  # the H100 anchor's cuda.checkpointed_layers and rows a micro-batch
+ANCHOR_LIGER = frozenset({"rms_norm", "swiglu"})  # the H100 anchor's cuda.liger_kernels
 
 # Peak GPU memory of the CUDA path for other micro-batches and checkpointing (GB), fitted to
 # measurements of 2026-11-26 (docs/benchmarks.md): 4.07 fixed (4-bit model, LoRA and optimizer
 # state, workspaces) + per 4096-token micro-batch row 2.10 with every layer checkpointed + 0.68 for
-# each layer that keeps its activations. Within 8% of the 6 configurations measured (1-4 rows,
-# 4-32 layers checkpointed).
+# each layer that keeps its activations (with Liger's RMSNorm and SwiGLU). Within 8% of the 6
+# configurations measured (1-4 rows, 4-32 layers checkpointed).
 CUDA_FIXED_GB, CUDA_ROW_GB, CUDA_KEPT_LAYER_ROW_GB = 4.07, 2.10, 0.68
 DECODER_LAYERS = 32  # Mistral-7B
+
+# The Liger kernels and the fused LoRA, each measured on/off on one H100 at 4 rows x 4096 with 24 of
+# 32 layers checkpointed (bench/results/2026-11-26-h100-liger.json; fused LoRA: ...-h100-80gb-hbm3.json):
+# speed factor when on, and GB that a kept layer's activations per row grow by without the kernel.
+LIGER_SPEED = {"rms_norm": 9636 / 8490, "swiglu": 9860 / 9636, "rope": 7579 / 9860}  # rope: recompiles per length
+LIGER_KEPT_LAYER_ROW_GB = {"rms_norm": (40.05 - 37.39) / 32, "swiglu": (37.39 - 33.89) / 32}
+FUSED_LORA_SPEED = 9748 / 6835
+
+
+def liger_kernels(cfg: QLoraConfig) -> frozenset[str]:
+    """The Liger kernels a CUDA run applies ("auto" counts as on: the H100 setup installs Liger)."""
+    return frozenset(cfg.cuda.liger_kernels) if cfg.cuda.use_liger is not False else frozenset()
 
 
 def checkpointed(cfg: QLoraConfig) -> int:
@@ -67,20 +80,27 @@ def cuda_peak_gb(cfg: QLoraConfig) -> float:
     """Predicted peak GPU memory of the CUDA path (estimate from measured points, see above)."""
     rows = cfg.training.batch_size * cfg.data.max_seq_length / 4096
     kept = DECODER_LAYERS - checkpointed(cfg)
-    return CUDA_FIXED_GB + rows * (CUDA_ROW_GB + CUDA_KEPT_LAYER_ROW_GB * kept)
+    missing = ANCHOR_LIGER - liger_kernels(cfg)
+    per_kept_layer = CUDA_KEPT_LAYER_ROW_GB + sum(LIGER_KEPT_LAYER_ROW_GB[k] for k in missing)
+    return CUDA_FIXED_GB + rows * (CUDA_ROW_GB + per_kept_layer * kept)
 
 
 def anchor_rates(cfg: QLoraConfig) -> Rates | None:
-    """The platform's measured anchor, adjusted to this config's micro-batch and checkpointing on
-    CUDA: memory by `cuda_peak_gb`, speed by the recomputed share (a step costs 2 forward-sized
-    passes plus one per checkpointed layer's share; measured +8% from 32 to 24 layers, model +9%)."""
+    """The platform's measured anchor, adjusted to this config's micro-batch, checkpointing, Liger
+    kernels and LoRA forward on CUDA: memory by `cuda_peak_gb`; speed by the recomputed share (a step
+    costs 2 forward-sized passes plus one per checkpointed layer's share; measured +8% from 32 to 24
+    layers, model +9%) and by the measured factor of each kernel that differs from the anchor."""
     base = ANCHORS.get(cfg.platform)
     if base is None or cfg.backend != "cuda" or cfg.platform != "h100":
         return base
-    t = cfg.training
-    if (checkpointed(cfg), t.batch_size, cfg.data.max_seq_length) == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096):
+    t, kernels = cfg.training, liger_kernels(cfg)
+    if ((checkpointed(cfg), t.batch_size, cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora)
+            == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True)):
         return base  # the measured configuration itself
     speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
+    speed *= math.prod(LIGER_SPEED[k] for k in kernels) / math.prod(LIGER_SPEED[k] for k in ANCHOR_LIGER)
+    if not cfg.cuda.fused_lora:
+        speed /= FUSED_LORA_SPEED
     return Rates(speed, cuda_peak_gb(cfg), base.eval_tokens_per_second, base.save_seconds, base.startup_seconds,
                  base.source + "; memory and speed adjusted to this config (ESTIMATE from measured points)",
                  base.measured)

@@ -47,9 +47,13 @@ def test_memory_that_does_not_fit_gets_concrete_changes():
     assert any("data.max_seq_length (4096 -> 2048)" in a and "training.batch_size (4 -> 2)" in a for a in plan.advice)
 
 
-# (overrides of the H100 config, peak GB measured on an H200 on 2026-11-26, docs/benchmarks.md)
+# (overrides of the H100 config, peak GB measured on 2026-11-26, docs/benchmarks.md: an H200 for the
+# micro-batch and checkpointing points, an H100 for the Liger ones; the peak does not depend on the card)
 MEASURED_PEAKS = [
     ([], 33.94),
+    (["cuda.use_liger=false"], 40.05),
+    (["cuda.liger_kernels=[rms_norm]"], 37.39),
+    (["cuda.liger_kernels=[rope,swiglu]"], 36.60),
     (["cuda.checkpointed_layers=all"], 12.20),
     (["training.batch_size=2"], 19.22),
     (["training.batch_size=2", "cuda.checkpointed_layers=16"], 31.77),
@@ -71,6 +75,11 @@ def test_anchor_follows_the_config():
     assert all_layers.peak_gb < shipped.peak_gb - 15  # 8 layers x 4 rows of kept activations
     assert all_layers.tokens_per_second < shipped.tokens_per_second  # every layer recomputed
     assert "ESTIMATE" in all_layers.source and "H100" in all_layers.source
+    with_rope = anchor_rates(load_config(platform="h100", overrides=["cuda.liger_kernels=[rope,rms_norm,swiglu]"]))
+    assert with_rope.tokens_per_second < 0.8 * shipped.tokens_per_second  # Liger's RoPE: a compile per length
+    assert with_rope.peak_gb == pytest.approx(shipped.peak_gb, abs=0.5) and "ESTIMATE" in with_rope.source
+    no_liger = anchor_rates(load_config(platform="h100", overrides=["cuda.use_liger=false"]))
+    assert no_liger.peak_gb > shipped.peak_gb + 5 and no_liger.tokens_per_second < shipped.tokens_per_second
 
 
 def test_memory_over_with_kept_activations_proposes_checkpointing_every_layer():
@@ -126,7 +135,8 @@ def test_a_calibration_is_reused_only_for_the_same_speed_settings(tmp_path):
     shipped = load_config(platform="h100")
     store(shipped, "NVIDIA H100 80GB HBM3 (80 GB)", RATES, cache=cache)
     assert cached_rates(shipped, "NVIDIA H100 80GB HBM3 (80 GB)", cache=cache) == RATES
-    for change in ("cuda.checkpointed_layers=all", "cuda.fused_lora=false", "cuda.use_liger=false", "training.batch_size=2"):
+    for change in ("cuda.checkpointed_layers=all", "cuda.fused_lora=false", "cuda.use_liger=false", "training.batch_size=2",
+                   "cuda.liger_kernels=[rms_norm]"):
         other = load_config(platform="h100", overrides=[change])
         assert cached_rates(other, "NVIDIA H100 80GB HBM3 (80 GB)", cache=cache) is None, change
     assert cached_rates(shipped, "NVIDIA H200 (140 GB)", cache=cache) is None
