@@ -37,6 +37,9 @@ def collect(folder: Path) -> dict:
         "date": ablation.get("date") or (read("loss-match.json") or {}).get("date"),
         "stock": read("stock.json"),
         "ablation": ablation.get("variants", []) + long.get("variants", []),
+        # bench/run_h100.sh liger: each Liger kernel on and off, one process per file
+        "liger": [dict(row, process=name) for name in ("ablation-liger-a.json", "ablation-liger-b.json")
+                  for row in (read(name) or {}).get("variants", [])],
         "profile": ablation.get("profile"),
         "loss_match": read("loss-match.json"),
         "data": {"chat": read("chat-stats.json"), "long": read("long-stats.json")},
@@ -55,7 +58,8 @@ def table(result: dict) -> str:
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     lines = [
         f"Measured {result.get('date')} on one {result.get('gpu')} with `make bench` (= `bench/run_h100.sh` "
-        f"prepare, stock, ablation, loss-match, versions); raw numbers in `bench/results/`.",
+        f"prepare, stock, ablation, {'liger, ' if result.get('liger') else ''}loss-match, versions); raw numbers in "
+        "`bench/results/`.",
         *([f"Software: {shown}."] if shown else []),
         "",
         "| run | attention | rows x accumulation | checkpointed layers | Liger | fused LoRA | padding | real tokens/s "
@@ -80,6 +84,7 @@ def table(result: dict) -> str:
             f"{row['checkpointed_layers']} | {liger_cell(row['liger'])} | {'yes' if row['fused_lora'] else 'no'} | "
             f"{'0%' if row['packing'] else '?'} | {rate:,.0f} | {speedup} | {row['peak_memory_gb']:.1f} | {row['model_tflops']:.0f} |"
         )
+    lines += liger_table(result.get("liger") or [])
     match = result.get("loss_match")
     if match:
         lines += [
@@ -105,6 +110,25 @@ def liger_cell(kernels) -> str:
     if isinstance(kernels, bool) or not kernels:
         return "yes" if kernels else "no"
     return "all" if len(kernels) == len(LIGER_SHORT) else " + ".join(LIGER_SHORT.get(k, k) for k in kernels)
+
+
+def liger_table(rows: list[dict]) -> list[str]:
+    """The Liger kernels one at a time (24 of 32 layers checkpointed, fused LoRA). A Liger kernel,
+    once applied, stays patched in its process: the order in the process is part of the result."""
+    if not rows:
+        return []
+    lines = ["", "Liger kernels one at a time (`bash bench/run_h100.sh liger`):", "",
+             "| Liger kernels | real tokens/s (steady) | peak GB | process, order |", "|---|---|---|---|"]
+    order: dict[str, int] = {}
+    for row in rows:
+        order[row["process"]] = order.get(row["process"], 0) + 1
+        where = f"{row['process'].removeprefix('ablation-liger-').removesuffix('.json')}, {order[row['process']]}"
+        if "error" in row:
+            lines.append(f"| {row['variant']} | failed: {row['error'][:60]} | | {where} |")
+            continue
+        lines.append(f"| {liger_cell(row['liger'])} | {row['steady_tokens_per_second']:,.0f} | "
+                     f"{row['peak_memory_gb']:.1f} | {where} |")
+    return lines
 
 
 def write_docs(text: str, docs: Path = DOCS) -> None:

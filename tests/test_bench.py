@@ -14,7 +14,7 @@ from conftest import REPO, SAMPLE
 sys.path.insert(0, str(REPO))
 
 from bench.ablation import MATMUL_PARAMS, category, steady_rate  # noqa: E402
-from bench.report import END, START, table, write_docs  # noqa: E402
+from bench.report import END, START, collect, table, write_docs  # noqa: E402
 
 H100_RESULT = REPO / "bench" / "results" / "2026-11-26-h100-80gb-hbm3.json"
 
@@ -50,6 +50,23 @@ def test_the_report_table_holds_every_lever_and_the_loss_match():
     assert "| stock TRL (padded batches, no packing) | sdpa | 4 x 4 | 32 | no | no | 46% | 2,437 | 1.00x |" in text
     assert "| shipped | flash_attention_4 | 4 x 1 | 24 | yes | yes | 0% | 10,568 | 4.34x | 33.9 |" in text
     assert "within bf16 tolerance: yes" in text and "trl 1.16.0" in text
+
+
+def test_make_bench_collects_the_liger_kernels_one_at_a_time(tmp_path):
+    def variant(name, kernels, rate, peak):
+        return {"variant": name, "liger": kernels, "steady_tokens_per_second": rate, "peak_memory_gb": peak}
+
+    (tmp_path / "ablation-liger-a.json").write_text(json.dumps({"variants": [
+        variant("no-liger", [], 8490.1, 40.05), variant("rms_norm+swiglu", ["rms_norm", "swiglu"], 9860.0, 33.89),
+        {"variant": "all-liger", "error": "RuntimeError: CUDA out of memory"}]}))
+    (tmp_path / "ablation-liger-b.json").write_text(json.dumps({"variants": [variant("rope", ["rope"], 7150.4, 40.1)]}))
+    result = collect(tmp_path)
+    text = table(result)
+    assert "prepare, stock, ablation, liger, loss-match" in text
+    assert "| no | 8,490 | 40.0 | a, 1 |" in text
+    assert "| RMSNorm + SwiGLU | 9,860 | 33.9 | a, 2 |" in text
+    assert "| all-liger | failed: RuntimeError: CUDA out of memory | | a, 3 |" in text
+    assert "| RoPE | 7,150 | 40.1 | b, 1 |" in text
 
 
 def test_the_docs_table_is_the_committed_results(tmp_path):
