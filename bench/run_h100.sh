@@ -79,7 +79,7 @@ PY
       --variant "no-liger=cuda.use_liger=false" \
       --variant "rms_norm=cuda.liger_kernels=[rms_norm]" \
       --variant "rms_norm+swiglu=cuda.liger_kernels=[rms_norm,swiglu]" \
-      --variant "all-liger="
+      --variant "rope+rms_norm+swiglu=cuda.liger_kernels=[rope,rms_norm,swiglu]"
     $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation-liger-b.json" \
       --variant "rope=cuda.liger_kernels=[rope]" \
       --variant "rope+swiglu=cuda.liger_kernels=[rope,swiglu]"
