@@ -164,6 +164,18 @@ def check_attention(cfg, env) -> list[Check]:
                   "make flash-attn")]
 
 
+def check_kernels(cfg, env) -> list[Check]:
+    """Liger kernels that are known to slow this path down (measured, docs/benchmarks.md)."""
+    if cfg.backend != "cuda" or cfg.cuda.device == "cpu" or cfg.cuda.use_liger is False:
+        return []
+    if "rope" in cfg.cuda.liger_kernels and cfg.training.packing:
+        kept = [k for k in cfg.cuda.liger_kernels if k != "rope"]
+        fix = f"--set cuda.liger_kernels=[{','.join(kept)}]" if kept else "--set cuda.use_liger=false"
+        return [Check("liger kernels", WARN, "Liger's RoPE compiles its kernel again for every packed-batch length: "
+                      "23% fewer tokens/s on the H100 (docs/benchmarks.md)", fix)]
+    return []
+
+
 def check_data(cfg, env) -> list[Check]:
     from common.data import read_conversations
 
@@ -287,7 +299,7 @@ def check_memory(cfg, env) -> list[Check]:
                   "" if status == OK else f"{fix}; `qlora plan` shows the effect")]
 
 
-CHECKS = [check_python, check_packages, check_accelerator, check_attention, check_data, check_model,
+CHECKS = [check_python, check_packages, check_accelerator, check_attention, check_kernels, check_data, check_model,
           check_disk, check_tracking, check_memory]
 
 

@@ -47,6 +47,16 @@ def test_a_ready_h100(tmp_path):
     assert "valid" in names["data.train_file"].message
 
 
+@pytest.mark.parametrize("kernels, fix", [("[rope,rms_norm,swiglu]", "--set cuda.liger_kernels=[rms_norm,swiglu]"),
+                                          ("[rope]", "--set cuda.use_liger=false")])
+def test_liger_rope_on_packed_data_warns_with_the_fix(tmp_path, kernels, fix):
+    env = machine(gpu=H100, env={"HF_TOKEN": "x"})
+    row = by_name(pf.run_checks(h100_config(tmp_path, f"cuda.liger_kernels={kernels}"), env))["liger kernels"]
+    assert row.status == pf.WARN and "every packed-batch length" in row.message and row.fix == fix
+    shipped = by_name(pf.run_checks(h100_config(tmp_path), env))
+    assert "liger kernels" not in shipped  # the shipped kernels: nothing to say
+
+
 def test_h100_config_on_a_cpu_blocks(tmp_path):
     rows = by_name(pf.run_checks(h100_config(tmp_path), machine(env={"HF_TOKEN": "x"})))
     assert rows["accelerator"].status == pf.BLOCK and "NVIDIA GPU" in rows["accelerator"].fix
