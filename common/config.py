@@ -136,8 +136,8 @@ class CudaConfig(Section):
     liger_kernels: list[LigerKernel] = Field(
         default_factory=lambda: ["rms_norm", "swiglu"],
         description="With use_liger: which Liger kernels replace the model's own. Each changes speed and "
-        "memory, not the math (docs/benchmarks.md). Not rope by default: Liger's RoPE kernel compiles anew "
-        "for every packed-batch length (-23% tokens/s on the H100). (The loss never builds the full logits either way: "
+        "memory, not the math (docs/benchmarks.md). Not rope by default: Liger's RoPE kernel compiles once "
+        "for each new packed-batch length (-23% tokens/s over a 30-step run on the H100, a few % over a long one). (The loss never builds the full logits either way: "
         "TRL computes it with its own chunked LM head, in place of Liger's fused linear cross-entropy.)",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(

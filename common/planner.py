@@ -51,7 +51,11 @@ DECODER_LAYERS = 32  # Mistral-7B
 # The Liger kernels and the fused LoRA, each measured on/off on one H100 at 4 rows x 4096 with 24 of
 # 32 layers checkpointed (bench/results/2026-11-26-h100-liger.json; fused LoRA: ...-h100-80gb-hbm3.json):
 # speed factor when on, and GB that a kept layer's activations per row grow by without the kernel.
-LIGER_SPEED = {"rms_norm": 9636 / 8490, "swiglu": 9860 / 9636, "rope": 7579 / 9860}  # rope: recompiles per length
+# Liger's RoPE: its kernel's own speed was not isolated (factor 1); its cost is a compile of ~0.7 s for
+# each new packed-batch length (191 over 3 epochs of our chat data, most in the first few hundred steps;
+# bench/packed_lengths.py), counted as startup: ~2 minutes (ESTIMATE; 30-step runs: 9,860 -> 7,579).
+LIGER_SPEED = {"rms_norm": 9636 / 8490, "swiglu": 9860 / 9636, "rope": 1.0}
+ROPE_COMPILE_SECONDS = 135.0
 LIGER_KEPT_LAYER_ROW_GB = {"rms_norm": (40.05 - 37.39) / 32, "swiglu": (37.39 - 33.89) / 32}
 FUSED_LORA_SPEED = 9748 / 6835
 
@@ -101,7 +105,8 @@ def anchor_rates(cfg: QLoraConfig) -> Rates | None:
     speed *= math.prod(LIGER_SPEED[k] for k in kernels) / math.prod(LIGER_SPEED[k] for k in ANCHOR_LIGER)
     if not cfg.cuda.fused_lora:
         speed /= FUSED_LORA_SPEED
-    return Rates(speed, cuda_peak_gb(cfg), base.eval_tokens_per_second, base.save_seconds, base.startup_seconds,
+    startup = base.startup_seconds + (ROPE_COMPILE_SECONDS if "rope" in kernels and t.packing else 0.0)
+    return Rates(speed, cuda_peak_gb(cfg), base.eval_tokens_per_second, base.save_seconds, startup,
                  base.source + "; memory and speed adjusted to this config (ESTIMATE from measured points)",
                  base.measured)
 

@@ -130,3 +130,25 @@ def test_curves_that_match_follow_and_curves_that_drift_do_not(tmp_path):
     assert not compare(stock, curve(1.0, {100: 4.40}))["follows"]  # same training loss, evaluation 5% off
     plot(stock, curve(1.01), tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_packed_lengths_counts_each_new_length_once():
+    from bench.packed_lengths import new_lengths
+
+    full = new_lengths([4096] * 8, rows=4, epochs=3, per=2)  # every micro-batch 16,384 tokens
+    assert full == {"steps": 6, "distinct_lengths": 1, "new_lengths_per_2_steps": [1, 0, 0]}
+    mixed = new_lengths([4096, 4000, 3900, 3800], rows=1, epochs=2, per=4)  # one row a step
+    assert mixed == {"steps": 8, "distinct_lengths": 4, "new_lengths_per_4_steps": [4, 0]}
+
+
+@pytest.mark.slow
+def test_packed_lengths_packs_with_trls_bfd():
+    pytest.importorskip("trl")
+    from bench.packed_lengths import packed_row_lengths
+    from common.config import DataConfig
+    from common.data import ChatTokenizer, read_conversations, tokenize_all
+
+    conversations, _ = read_conversations(SAMPLE / "train.jsonl")
+    examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig(max_seq_length=256))
+    rows = packed_row_lengths(examples, 256)
+    assert sum(rows) == sum(len(e) for e in examples) and max(rows) <= 256  # every token, no row too long

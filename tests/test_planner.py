@@ -76,7 +76,7 @@ def test_anchor_follows_the_config():
     assert all_layers.tokens_per_second < shipped.tokens_per_second  # every layer recomputed
     assert "ESTIMATE" in all_layers.source and "H100" in all_layers.source
     with_rope = anchor_rates(load_config(platform="h100", overrides=["cuda.liger_kernels=[rope,rms_norm,swiglu]"]))
-    assert with_rope.tokens_per_second < 0.8 * shipped.tokens_per_second  # Liger's RoPE: a compile per length
+    assert with_rope.startup_seconds >= shipped.startup_seconds + 60  # Liger's RoPE: a compile per new length
     assert with_rope.peak_gb == pytest.approx(shipped.peak_gb, abs=0.5) and "ESTIMATE" in with_rope.source
     no_liger = anchor_rates(load_config(platform="h100", overrides=["cuda.use_liger=false"]))
     assert no_liger.peak_gb > shipped.peak_gb + 5 and no_liger.tokens_per_second < shipped.tokens_per_second
