@@ -66,7 +66,9 @@ PY
         --variant "packed-fa=cuda.use_liger=false cuda.fused_lora=false cuda.checkpointed_layers=all" \
         --variant "+liger=cuda.fused_lora=false cuda.checkpointed_layers=all" \
         --variant "+fused-lora=cuda.checkpointed_layers=all" \
-        --variant "shipped="
+        --variant "shipped=" \
+        --variant "checkpoint-23=cuda.checkpointed_layers=23" \
+        --variant "checkpoint-22=cuda.checkpointed_layers=22"
       $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation-long.json" \
         --data-dir /tmp/bench-long --variant "shipped-long-data="
     else
