@@ -305,7 +305,10 @@ def _replay(args) -> str:
 
 
 def cmd_demo(args, say: Say) -> int:
+    import shutil
+
     from backends.random_mistral import ensure_tiny_mistral
+    from common.run_files import RunFolder
 
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     if args.backend == "mlx" and not any(o.startswith("training.max_steps=") for o in overrides):
@@ -318,7 +321,12 @@ def cmd_demo(args, say: Say) -> int:
         say.info(f"building the tiny demo model in {model_dir} (random weights, real v0.3 tokenizer)")
         ensure_tiny_mistral(model_dir)
     args.platform, args.config, args.resume = "cpu", None, None
-    args.run_name = args.run_name or f"demo-{cfg.backend}"
+    if not args.run_name:  # the demo's own folder: a new demo replaces the last one (a run you named is kept)
+        args.run_name = f"demo-{cfg.backend}"
+        folder = Path(cfg.tracking.output_dir) / args.run_name
+        if RunFolder.earlier_run(folder):
+            say.info(f"replacing the previous demo run in {folder}")
+            shutil.rmtree(folder)
     return cmd_train(args, say, cfg)
 
 

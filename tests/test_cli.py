@@ -87,8 +87,11 @@ def test_data_stats_and_tokenize(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_from_a_fresh_folder(tmp_path):
+def test_demo_runs_end_to_end_and_replaces_the_previous_demo(tmp_path):
     pytest.importorskip("trl")
+    previous = tmp_path / "adapters" / "demo-cuda"
+    previous.mkdir(parents=True)
+    (previous / "metrics.jsonl").write_text('{"step": 99, "loss": 7.0}\n')  # a `make demo` of yesterday
     code, out = qlora(
         "demo", "--set", "training.max_steps=10", "--set", "eval.eval_steps=5", "--set", "eval.save_steps=10",
         "--set", f"data.train_file={SAMPLE / 'train.jsonl'}", "--set", f"data.val_file={SAMPLE / 'val.jsonl'}",
@@ -99,6 +102,9 @@ def test_demo_runs_end_to_end_from_a_fresh_folder(tmp_path):
     assert (tmp_path / "models" / "tiny-mistral-v0.3" / "config.json").is_file()
     assert (run / "adapter_model.safetensors").is_file() and (run / "loss.png").is_file()
     assert json.loads((run / "summary.json").read_text())["global_step"] == 10
+    assert "replacing the previous demo run" in out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 99 not in steps and max(steps) == 10  # this demo's metrics only
 
 
 def test_a_new_run_never_overwrites_an_earlier_run_of_the_same_name(tmp_path):
