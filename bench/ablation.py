@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # Matmul parameters a token passes through in Mistral-7B (32 layers of q,k,v,o + gate,up,down, and
 # the LM head). A frozen-base LoRA step costs 2N (forward) + 2N (input gradients) FLOPs per token,
 # and 2N more for each layer share that is recomputed (attention adds ~1.5% at these lengths).
-RUN_ID = time.strftime("%Y%m%d-%H%M%S")  # a fresh folder per invocation: never read an earlier run's metrics
 MATMUL_PARAMS = 32 * (4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336) + 4096 * 32768
+RUN_ID = time.strftime("%Y%m%d-%H%M%S")  # a fresh folder per invocation: never read an earlier run's metrics
 
 # Kernel name fragments -> where the time goes (the profile's categories).
 CATEGORIES = [

@@ -260,8 +260,8 @@ def cmd_train(args, say: Say, cfg: QLoraConfig | None = None) -> int:
         cfg.tracking.run_name = args.run_name
     if args.resume and not cfg.tracking.run_name:
         raise UsageError("--resume needs --run-name (the run folder to continue)")
-    folder = Path(cfg.tracking.output_dir) / cfg.tracking.run_name if cfg.tracking.run_name else None
-    earlier = RunFolder.earlier_run(folder) if folder and not args.resume else None
+    folder = RunFolder.root_for(cfg)
+    earlier = RunFolder.earlier_run(folder) if cfg.tracking.run_name and not args.resume else None
     if earlier:
         raise UsageError(
             f"run folder {folder} already holds a run ({earlier}); a new run there would mix its metrics "
@@ -322,8 +322,8 @@ def cmd_demo(args, say: Say) -> int:
         ensure_tiny_mistral(model_dir)
     args.platform, args.config, args.resume = "cpu", None, None
     if not args.run_name:  # the demo's own folder: a new demo replaces the last one (a run you named is kept)
-        args.run_name = f"demo-{cfg.backend}"
-        folder = Path(cfg.tracking.output_dir) / args.run_name
+        args.run_name = cfg.tracking.run_name = f"demo-{cfg.backend}"
+        folder = RunFolder.root_for(cfg)
         if RunFolder.earlier_run(folder):
             say.info(f"replacing the previous demo run in {folder}")
             shutil.rmtree(folder)

@@ -23,11 +23,15 @@ class RunFolder:
 
     @classmethod
     def create(cls, cfg: QLoraConfig) -> RunFolder:
-        root = Path(cfg.tracking.output_dir) / default_run_name(cfg)
+        root = cls.root_for(cfg)
         root.mkdir(parents=True, exist_ok=True)
         folder = cls(root)
         folder.write_config(cfg)
         return folder
+
+    @staticmethod
+    def root_for(cfg: QLoraConfig) -> Path:
+        return Path(cfg.tracking.output_dir) / default_run_name(cfg)
 
     @staticmethod
     def earlier_run(root: Path) -> str | None:

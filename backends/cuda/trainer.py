@@ -16,9 +16,9 @@ from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quanti
 from common.config import LIGER_KERNELS, QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
-from common.planner import tokens_per_step
 from common.run_files import RunFolder, resume_folder, save_failed
 from common.tracking import resolve_tracker
+from common.trainer import Stopping
 
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
 
@@ -68,13 +68,10 @@ def liger_kernel_config(kernels: list[str]) -> dict[str, bool]:
             "fused_linear_cross_entropy": False}
 
 
-class CudaTrainer:
+class CudaTrainer(Stopping):
     def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say):
         self.cfg, self.run, self.data, self.say = cfg, run, data, say
         self.trainer = None
-        self.stop_requested = False
-        self.stop_reason = None  # "signal" | "time budget"
-        self.time_budget = None  # common.time_budget.TimeBudget, set by `--time-budget`
         self.tracker = "none"
 
     # ------------------------------------------------------------------ setup
@@ -114,10 +111,7 @@ class CudaTrainer:
         )
         self._keep_adapter_in_fp32()
         self._speedups()
-        if self.time_budget is not None:
-            trainable = sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad)
-            self.time_budget.guess_save(trainable)
-            self.time_budget.guess_eval(sum(len(e) for e in self.data.val), tokens_per_step(cfg, self.data.train))
+        self._guess_budget(sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad))
 
     def _callbacks(self) -> list:
         callbacks = [self._metrics_callback(), self._stop_callback()]
@@ -288,16 +282,6 @@ class CudaTrainer:
 
         return Stop()
 
-    def request_stop(self, reason: str) -> None:
-        self.stop_requested, self.stop_reason = True, reason
-        left = f" ({self.time_budget.remaining() / 60:.1f} min of the budget left)" if self.time_budget else ""
-        self.say.warn(f"{reason}: finishing this step, then saving a checkpoint{left}")
-
-    def _on_signal(self, signum, frame) -> None:
-        if self.stop_requested and self.stop_reason == "signal":  # a second Ctrl-C means "now"
-            raise KeyboardInterrupt
-        self.request_stop("signal")
-        self.say.warn(f"{signal.Signals(signum).name} received (press Ctrl-C again to abort without saving)")
 
     # ------------------------------------------------------------------ train
     def train(self, resume: str | None = None) -> dict:

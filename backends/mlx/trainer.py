@@ -25,9 +25,9 @@ from common.adapters import PARENT, Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
-from common.planner import tokens_per_step
 from common.run_files import RunFolder, resume_folder, save_failed
 from common.tracking import MetricSink, resolve_tracker
+from common.trainer import Stopping
 
 PAD_ID = 0  # <unk>: never a real token, and masked out of the loss anyway
 
@@ -36,13 +36,10 @@ def cached_model_name(name: str, bits: int, group: int) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip("/")) + f"-mlx-{bits}bit-g{group}"
 
 
-class MlxTrainer:
+class MlxTrainer(Stopping):
     def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say):
         self.cfg, self.run, self.data, self.say = cfg, run, data, say
         self.step = 0
-        self.stop_requested = False
-        self.stop_reason = None  # "signal" | "time budget"
-        self.time_budget = None  # common.time_budget.TimeBudget, set by `--time-budget`
         self.after_step = []  # callables(step): hooks for tests and tools
         self.best: list[tuple[float, int]] = []  # (eval_loss, step) of kept checkpoints
 
@@ -80,9 +77,7 @@ class MlxTrainer:
             self.say.warn(notice)
         self.sink = MetricSink(self.tracker, self.run.root, cfg.tracking.project, self.run.root.name)
         trainable = sum(v.size for _, v in _flatten(self.model.trainable_parameters()))
-        if self.time_budget is not None:
-            self.time_budget.guess_save(trainable)
-            self.time_budget.guess_eval(sum(len(e) for e in self.data.val), tokens_per_step(cfg, self.data.train))
+        self._guess_budget(trainable)
         self.say.ok(f"MLX: {self.model_path} with LoRA on {self.num_layers} layers ({trainable:,} trainable)")
 
     def _quantized_model(self) -> Path:
@@ -304,16 +299,6 @@ class MlxTrainer:
         if self.time_budget is not None:
             getattr(self.time_budget, f"{what}_took")(time.monotonic() - since)
 
-    def request_stop(self, reason: str) -> None:
-        self.stop_requested, self.stop_reason = True, reason
-        left = f" ({self.time_budget.remaining() / 60:.1f} min of the budget left)" if self.time_budget else ""
-        self.say.warn(f"{reason}: finishing this step, then saving a checkpoint{left}")
-
-    def _on_signal(self, signum, frame) -> None:
-        if self.stop_requested and self.stop_reason == "signal":
-            raise KeyboardInterrupt
-        self.request_stop("signal")
-        self.say.warn(f"{signal.Signals(signum).name} received (press Ctrl-C again to abort without saving)")
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, step: int) -> Path:
