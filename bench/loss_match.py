@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--config", default="bench/h100_bench.yaml", help="the optimized path's settings")
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--micro", type=int, default=4, help="examples per micro-batch")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the optimized path, as in `qlora train --set`")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -74,13 +76,13 @@ def main() -> None:
     from backends.cuda.checkpointing import limit_checkpointed_layers
     from backends.cuda.fused_lora import install_fused_lora
     from backends.cuda.model import choose_attention, load_quantized_model
-    from backends.cuda.trainer import liger_kernel_config
+    from backends.cuda.trainer import liger_kernel_config, pin_liger_rope_impl
     from common.config_loader import load_config
     from common.console import Say
     from common.data import ChatTokenizer, read_conversations, tokenize_all
     from common.planner import checkpointed
 
-    cfg = load_config(args.config, overrides=[f"model.name_or_path={args.model}"])
+    cfg = load_config(args.config, overrides=[f"model.name_or_path={args.model}", *args.overrides])
     conversations, _ = read_conversations(args.data)
     examples, _, _ = tokenize_all(conversations[: args.examples], ChatTokenizer(), cfg.data)
 
@@ -111,6 +113,7 @@ def main() -> None:
     model.base_model.model.set_attn_implementation(attn)
     liger = device == "cuda" and cfg.cuda.use_liger is not False
     if liger:
+        pin_liger_rope_impl(cfg.cuda.liger_kernels)
         apply_liger_kernel(model, liger_kernel_config(cfg.cuda.liger_kernels))
     fused = install_fused_lora(model)
     recomputing, total = limit_checkpointed_layers(model, checkpointed(cfg))

@@ -26,38 +26,35 @@ class Rates:
 
 
 # Anchors for the shipped platform configs. H100 config (4 packed rows x 4096, flash-attn-4, Liger
-# RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed): measured 2026-11-26 on an H100 80GB
-# through `qlora train` (docs/benchmarks.md, bench/results/2026-11-26-h100-liger.json): 9,846 real
-# tok/s steady, 33.9 GB; 300 validation conversations (224K tokens) evaluated in 8-10 s. Startup
-# includes the slower first ~10 steps (flash-attn-4 compiling). M4: docs/m4.md estimates.
+# RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed): measured 2026-11-26 on an H100
+# 80GB through `qlora train` (docs/benchmarks.md, bench/results/2026-11-26-h100-80gb-hbm3-d.json):
+# 10,549 real tok/s steady, 33.9 GB; 300 validation conversations (224K tokens) evaluated in ~10 s.
+# Startup includes the slower first ~5 steps (flash-attn-4 compiling). M4: docs/m4.md estimates.
 ANCHORS = {
-    "h100": Rates(9846, 33.9, 22000, 5.0, 75.0,
+    "h100": Rates(10549, 33.9, 22000, 5.0, 75.0,
                   "measured on an H100 80GB, 2026-11-26 (docs/benchmarks.md): qlora train, packed 4 x 4096, "
-                  "flash-attn-4, Liger RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed", True),
+                  "flash-attn-4, Liger RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed", True),
     "m4": Rates(35, 11.0, 100, 5.0, 120.0,
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
 }
 ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 24, 4  # the H100 anchor's cuda.checkpointed_layers and rows a micro-batch
-ANCHOR_LIGER = frozenset({"rms_norm", "swiglu"})  # the H100 anchor's cuda.liger_kernels
+ANCHOR_LIGER = frozenset({"rope", "rms_norm", "swiglu"})  # the H100 anchor's cuda.liger_kernels
 
 # Peak GPU memory of the CUDA path for other micro-batches and checkpointing (GB), fitted to
 # measurements of 2026-11-26 (docs/benchmarks.md): 4.07 fixed (4-bit model, LoRA and optimizer
 # state, workspaces) + per 4096-token micro-batch row 2.10 with every layer checkpointed + 0.68 for
-# each layer that keeps its activations (with Liger's RMSNorm and SwiGLU). Within 8% of the 6
+# each layer that keeps its activations (with Liger's RMSNorm and SwiGLU). Within 8% of the 8
 # configurations measured (1-4 rows, 4-32 layers checkpointed).
 CUDA_FIXED_GB, CUDA_ROW_GB, CUDA_KEPT_LAYER_ROW_GB = 4.07, 2.10, 0.68
 DECODER_LAYERS = 32  # Mistral-7B
 
-# The Liger kernels and the fused LoRA, each measured on/off on one H100 at 4 rows x 4096 with 24 of
-# 32 layers checkpointed (bench/results/2026-11-26-h100-liger.json; fused LoRA: ...-h100-80gb-hbm3.json):
-# speed factor when on, and GB that a kept layer's activations per row grow by without the kernel.
-# Liger's RoPE: its kernel's own speed was not isolated (factor 1); its cost is a compile of ~0.7 s for
-# each new packed-batch length (191 over 3 epochs of our chat data, most in the first few hundred steps;
-# bench/packed_lengths.py), counted as startup: ~2 minutes (ESTIMATE; 30-step runs: 9,860 -> 7,579).
-LIGER_SPEED = {"rms_norm": 9636 / 8490, "swiglu": 9860 / 9636, "rope": 1.0}
-ROPE_COMPILE_SECONDS = 135.0
-LIGER_KEPT_LAYER_ROW_GB = {"rms_norm": (40.05 - 37.39) / 32, "swiglu": (37.39 - 33.89) / 32}
-FUSED_LORA_SPEED = 9748 / 6835
+# The Liger kernels and the fused LoRA, each measured on/off in one process on one H100 at 4 rows x
+# 4096 (bench/results/2026-11-26-h100-80gb-hbm3-d.json, 24 of 32 layers checkpointed; fused LoRA:
+# ...-c.json, every layer checkpointed): speed factor when on, and GB that a kept layer's activations
+# per row grow by without the kernel (RoPE: none measured).
+LIGER_SPEED = {"rms_norm": 9711 / 8584, "swiglu": 9926 / 9711, "rope": 10533 / 9926}
+LIGER_KEPT_LAYER_ROW_GB = {"rms_norm": (40.05 - 37.39) / 32, "swiglu": (37.39 - 33.89) / 32, "rope": 0.0}
+FUSED_LORA_SPEED = 9139 / 8557
 
 
 def liger_kernels(cfg: QLoraConfig) -> frozenset[str]:
@@ -105,8 +102,7 @@ def anchor_rates(cfg: QLoraConfig) -> Rates | None:
     speed *= math.prod(LIGER_SPEED[k] for k in kernels) / math.prod(LIGER_SPEED[k] for k in ANCHOR_LIGER)
     if not cfg.cuda.fused_lora:
         speed /= FUSED_LORA_SPEED
-    startup = base.startup_seconds + (ROPE_COMPILE_SECONDS if "rope" in kernels and t.packing else 0.0)
-    return Rates(speed, cuda_peak_gb(cfg), base.eval_tokens_per_second, base.save_seconds, startup,
+    return Rates(speed, cuda_peak_gb(cfg), base.eval_tokens_per_second, base.save_seconds, base.startup_seconds,
                  base.source + "; memory and speed adjusted to this config (ESTIMATE from measured points)",
                  base.measured)
 

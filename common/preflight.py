@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common import platform as plat
-from common.config import QLoraConfig
+from common.config import LIGER_ROPE_IMPL_VARS, QLoraConfig
 from common.errors import PlatformError, QLoraError
 
 OK, WARN, BLOCK = "ok", "warning", "blocking"
@@ -165,15 +165,19 @@ def check_attention(cfg, env) -> list[Check]:
 
 
 def check_kernels(cfg, env) -> list[Check]:
-    """Liger kernels that are known to slow this path down (measured, docs/benchmarks.md)."""
+    """Liger kernels set up in a way measured to slow this path down (docs/benchmarks.md): RoPE forced
+    onto Liger's CuTe DSL kernel, which compiles for each new packed-batch length."""
     if cfg.backend != "cuda" or cfg.cuda.device == "cpu" or cfg.cuda.use_liger is False:
         return []
-    if "rope" in cfg.cuda.liger_kernels and cfg.training.packing:
-        kept = [k for k in cfg.cuda.liger_kernels if k != "rope"]
-        fix = f"--set cuda.liger_kernels=[{','.join(kept)}]" if kept else "--set cuda.use_liger=false"
-        return [Check("liger kernels", WARN, "Liger's RoPE compiles its kernel once for each new packed-batch length "
-                      "(~0.7 s each, ~190 lengths over 3 epochs of chat data): 23% fewer tokens/s over a 30-step run "
-                      "on the H100, slow and erratic runs until the lengths repeat (docs/benchmarks.md)", fix)]
+    if "rope" not in cfg.cuda.liger_kernels or not cfg.training.packing:
+        return []
+    for var in LIGER_ROPE_IMPL_VARS:
+        chosen = env.env.get(var)
+        if chosen and "cutedsl" in chosen.lower():
+            return [Check("liger kernels", WARN, f"{var}={chosen} sends Liger's RoPE to its CuTe DSL kernel, which "
+                          "compiles once for each new packed-batch length (~190 lengths over 3 epochs of chat data): "
+                          "23% fewer tokens/s over a 30-step run on the H100 (docs/benchmarks.md)",
+                          f"unset {var} (the trainer then uses Liger's Triton RoPE, which compiles once)")]
     return []
 
 

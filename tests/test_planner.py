@@ -55,6 +55,8 @@ MEASURED_PEAKS = [
     (["cuda.liger_kernels=[rms_norm]"], 37.39),
     (["cuda.liger_kernels=[rope,swiglu]"], 36.60),
     (["cuda.checkpointed_layers=all"], 12.20),
+    (["cuda.checkpointed_layers=23"], 36.99),
+    (["cuda.checkpointed_layers=22"], 40.09),
     (["training.batch_size=2"], 19.22),
     (["training.batch_size=2", "cuda.checkpointed_layers=16"], 31.77),
     (["training.batch_size=1", "cuda.checkpointed_layers=4"], 27.55),
@@ -75,9 +77,10 @@ def test_anchor_follows_the_config():
     assert all_layers.peak_gb < shipped.peak_gb - 15  # 8 layers x 4 rows of kept activations
     assert all_layers.tokens_per_second < shipped.tokens_per_second  # every layer recomputed
     assert "ESTIMATE" in all_layers.source and "H100" in all_layers.source
-    with_rope = anchor_rates(load_config(platform="h100", overrides=["cuda.liger_kernels=[rope,rms_norm,swiglu]"]))
-    assert with_rope.startup_seconds >= shipped.startup_seconds + 60  # Liger's RoPE: a compile per new length
-    assert with_rope.peak_gb == pytest.approx(shipped.peak_gb, abs=0.5) and "ESTIMATE" in with_rope.source
+    no_rope = anchor_rates(load_config(platform="h100", overrides=["cuda.liger_kernels=[rms_norm,swiglu]"]))
+    assert no_rope.tokens_per_second == pytest.approx(shipped.tokens_per_second * 9926 / 10533)  # measured pair
+    assert no_rope.peak_gb == pytest.approx(shipped.peak_gb, abs=0.5) and "ESTIMATE" in no_rope.source
+    assert no_rope.startup_seconds == shipped.startup_seconds  # Liger's Triton RoPE compiles once, not per length
     no_liger = anchor_rates(load_config(platform="h100", overrides=["cuda.use_liger=false"]))
     assert no_liger.peak_gb > shipped.peak_gb + 5 and no_liger.tokens_per_second < shipped.tokens_per_second
 

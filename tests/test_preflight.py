@@ -47,14 +47,18 @@ def test_a_ready_h100(tmp_path):
     assert "valid" in names["data.train_file"].message
 
 
-@pytest.mark.parametrize("kernels, fix", [("[rope,rms_norm,swiglu]", "--set cuda.liger_kernels=[rms_norm,swiglu]"),
-                                          ("[rope]", "--set cuda.use_liger=false")])
-def test_liger_rope_on_packed_data_warns_with_the_fix(tmp_path, kernels, fix):
-    env = machine(gpu=H100, env={"HF_TOKEN": "x"})
-    row = by_name(pf.run_checks(h100_config(tmp_path, f"cuda.liger_kernels={kernels}"), env))["liger kernels"]
-    assert row.status == pf.WARN and "each new packed-batch length" in row.message and row.fix == fix
-    shipped = by_name(pf.run_checks(h100_config(tmp_path), env))
-    assert "liger kernels" not in shipped  # the shipped kernels: nothing to say
+@pytest.mark.parametrize("var, value", [("LIGER_KERNEL_IMPL_ROPE", "nvidia-cutedsl"),
+                                        ("LIGER_KERNEL_BACKEND_ROPE", "cutedsl")])
+def test_liger_rope_forced_onto_its_cutedsl_kernel_warns_with_the_fix(tmp_path, var, value):
+    env = machine(gpu=H100, env={"HF_TOKEN": "x", var: value})
+    row = by_name(pf.run_checks(h100_config(tmp_path), env))["liger kernels"]
+    assert row.status == pf.WARN and "each new packed-batch length" in row.message and row.fix.startswith(f"unset {var}")
+    triton = machine(gpu=H100, env={"HF_TOKEN": "x", var: "nvidia-triton"})
+    assert "liger kernels" not in by_name(pf.run_checks(h100_config(tmp_path), triton))
+    no_rope = by_name(pf.run_checks(h100_config(tmp_path, "cuda.liger_kernels=[rms_norm,swiglu]"), env))
+    assert "liger kernels" not in no_rope  # RoPE not on: nothing to say
+    shipped = by_name(pf.run_checks(h100_config(tmp_path), machine(gpu=H100, env={"HF_TOKEN": "x"})))
+    assert "liger kernels" not in shipped  # the shipped kernels, nothing forced: nothing to say
 
 
 def test_h100_config_on_a_cpu_blocks(tmp_path):

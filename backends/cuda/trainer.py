@@ -13,7 +13,7 @@ import time
 
 from backends.cuda.checkpointing import checkpoint_limit_callback, checkpointing_args
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
-from common.config import LIGER_KERNELS, QLoraConfig
+from common.config import LIGER_KERNELS, LIGER_ROPE_IMPL, LIGER_ROPE_IMPL_VARS, QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
 from common.run_files import RunFolder, resume_folder, save_failed
@@ -66,6 +66,18 @@ def liger_kernel_config(kernels: list[str]) -> dict[str, bool]:
     Liger's fused linear cross-entropy, which would replace the model's forward."""
     return {**{name: name in kernels for name in LIGER_KERNELS}, "cross_entropy": False,
             "fused_linear_cross_entropy": False}
+
+
+def pin_liger_rope_impl(kernels: list[str]) -> str | None:
+    """Route Liger's RoPE to its Triton kernel (common/config.py says why); Liger's dispatcher reads
+    the variable at each call. A choice the user already made in the environment wins. Returns the
+    implementation RoPE will use (None without RoPE)."""
+    if "rope" not in kernels:
+        return None
+    chosen = next((os.environ[v] for v in LIGER_ROPE_IMPL_VARS if os.environ.get(v)), None)
+    if chosen is None:
+        os.environ[LIGER_ROPE_IMPL_VARS[0]] = chosen = LIGER_ROPE_IMPL
+    return chosen
 
 
 class CudaTrainer(Stopping):
@@ -122,7 +134,10 @@ class CudaTrainer(Stopping):
 
     def _speedups(self) -> None:
         if self.trainer.args.use_liger_kernel:  # applied by transformers' Trainer
-            self.say.ok(f"Liger kernels: {', '.join(self.cfg.cuda.liger_kernels)} (cuda.liger_kernels)")
+            kernels = self.cfg.cuda.liger_kernels
+            rope = pin_liger_rope_impl(kernels)
+            rope = f"; RoPE: Liger's {rope} kernel" if rope else ""
+            self.say.ok(f"Liger kernels: {', '.join(kernels)} (cuda.liger_kernels){rope}")
         if self.cfg.cuda.fused_lora:
             from backends.cuda.fused_lora import install_fused_lora
 
