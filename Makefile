@@ -79,7 +79,7 @@ BENCH_OUT ?= /tmp/bench-out
 bench: ## H100: random 7B checkpoint + data, stock TRL, our levers one by one, loss match -> bench/results, docs
 	@command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1 || { echo -e "$(RED)make bench needs an NVIDIA GPU (run make setup-h100 there first)$(NC)"; exit 1; }
 	mkdir -p $(BENCH_OUT)
-	for step in prepare stock ablation liger loss-match versions; do OUT=$(BENCH_OUT) PY=$(BIN)/python bash bench/run_h100.sh $$step || exit 1; done
+	for step in prepare stock ablation liger loss-match whole versions; do OUT=$(BENCH_OUT) PY=$(BIN)/python bash bench/run_h100.sh $$step || exit 1; done
 	$(BIN)/python bench/report.py --collect $(BENCH_OUT)
 
 convert: ## convert an adapter: make convert SRC=dir DST=dir [ARGS="--base-model DIR --verify"]

@@ -113,17 +113,20 @@ def summarize(prof, wall: float, steps: int, out_dir: Path, name: str, results: 
 
 
 def steady_rate(records: list[dict], warmup: int) -> tuple[float, float]:
-    """(real tokens/s, seconds per step) over the logged intervals after `warmup` steps."""
+    """(real tokens/s, seconds per step) over the logged intervals after `warmup` steps, leaving out
+    each interval that an evaluation ran inside (the one logged after an `eval_loss` record)."""
     tokens = seconds = steps = 0.0
-    previous_step = 0
+    previous_step, evaluated = 0, False
     for record in records:
+        if "eval_loss" in record:
+            evaluated = True
         if not record.get("tokens_per_second"):
             continue
-        if previous_step >= warmup:
+        if previous_step >= warmup and not evaluated:
             tokens += record["interval_tokens"]
             seconds += record["interval_tokens"] / record["tokens_per_second"]
             steps += record["step"] - previous_step
-        previous_step = record["step"]
+        previous_step, evaluated = record["step"], False
     if not seconds:
         return 0.0, 0.0
     return tokens / seconds, seconds / steps

@@ -5,8 +5,10 @@ into docs/benchmarks.md (between the `bench:table` markers).
   python bench/report.py --render bench/results/2026-11-26-h200.json   # table only, to stdout
 
 The folder holds what bench/run_h100.sh writes: stock.json, ablation.json, ablation-long.json,
-loss-match.json, versions.json and the data statistics chat-stats.json / long-stats.json (any may
-be missing).
+ablation-liger-a/b.json, loss-match.json, versions.json, train-metrics.jsonl (the `whole` step's
+100-step `qlora train` run) and the data statistics chat-stats.json / long-stats.json (any may be
+missing). An existing results file is never overwritten: a second session of the same day and GPU
+passes --tag.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.ablation import MATMUL_PARAMS  # noqa: E402
+from bench.ablation import MATMUL_PARAMS, steady_rate  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
@@ -32,9 +34,10 @@ def collect(folder: Path) -> dict:
 
     ablation = read("ablation.json") or {}
     long = read("ablation-long.json") or {}
+    stamped = [ablation, read("ablation-liger-a.json") or {}, read("loss-match.json") or {}]  # files that name the GPU
     result = {
-        "gpu": ablation.get("gpu") or (read("loss-match.json") or {}).get("gpu") or "unknown GPU",
-        "date": ablation.get("date") or (read("loss-match.json") or {}).get("date"),
+        "gpu": next((f["gpu"] for f in stamped if f.get("gpu")), "unknown GPU"),
+        "date": next((f["date"] for f in stamped if f.get("date")), None),
         "stock": read("stock.json"),
         "ablation": ablation.get("variants", []) + long.get("variants", []),
         # bench/run_h100.sh liger: each Liger kernel on and off, one process per file
@@ -42,14 +45,45 @@ def collect(folder: Path) -> dict:
                   for row in (read(name) or {}).get("variants", [])],
         "profile": ablation.get("profile"),
         "loss_match": read("loss-match.json"),
+        "qlora_train": train_summary(folder / "train-metrics.jsonl"),
         "data": {"chat": read("chat-stats.json"), "long": read("long-stats.json")},
         "versions": read("versions.json"),
     }
     return result
 
 
+WHOLE_WARMUP = 10  # steps in which flash-attn-4 compiles kernels for new row shapes
+
+
+def train_summary(metrics: Path) -> dict | None:
+    """The `whole` step's `qlora train` run from its metrics.jsonl: the steady rate (intervals after
+    the warm-up, without the ones an evaluation ran in) and the whole loop's (evaluations, checkpoint
+    saves and the warm-up included)."""
+    if not metrics.is_file():
+        return None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steady, _ = steady_rate(records, warmup=WHOLE_WARMUP)
+    end = next((r for r in reversed(records) if r.get("train_runtime") and "train_loss" in r), None)
+    return {
+        "steps": max((r["step"] for r in records if "step" in r), default=0),
+        "steady_tokens_per_second": steady,
+        "steady_definition": f"real tokens over the logged intervals after step {WHOLE_WARMUP}, without those an "
+                             "evaluation ran in",
+        "whole_loop_tokens_per_second": end["num_input_tokens_seen"] / end["train_runtime"] if end else None,
+        "train_runtime_seconds": end["train_runtime"] if end else None,
+        "eval_loss": {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r},
+        "interval_rates": [[r["step"], round(r["tokens_per_second"])] for r in records if r.get("tokens_per_second")],
+    }
+
+
 def slug(gpu: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", gpu.lower().replace("nvidia", "")).strip("-") or "gpu"
+
+
+def steps_run(result: dict) -> list[str]:
+    keys = [("prepare", "data"), ("stock", "stock"), ("ablation", "ablation"), ("liger", "liger"),
+            ("loss-match", "loss_match"), ("whole", "qlora_train"), ("versions", "versions")]
+    return [step for step, key in keys if result.get(key) and (key != "data" or any(result["data"].values()))]
 
 
 def table(result: dict) -> str:
@@ -57,9 +91,8 @@ def table(result: dict) -> str:
     versions = result.get("versions") or {}
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     lines = [
-        f"Measured {result.get('date')} on one {result.get('gpu')} with `make bench` (= `bench/run_h100.sh` "
-        f"prepare, stock, ablation, {'liger, ' if result.get('liger') else ''}loss-match, versions); raw numbers in "
-        "`bench/results/`.",
+        f"Measured {result.get('date')} on one {result.get('gpu')} with `bench/run_h100.sh` "
+        f"{', '.join(steps_run(result))} (steps of `make bench`); raw numbers in `bench/results/`.",
         *([f"Software: {shown}."] if shown else []),
         "",
         "| run | attention | rows x accumulation | checkpointed layers | Liger | fused LoRA | padding | real tokens/s "
@@ -84,6 +117,14 @@ def table(result: dict) -> str:
             f"{row['checkpointed_layers']} | {liger_cell(row['liger'])} | {'yes' if row['fused_lora'] else 'no'} | "
             f"{'0%' if row['packing'] else '?'} | {rate:,.0f} | {speedup} | {row['peak_memory_gb']:.1f} | {row['model_tflops']:.0f} |"
         )
+    whole = result.get("qlora_train")
+    if whole and whole.get("steady_tokens_per_second"):
+        rate = whole["steady_tokens_per_second"]
+        loop = whole.get("whole_loop_tokens_per_second")
+        lines += ["", f"Through `qlora train` with the shipped config (`bash bench/run_h100.sh whole`, {whole['steps']} "
+                  f"steps, evaluations and checkpoint saves every 50): **{rate:,.0f} real tokens/s steady**"
+                  f"{f' ({rate / base:.2f}x stock)' if base else ''}"
+                  f"{f', {loop:,.0f} over the whole loop' if loop else ''}."]
     lines += liger_table(result.get("liger") or [])
     match = result.get("loss_match")
     if match:
@@ -146,12 +187,17 @@ def main() -> None:
     group.add_argument("--collect", type=Path, help="folder with one session's result files")
     group.add_argument("--render", type=Path, help="a bench/results/*.json to print as a table")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument("--tag", help="appended to the results file's name: <date>-<gpu>-<tag>.json")
     args = parser.parse_args()
     if args.render:
         sys.stdout.write(table(json.loads(args.render.read_text())))
         return
     result = collect(args.collect)
-    out = REPO / "bench" / "results" / f"{result['date']}-{slug(result['gpu'])}.json"
+    name = "-".join(part for part in (result["date"], slug(result["gpu"]), args.tag and slug(args.tag)) if part)
+    out = REPO / "bench" / "results" / f"{name}.json"
+    if out.exists():
+        sys.exit(f"{out.relative_to(REPO)} already holds an earlier session's results; pass --tag NAME to keep both "
+                 f"(e.g. --tag 2), or move it away first")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(REPO)}")
     if not args.no_docs:

@@ -6,6 +6,7 @@
 #   bash bench/run_h100.sh ablation [ablation.py args...]  # speed levers one at a time (+ profile)
 #   bash bench/run_h100.sh liger       # the Liger kernels one at a time
 #   bash bench/run_h100.sh loss-match  # stock vs optimized loss and gradients on one fixed batch
+#   bash bench/run_h100.sh whole       # the shipped config through `qlora train`, 100 steps
 #   bash bench/run_h100.sh versions    # library versions, for the results file
 #   bash bench/run_h100.sh curve-stock|curve-ours|curve-compare   # 300-step loss curves, stock vs ours
 #   bash bench/run_h100.sh plan [qlora plan args...]     # the planner on the same config
@@ -76,7 +77,8 @@ PY
     fi
     ;;
   liger)  # the Liger kernels one at a time at the shipped checkpointing; in each process every variant
-    # is a superset of the one before (Liger patches model classes and functions for the rest of a process)
+    # is a superset of the one before (Liger patches model classes and functions for the rest of a process).
+    # RoPE runs on Liger's Triton kernel (the backend sets LIGER_KERNEL_IMPL_ROPE; common/config.py says why)
     $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation-liger-a.json" \
       --variant "no-liger=cuda.use_liger=false" \
       --variant "rms_norm=cuda.liger_kernels=[rms_norm]" \
@@ -85,6 +87,12 @@ PY
     $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation-liger-b.json" \
       --variant "rope=cuda.liger_kernels=[rope]" \
       --variant "rope+swiglu=cuda.liger_kernels=[rope,swiglu]"
+    ;;
+  whole)  # ~4 min: 100 steps of the real `qlora train` path, evaluations and checkpoint saves every 50
+    run="whole-$(date +%Y%m%d-%H%M%S)"
+    $PY -m common.cli train --config bench/h100_bench.yaml --set training.max_steps=100 --set eval.eval_steps=50 \
+      --set eval.save_steps=50 --set eval.logging_steps=5 --set tracking.run_name="$run"
+    cp "/tmp/adapters/$run/metrics.jsonl" "$OUT/train-metrics.jsonl"
     ;;
   versions)
     $PY - > "$OUT/versions.json" <<'PY'
@@ -131,5 +139,5 @@ PY
     exec $PY -m common.cli train --config bench/h100_bench.yaml "$@"  # exec: signals reach Python
     ;;
   *)
-    sed -n "2,14p" "$0"; exit 2 ;;
+    sed -n "2,15p" "$0"; exit 2 ;;
 esac
