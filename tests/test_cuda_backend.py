@@ -440,3 +440,22 @@ def test_liger_rope_is_routed_to_its_triton_kernel_unless_the_user_chose(monkeyp
     monkeypatch.delenv("LIGER_KERNEL_IMPL_ROPE")
     monkeypatch.setenv("LIGER_KERNEL_BACKEND_ROPE", "cutedsl")  # the user's choice, by Liger's legacy name
     assert pin_liger_rope_impl(["rope"]) == "cutedsl" and "LIGER_KERNEL_IMPL_ROPE" not in os.environ
+
+
+def test_only_liger_ascend_import_notices_are_dropped(caplog):
+    """On CUDA, Liger logs that its Huawei Ascend RoPE failed to import, mid-run, worded like an error;
+    the backend drops that notice and no other."""
+    import logging
+
+    from backends.cuda.trainer import LIGER_REGISTRY_LOGGER, quiet_liger_ascend_notices
+
+    quiet_liger_ascend_notices()
+    quiet_liger_ascend_notices()  # once is enough: no second filter
+    log = logging.getLogger(LIGER_REGISTRY_LOGGER)
+    assert len(log.filters) == 1
+    notice = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
+    with caplog.at_level(logging.WARNING, logger=LIGER_REGISTRY_LOGGER):
+        log.warning(notice, "liger_kernel.ops.backends._ascend.rope", "rope", "ImportError", "no tanh")
+        log.warning(notice, "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError", "no cutlass")
+    shown = [r.getMessage() for r in caplog.records]
+    assert len(shown) == 1 and "_cutedsl" in shown[0]

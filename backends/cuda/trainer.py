@@ -7,6 +7,7 @@ stopping cleanly on SIGTERM / Ctrl-C; save() writes the PEFT adapter into the ru
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -80,6 +81,25 @@ def pin_liger_rope_impl(kernels: list[str]) -> str | None:
     return chosen
 
 
+class _SkipAscendImportNotice(logging.Filter):
+    """Liger's dispatcher imports every backend it knows the first time an op runs, Huawei Ascend NPU
+    ones included, and logs each that fails to import. On a CUDA machine the Ascend RoPE always fails
+    ("ImportError: cannot import name 'tanh' from 'triton.language.math'"): a line that reads like an
+    error in the middle of a healthy run. Only that notice is dropped; every other one still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.args and "._ascend." in str(record.args[0]))
+
+
+LIGER_REGISTRY_LOGGER = "liger_kernel.backends.registry"
+
+
+def quiet_liger_ascend_notices() -> None:
+    log = logging.getLogger(LIGER_REGISTRY_LOGGER)
+    if not any(isinstance(f, _SkipAscendImportNotice) for f in log.filters):
+        log.addFilter(_SkipAscendImportNotice())
+
+
 class CudaTrainer(Stopping):
     def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say):
         self.cfg, self.run, self.data, self.say = cfg, run, data, say
@@ -135,6 +155,7 @@ class CudaTrainer(Stopping):
     def _speedups(self) -> None:
         if self.trainer.args.use_liger_kernel:  # applied by transformers' Trainer
             kernels = self.cfg.cuda.liger_kernels
+            quiet_liger_ascend_notices()
             rope = pin_liger_rope_impl(kernels)
             rope = f"; RoPE: Liger's {rope} kernel" if rope else ""
             self.say.ok(f"Liger kernels: {', '.join(kernels)} (cuda.liger_kernels){rope}")
