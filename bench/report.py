@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 from bench.ablation import MATMUL_PARAMS, steady_rate  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
+RESULTS = REPO / "bench" / "results"
 START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
 
 
@@ -74,6 +75,17 @@ def train_summary(metrics: Path) -> dict | None:
         "eval_loss": {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r},
         "interval_rates": [[r["step"], round(r["tokens_per_second"])] for r in records if r.get("tokens_per_second")],
     }
+
+
+def results_file(result: dict, tag: str | None = None, folder: Path = RESULTS) -> Path:
+    """bench/results/<date>-<gpu>[-<tag>].json, refused when it exists: an earlier session's numbers
+    are never overwritten."""
+    name = "-".join(part for part in (result.get("date"), slug(result["gpu"]), tag and slug(tag)) if part)
+    out = folder / f"{name}.json"
+    if out.exists():
+        sys.exit(f"{out} already holds an earlier session's results; pass --tag NAME to keep both "
+                 f"(e.g. --tag 2), or move it away first")
+    return out
 
 
 def slug(gpu: str) -> str:
@@ -193,11 +205,7 @@ def main() -> None:
         sys.stdout.write(table(json.loads(args.render.read_text())))
         return
     result = collect(args.collect)
-    name = "-".join(part for part in (result["date"], slug(result["gpu"]), args.tag and slug(args.tag)) if part)
-    out = REPO / "bench" / "results" / f"{name}.json"
-    if out.exists():
-        sys.exit(f"{out.relative_to(REPO)} already holds an earlier session's results; pass --tag NAME to keep both "
-                 f"(e.g. --tag 2), or move it away first")
+    out = results_file(result, args.tag)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(REPO)}")
     if not args.no_docs:

@@ -14,7 +14,7 @@ from conftest import REPO, SAMPLE
 sys.path.insert(0, str(REPO))
 
 from bench.ablation import MATMUL_PARAMS, category, steady_rate  # noqa: E402
-from bench.report import END, START, collect, table, write_docs  # noqa: E402
+from bench.report import END, START, collect, results_file, table, write_docs  # noqa: E402
 
 H100_RESULT = REPO / "bench" / "results" / "2026-11-26-h100-80gb-hbm3-d.json"  # the table in docs/benchmarks.md
 LEVERS_RESULT = REPO / "bench" / "results" / "2026-11-26-h100-80gb-hbm3-c.json"  # make bench, the levers
@@ -83,6 +83,17 @@ def test_make_bench_collects_the_liger_kernels_one_at_a_time(tmp_path):
     assert "| RMSNorm + SwiGLU | 9,860 | 33.9 | a, 2 |" in text
     assert "| all-liger | failed: RuntimeError: CUDA out of memory | | a, 3 |" in text
     assert "| RoPE | 7,150 | 40.1 | b, 1 |" in text
+
+
+def test_a_results_file_is_never_overwritten(tmp_path):
+    result = {"date": "2026-11-26", "gpu": "NVIDIA H100 80GB HBM3"}
+    first = results_file(result, folder=tmp_path)
+    assert first.name == "2026-11-26-h100-80gb-hbm3.json"
+    first.write_text("{}")
+    with pytest.raises(SystemExit, match="--tag NAME to keep both"):
+        results_file(result, folder=tmp_path)
+    assert results_file(result, "Machine D", folder=tmp_path).name == "2026-11-26-h100-80gb-hbm3-machine-d.json"
+    assert first.read_text() == "{}"
 
 
 def test_the_docs_table_is_the_committed_results(tmp_path):
