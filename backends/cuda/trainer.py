@@ -156,8 +156,8 @@ class CudaTrainer(Stopping):
         if self.trainer.args.use_liger_kernel:  # applied by transformers' Trainer
             kernels = self.cfg.cuda.liger_kernels
             quiet_liger_ascend_notices()
-            rope = pin_liger_rope_impl(kernels)
-            rope = f"; RoPE: Liger's {rope} kernel" if rope else ""
+            rope_impl = pin_liger_rope_impl(kernels)
+            rope = f"; RoPE: Liger's {rope_impl} kernel" if rope_impl else ""
             self.say.ok(f"Liger kernels: {', '.join(kernels)} (cuda.liger_kernels){rope}")
         if self.cfg.cuda.fused_lora:
             from backends.cuda.fused_lora import install_fused_lora
@@ -317,7 +317,6 @@ class CudaTrainer(Stopping):
                     owner.time_budget.save_took(time.monotonic() - self.mark)
 
         return Stop()
-
 
     # ------------------------------------------------------------------ train
     def train(self, resume: str | None = None) -> dict:

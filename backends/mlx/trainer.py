@@ -299,7 +299,6 @@ class MlxTrainer(Stopping):
         if self.time_budget is not None:
             getattr(self.time_budget, f"{what}_took")(time.monotonic() - since)
 
-
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, step: int) -> Path:
         return self.run.checkpoints / f"checkpoint-{step}"
