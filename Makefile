@@ -64,7 +64,7 @@ test: setup-cpu ## set up and run the tests
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: setup-cpu ## ruff
-	$(BIN)/ruff check common backends tests scripts bench
+	$(BIN)/ruff check common backends commands tests scripts bench
 
 train: ## train on this machine's platform (detected)
 	$(QLORA) train $(ARGS)

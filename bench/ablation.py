@@ -139,7 +139,7 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
     from common.config_loader import load_config
     from common.console import Say
     from common.planner import DECODER_LAYERS, checkpointed
-    from common.run_files import RunFolder
+    from common.run_folder import RunFolder
 
     compile_layers = "bench.compile_layers=true" in overrides  # not a config key: torch.compile per layer
     overrides = [o for o in overrides if o != "bench.compile_layers=true"]
@@ -156,7 +156,7 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
     trainer.setup()
     setup_s = time.monotonic() - started
     if compile_layers:
-        from backends.cuda.checkpointing import decoder_layers
+        from backends.cuda.activation_checkpointing import decoder_layers
 
         for layer in decoder_layers(trainer.trainer.model):
             layer.compile(dynamic=True)
@@ -181,12 +181,12 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
         "torch_compile": compile_layers,
         "steady_tokens_per_second": rate,
         "seconds_per_step": step_s,
-        "whole_run_tokens_per_second": summary["tokens_per_second"],
-        "peak_memory_gb": summary["peak_memory_gb"],
+        "whole_run_tokens_per_second": summary.tokens_per_second,
+        "peak_memory_gb": summary.peak_memory_gb,
         "model_tflops": rate * 4 * MATMUL_PARAMS / 1e12,
         "hardware_tflops": rate * flops_per_token / 1e12,
         "setup_seconds": setup_s,
-        "steps": summary["global_step"],
+        "steps": summary.global_step,
         "losses": [r["loss"] for r in trainer.run.read_metrics() if "loss" in r],
         # real tokens/s of each logged interval: shows warm-up and how steady the machine was
         "interval_rates": [[r["step"], round(r["tokens_per_second"])] for r in measured if r.get("tokens_per_second")],

@@ -73,7 +73,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers.integrations.liger import apply_liger_kernel
 
-    from backends.cuda.checkpointing import limit_checkpointed_layers
+    from backends.cuda.activation_checkpointing import limit_checkpointed_layers
     from backends.cuda.fused_lora import install_fused_lora
     from backends.cuda.model import choose_attention, load_quantized_model
     from backends.cuda.trainer import liger_kernel_config, pin_liger_rope_impl

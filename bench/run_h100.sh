@@ -49,8 +49,8 @@ PY
     $PY bench/make_checkpoint.py /tmp/mistral-7b-random
     [ -f /tmp/bench-data/train.jsonl ] || $PY bench/make_chat_data.py --kind chat --train 15000 --val 300 --out /tmp/bench-data
     [ -f /tmp/bench-long/train.jsonl ] || $PY bench/make_chat_data.py --kind long --train 3000 --val 100 --out /tmp/bench-long
-    $PY -m common.cli data stats /tmp/bench-long/train.jsonl --platform h100 --json > /tmp/bench-long/stats.json
-    $PY -m common.cli data stats /tmp/bench-data/train.jsonl --platform h100 --json > /tmp/bench-data/stats.json
+    $PY -m commands data stats /tmp/bench-long/train.jsonl --platform h100 --json > /tmp/bench-long/stats.json
+    $PY -m commands data stats /tmp/bench-data/train.jsonl --platform h100 --json > /tmp/bench-data/stats.json
     mkdir -p "$OUT"
     cp /tmp/bench-data/stats.json "$OUT/chat-stats.json"
     cp /tmp/bench-long/stats.json "$OUT/long-stats.json"
@@ -90,7 +90,7 @@ PY
     ;;
   whole)  # ~4 min: 100 steps of the real `qlora train` path, evaluations and checkpoint saves every 50
     run="whole-$(date +%Y%m%d-%H%M%S)"
-    $PY -m common.cli train --config bench/h100_bench.yaml --set training.max_steps=100 --set eval.eval_steps=50 \
+    $PY -m commands train --config bench/h100_bench.yaml --set training.max_steps=100 --set eval.eval_steps=50 \
       --set eval.save_steps=50 --set eval.logging_steps=5 --set tracking.run_name="$run"
     cp "/tmp/adapters/$run/metrics.jsonl" "$OUT/train-metrics.jsonl"
     ;;
@@ -122,7 +122,7 @@ PY
       --logging-steps 10 --eval-steps 100 --accumulation 2 --max-length 3072 --out "$OUT/stock-300.json"
     ;;
   curve-ours)   # ~4 min: the same tokens per step as curve-stock, 300 steps, the shipped kernels
-    $PY -m common.cli train --config bench/h100_bench.yaml --set training.batch_size=2 \
+    $PY -m commands train --config bench/h100_bench.yaml --set training.batch_size=2 \
       --set data.max_seq_length=3072 --set tracking.run_name=curve --set eval.logging_steps=10
     cp /tmp/adapters/curve/metrics.jsonl "$OUT/curve-ours-metrics.jsonl"
     ;;
@@ -132,11 +132,11 @@ PY
     ;;
   plan)
     shift
-    exec $PY -m common.cli plan --config bench/h100_bench.yaml "$@"
+    exec $PY -m commands plan --config bench/h100_bench.yaml "$@"
     ;;
   train)
     shift
-    exec $PY -m common.cli train --config bench/h100_bench.yaml "$@"  # exec: signals reach Python
+    exec $PY -m commands train --config bench/h100_bench.yaml "$@"  # exec: signals reach Python
     ;;
   *)
     sed -n "2,15p" "$0"; exit 2 ;;

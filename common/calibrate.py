@@ -53,9 +53,10 @@ def store(cfg: QLoraConfig, machine: str, rates: Rates, cache: Path = CACHE) -> 
     cache.write_text(json.dumps(table, indent=2))
 
 
-def calibrate(cfg: QLoraConfig, data: PreparedData, machine: str, say) -> Rates:
-    from common.run_files import RunFolder
-    from common.trainer import make_trainer
+def calibrate(cfg: QLoraConfig, data: PreparedData, machine: str, say, make_trainer) -> Rates:
+    """`make_trainer(cfg, run, data, say)` builds the backend's Trainer (the command layer passes
+    `backends.make_trainer`): this module stays free of any backend."""
+    from common.run_folder import RunFolder
 
     trial = cfg.model_copy(deep=True)
     scratch = Path(tempfile.mkdtemp(prefix="qlora-calibrate-"))
@@ -70,7 +71,7 @@ def calibrate(cfg: QLoraConfig, data: PreparedData, machine: str, say) -> Rates:
         trainer = make_trainer(trial, RunFolder.create(trial), data, say)
         trainer.setup()
         startup = time.monotonic() - started
-        with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints log dicts; keep --json clean
+        with contextlib.redirect_stdout(sys.stderr):  # keep --json's stdout clean
             summary = trainer.train()
         logged = [r for r in trainer.run.read_metrics() if r.get("tokens_per_second")][WARMUP:]
         # each record covers one step (logging_steps=1): total tokens over total time
@@ -78,7 +79,7 @@ def calibrate(cfg: QLoraConfig, data: PreparedData, machine: str, say) -> Rates:
         rates = [sum(r["interval_tokens"] for r in logged) / seconds] if seconds else []
         mark = time.monotonic()
         with contextlib.redirect_stdout(sys.stderr):
-            _evaluate(trainer)
+            trainer.evaluate()
         eval_rate = sum(len(e) for e in data.val) / max(time.monotonic() - mark, 1e-9)
         mark = time.monotonic()
         trainer.save()
@@ -90,12 +91,6 @@ def calibrate(cfg: QLoraConfig, data: PreparedData, machine: str, say) -> Rates:
 
         raise QLoraError("calibration measured no steady step; try again with more training data")
     when = time.strftime("%Y-%m-%d")
-    return Rates(rates[0], summary["peak_memory_gb"], eval_rate, save, startup,
+    return Rates(rates[0], summary.peak_memory_gb, eval_rate, save, startup,
                  f"calibrated on {machine}, {when} ({STEPS} steps of this config)", True)
 
-
-def _evaluate(trainer) -> None:
-    if hasattr(trainer, "trainer"):  # CUDA: the SFTTrainer's own evaluation loop
-        trainer.trainer.evaluate()
-    else:
-        trainer.evaluate()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common import platform as plat
+from common import machine as plat
 from common.config import LIGER_ROPE_IMPL_VARS, QLoraConfig
 from common.errors import PlatformError, QLoraError
 
@@ -292,7 +292,7 @@ def check_memory(cfg, env) -> list[Check]:
     if env.info.gpu:
         available, what = env.info.gpu.total_gb, "GPU memory"
     elif env.info.apple:
-        available, what = env.info.apple.unified_memory_gb * 0.7, "of unified memory usable by the GPU (~70%)"
+        available, what = env.info.apple.unified_memory_gb * plat.APPLE_GPU_SHARE, f"of unified memory usable by the GPU (~{plat.APPLE_GPU_SHARE:.0%})"
     else:
         return []
     status = OK if rates.peak_gb < available * 0.9 else WARN

@@ -1,38 +1,77 @@
-"""The `Trainer` protocol both backends implement, and the one place that picks a backend.
+"""The `Trainer` contract both backends implement, the typed run summary they return, and the
+stopping behaviour they share. This module imports no backend: `backends.make_trainer` picks one.
 
-Backends are imported here lazily, so `qlora config`, `qlora check` and `--help` never pay for
-torch or mlx.
+Every backend behaves the same way at each call:
+- `__init__(cfg, run, data, say, time_budget=None)` stores its inputs and loads nothing;
+- `setup()` loads the model and builds the loop (idempotent; `train()` and `evaluate()` call it);
+- `train(resume=None)` runs to the end or to a stop, saves the adapter, writes summary.json and
+  returns a `RunSummary`;
+- `evaluate()` returns the validation loss (mean over target tokens) of the current weights;
+- `save()` writes the final adapter (PEFT format) into the run folder.
 """
 
 from __future__ import annotations
 
+import json
 import signal
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 from common.config import QLoraConfig
 from common.data import PreparedData
-from common.errors import QLoraError
-from common.run_files import RunFolder
+from common.run_folder import RunFolder
+
+
+@dataclass
+class RunSummary:
+    """What a run did, the same fields on both backends (summary.json holds exactly these)."""
+
+    backend: str
+    device: str
+    interrupted: bool
+    stop_reason: str | None
+    resumed_from: str | None
+    global_step: int
+    max_steps: int
+    real_tokens: int
+    wall_seconds: float
+    tokens_per_second: float | None
+    peak_memory_gb: float
+    train_loss: float | None = None
+    final_eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    best_checkpoint: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (attention, model)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, path) -> RunSummary:
+        return cls(**json.loads(open(path, encoding="utf-8").read()))
 
 
 class Trainer(Protocol):
-    """setup() loads the model and builds the training loop; train() runs it (optionally resuming
-    from a checkpoint folder) and returns the run summary; save() writes the final adapter."""
+    cfg: QLoraConfig
+    run: RunFolder
+    data: PreparedData
 
     def setup(self) -> None: ...
 
-    def train(self, resume: str | None = None) -> dict: ...
+    def train(self, resume: str | None = None) -> RunSummary: ...
+
+    def evaluate(self) -> float: ...
 
     def save(self) -> None: ...
 
 
 class Stopping:
     """What both backends share about stopping early: SIGTERM / Ctrl-C and `--time-budget` finish the
-    step in flight, then save a checkpoint; a second Ctrl-C aborts. Expects `cfg`, `data`, `say`."""
+    step in flight, then save a checkpoint; a second Ctrl-C aborts. Expects `cfg`, `data`, `say` and
+    `time_budget` (a common.time_budget.TimeBudget or None)."""
 
     stop_requested = False
     stop_reason: str | None = None  # "signal" | "time budget"
-    time_budget = None  # common.time_budget.TimeBudget, set by `--time-budget`
 
     def request_stop(self, reason: str) -> None:
         self.stop_requested, self.stop_reason = True, reason
@@ -52,19 +91,3 @@ class Stopping:
 
             self.time_budget.guess_save(trainable)
             self.time_budget.guess_eval(sum(len(e) for e in self.data.val), tokens_per_step(self.cfg, self.data.train))
-
-
-def make_trainer(cfg: QLoraConfig, run: RunFolder, data: PreparedData, say) -> Trainer:
-    if cfg.backend == "cuda":
-        from backends.cuda.trainer import CudaTrainer
-
-        return CudaTrainer(cfg, run, data, say)
-    try:
-        from backends.mlx.trainer import MlxTrainer
-    except ModuleNotFoundError as exc:
-        if exc.name != "backends.mlx.trainer":
-            raise
-        raise QLoraError(
-            "the MLX backend is not in this version yet (issue #7); use --backend cuda"
-        ) from None
-    return MlxTrainer(cfg, run, data, say)

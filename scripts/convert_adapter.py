@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cli import main  # noqa: E402
+from commands import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["convert", *sys.argv[1:]]))

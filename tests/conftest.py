@@ -26,7 +26,7 @@ def chat_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
-    from backends.random_mistral import build_random_mistral
+    from common.tiny_mistral import build_random_mistral
 
     return build_random_mistral(tmp_path_factory.mktemp("tiny") / "tiny-mistral")
 

@@ -27,7 +27,7 @@ SHAPES = {
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    from backends.random_mistral import build_random_mistral
+    from common.tiny_mistral import build_random_mistral
 
     root = tmp_path_factory.mktemp("bases")
     return {name: build_random_mistral(root / name, shape=shape, seed=1) for name, shape in SHAPES.items()}

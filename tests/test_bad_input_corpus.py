@@ -10,7 +10,7 @@ import json
 import pytest
 from conftest import REPO
 
-from common.cli import main
+from commands import main
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
 

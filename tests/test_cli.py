@@ -16,7 +16,7 @@ def qlora(*args, cwd=REPO, env_extra=None):
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": "", **(env_extra or {})}
     done = subprocess.run(
-        [sys.executable, "-m", "common.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "commands", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
     return done.returncode, done.stdout + done.stderr
 

@@ -23,7 +23,7 @@ from common.config_loader import load_config  # noqa: E402
 from common.console import Say  # noqa: E402
 from common.data import ChatTokenizer, prepare_data  # noqa: E402
 from common.errors import QLoraError  # noqa: E402
-from common.run_files import RunFolder  # noqa: E402
+from common.run_folder import RunFolder  # noqa: E402
 from common.tracking import resolve_tracker  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def test_eval_loss_falls_clearly(trained):
     evals = [r["eval_loss"] for r in trainer.run.read_metrics() if "eval_loss" in r]
     assert len(evals) >= 3
     assert evals[-1] < evals[0] - 1.0, evals
-    assert summary["global_step"] == 60 and summary["real_tokens"] > 0
+    assert summary.global_step == 60 and summary.real_tokens > 0
 
 
 def test_only_lora_weights_move(trained):
@@ -123,7 +123,7 @@ def test_run_folder_holds_everything(trained):
                  "loss.png", "summary.json"):
         assert (root / name).is_file(), name
     assert any(root.joinpath("checkpoints").glob("checkpoint-*"))
-    assert summary["best_checkpoint"] and summary["best_eval_loss"] is not None
+    assert summary.best_checkpoint and summary.best_eval_loss is not None
     rates = [r["tokens_per_second"] for r in trainer.run.read_metrics() if "tokens_per_second" in r]
     assert rates and all(r > 0 for r in rates)
 
@@ -167,13 +167,13 @@ def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_ends(tiny_mode
     interrupted.trainer.add_callback(Terminate())
     summary = interrupted.train()
     # the signal lands at the end of step 6; the step in flight (7) finishes, then it saves
-    assert summary["interrupted"] and summary["global_step"] == 7
+    assert summary.interrupted and summary.global_step == 7
     assert (interrupted.run.checkpoints / "checkpoint-7").is_dir()
     assert (interrupted.run.root / "adapter_model.safetensors").is_file()
 
     resumed = make_trainer(tiny_config(tiny_model_dir, tmp_path, *steps), "resumable")
     summary = resumed.train(resume="auto")
-    assert summary["resumed_from"].endswith("checkpoint-7") and summary["global_step"] == 12
+    assert summary.resumed_from.endswith("checkpoint-7") and summary.global_step == 12
     got = lora_state(resumed.trainer.model)
     assert {p.dtype for n, p in resumed.trainer.model.named_parameters() if "lora_" in n} == {torch.float32}
     moved = max((initial[n] - expected[n]).abs().max().item() for n in expected)
@@ -389,7 +389,7 @@ def test_fused_lora_leaves_disabled_adapters_to_peft(tiny_model_dir):
 
 
 def test_fewer_checkpointed_layers_train_the_same_weights(tiny_model_dir, tmp_path):
-    from backends.cuda.checkpointing import decoder_layers
+    from backends.cuda.activation_checkpointing import decoder_layers
 
     runs = {}
     for layers in ("all", "1"):

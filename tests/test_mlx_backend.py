@@ -16,7 +16,7 @@ pytest.importorskip("mlx_lm")
 from common.config_loader import load_config  # noqa: E402
 from common.console import Say  # noqa: E402
 from common.data import ChatTokenizer, prepare_data  # noqa: E402
-from common.run_files import RunFolder  # noqa: E402
+from common.run_folder import RunFolder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_validation_loss_falls(trained):
     trainer, summary, before = trained
     after = [r["eval_loss"] for r in trainer.run.read_metrics() if "eval_loss" in r]
     assert after[-1] < before - 1.0, (before, after)
-    assert summary["global_step"] == 16 and summary["best_checkpoint"]
+    assert summary.global_step == 16 and summary.best_checkpoint
 
 
 def test_run_folder_has_native_and_peft_adapters(trained):
@@ -109,12 +109,12 @@ def test_stop_and_resume_ends_where_an_uninterrupted_run_ends(tiny_model_dir, tm
     initial = lora(stopped)
     stopped.after_step.append(lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM))
     summary = stopped.train()
-    assert summary["interrupted"] and summary["global_step"] == 3
+    assert summary.interrupted and summary.global_step == 3
     assert (stopped.run.checkpoints / "checkpoint-3" / "optimizer.safetensors").is_file()
 
     resumed = mlx_trainer(tiny_model_dir, tmp_path, "resumable", *steps, val_examples=2)
     summary = resumed.train(resume="auto")
-    assert summary["resumed_from"].endswith("checkpoint-3") and summary["global_step"] == 6
+    assert summary.resumed_from.endswith("checkpoint-3") and summary.global_step == 6
     expected, got = lora(straight), lora(resumed)
     moved = max(np.abs(expected[k] - initial[k]).max() for k in expected)
     diff = max(np.abs(expected[k] - got[k]).max() for k in expected)

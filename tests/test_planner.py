@@ -108,7 +108,7 @@ def test_estimates_say_so():
 
 def run(*args, home):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(home)}
-    done = subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, cwd=REPO, env=env)
+    done = subprocess.run([sys.executable, "-m", "commands", *args], capture_output=True, text=True, cwd=REPO, env=env)
     return done.returncode, done.stdout + done.stderr
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SAMPLE, chat, write_jsonl
 
-from common import platform as plat
+from common import machine as plat
 from common import preflight as pf
 from common.config_loader import load_config
 
@@ -134,7 +134,7 @@ def test_cli_check_json_and_exit_codes():
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "common.cli", "check", "--platform", "cpu", "--json"],
+    done = subprocess.run([sys.executable, "-m", "commands", "check", "--platform", "cpu", "--json"],
                           capture_output=True, text=True, cwd=REPO, env=env)
     report = json.loads(done.stdout)
     assert done.returncode == (0 if report["ready"] else 1)

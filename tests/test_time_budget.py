@@ -60,7 +60,7 @@ def test_a_tiny_budget_stops_in_time_with_everything_saved(tiny_model_dir, tmp_p
             "--set", f"data.train_file={SAMPLE / 'train.jsonl'}", "--set", f"data.val_file={SAMPLE / 'val.jsonl'}",
             "--set", "eval.eval_steps=10", "--set", "eval.save_steps=10", "--set", "tracking.report_to=none"]
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "commands", *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     elapsed = time.monotonic() - started
     out = done.stdout + done.stderr

@@ -12,14 +12,15 @@ import os
 import signal
 import time
 
-from backends.cuda.checkpointing import checkpoint_limit_callback, checkpointing_args
+from backends.cuda.activation_checkpointing import checkpoint_limit_callback, checkpointing_args
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
 from common.config import LIGER_KERNELS, LIGER_ROPE_IMPL, LIGER_ROPE_IMPL_VARS, QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
-from common.run_files import RunFolder, resume_folder, save_failed
+from common.run_folder import RunFolder, resume_folder, save_failed
+from common.time_budget import TimeBudget
 from common.tracking import resolve_tracker
-from common.trainer import Stopping
+from common.trainer import RunSummary, Stopping
 
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
 
@@ -101,13 +102,16 @@ def quiet_liger_ascend_notices() -> None:
 
 
 class CudaTrainer(Stopping):
-    def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say):
-        self.cfg, self.run, self.data, self.say = cfg, run, data, say
+    def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
+                 time_budget: TimeBudget | None = None):
+        self.cfg, self.run, self.data, self.say, self.time_budget = cfg, run, data, say, time_budget
         self.trainer = None
         self.tracker = "none"
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        if self.trainer is not None:
+            return
         cfg, say = self.cfg, self.say
         self.device, capability = resolve_device(cfg.cuda.device)
         self.attn = choose_attention(cfg.cuda.attn_implementation, self.device, capability, say)
@@ -319,11 +323,14 @@ class CudaTrainer(Stopping):
         return Stop()
 
     # ------------------------------------------------------------------ train
-    def train(self, resume: str | None = None) -> dict:
+    def evaluate(self) -> float:
+        self.setup()
+        return self.trainer.evaluate()["eval_loss"]
+
+    def train(self, resume: str | None = None) -> RunSummary:
         import torch
 
-        if self.trainer is None:
-            self.setup()
+        self.setup()
         resume_from = self._resume_point(resume)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         if self.device == "cuda":
@@ -339,28 +346,25 @@ class CudaTrainer(Stopping):
         wall = time.time() - started
         self.save()
         state = self.trainer.state
-        summary = {
-            "backend": "cuda",
-            "device": torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu",
-            "attention": self.attn,
-            "tracker": self.tracker,
-            "interrupted": self.stop_requested,
-            "stop_reason": self.stop_reason,
-            "resumed_from": resume_from,
-            "global_step": state.global_step,
-            "max_steps": state.max_steps,
-            "epoch": state.epoch,
-            "real_tokens": state.num_input_tokens_seen,
-            "wall_seconds": wall,
-            "tokens_per_second": (state.num_input_tokens_seen - self.trainer._initial_num_input_tokens_seen) / wall
-            if wall
-            else None,
-            "train_loss": output.training_loss,
-            "final_eval_loss": _last(state.log_history, "eval_loss"),
-            "best_eval_loss": state.best_metric,
-            "best_checkpoint": state.best_model_checkpoint,
-            "peak_memory_gb": _peak_memory_gb(self.device),
-        }
+        summary = RunSummary(
+            backend="cuda",
+            device=torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu",
+            interrupted=self.stop_requested,
+            stop_reason=self.stop_reason,
+            resumed_from=resume_from,
+            global_step=state.global_step,
+            max_steps=state.max_steps,
+            real_tokens=state.num_input_tokens_seen,
+            wall_seconds=wall,
+            tokens_per_second=(state.num_input_tokens_seen - self.trainer._initial_num_input_tokens_seen) / wall
+            if wall else None,
+            peak_memory_gb=_peak_memory_gb(self.device),
+            train_loss=output.training_loss,
+            final_eval_loss=_last(state.log_history, "eval_loss"),
+            best_eval_loss=state.best_metric,
+            best_checkpoint=state.best_model_checkpoint,
+            details={"attention": self.attn, "tracker": self.tracker},
+        )
         self.run.write_summary(summary)
         self.run.plot_losses()
         return summary

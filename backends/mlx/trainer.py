@@ -25,9 +25,10 @@ from common.adapters import PARENT, Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
-from common.run_files import RunFolder, resume_folder, save_failed
+from common.run_folder import RunFolder, resume_folder, save_failed
+from common.time_budget import TimeBudget
 from common.tracking import MetricSink, resolve_tracker
-from common.trainer import Stopping
+from common.trainer import RunSummary, Stopping
 
 PAD_ID = 0  # <unk>: never a real token, and masked out of the loss anyway
 
@@ -37,14 +38,18 @@ def cached_model_name(name: str, bits: int, group: int) -> str:
 
 
 class MlxTrainer(Stopping):
-    def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say):
-        self.cfg, self.run, self.data, self.say = cfg, run, data, say
+    def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
+                 time_budget: TimeBudget | None = None):
+        self.cfg, self.run, self.data, self.say, self.time_budget = cfg, run, data, say, time_budget
+        self.model = None
         self.step = 0
         self.after_step = []  # callables(step): hooks for tests and tools
         self.best: list[tuple[float, int]] = []  # (eval_loss, step) of kept checkpoints
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        if self.model is not None:
+            return
         import mlx.core as mx
         import mlx.optimizers as optim
         from mlx_lm.tuner.trainer import grad_checkpoint
@@ -166,6 +171,7 @@ class MlxTrainer(Stopping):
     def evaluate(self) -> float:
         import mlx.core as mx
 
+        self.setup()
         self.model.eval()
         total, count = 0.0, 0.0
         size = self.cfg.eval.eval_batch_size
@@ -177,10 +183,11 @@ class MlxTrainer(Stopping):
         return total / max(count, 1.0)
 
     # ------------------------------------------------------------------ train
-    def train(self, resume: str | None = None) -> dict:
+    def train(self, resume: str | None = None) -> RunSummary:
         import mlx.core as mx
         import mlx.nn as nn
 
+        self.setup()
         e = self.cfg.eval
         resumed_from = self._resume(resume)
         value_and_grad = nn.value_and_grad(self.model, self.loss_sum)
@@ -228,23 +235,23 @@ class MlxTrainer(Stopping):
             best_step = min(self.best)[1]
             self.model.load_weights(str(self._checkpoint(best_step) / "adapters.safetensors"), strict=False)
         self.save()
-        summary = {
-            "backend": "mlx",
-            "device": mx.default_device().type.name if hasattr(mx.default_device().type, "name") else str(mx.default_device()),
-            "model": str(self.model_path),
-            "interrupted": self.stop_requested,
-            "stop_reason": self.stop_reason,
-            "resumed_from": resumed_from,
-            "global_step": self.step,
-            "max_steps": self.total_steps,
-            "real_tokens": tokens_seen,
-            "wall_seconds": wall,
-            "tokens_per_second": tokens_seen / wall if wall and self.step > first_step else None,
-            "final_eval_loss": _last(self.run.read_metrics(), "eval_loss"),
-            "best_eval_loss": min(self.best)[0] if self.best else None,
-            "best_checkpoint": str(self._checkpoint(min(self.best)[1])) if self.best else None,
-            "peak_memory_gb": mx.get_peak_memory() / 1024**3,
-        }
+        summary = RunSummary(
+            backend="mlx",
+            device=str(mx.default_device()),
+            interrupted=self.stop_requested,
+            stop_reason=self.stop_reason,
+            resumed_from=resumed_from,
+            global_step=self.step,
+            max_steps=self.total_steps,
+            real_tokens=tokens_seen,
+            wall_seconds=wall,
+            tokens_per_second=tokens_seen / wall if wall and self.step > first_step else None,
+            peak_memory_gb=mx.get_peak_memory() / 1024**3,
+            final_eval_loss=_last(self.run.read_metrics(), "eval_loss"),
+            best_eval_loss=min(self.best)[0] if self.best else None,
+            best_checkpoint=str(self._checkpoint(min(self.best)[1])) if self.best else None,
+            details={"model": str(self.model_path), "tracker": self.tracker},
+        )
         self.run.write_summary(summary)
         self.run.plot_losses()
         self.sink.close()

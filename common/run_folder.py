@@ -70,9 +70,10 @@ class RunFolder:
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
 
-    def write_summary(self, summary: dict) -> Path:
+    def write_summary(self, summary) -> Path:
+        """summary.json: a common.trainer.RunSummary."""
         path = self.root / "summary.json"
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        path.write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
         return path
 
     def plot_losses(self) -> Path | None:

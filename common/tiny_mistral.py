@@ -12,6 +12,10 @@ from pathlib import Path
 
 from common.data import default_tokenizer_file
 
+# The demo config's base model (configs/training_config_cpu.yaml): built here on first use, by
+# `qlora demo` or any `qlora train` that names it, never fetched from a hub.
+DEMO_MODEL_DIR = "models/tiny-mistral-v0.3"
+
 TINY_SHAPE = dict(
     hidden_size=64,
     intermediate_size=128,  # non-square MLP projections, as in the real model (a multiple of 64:
@@ -87,8 +91,13 @@ def _add_legacy_rope_theta(path: Path, config) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def ensure_tiny_mistral(path: str | Path) -> Path:
-    path = Path(path)
-    if not (path / "config.json").is_file():
+def is_demo_model(name_or_path: str) -> bool:
+    return Path(name_or_path).resolve() == Path(DEMO_MODEL_DIR).resolve()
+
+
+def ensure_demo_model(name_or_path: str, say) -> None:
+    """Build the tiny demo model when a config names it and it is not there yet."""
+    path = Path(name_or_path)
+    if is_demo_model(name_or_path) and not (path / "config.json").is_file():
+        say.info(f"building the tiny demo model in {path} (random weights, real v0.3 tokenizer; once)")
         build_random_mistral(path)
-    return path

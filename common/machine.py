@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 H100_MEMORY_GB = 80
+# macOS lets the GPU wire about 70% of unified memory by default (the rest stays with the system):
+# the share a training run can count on
+APPLE_GPU_SHARE = 0.7
 
 
 @dataclass
@@ -175,3 +178,15 @@ def gpu_fit_note(gpu: GpuInfo) -> str:
     if not gpu.bf16:
         note += "; this GPU has no bfloat16: the run cannot use the seed's bf16 settings"
     return note
+
+
+def training_memory_gb(info: PlatformInfo, platform: str) -> tuple[float | None, str]:
+    """Memory a run can use on this machine (or, off it, on the platform's reference machine), and
+    where that figure comes from."""
+    if info.gpu:
+        return info.gpu.total_gb, info.gpu_name()
+    if info.apple:
+        return (info.apple.unified_memory_gb * APPLE_GPU_SHARE,
+                f"{info.apple.chip} (~{APPLE_GPU_SHARE:.0%} of unified memory)")
+    reference = {"h100": H100_MEMORY_GB, "m4": 32 * APPLE_GPU_SHARE}.get(platform)
+    return reference, f"a {platform} (not this machine)"

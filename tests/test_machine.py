@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common import platform as plat
+from common import machine as plat
 from common.config_loader import load_config
 from common.errors import PlatformError
 from common.preflight import require_platform

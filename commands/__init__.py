@@ -1,0 +1,40 @@
+"""`qlora`: the command layer. One module per command; only this layer picks a backend (through
+`backends.make_trainer`). Heavy frameworks load inside the commands that train or convert."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+from commands import check, config, convert, data, demo, plan, train
+from common.console import Say
+from common.errors import QLoraError
+
+COMMANDS = (config, train, check, plan, demo, data, convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora",
+        description="QLoRA fine-tuning of Mistral-7B-Instruct-v0.3 on an H100 (CUDA) or an Apple M4 (MLX).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.monotonic()  # a --time-budget counts from here, model loading included
+    say = Say()
+    args = build_parser().parse_args(argv)
+    args.started = started
+    try:
+        return args.handler(args, say)
+    except QLoraError as exc:
+        say.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        say.error("interrupted")
+        return 130

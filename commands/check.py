@@ -1,0 +1,38 @@
+"""`qlora check`: the preflight, in seconds, before anything loads."""
+
+from __future__ import annotations
+
+from commands.options import config_options, resolve
+from common.console import Say
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("check", parents=[config_options()], help="preflight: is this machine ready for this config?")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=run)
+
+
+def show_checks(rows, say: Say, problems_only: bool = False) -> None:
+    """One line a check (never a table: paths and file:line stay whole, copyable and greppable)."""
+    for row in rows:
+        if problems_only and row.status == "ok":
+            continue
+        text = f"{row.name}: {row.message}" + (f"\n    → {row.fix}" if row.fix else "")
+        {"ok": say.ok, "warning": say.warn, "blocking": say.error}[row.status](text)
+
+
+def run(args, say: Say) -> int:
+    from common.preflight import as_json, blocked, run_checks
+
+    cfg = resolve(args, say, detect_platform=True)
+    rows = run_checks(cfg)
+    if args.json:
+        print(as_json(rows))
+        return 1 if blocked(rows) else 0
+    say.info(f"config: {cfg.platform} ({cfg.backend} backend)")
+    show_checks(rows, say)
+    if blocked(rows):
+        say.error("not ready: fix the blocking rows above")
+        return 1
+    say.ok("ready")
+    return 0

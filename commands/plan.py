@@ -1,0 +1,62 @@
+"""`qlora plan`: examples, steps, memory, time and disk of a run, before it starts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from commands.options import config_options, resolve, tokenizer_for
+from common.console import Say
+from common.errors import UsageError
+from common.time_budget import parse_duration
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", parents=[config_options()],
+                       help="tokens, steps, memory, time and disk of a run, before it starts")
+    p.add_argument("--data", metavar="FILE", help="training file (default: data.train_file)")
+    p.add_argument("--time-budget", metavar="DURATION", help="say whether the run fits, e.g. 3h30m")
+    p.add_argument("--calibrate", action="store_true", help="time a few real steps here (cached per machine)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run)
+
+
+def run(args, say: Say) -> int:
+    from backends import make_trainer
+    from common import calibrate as cal
+    from common import machine as mach
+    from common.data import prepare_data
+    from common.planner import anchor_rates, make_plan
+    from common.preflight import disk_needed_gb, model_cached
+
+    if args.json:  # stdout carries only the JSON; progress and warnings go to stderr
+        say = Say(sys.stderr)
+    budget = parse_duration(args.time_budget) if args.time_budget else None
+    cfg = resolve(args, say, detect_platform=True)
+    if args.data:
+        cfg.data.train_file = args.data
+    data = prepare_data(cfg.data, tokenizer_for(cfg))
+    info = mach.detect()
+    machine = info.label()
+    rates = None
+    if args.calibrate:
+        rates = cal.calibrate(cfg, data, machine, say, make_trainer)
+        cal.store(cfg, machine, rates)
+    rates = rates or cal.cached_rates(cfg, machine) or anchor_rates(cfg)
+    if rates is None:
+        raise UsageError(f"no measured rates for platform {cfg.platform}: run `qlora plan --calibrate` here first")
+    memory, where = mach.training_memory_gb(info, cfg.platform)
+    local = Path(cfg.model.name_or_path).exists() or model_cached(cfg.model.name_or_path)
+    plan = make_plan(cfg, [len(e) for e in data.train], [len(e) for e in data.val], rates, memory,
+                     rates.source, disk_needed_gb(cfg, local), budget)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+        return 0 if plan.fits else 1
+    say.info(f"plan for the {cfg.platform} config ({cfg.backend} backend) on {where}:")
+    for figure in plan.figures:
+        say.info("  " + figure.text())
+    for line in plan.advice:
+        say.warn(line)
+    say.ok("fits") if plan.fits else say.error("does not fit: see the changes proposed above")
+    return 0 if plan.fits else 1
