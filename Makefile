@@ -49,7 +49,7 @@ flash-attn: ## try flash-attn-4 (pure Python, Hopper), then flash-attn 2; SDPA o
 	  || { echo -e "$(YELLOW)! flash-attn-4 could not be installed; trying flash-attn 2 (builds from source, can take an hour)$(NC)"; \
 	       MAX_JOBS=8 $(BIN)/pip install -q flash-attn --no-build-isolation \
 	       && echo -e "$(GREEN)✔ flash-attn 2 installed$(NC)" \
-	       || echo -e "$(YELLOW)! no FlashAttention: training will use PyTorch SDPA (slower on packed data). See docs/h100.md$(NC)"; }
+	       || echo -e "$(YELLOW)! no FlashAttention: training will use PyTorch SDPA (slower on packed data). See docs/benchmarks.md$(NC)"; }
 
 setup-m4: | $(BIN)/python ## Apple silicon: MLX stack
 	@[ "$$(uname -s)-$$(uname -m)" = "Darwin-arm64" ] || { echo -e "$(RED)setup-m4 needs an Apple silicon Mac$(NC)"; exit 1; }

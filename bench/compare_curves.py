@@ -7,7 +7,7 @@ step and the same schedule, their loss curves side by side.
 stock: bench/stock_baseline.py --steps 300 --logging-steps 10 --eval-steps 100 --accumulation 2
 --max-length 3072 (8 padded examples a step, ~6.0K real tokens); ours: `qlora train` on the H100
 config with 2 packed rows of 3072 a step (~6.0K real tokens), 300 steps, evaluations at 100/200/300
-(`bash bench/run_h100.sh curve-stock` / `curve-ours`). Half the seed's 16 examples a step, so that
+(`bash bench/run_h100.sh curve-stock` / `curve-ours`). Half the reference configuration's 16 examples a step, so that
 the stock run fits the GPU time of one session (~14 min instead of ~25 on an H100).
 The examples differ step by step (packing regroups them), so the curves are compared smoothed:
 the mean of 3 consecutive logged training losses, after the first 30 steps, and the evaluations.

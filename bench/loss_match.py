@@ -76,7 +76,7 @@ def main() -> None:
     from backends.cuda.activation_checkpointing import limit_checkpointed_layers
     from backends.cuda.fused_lora import install_fused_lora
     from backends.cuda.model import choose_attention, load_quantized_model
-    from backends.cuda.trainer import liger_kernel_config, pin_liger_rope_impl
+    from backends.cuda.patches import liger_kernel_config, run_scope
     from common.config_loader import load_config
     from common.console import Say
     from common.data import ChatTokenizer, read_conversations, tokenize_all
@@ -113,12 +113,12 @@ def main() -> None:
     model.base_model.model.set_attn_implementation(attn)
     liger = device == "cuda" and cfg.cuda.use_liger is not False
     if liger:
-        pin_liger_rope_impl(cfg.cuda.liger_kernels)
         apply_liger_kernel(model, liger_kernel_config(cfg.cuda.liger_kernels))
     fused = install_fused_lora(model)
     recomputing, total = limit_checkpointed_layers(model, checkpointed(cfg))
     started = time.monotonic()
-    ours_loss, ours_grads = loss_and_grads(model, examples, args.micro, padding_free=True, device=device)
+    with run_scope(cfg.cuda.liger_kernels if liger else None):
+        ours_loss, ours_grads = loss_and_grads(model, examples, args.micro, padding_free=True, device=device)
     ours_s = time.monotonic() - started
 
     cosine = torch.nn.functional.cosine_similarity(stock_grads, ours_grads, dim=0).item()

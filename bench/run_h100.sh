@@ -116,7 +116,7 @@ PY
     ;;
   curve-stock)  # ~14 min on an H100: longer than one 10-minute call of our lent machines, so there it
     # runs detached (setsid nohup bash bench/run_h100.sh curve-stock > /tmp/curve-stock.log 2>&1 &)
-    # and later calls poll for the file. Half the seed's examples a step (4 x 2) at max length 3072,
+    # and later calls poll for the file. Half the reference configuration's examples a step (4 x 2) at max length 3072,
     # to fit: ours matches it below (2 packed rows of 3072 ~ 8 examples, ~6.0K real tokens a step).
     $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-data --steps 300 \
       --logging-steps 10 --eval-steps 100 --accumulation 2 --max-length 3072 --out "$OUT/stock-300.json"

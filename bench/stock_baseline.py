@@ -1,4 +1,4 @@
-"""The stock Hugging Face stack, for comparison: TRL SFTTrainer with the seed's settings, padded
+"""The stock Hugging Face stack, for comparison: TRL SFTTrainer with the reference configuration's settings, padded
 batches (no packing), PyTorch SDPA, no Liger, on the same token ids and loss masks as ours.
 
   python bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-data \

@@ -40,7 +40,10 @@ def resolve(args, say: Say, detect_platform: bool = False) -> QLoraConfig:
     overrides = list(args.overrides)
     if getattr(args, "backend", None):
         overrides.append(f"backend={args.backend}")
-    return load_config(args.config, platform, overrides)
+    cfg = load_config(args.config, platform, overrides)
+    for note in cfg.notes:
+        say.warn(note)
+    return cfg
 
 
 def config_or_default(args, say: Say) -> QLoraConfig:

@@ -27,8 +27,9 @@ def run(args, say: Say) -> int:
     from common import calibrate as cal
     from common import machine as mach
     from common.data import prepare_data
+    from common.mistral import cached_on_hub
     from common.planner import anchor_rates, make_plan
-    from common.preflight import disk_needed_gb, model_cached
+    from common.preflight import disk_needed_gb
 
     if args.json:  # stdout carries only the JSON; progress and warnings go to stderr
         say = Say(sys.stderr)
@@ -47,7 +48,7 @@ def run(args, say: Say) -> int:
     if rates is None:
         raise UsageError(f"no measured rates for platform {cfg.platform}: run `qlora plan --calibrate` here first")
     memory, where = mach.training_memory_gb(info, cfg.platform)
-    local = Path(cfg.model.name_or_path).exists() or model_cached(cfg.model.name_or_path)
+    local = Path(cfg.model.name_or_path).exists() or cached_on_hub(cfg.model.name_or_path, cfg.model.revision)
     plan = make_plan(cfg, [len(e) for e in data.train], [len(e) for e in data.val], rates, memory,
                      rates.source, disk_needed_gb(cfg, local), budget)
     if args.json:

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import ALL_PROJECTIONS
 from common.errors import QLoraError
+from common.mistral import PARENT, PROJECTIONS, projection_shapes
 
-PARENT = {p: ("self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for p in ALL_PROJECTIONS}
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 MLX_FILES = ("adapters.safetensors", "adapter_config.json")
 PEFT_KEY = re.compile(
@@ -169,7 +168,7 @@ def _check_target(folder, proj: str, parent: str) -> None:
     if proj not in PARENT or PARENT[proj] != parent:
         raise AdapterError(
             f"{folder}: adapts {parent}.{proj}, which is not one of the Mistral projections "
-            f"({', '.join(ALL_PROJECTIONS)})"
+            f"({', '.join(PROJECTIONS)})"
         )
 
 
@@ -198,7 +197,7 @@ def mlx_factors(tensors: dict, where: str) -> tuple[dict, dict]:
 
 def _targets(a: dict) -> list[str]:
     present = {proj for _, proj in a}
-    return [p for p in ALL_PROJECTIONS if p in present]
+    return [p for p in PROJECTIONS if p in present]
 
 
 def _check_pairs(folder: Path, adapter: Adapter) -> None:
@@ -313,14 +312,8 @@ def base_shapes(base_dir: str | Path) -> tuple[int, dict[str, tuple[int, int]]]:
     path = Path(base_dir) / "config.json"
     if not path.is_file():
         raise AdapterError(f"{base_dir}: no config.json; --base-model must be a model folder")
-    c = _read_json(path)
-    hidden, mlp = c["hidden_size"], c["intermediate_size"]
-    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * head_dim, c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim
-    return c["num_hidden_layers"], {
-        "q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-        "gate_proj": (hidden, mlp), "up_proj": (hidden, mlp), "down_proj": (mlp, hidden),
-    }
+    config = _read_json(path)
+    return config["num_hidden_layers"], projection_shapes(config)
 
 
 def check_against_base(adapter: Adapter, base_dir: str | Path) -> int:

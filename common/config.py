@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from common.mistral import HUB_ID, PROJECTIONS
+
+ALL_PROJECTIONS = list(PROJECTIONS)
 
 Platform = Literal["h100", "m4", "cpu"]
 Backend = Literal["cuda", "mlx"]
@@ -22,7 +24,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name_or_path: str = Field(
-        "mistralai/Mistral-7B-Instruct-v0.3",
+        HUB_ID,
         description="Hugging Face hub id or local directory of the base model.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
@@ -32,6 +34,8 @@ class ModelConfig(Section):
 
 
 class QuantizationConfig(Section):
+    """bitsandbytes 4-bit storage of the frozen base (CUDA backend; MLX quantizes with mlx.quant_*)."""
+
     load_in_4bit: bool = Field(True, description="QLoRA: the frozen base is stored in 4 bits.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too.")
@@ -87,20 +91,16 @@ class TrainingConfig(Section):
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
-    optimizer: Literal["paged_adamw_32bit", "adamw_torch", "paged_adamw_8bit"] = Field(
-        "paged_adamw_32bit", description="CUDA optimizer; the MLX backend always uses AdamW."
-    )
     weight_decay: float = Field(0.01, ge=0, lt=1)
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm.")
     batch_size: int = Field(4, ge=1, le=512, description="Sequences per micro-batch.")
     gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
     gradient_checkpointing: bool = Field(True, description="Recompute activations (saves memory).")
-    bf16: bool = Field(True, description="bfloat16 mixed precision (fp16 is never used).")
     seed: int = 42
     packing: bool = Field(
         True,
         description="Pack examples into rows of max_seq_length without padding "
-        "(padding-free; needs a varlen attention kernel on CUDA).",
+        "(padding-free; needs a varlen attention kernel on CUDA). CUDA backend only for now.",
     )
 
 
@@ -129,7 +129,7 @@ LIGER_KERNELS: tuple[str, ...] = get_args(LigerKernel)
 # Liger's RoPE has two CUDA kernels: a CuTe DSL one, which its dispatcher prefers on Hopper for large
 # batches, and its original Triton one. The CuTe DSL kernel's compile cache is keyed on the cos/sin
 # shape, that is on the micro-batch's length, and packed micro-batches change length nearly every
-# step (191 lengths over the seed's 3 epochs): it compiled for each new one (-23% tokens/s over 30
+# step (191 lengths over the reference configuration's 3 epochs): it compiled for each new one (-23% tokens/s over 30
 # steps). The Triton kernel takes the length as an argument and compiles once (+5% over RMSNorm +
 # SwiGLU alone; docs/benchmarks.md). The CUDA backend sets this per-op variable of Liger's dispatcher
 # unless the user already set it (or its legacy name).
@@ -137,6 +137,13 @@ LIGER_ROPE_IMPL_VARS, LIGER_ROPE_IMPL = ("LIGER_KERNEL_IMPL_ROPE", "LIGER_KERNEL
 
 
 class CudaConfig(Section):
+    """Settings only the CUDA backend (PyTorch, bitsandbytes, TRL) reads."""
+
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    optimizer: Literal["paged_adamw_32bit", "adamw_torch", "paged_adamw_8bit"] = Field(
+        "paged_adamw_32bit", description="transformers optimizer name (the MLX backend uses mlx's AdamW)."
+    )
+    bf16: bool = Field(True, description="bfloat16 mixed precision (fp16 is never used).")
     attn_implementation: Literal[
         "auto", "flash_attention_4", "flash_attention_3", "flash_attention_2", "sdpa", "eager"
     ] = Field("auto", description="auto = fastest installed FlashAttention, else SDPA.")
@@ -176,16 +183,31 @@ class CudaConfig(Section):
 
 
 class MlxConfig(Section):
+    """Settings only the MLX backend (mlx, mlx-lm) reads."""
+
     quant_bits: Literal[4, 8] = 4
     quant_group_size: Literal[32, 64, 128] = 64
     model_cache_dir: str = Field("models", description="Where the 4-bit MLX copy is cached.")
+
+
+# What a backend never reads: left out of its resolved config, and named in a warning when a config
+# sets it (a shared config may well set both backends' sections, so this is a warning, not an error).
+UNUSED_BY_BACKEND: dict[str, tuple[str, ...]] = {
+    "cuda": ("mlx",),
+    "mlx": ("cuda", "training.packing"),
+}
+# Keys that moved, for configs written before they did.
+MOVED_KEYS = {
+    "quantization": "cuda.quantization",
+    "training.optimizer": "cuda.optimizer",
+    "training.bf16": "cuda.bf16",
+}
 
 
 class QLoraConfig(Section):
     platform: Platform = Field("h100", description="Which machine this config is for.")
     backend: Backend = Field("cuda", description="cuda (PyTorch) or mlx (Apple).")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -193,6 +215,12 @@ class QLoraConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cuda: CudaConfig = Field(default_factory=CudaConfig)
     mlx: MlxConfig = Field(default_factory=MlxConfig)
+    # what the loader noticed and the user should read (e.g. settings this backend ignores)
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     @model_validator(mode="after")
     def _consistent(self) -> QLoraConfig:
@@ -202,10 +230,10 @@ class QLoraConfig(Section):
                 f"eval.eval_steps ({self.eval.eval_steps}) when eval.load_best_model_at_end is "
                 "true: the best checkpoint is chosen by the evaluation made at save time"
             )
-        if self.training.bf16 and self.quantization.compute_dtype == "float16":
+        if self.cuda.bf16 and self.cuda.quantization.compute_dtype == "float16":
             raise ValueError(
-                "training.bf16 is true but quantization.compute_dtype is float16; "
-                "use compute_dtype bfloat16 (or set training.bf16 false)"
+                "cuda.bf16 is true but cuda.quantization.compute_dtype is float16; "
+                "use compute_dtype bfloat16 (or set cuda.bf16 false)"
             )
         if self.cuda.checkpointed_layers != "all" and not self.training.gradient_checkpointing:
             raise ValueError(
@@ -215,6 +243,22 @@ class QLoraConfig(Section):
         if self.backend == "mlx" and self.platform == "h100":
             raise ValueError("backend mlx with platform h100: use platform m4 or cpu for MLX (or backend cuda)")
         return self
+
+    def unused_keys(self) -> tuple[str, ...]:
+        """Keys (or whole sections) the chosen backend never reads."""
+        return UNUSED_BY_BACKEND[self.backend]
+
+    def resolved(self) -> dict[str, Any]:
+        """The settings this config's run uses, as plain data: what `qlora config` prints and what
+        each run folder's config.yaml records (the other backend's section is left out)."""
+        data = self.model_dump(mode="json")
+        for key in self.unused_keys():
+            *parents, leaf = key.split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            node.pop(leaf, None)
+        return data
 
     def get(self, dotted: str) -> Any:
         """Dot-notation access: cfg.get("lora.r")."""

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from common.config import QLoraConfig
+from common.config import MOVED_KEYS, QLoraConfig
 from common.errors import ConfigError, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -143,10 +143,26 @@ def load_config(
 
 def validate(data: dict, sources: Mapping[str, str], default_origin: str) -> QLoraConfig:
     try:
-        return QLoraConfig.model_validate(data)
+        cfg = QLoraConfig.model_validate(data)
     except ValidationError as exc:
         lines = [_describe(err, sources, default_origin) for err in _merge_union_errors(exc.errors())]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+    cfg.notes.extend(unused_settings(cfg, sources))
+    return cfg
+
+
+def unused_settings(cfg: QLoraConfig, sources: Mapping[str, str]) -> list[str]:
+    """Settings the chosen backend will not use but the user asked for: any such key given with
+    --set, and a switch outside the backend sections (training.packing) that a file turns on. A file's
+    `cuda:` or `mlx:` section is not reported: one config may well serve both backends."""
+    notes = []
+    for key in cfg.unused_keys():
+        inside = {path: src for path, src in sources.items() if path == key or path.startswith(f"{key}.")}
+        asked = {path: src for path, src in inside.items() if src.startswith("--set")}
+        if not asked and "." in key and inside and cfg.get(key):
+            asked = inside
+        notes += [f"{path} is not used by the {cfg.backend} backend: ignored ({src})" for path, src in asked.items()]
+    return notes
 
 
 def _merge_union_errors(errors: list[dict]) -> list[dict]:
@@ -178,6 +194,10 @@ def _describe(err: dict, sources: Mapping[str, str], default_origin: str) -> str
     if err["type"] == "value_error" and mentioned:
         # a rule across keys: name where each of them was set (the failing key's own origin first)
         origin = ", ".join(dict.fromkeys([origin, *mentioned]) if key else mentioned)
+    if err["type"] == "extra_forbidden" and moved_to(key):
+        leaves = [path for path in sources if path == key or path.startswith(f"{key}.")] or [key]
+        return "\n  ".join(f"{sources.get(leaf, origin)}: {leaf}: this setting moved to {moved_to(leaf)}"
+                            for leaf in leaves)
     if err["type"] == "extra_forbidden":
         hint = suggest_key(loc)
         tip = f", did you mean {hint}?" if hint else f"; allowed here: {_allowed(loc[:-1])}"
@@ -224,8 +244,19 @@ def all_keys(model: type[BaseModel] = QLoraConfig, prefix: str = "") -> list[str
     return keys
 
 
+def moved_to(key: str) -> str | None:
+    """The new place of a key that moved (common.config.MOVED_KEYS), or None."""
+    for old, new in MOVED_KEYS.items():
+        if key == old or key.startswith(f"{old}."):
+            return new + key.removeprefix(old)
+    return None
+
+
 def suggest_key(loc: list[str]) -> str | None:
-    """The nearest real key for a typo: in the same section first, then anywhere."""
+    """Where a moved key lives now, else the nearest real key for a typo: in the same section
+    first, then anywhere."""
+    if moved_to(".".join(loc)):
+        return moved_to(".".join(loc))
     parent, leaf = loc[:-1], loc[-1]
     model = _model_at(parent)
     if model:

@@ -12,11 +12,28 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 H100_MEMORY_GB = 80
 # macOS lets the GPU wire about 70% of unified memory by default (the rest stays with the system):
 # the share a training run can count on
 APPLE_GPU_SHARE = 0.7
+
+
+class FlashKernel(NamedTuple):
+    name: str  # transformers' attn_implementation
+    distribution: str  # the pip package
+    min_capability: tuple[int, int]
+    module: str  # what must import for the kernel to be usable
+    probe: str  # transformers.utils.import_utils' availability check
+
+
+# FlashAttention generations, fastest first. FA4 and FA3 are Hopper-class kernels; FA2 needs Ampere+.
+FLASH_KERNELS = (
+    FlashKernel("flash_attention_4", "flash-attn-4", (9, 0), "flash_attn.cute", "is_flash_attn_4_available"),
+    FlashKernel("flash_attention_3", "flash-attn-3", (9, 0), "flash_attn_interface", "is_flash_attn_3_available"),
+    FlashKernel("flash_attention_2", "flash-attn", (8, 0), "flash_attn", "is_flash_attn_2_available"),
+)
 
 
 @dataclass
@@ -176,7 +193,7 @@ def gpu_fit_note(gpu: GpuInfo) -> str:
     if gpu.total_gb < 24:
         note += f"; {gpu.total_gb:.0f} GB is likely too little at 4096 tokens: lower data.max_seq_length"
     if not gpu.bf16:
-        note += "; this GPU has no bfloat16: the run cannot use the seed's bf16 settings"
+        note += "; this GPU has no bfloat16: the run cannot use the reference configuration's bf16 settings"
     return note
 
 

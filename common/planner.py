@@ -12,6 +12,7 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from common.config import QLoraConfig
+from common.mistral import SHAPE_7B
 
 
 @dataclass
@@ -46,7 +47,7 @@ ANCHOR_LIGER = frozenset({"rope", "rms_norm", "swiglu"})  # the H100 anchor's cu
 # each layer that keeps its activations (with Liger's RMSNorm and SwiGLU). Within 8% of the 8
 # configurations measured (1-4 rows, 4-32 layers checkpointed).
 CUDA_FIXED_GB, CUDA_ROW_GB, CUDA_KEPT_LAYER_ROW_GB = 4.07, 2.10, 0.68
-DECODER_LAYERS = 32  # Mistral-7B
+DECODER_LAYERS = SHAPE_7B["num_hidden_layers"]
 
 # The Liger kernels and the fused LoRA, each measured on/off in one process on one H100 at 4 rows x
 # 4096 (bench/results/2026-11-26-h100-80gb-hbm3-d.json, 24 of 32 layers checkpointed; fused LoRA:
@@ -144,6 +145,18 @@ def padded_tokens(lengths: list[int], batch: int, seed: int) -> int:
     return total
 
 
+def steps_in_epoch(micro_batches: int, accumulation: int) -> int:
+    """Optimizer steps in one epoch of `micro_batches`: the last step takes the remainder (the rule of
+    transformers' Trainer, which the MLX backend follows too)."""
+    return max(1, math.ceil(micro_batches / accumulation))
+
+
+def total_steps(cfg: QLoraConfig, per_epoch: int) -> int:
+    """The run's optimizer steps: training.max_steps, else epochs x steps per epoch, rounded up."""
+    t = cfg.training
+    return t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.epochs)
+
+
 def steps_per_epoch(cfg: QLoraConfig, lengths: list[int]) -> tuple[int, int]:
     """(optimizer steps per epoch, tokens processed per epoch including padding)."""
     t = cfg.training
@@ -152,7 +165,9 @@ def steps_per_epoch(cfg: QLoraConfig, lengths: list[int]) -> tuple[int, int]:
     if t.packing and cfg.backend == "cuda":
         rows = math.ceil(real / (cfg.data.max_seq_length * PACKING_FILL))
         return max(1, math.ceil(rows / per_step)), real
-    return max(1, math.ceil(len(lengths) / per_step)), padded_tokens(lengths, t.batch_size, t.seed)
+    micro_batches = math.ceil(len(lengths) / t.batch_size)
+    return (steps_in_epoch(micro_batches, t.gradient_accumulation_steps),
+            padded_tokens(lengths, t.batch_size, t.seed))
 
 
 def tokens_per_step(cfg: QLoraConfig, examples) -> float:
@@ -174,7 +189,7 @@ def make_plan(
 ) -> Plan:
     t, e = cfg.training, cfg.eval
     per_epoch, processed = steps_per_epoch(cfg, train_lengths)
-    steps = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.epochs)
+    steps = total_steps(cfg, per_epoch)
     epochs = steps / per_epoch
     real_per_epoch = sum(train_lengths)
     train_tokens = real_per_epoch * epochs

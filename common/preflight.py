@@ -19,6 +19,14 @@ from pathlib import Path
 from common import machine as plat
 from common.config import LIGER_ROPE_IMPL_VARS, QLoraConfig
 from common.errors import PlatformError, QLoraError
+from common.mistral import (
+    DOWNLOAD_GB,
+    SHAPE_7B,
+    cached_on_hub,
+    local_config,
+    missing_local_files,
+    projection_shapes,
+)
 
 OK, WARN, BLOCK = "ok", "warning", "blocking"
 
@@ -111,7 +119,7 @@ def check_accelerator(cfg, env) -> list[Check]:
         gpu = info.gpu
         rows = [Check("accelerator", OK if gpu.is_h100 else WARN, info.describe(),
                       "" if gpu.is_h100 else plat.gpu_fit_note(gpu))]
-        if not gpu.bf16 and cfg.training.bf16:
+        if not gpu.bf16 and cfg.cuda.bf16:
             rows.append(Check("bf16", BLOCK, f"{gpu.name} has no bfloat16", "use an Ampere or newer GPU"))
         return rows + check_bitsandbytes_library(gpu)
     if info.apple:
@@ -154,10 +162,7 @@ def check_attention(cfg, env) -> list[Check]:
     if cfg.backend != "cuda" or cfg.cuda.device == "cpu":
         return []
     capability = env.info.gpu.compute_capability if env.info.gpu else (0, 0)
-    found = [name for name, dist, needs in (("flash_attention_4", "flash-attn-4", (9, 0)),
-                                            ("flash_attention_3", "flash-attn-3", (9, 0)),
-                                            ("flash_attention_2", "flash-attn", (8, 0)))
-             if env.version(dist) and capability >= needs]
+    found = [k.name for k in plat.FLASH_KERNELS if env.version(k.distribution) and capability >= k.min_capability]
     if found:
         return [Check("attention", OK, f"{found[0]} (installed; confirmed when the model loads)")]
     return [Check("attention", WARN, "no FlashAttention installed: PyTorch SDPA (slower on packed data)",
@@ -205,22 +210,11 @@ def hf_token(env) -> bool:
     return bool(env.env.get("HF_TOKEN") or env.env.get("HUGGING_FACE_HUB_TOKEN") or token_file.is_file())
 
 
-def model_cached(name: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:
-        return False
-
-
-def check_model(cfg, env, cached: Callable[[str], bool] = model_cached) -> list[Check]:
+def check_model(cfg, env, cached: Callable[[str], bool] = cached_on_hub) -> list[Check]:
     name = cfg.model.name_or_path
     local = Path(name)
     if local.exists():
-        missing = [] if (local / "config.json").is_file() else ["config.json"]
-        if not any(local.glob("*.safetensors")):
-            missing.append("*.safetensors weights")
+        missing = missing_local_files(local)
         if missing:
             return [Check("model", BLOCK, f"{name} is incomplete: missing {', '.join(missing)}",
                           "download the whole model folder again")]
@@ -235,37 +229,31 @@ def check_model(cfg, env, cached: Callable[[str], bool] = model_cached) -> list[
     if not hf_token(env):
         return [Check("model", BLOCK, f"{name} is gated and no Hugging Face token was found",
                       "accept the license on the model page, then `hf auth login` (or set HF_TOKEN)")]
-    return [Check("model", WARN, f"{name} will be downloaded on first use (about 14.5 GB)")]
+    return [Check("model", WARN, f"{name} will be downloaded on first use (about {DOWNLOAD_GB} GB)")]
 
 
 def lora_parameters(cfg: QLoraConfig, model_config: dict | None = None) -> int:
-    c = model_config or {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
-    q = c["num_attention_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
-    kv = c["num_key_value_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
-    h, m = c["hidden_size"], c["intermediate_size"]
-    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+    config = model_config or SHAPE_7B
+    dims = projection_shapes(config)
     per_layer = sum(cfg.lora.r * sum(dims[t]) for t in cfg.lora.target_modules)
-    return per_layer * c["num_hidden_layers"]
+    return per_layer * config["num_hidden_layers"]
 
 
 def disk_needed_gb(cfg: QLoraConfig, model_cached_or_local: bool) -> tuple[float, str]:
-    local_config = Path(cfg.model.name_or_path) / "config.json"
-    model_config = json.loads(local_config.read_text()) if local_config.is_file() else None
+    model_config = local_config(cfg.model.name_or_path)
     adapter = lora_parameters(cfg, model_config) * 4  # fp32 master weights
     checkpoint = adapter * 3  # adapter + Adam's two moments
     keep = cfg.eval.save_total_limit + 1  # the best N and the newest
     parts = {"checkpoints": keep * checkpoint, "final adapter (PEFT + native)": 2 * adapter}
     if not model_cached_or_local and model_config is None:
-        parts["model download"] = 14.5 * GB
+        parts["model download"] = DOWNLOAD_GB * GB
     if cfg.backend == "mlx":
         parts["4-bit MLX copy"] = 4.0 * GB if model_config is None else 0.3 * GB
     total = sum(parts.values()) / GB
     return total, ", ".join(f"{k} {v / GB:.1f} GB" for k, v in parts.items())
 
 
-def check_disk(cfg, env, cached: Callable[[str], bool] = model_cached) -> list[Check]:
+def check_disk(cfg, env, cached: Callable[[str], bool] = cached_on_hub) -> list[Check]:
     present = Path(cfg.model.name_or_path).exists() or cached(cfg.model.name_or_path)
     need, detail = disk_needed_gb(cfg, present)
     free = env.free_disk(Path(cfg.tracking.output_dir)) / GB

@@ -58,8 +58,9 @@ class RunFolder:
         return self.root / "metrics.jsonl"
 
     def write_config(self, cfg: QLoraConfig) -> None:
-        text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-        (self.root / "config.yaml").write_text("# resolved config of this run\n" + text)
+        text = yaml.safe_dump(cfg.resolved(), sort_keys=False)
+        (self.root / "config.yaml").write_text(
+            f"# resolved config of this run: every setting the {cfg.backend} backend used\n" + text)
 
     def log_metrics(self, record: dict) -> None:
         with self.metrics.open("a", encoding="utf-8") as handle:

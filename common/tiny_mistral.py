@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from common.data import default_tokenizer_file
+from common.mistral import SHAPE_7B, VOCAB_SIZE
 
 # The demo config's base model (configs/training_config_cpu.yaml): built here on first use, by
 # `qlora demo` or any `qlora train` that names it, never fetched from a hub.
@@ -27,14 +28,7 @@ TINY_SHAPE = dict(
 )
 
 
-MISTRAL_7B_SHAPE = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-)
+MISTRAL_7B_SHAPE = SHAPE_7B  # the real model's shape (common/mistral.py)
 
 
 def build_random_mistral(
@@ -52,7 +46,7 @@ def build_random_mistral(
     out.mkdir(parents=True, exist_ok=True)
     dims = shape or TINY_SHAPE
     config = MistralConfig(
-        vocab_size=32768,
+        vocab_size=VOCAB_SIZE,
         max_position_embeddings=32768,
         rope_theta=1_000_000.0,
         sliding_window=None,

@@ -43,6 +43,14 @@ def resolve_tracker(
     return requested, None
 
 
+def start_wandb(project: str, run_root: Path, run_name: str):
+    """A wandb run for this training run, its files under the run folder. Passing the project here
+    (not through WANDB_PROJECT) keeps a second run in the same process from inheriting it."""
+    import wandb
+
+    return wandb.init(project=project, name=run_name, dir=str(run_root), resume="allow")
+
+
 class MetricSink:
     """Sends metric records to wandb or TensorBoard, for the MLX backend (the CUDA backend uses
     transformers' own integrations). metrics.jsonl is written by the run folder either way."""
@@ -50,9 +58,7 @@ class MetricSink:
     def __init__(self, tracker: str, run_root: Path, project: str, run_name: str):
         self.wandb = self.tensorboard = None
         if tracker == "wandb":
-            import wandb
-
-            self.wandb = wandb.init(project=project, name=run_name, dir=str(run_root), resume="allow")
+            self.wandb = start_wandb(project, run_root, run_name)
         elif tracker == "tensorboard":
             from tensorboard.summary import DirectoryOutput, Writer
 

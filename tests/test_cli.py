@@ -32,7 +32,11 @@ def test_config_json_shows_the_seed_values(platform):
         "bias": "none", "task_type": "CAUSAL_LM",
     }
     assert cfg["training"]["learning_rate"] == 2e-4 and cfg["training"]["max_grad_norm"] == 0.3
-    assert cfg["quantization"]["quant_type"] == "nf4" and cfg["quantization"]["double_quant"] is True
+    if platform == "h100":
+        assert cfg["cuda"]["quantization"]["quant_type"] == "nf4" and cfg["cuda"]["quantization"]["double_quant"]
+        assert "mlx" not in cfg
+    else:  # only what the MLX run uses
+        assert "cuda" not in cfg and "packing" not in cfg["training"] and cfg["mlx"]["quant_bits"] == 4
     assert cfg["platform"] == platform
 
 

@@ -18,18 +18,13 @@ SEED = {
     "lora.target_modules": ALL_PROJECTIONS,
     "lora.bias": "none",
     "lora.task_type": "CAUSAL_LM",
-    "quantization.quant_type": "nf4",
-    "quantization.double_quant": True,
-    "quantization.compute_dtype": "bfloat16",
     "training.gradient_checkpointing": True,
     "training.epochs": 3,
     "training.learning_rate": 2e-4,
     "training.lr_scheduler": "cosine",
     "training.warmup_ratio": 0.03,
-    "training.optimizer": "paged_adamw_32bit",
     "training.weight_decay": 0.01,
     "training.max_grad_norm": 0.3,
-    "training.bf16": True,
     "eval.logging_steps": 10,
     "eval.eval_steps": 100,
     "eval.save_steps": 500,
@@ -42,18 +37,45 @@ SEED = {
 }
 
 
+# The reference configuration's settings that only the CUDA backend reads (bitsandbytes, transformers).
+SEED_CUDA = {
+    "cuda.quantization.quant_type": "nf4",
+    "cuda.quantization.double_quant": True,
+    "cuda.quantization.compute_dtype": "bfloat16",
+    "cuda.optimizer": "paged_adamw_32bit",
+    "cuda.bf16": True,
+}
+
+
 @pytest.mark.parametrize("platform", ["h100", "m4"])
 def test_platform_configs_carry_the_seed_values(platform):
     cfg = load_config(platform=platform)
-    for key, value in SEED.items():
+    for key, value in (SEED | SEED_CUDA if platform == "h100" else SEED).items():
         assert cfg.get(key) == value, key
     assert cfg.platform == platform
+
+
+def test_the_resolved_config_lists_only_what_its_backend_uses():
+    m4, h100 = load_config(platform="m4").resolved(), load_config(platform="h100").resolved()
+    assert "cuda" not in m4 and "packing" not in m4["training"] and m4["mlx"]["quant_bits"] == 4
+    assert "mlx" not in h100 and h100["cuda"]["quantization"]["quant_type"] == "nf4"
+
+
+def test_a_setting_the_backend_ignores_is_named():
+    cfg = load_config(platform="m4", overrides=["cuda.optimizer=adamw_torch", "training.packing=true"])
+    assert cfg.notes == [
+        "cuda.optimizer is not used by the mlx backend: ignored (--set cuda.optimizer=adamw_torch)",
+        "training.packing is not used by the mlx backend: ignored (--set training.packing=true)",
+    ]
+    assert load_config(platform="h100").notes == [] and load_config(platform="m4").notes == []
+    # the demo config serves both backends: its cuda section is no news to an MLX run
+    assert load_config(platform="cpu", overrides=["backend=mlx"]).notes == []
 
 
 def test_platform_specifics():
     h100, m4 = load_config(platform="h100"), load_config(platform="m4")
     assert (h100.backend, h100.data.max_seq_length) == ("cuda", 4096)
-    # 4 packed rows of 4096 tokens a step: ~16K real tokens, the seed's 16-example budget
+    # 4 packed rows of 4096 tokens a step: ~16K real tokens, the reference configuration's 16-example budget
     assert h100.training.batch_size * h100.training.gradient_accumulation_steps * 4096 == 16384
     assert h100.cuda.device == "cuda" and h100.training.packing
     assert m4.backend == "mlx" and m4.effective_batch_size == 16 and m4.training.batch_size == 1
@@ -89,10 +111,10 @@ def test_precedence_defaults_base_overlay_overrides(tmp_path):
 def test_overrides_are_typed():
     cfg = load_config(
         platform="h100",
-        overrides=["lora.r=8", "training.bf16=false", "quantization.compute_dtype=float32",
+        overrides=["lora.r=8", "cuda.bf16=false", "cuda.quantization.compute_dtype=float32",
                    "lora.target_modules=[q_proj, v_proj]", "data.val_file=null"],
     )
-    assert cfg.lora.r == 8 and cfg.training.bf16 is False
+    assert cfg.lora.r == 8 and cfg.cuda.bf16 is False
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.data.val_file is None
 
 
@@ -133,10 +155,11 @@ def test_errors_name_the_file_and_key(tmp_path):
     [
         ("lora: [1, 2\n", "invalid YAML"),
         ("- a\n- b\n", "must be a mapping"),
-        ("training:\n  bf16: true\nquantization:\n  compute_dtype: float16\n", "compute_dtype bfloat16"),
+        ("cuda:\n  bf16: true\n  quantization:\n    compute_dtype: float16\n", "compute_dtype bfloat16"),
+        ("training:\n  optimizer: adamw_torch\n", "training.optimizer: this setting moved to cuda.optimizer"),
         ("eval:\n  eval_steps: 30\n  save_steps: 100\n", "must be a multiple of"),
         ("lora:\n  target_modules: [q_proj, lm_head]\n", "unknown target module"),
-        ("training:\n  optimizer: sgd\n", "training.optimizer"),
+        ("cuda:\n  optimizer: sgd\n", "cuda.optimizer"),
         ("data:\n  val_fraction: 0.9\n", "data.val_fraction"),
         ("extends: missing.yaml\n", "config file not found"),
     ],
@@ -175,7 +198,8 @@ def test_dotted_access():
 
 
 def test_suggestions_cover_every_section():
-    assert suggest_key(["quantization", "quant_typ"]) == "quantization.quant_type"
+    assert suggest_key(["cuda", "quantization", "quant_typ"]) == "cuda.quantization.quant_type"
+    assert suggest_key(["quantization", "quant_type"]) == "cuda.quantization.quant_type"  # moved
     assert suggest_key(["max_seq_length"]) == "data.max_seq_length"
     assert suggest_key(["lora", "zzzzzz"]) is None
 

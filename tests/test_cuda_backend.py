@@ -110,7 +110,7 @@ def test_saved_adapter_reproduces_the_trainers_logits(trained):
         got = PeftModel.from_pretrained(base, str(root)).eval()(input_ids=ids).logits.float()
     error = (got - expected).abs().max().item()
     effect = (without_adapter - expected).abs().max().item()
-    # Logits are computed in bf16 (the seed's compute dtype): a couple of bf16 steps of a logit is
+    # Logits are computed in bf16 (the reference configuration's compute dtype): a couple of bf16 steps of a logit is
     # rounding; an adapter that was not saved, or saved wrongly, misses by the whole effect.
     assert effect > 1.0
     assert error < 0.05 * effect, (error, effect)
@@ -425,37 +425,38 @@ def test_chosen_liger_kernels_reach_the_trainer(tiny_model_dir, tmp_path):
     assert set(trainer.trainer.args.liger_kernel_config) <= set(inspect.signature(apply_liger_kernel_to_mistral).parameters)
 
 
-def test_liger_rope_is_routed_to_its_triton_kernel_unless_the_user_chose(monkeypatch):
+def test_liger_rope_is_routed_to_its_triton_kernel_for_the_run_only(monkeypatch):
     """Liger's CuTe DSL RoPE recompiles for each new packed-batch length (-23% tokens/s measured on the
     H100); its Triton kernel compiles once. The backend picks Triton through Liger's per-op variable,
-    which Liger's dispatcher reads at each call, and leaves a user's own choice alone."""
-    from backends.cuda.trainer import pin_liger_rope_impl
+    which Liger's dispatcher reads at each call, for the run only, and leaves a user's own choice alone."""
+    from backends.cuda.patches import liger_rope_impl, run_scope
 
     for var in ("LIGER_KERNEL_IMPL_ROPE", "LIGER_KERNEL_BACKEND_ROPE"):
         monkeypatch.delenv(var, raising=False)
-    assert pin_liger_rope_impl(["rms_norm", "swiglu"]) is None
-    assert "LIGER_KERNEL_IMPL_ROPE" not in os.environ  # no RoPE: nothing routed
-    assert pin_liger_rope_impl(["rope", "rms_norm"]) == "nvidia-triton"
-    assert os.environ["LIGER_KERNEL_IMPL_ROPE"] == "nvidia-triton"
-    monkeypatch.delenv("LIGER_KERNEL_IMPL_ROPE")
+    with run_scope(["rms_norm", "swiglu"]):
+        assert "LIGER_KERNEL_IMPL_ROPE" not in os.environ  # no RoPE: nothing routed
+    with run_scope(["rope", "rms_norm"]):
+        assert os.environ["LIGER_KERNEL_IMPL_ROPE"] == "nvidia-triton" == liger_rope_impl(["rope"])
+    assert "LIGER_KERNEL_IMPL_ROPE" not in os.environ  # gone when the run ends
     monkeypatch.setenv("LIGER_KERNEL_BACKEND_ROPE", "cutedsl")  # the user's choice, by Liger's legacy name
-    assert pin_liger_rope_impl(["rope"]) == "cutedsl" and "LIGER_KERNEL_IMPL_ROPE" not in os.environ
+    with run_scope(["rope"]):
+        assert liger_rope_impl(["rope"]) == "cutedsl" and "LIGER_KERNEL_IMPL_ROPE" not in os.environ
+    assert os.environ["LIGER_KERNEL_BACKEND_ROPE"] == "cutedsl"
 
 
-def test_only_liger_ascend_import_notices_are_dropped(caplog):
+def test_only_liger_ascend_import_notices_are_dropped_during_the_run(caplog):
     """On CUDA, Liger logs that its Huawei Ascend RoPE failed to import, mid-run, worded like an error;
-    the backend drops that notice and no other."""
+    the backend drops that notice and no other, and only while a run lasts."""
     import logging
 
-    from backends.cuda.trainer import LIGER_REGISTRY_LOGGER, quiet_liger_ascend_notices
+    from backends.cuda.patches import LIGER_REGISTRY_LOGGER, run_scope
 
-    quiet_liger_ascend_notices()
-    quiet_liger_ascend_notices()  # once is enough: no second filter
     log = logging.getLogger(LIGER_REGISTRY_LOGGER)
-    assert len(log.filters) == 1
     notice = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
-    with caplog.at_level(logging.WARNING, logger=LIGER_REGISTRY_LOGGER):
+    with caplog.at_level(logging.WARNING, logger=LIGER_REGISTRY_LOGGER), run_scope(["rms_norm"]):
+        assert len(log.filters) == 1
         log.warning(notice, "liger_kernel.ops.backends._ascend.rope", "rope", "ImportError", "no tanh")
         log.warning(notice, "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError", "no cutlass")
     shown = [r.getMessage() for r in caplog.records]
     assert len(shown) == 1 and "_cutedsl" in shown[0]
+    assert not log.filters  # the run is over: the logger is as it was

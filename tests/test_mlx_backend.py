@@ -89,7 +89,7 @@ def test_mlx_lm_loads_the_native_adapter(trained):
 
 def test_batches_are_the_shared_examples(trained):
     trainer, _, _ = trained
-    batch = trainer.micro_batch(0)
+    batch = trainer.step_batches(0)[0]
     ids, mask = trainer.to_arrays(batch)
     for row, example in enumerate(batch):
         n = len(example)

@@ -87,7 +87,7 @@ def test_model_checks(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     cfg.model.name_or_path = str(folder)
-    assert "missing *.safetensors" in pf.check_model(cfg, machine())[0].message
+    assert "missing weights (*.safetensors)" in pf.check_model(cfg, machine())[0].message
 
 
 def test_token_file_counts_as_logged_in(tmp_path):

@@ -6,14 +6,9 @@ from pathlib import Path
 
 from common.config import QLoraConfig
 from common.errors import QLoraError
+from common.machine import FLASH_KERNELS
+from common.mistral import HUB_ID, cached_on_hub, check_local_model
 
-# Fastest first. FA4 and FA3 are Hopper-class kernels; FA2 needs Ampere or newer.
-# (name, transformers' availability probe, minimum compute capability, module that must import)
-FLASH_KERNELS = (
-    ("flash_attention_4", "is_flash_attn_4_available", (9, 0), "flash_attn.cute"),
-    ("flash_attention_3", "is_flash_attn_3_available", (9, 0), "flash_attn_interface"),
-    ("flash_attention_2", "is_flash_attn_2_available", (8, 0), "flash_attn"),
-)
 INSTALL_HINT = (
     "install a FlashAttention kernel for the H100 (`make setup-h100` tries flash-attn-4, "
     "then flash-attn); training continues with PyTorch SDPA, which is slower on packed data"
@@ -33,16 +28,16 @@ def installed_flash_kernels(capability: tuple[int, int] | None, say=None) -> lis
     if capability is None:
         return []
     usable = []
-    for name, probe, needs, module in FLASH_KERNELS:
-        if capability < needs or not getattr(import_utils, probe, lambda: False)():
+    for kernel in FLASH_KERNELS:
+        if capability < kernel.min_capability or not getattr(import_utils, kernel.probe, lambda: False)():
             continue
         try:
-            importlib.import_module(module)
+            importlib.import_module(kernel.module)
         except Exception as exc:  # any import failure means: not usable here
             if say:
-                say.warn(f"{name} is installed but does not load ({type(exc).__name__}: {exc}); skipping it")
+                say.warn(f"{kernel.name} is installed but does not load ({type(exc).__name__}: {exc}); skipping it")
             continue
-        usable.append(name)
+        usable.append(kernel.name)
     return usable
 
 
@@ -75,26 +70,7 @@ def model_source(cfg: QLoraConfig) -> tuple[str, bool]:
         return name, True
     if cfg.model.local_files_only:
         return name, True
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(name, "config.json", revision=cfg.model.revision)
-    except Exception:  # an id that is not a valid repo name: let from_pretrained explain
-        cached = None
-    return name, isinstance(cached, str)
-
-
-def check_local_model(path: Path) -> None:
-    if not path.is_dir():
-        raise QLoraError(f"model.name_or_path {path} is a file; point it at the model folder.")
-    missing = [] if (path / "config.json").is_file() else ["config.json"]
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        missing.append("weights (*.safetensors)")
-    if missing:
-        raise QLoraError(
-            f"model folder {path} is incomplete: missing {', '.join(missing)}. Download the whole "
-            "model (`hf download mistralai/Mistral-7B-Instruct-v0.3 --local-dir <folder>`)."
-        )
+    return name, cached_on_hub(name, cfg.model.revision)
 
 
 def explain_load_error(name: str, exc: Exception) -> QLoraError:
@@ -114,7 +90,7 @@ def explain_load_error(name: str, exc: Exception) -> QLoraError:
     if {"LocalEntryNotFoundError", "OfflineModeIsEnabled"} & set(chain) or "offline" in text.lower():
         return QLoraError(
             f"model {name!r} is not in the local cache and the hub cannot be reached (offline). "
-            "Download it where there is network (`hf download mistralai/Mistral-7B-Instruct-v0.3`) "
+            f"Download it where there is network (`hf download {HUB_ID}`) "
             "or set model.name_or_path to a local folder."
         )
     return QLoraError(f"could not load model {name!r}: {exc}")
@@ -124,7 +100,7 @@ def load_quantized_model(cfg: QLoraConfig, attn: str, device: str):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = cfg.quantization
+    q = cfg.cuda.quantization
     dtype = getattr(torch, q.compute_dtype)
     quant = (
         BitsAndBytesConfig(

@@ -7,19 +7,18 @@ stopping cleanly on SIGTERM / Ctrl-C; save() writes the PEFT adapter into the ru
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import time
 
 from backends.cuda.activation_checkpointing import checkpoint_limit_callback, checkpointing_args
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
-from common.config import LIGER_KERNELS, LIGER_ROPE_IMPL, LIGER_ROPE_IMPL_VARS, QLoraConfig
+from backends.cuda.patches import liger_kernel_config, liger_rope_impl, run_scope
+from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
 from common.run_folder import RunFolder, resume_folder, save_failed
 from common.time_budget import TimeBudget
-from common.tracking import resolve_tracker
+from common.tracking import resolve_tracker, start_wandb
 from common.trainer import RunSummary, Stopping
 
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
@@ -62,51 +61,13 @@ def liger_wanted(setting, device: str, say) -> bool:
     return bool(setting) and installed
 
 
-def liger_kernel_config(kernels: list[str]) -> dict[str, bool]:
-    """transformers' `liger_kernel_config`: the chosen kernels on, the others off. Liger's losses stay
-    off: TRL's SFTTrainer computes the loss with its own chunked LM head (no full logits) and refuses
-    Liger's fused linear cross-entropy, which would replace the model's forward."""
-    return {**{name: name in kernels for name in LIGER_KERNELS}, "cross_entropy": False,
-            "fused_linear_cross_entropy": False}
-
-
-def pin_liger_rope_impl(kernels: list[str]) -> str | None:
-    """Route Liger's RoPE to its Triton kernel (common/config.py says why); Liger's dispatcher reads
-    the variable at each call. A choice the user already made in the environment wins. Returns the
-    implementation RoPE will use (None without RoPE)."""
-    if "rope" not in kernels:
-        return None
-    chosen = next((os.environ[v] for v in LIGER_ROPE_IMPL_VARS if os.environ.get(v)), None)
-    if chosen is None:
-        os.environ[LIGER_ROPE_IMPL_VARS[0]] = chosen = LIGER_ROPE_IMPL
-    return chosen
-
-
-class _SkipAscendImportNotice(logging.Filter):
-    """Liger's dispatcher imports every backend it knows the first time an op runs, Huawei Ascend NPU
-    ones included, and logs each that fails to import. On a CUDA machine the Ascend RoPE always fails
-    ("ImportError: cannot import name 'tanh' from 'triton.language.math'"): a line that reads like an
-    error in the middle of a healthy run. Only that notice is dropped; every other one still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.args and "._ascend." in str(record.args[0]))
-
-
-LIGER_REGISTRY_LOGGER = "liger_kernel.backends.registry"
-
-
-def quiet_liger_ascend_notices() -> None:
-    log = logging.getLogger(LIGER_REGISTRY_LOGGER)
-    if not any(isinstance(f, _SkipAscendImportNotice) for f in log.filters):
-        log.addFilter(_SkipAscendImportNotice())
-
-
 class CudaTrainer(Stopping):
     def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
                  time_budget: TimeBudget | None = None):
         self.cfg, self.run, self.data, self.say, self.time_budget = cfg, run, data, say, time_budget
         self.trainer = None
         self.tracker = "none"
+        self.wandb_run = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -122,8 +83,6 @@ class CudaTrainer(Stopping):
         self.tracker, notice = resolve_tracker(cfg.tracking.report_to)
         if notice:
             say.warn(notice)
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.run.root / "tensorboard"))
-        os.environ.setdefault("WANDB_PROJECT", cfg.tracking.project)
         from peft import LoraConfig
         from trl import SFTTrainer
 
@@ -150,17 +109,32 @@ class CudaTrainer(Stopping):
         self._guess_budget(sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad))
 
     def _callbacks(self) -> list:
-        callbacks = [self._metrics_callback(), self._stop_callback()]
+        callbacks = [self._metrics_callback(), self._stop_callback(), *self._tracking_callbacks()]
         layers = self.cfg.cuda.checkpointed_layers
         if self.cfg.training.gradient_checkpointing and layers != "all":
             callbacks.append(checkpoint_limit_callback(layers, self.say))
         return callbacks
 
+    def _tracking_callbacks(self) -> list:
+        """transformers' own wandb / TensorBoard callbacks, given this run's writer or wandb run
+        explicitly (report_to stays empty: its integrations read their folder and project from
+        environment variables, which would leak into a later run in the same process)."""
+        if self.tracker == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+
+            return [TensorBoardCallback(SummaryWriter(log_dir=str(self.run.root / "tensorboard")))]
+        if self.tracker == "wandb":
+            from transformers.integrations import WandbCallback
+
+            self.wandb_run = start_wandb(self.cfg.tracking.project, self.run.root, self.run.root.name)
+            return [WandbCallback()]
+        return []
+
     def _speedups(self) -> None:
         if self.trainer.args.use_liger_kernel:  # applied by transformers' Trainer
             kernels = self.cfg.cuda.liger_kernels
-            quiet_liger_ascend_notices()
-            rope_impl = pin_liger_rope_impl(kernels)
+            rope_impl = liger_rope_impl(kernels)
             rope = f"; RoPE: Liger's {rope_impl} kernel" if rope_impl else ""
             self.say.ok(f"Liger kernels: {', '.join(kernels)} (cuda.liger_kernels){rope}")
         if self.cfg.cuda.fused_lora:
@@ -197,7 +171,7 @@ class CudaTrainer(Stopping):
     def _micro_batching(self) -> tuple[int, int]:
         """(micro-batch, accumulation). Packed rows are concatenated padding-free; SDPA then builds
         a dense block mask over the whole micro-batch, so with SDPA one row per micro-batch and
-        more accumulation trains on the same tokens per optimizer step, faster (facts.md)."""
+        more accumulation trains on the same tokens per optimizer step, faster (measured: docs/benchmarks.md)."""
         t = self.cfg.training
         if t.packing and self.attn == "sdpa" and self.device == "cuda" and t.batch_size > 1:
             self.say.warn(
@@ -222,14 +196,14 @@ class CudaTrainer(Stopping):
             learning_rate=t.learning_rate,
             lr_scheduler_type=t.lr_scheduler,
             warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
-            optim=t.optimizer if not on_cpu or "paged" not in t.optimizer else "adamw_torch",
+            optim=cfg.cuda.optimizer if not on_cpu or "paged" not in cfg.cuda.optimizer else "adamw_torch",
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
             per_device_train_batch_size=micro,
             per_device_eval_batch_size=e.eval_batch_size,
             gradient_accumulation_steps=accumulation,
             **checkpointing_args(t.gradient_checkpointing),
-            bf16=t.bf16,
+            bf16=cfg.cuda.bf16,
             use_cpu=on_cpu,
             seed=t.seed,
             data_seed=t.seed,
@@ -249,7 +223,7 @@ class CudaTrainer(Stopping):
             metric_for_best_model=e.metric_for_best_model,
             greater_is_better=False,
             include_num_input_tokens_seen="non_padding",
-            report_to=[] if self.tracker == "none" else [self.tracker],
+            report_to=[],  # trackers come as explicit callbacks (_tracking_callbacks)
             # No worker processes: the examples are already token ids, and workers die on a
             # Ctrl-C or a process-group SIGTERM before the main process can save (seen on the H100)
             dataloader_num_workers=0,
@@ -325,7 +299,8 @@ class CudaTrainer(Stopping):
     # ------------------------------------------------------------------ train
     def evaluate(self) -> float:
         self.setup()
-        return self.trainer.evaluate()["eval_loss"]
+        with run_scope(self.cfg.cuda.liger_kernels if self.trainer.args.use_liger_kernel else None):
+            return self.trainer.evaluate()["eval_loss"]
 
     def train(self, resume: str | None = None) -> RunSummary:
         import torch
@@ -336,13 +311,17 @@ class CudaTrainer(Stopping):
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         started = time.time()
+        liger = self.cfg.cuda.liger_kernels if self.trainer.args.use_liger_kernel else None
         try:
-            output = self.trainer.train(resume_from_checkpoint=resume_from)
+            with run_scope(liger):
+                output = self.trainer.train(resume_from_checkpoint=resume_from)
         except OSError as exc:  # a checkpoint write failed: the Trainer deletes old ones only after a save succeeds
             raise QLoraError(save_failed(self.trainer.state.global_step, exc, self.run.checkpoints)) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
         wall = time.time() - started
         self.save()
         state = self.trainer.state

@@ -1,7 +1,7 @@
 """MLX backend: 4-bit LoRA with mlx-lm on Apple unified memory, from the shared config and examples.
 
 Read top to bottom: setup() converts the base model to 4-bit MLX once (cached), adds LoRA layers
-with the CUDA path's r / alpha / dropout / targets, and builds AdamW with the seed's schedule;
+with the CUDA path's r / alpha / dropout / targets, and builds AdamW with the reference configuration's schedule;
 train() runs the loop; save() writes the adapter natively (mlx/) and in PEFT format (run root).
 
 mlx-lm's loading, quantization, LoRA layers and gradient checkpointing are reused. Its `train()`
@@ -21,10 +21,12 @@ import signal
 import time
 from pathlib import Path
 
-from common.adapters import PARENT, Adapter, mlx_factors, write_adapter
+from common.adapters import Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
+from common.mistral import PARENT
+from common.planner import steps_in_epoch, total_steps
 from common.run_folder import RunFolder, resume_folder, save_failed
 from common.time_budget import TimeBudget
 from common.tracking import MetricSink, resolve_tracker
@@ -33,8 +35,9 @@ from common.trainer import RunSummary, Stopping
 PAD_ID = 0  # <unk>: never a real token, and masked out of the loss anyway
 
 
-def cached_model_name(name: str, bits: int, group: int) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip("/")) + f"-mlx-{bits}bit-g{group}"
+def cached_model_name(name: str, bits: int, group: int, revision: str | None = None) -> str:
+    at = f"@{revision}" if revision else ""
+    return re.sub(r"[^A-Za-z0-9._@-]+", "--", name.strip("/") + at) + f"-mlx-{bits}bit-g{group}"
 
 
 class MlxTrainer(Stopping):
@@ -52,7 +55,6 @@ class MlxTrainer(Stopping):
             return
         import mlx.core as mx
         import mlx.optimizers as optim
-        from mlx_lm.tuner.trainer import grad_checkpoint
         from mlx_lm.tuner.utils import linear_to_lora_layers
         from mlx_lm.utils import load
 
@@ -68,14 +70,8 @@ class MlxTrainer(Stopping):
         }
         mx.random.seed(cfg.training.seed)  # the LoRA A initialisation is random: make it repeatable
         linear_to_lora_layers(self.model, -1, self.lora_parameters)
-        layer_class = type(self.model.layers[0])
-        # mlx-lm's grad_checkpoint patches the layer *class*; a second trainer in the same process
-        # would wrap it twice, which changes how dropout draws random numbers: wrap once.
-        if cfg.training.gradient_checkpointing and not getattr(layer_class, "_qlora_checkpointed", False):
-            grad_checkpoint(self.model.layers[0])
-            layer_class._qlora_checkpointed = True
         self.num_layers = len(self.model.layers)
-        self.total_steps = self._total_steps()
+        self.total_steps = total_steps(self.cfg, self._steps_per_epoch())
         self.optimizer = optim.AdamW(learning_rate=self._schedule(), weight_decay=cfg.training.weight_decay)
         self.tracker, notice = resolve_tracker(cfg.tracking.report_to)
         if notice:
@@ -92,7 +88,8 @@ class MlxTrainer(Stopping):
         config = source / "config.json"
         if config.is_file() and "quantization" in json.loads(config.read_text()):
             return source
-        name = cached_model_name(cfg.model.name_or_path, cfg.mlx.quant_bits, cfg.mlx.quant_group_size)
+        name = cached_model_name(cfg.model.name_or_path, cfg.mlx.quant_bits, cfg.mlx.quant_group_size,
+                                 cfg.model.revision)
         cached = Path(cfg.mlx.model_cache_dir) / name
         if (cached / "config.json").is_file():
             return cached
@@ -102,7 +99,7 @@ class MlxTrainer(Stopping):
         partial = cached.with_name(cached.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            convert(str(cfg.model.name_or_path), str(partial), quantize=True,
+            convert(self._source_for_convert(), str(partial), quantize=True, revision=cfg.model.revision,
                     q_bits=cfg.mlx.quant_bits, q_group_size=cfg.mlx.quant_group_size)
         except Exception as exc:
             shutil.rmtree(partial, ignore_errors=True)
@@ -110,14 +107,28 @@ class MlxTrainer(Stopping):
         os.replace(partial, cached)
         return cached
 
+    def _source_for_convert(self) -> str:
+        """What mlx-lm converts: a local folder as is; a hub id through the local cache only when
+        model.local_files_only says so (mlx-lm would otherwise reach for the hub)."""
+        model = self.cfg.model
+        if Path(model.name_or_path).exists() or not model.local_files_only:
+            return model.name_or_path
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(model.name_or_path, revision=model.revision, local_files_only=True)
+        except Exception as exc:  # not cached (LocalEntryNotFoundError), or an invalid id
+            raise QLoraError(
+                f"model {model.name_or_path!r} is not in the local Hugging Face cache and "
+                f"model.local_files_only is true: download it first (`hf download {model.name_or_path}`) "
+                f"or point model.name_or_path at a folder ({type(exc).__name__})"
+            ) from None
+
     def _micro_batches_per_epoch(self) -> int:
         return math.ceil(len(self.data.train) / self.cfg.training.batch_size)
 
-    def _total_steps(self) -> int:
-        t = self.cfg.training
-        if t.max_steps > 0:
-            return t.max_steps
-        return max(1, math.ceil(self._micro_batches_per_epoch() * t.epochs / t.gradient_accumulation_steps))
+    def _steps_per_epoch(self) -> int:
+        return steps_in_epoch(self._micro_batches_per_epoch(), self.cfg.training.gradient_accumulation_steps)
 
     def _schedule(self):
         import mlx.optimizers as optim
@@ -134,17 +145,21 @@ class MlxTrainer(Stopping):
         return optim.join_schedules([optim.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
 
     # ------------------------------------------------------------------ data
-    def micro_batch(self, index: int) -> list[Example]:
-        """Micro-batch `index` of the whole run: each epoch is a fresh seeded shuffle, so the data
-        order depends only on the step, and a resumed run sees what an uninterrupted one would."""
+    def step_batches(self, step: int) -> list[list[Example]]:
+        """The micro-batches of optimizer step `step`: each epoch is a fresh seeded shuffle, cut into
+        micro-batches, `gradient_accumulation_steps` of them a step (the epoch's last step takes the
+        rest, as transformers' Trainer does). The data order depends only on the step, so a resumed
+        run sees what an uninterrupted one would."""
         import random
 
-        per_epoch = self._micro_batches_per_epoch()
-        epoch, position = divmod(index, per_epoch)
+        t = self.cfg.training
+        epoch, within = divmod(step, self._steps_per_epoch())
         order = list(range(len(self.data.train)))
-        random.Random(self.cfg.training.seed + epoch).shuffle(order)
-        size = self.cfg.training.batch_size
-        return [self.data.train[i] for i in order[position * size : (position + 1) * size]]
+        random.Random(t.seed + epoch).shuffle(order)
+        first = within * t.gradient_accumulation_steps
+        last = min(first + t.gradient_accumulation_steps, self._micro_batches_per_epoch())
+        size = t.batch_size
+        return [[self.data.train[i] for i in order[m * size : (m + 1) * size]] for m in range(first, last)]
 
     @staticmethod
     def to_arrays(examples: list[Example]):
@@ -192,6 +207,8 @@ class MlxTrainer(Stopping):
         resumed_from = self._resume(resume)
         value_and_grad = nn.value_and_grad(self.model, self.loss_sum)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        undo_checkpointing = checkpoint_layer_class(self.model.layers[0]) if self.cfg.training.gradient_checkpointing \
+            else (lambda: None)
         self.model.train()
         started, first_step = time.time(), self.step
         interval = {"loss": 0.0, "tokens": 0.0, "real": 0, "start": time.time()}
@@ -228,6 +245,7 @@ class MlxTrainer(Stopping):
             if self.stop_requested and not self._checkpoint(self.step).is_dir():
                 self.save_checkpoint(None)
         finally:
+            undo_checkpointing()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         wall = time.time() - started
@@ -267,9 +285,8 @@ class MlxTrainer(Stopping):
 
         t = self.cfg.training
         grads_sum, loss_sum, targets, real = None, 0.0, 0.0, 0
-        for k in range(t.gradient_accumulation_steps):
+        for k, batch in enumerate(self.step_batches(self.step)):
             mx.random.seed(t.seed * 1_000_003 + self.step * 1009 + k)  # dropout: a function of the step
-            batch = self.micro_batch(self.step * t.gradient_accumulation_steps + k)
             (loss, n), grads = value_and_grad(self.model, *self.to_arrays(batch))
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             mx.eval(loss, n, grads_sum)
@@ -374,6 +391,26 @@ class MlxTrainer(Stopping):
         config["model"] = str(self.model_path)  # the 4-bit MLX base this adapter was trained on
         (native / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_adapter(adapter, self.run.root, "peft", self.num_layers)
+
+
+def checkpoint_layer_class(layer):
+    """mlx-lm's gradient checkpointing, undone when the run ends. `grad_checkpoint` replaces the
+    layer *class*'s __call__ for the whole process: left in place, a later model in the same process
+    (a second run, a test) would be checkpointed, or wrapped twice, which changes how dropout draws its
+    random numbers. Returns the function that puts the class back."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    cls = type(layer)
+    own = cls.__dict__.get("__call__")  # None: inherited from nn.Module
+    grad_checkpoint(layer)
+
+    def undo() -> None:
+        if own is None:
+            del cls.__call__
+        else:
+            cls.__call__ = own
+
+    return undo
 
 
 def _flatten(tree):
