@@ -129,10 +129,9 @@ LIGER_KERNELS: tuple[str, ...] = get_args(LigerKernel)
 # Liger's RoPE has two CUDA kernels: a CuTe DSL one, which its dispatcher prefers on Hopper for large
 # batches, and its original Triton one. The CuTe DSL kernel's compile cache is keyed on the cos/sin
 # shape, that is on the micro-batch's length, and packed micro-batches change length nearly every
-# step (191 lengths over the reference configuration's 3 epochs): it compiled for each new one (-23% tokens/s over 30
-# steps). The Triton kernel takes the length as an argument and compiles once (+5% over RMSNorm +
-# SwiGLU alone; docs/benchmarks.md). The CUDA backend sets this per-op variable of Liger's dispatcher
-# unless the user already set it (or its legacy name).
+# step: it compiled for each new one, a measured slowdown (docs/benchmarks.md). The Triton kernel takes
+# the length as an argument and compiles once. The CUDA backend sets this per-op variable of Liger's
+# dispatcher for the run (backends/cuda/patches.py) unless the user already set it (or its legacy name).
 LIGER_ROPE_IMPL_VARS, LIGER_ROPE_IMPL = ("LIGER_KERNEL_IMPL_ROPE", "LIGER_KERNEL_BACKEND_ROPE"), "nvidia-triton"
 
 
@@ -151,9 +150,8 @@ class CudaConfig(Section):
     liger_kernels: list[LigerKernel] = Field(
         default_factory=lambda: ["rope", "rms_norm", "swiglu"],
         description="With use_liger: which Liger kernels replace the model's own. Each changes speed and "
-        "memory, not the math (measured one at a time in docs/benchmarks.md: RMSNorm +13%, SwiGLU +2%, "
-        "RoPE +6% on the H100). RoPE runs on Liger's Triton kernel (its CuTe DSL one recompiles for each new "
-        "packed-batch length). The loss never builds the full logits either way: TRL computes it with its "
+        "memory, not the math (measured one at a time in docs/benchmarks.md). RoPE runs on Liger's Triton "
+        "kernel (its CuTe DSL one recompiles for each new packed-batch length). The loss never builds the full logits either way: TRL computes it with its "
         "own chunked LM head, in place of Liger's fused linear cross-entropy.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(

@@ -181,7 +181,7 @@ def check_kernels(cfg, env) -> list[Check]:
         if chosen and "cutedsl" in chosen.lower():
             return [Check("liger kernels", WARN, f"{var}={chosen} sends Liger's RoPE to its CuTe DSL kernel, which "
                           "compiles once for each new packed-batch length (~190 lengths over 3 epochs of chat data): "
-                          "23% fewer tokens/s over a 30-step run on the H100 (docs/benchmarks.md)",
+                          "measured much slower on the H100 (docs/benchmarks.md)",
                           f"unset {var} (the trainer then uses Liger's Triton RoPE, which compiles once)")]
     return []
 

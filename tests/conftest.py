@@ -31,6 +31,33 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_random_mistral(tmp_path_factory.mktemp("tiny") / "tiny-mistral")
 
 
+def qlora(*args, cwd=REPO, env_extra=None) -> tuple[int, str]:
+    """`qlora ARGS` in a fresh process, as a user runs it: (exit code, stdout + stderr)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": "", **(env_extra or {})}
+    done = subprocess.run(
+        [sys.executable, "-m", "commands", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+class Recorder:
+    """A `Say` that keeps its lines: (kind, message)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __getattr__(self, kind):
+        if kind not in ("info", "ok", "warn", "error"):
+            raise AttributeError(kind)
+        return lambda message: self.lines.append((kind, message))
+
+    def __call__(self, message):
+        self.lines.append(("info", message))
+
+
 def write_jsonl(path: Path, records) -> Path:
     lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -42,3 +69,19 @@ def chat(*turns, system: str | None = None) -> dict:
     for index, text in enumerate(turns):
         messages.append({"role": "user" if index % 2 == 0 else "assistant", "content": text})
     return {"messages": messages}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests need a CUDA GPU: skipped, with the reason, anywhere else (CI, laptops)."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    try:
+        import torch
+
+        available = torch.cuda.is_available()
+    except ImportError:
+        available = False
+    if not available:
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

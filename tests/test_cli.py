@@ -4,21 +4,9 @@ a clear message and an exit code, never a traceback."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, SAMPLE, chat, write_jsonl
-
-
-def qlora(*args, cwd=REPO, env_extra=None):
-    import os
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": "", **(env_extra or {})}
-    done = subprocess.run(
-        [sys.executable, "-m", "commands", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-    return done.returncode, done.stdout + done.stderr
+from conftest import SAMPLE, chat, qlora, write_jsonl
 
 
 @pytest.mark.parametrize("platform", ["h100", "m4"])
@@ -109,18 +97,3 @@ def test_demo_runs_end_to_end_and_replaces_the_previous_demo(tmp_path):
     assert "replacing the previous demo run" in out
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert 99 not in steps and max(steps) == 10  # this demo's metrics only
-
-
-def test_a_new_run_never_overwrites_an_earlier_run_of_the_same_name(tmp_path):
-    earlier = tmp_path / "runs" / "mine"
-    (earlier / "checkpoints" / "checkpoint-20").mkdir(parents=True)
-    (earlier / "metrics.jsonl").write_text('{"step": 10, "loss": 2.0}\n{"step": 20, "loss": 1.5}\n')
-    (earlier / "adapter_model.safetensors").write_bytes(b"weights of an expensive run")
-    before = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
-    code, out = qlora("train", "--platform", "cpu", "--run-name", "mine",
-                      "--set", f"tracking.output_dir={tmp_path / 'runs'}", "--set", "tracking.report_to=none")
-    assert code != 0 and "Traceback" not in out
-    flat = " ".join(out.split())
-    assert "already holds a run (2 metric records, 1 checkpoint(s), newest checkpoint-20, adapter_model.safetensors)" in flat
-    assert "--resume auto" in flat and "nothing was changed" in flat
-    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before

@@ -10,7 +10,7 @@ import signal
 import sys
 
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, Recorder
 
 pytest.importorskip("trl")
 pytest.importorskip("bitsandbytes")
@@ -24,9 +24,8 @@ from common.console import Say  # noqa: E402
 from common.data import ChatTokenizer, prepare_data  # noqa: E402
 from common.errors import QLoraError  # noqa: E402
 from common.run_folder import RunFolder  # noqa: E402
-from common.tracking import resolve_tracker  # noqa: E402
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the tests that load or train the tiny model
 
 
 def tiny_config(model_dir, out_dir, *extra):
@@ -74,6 +73,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     return trainer, summary, before_lora, before_frozen
 
 
+@slow
 def test_eval_loss_falls_clearly(trained):
     trainer, summary, _, _ = trained
     evals = [r["eval_loss"] for r in trainer.run.read_metrics() if "eval_loss" in r]
@@ -82,6 +82,7 @@ def test_eval_loss_falls_clearly(trained):
     assert summary.global_step == 60 and summary.real_tokens > 0
 
 
+@slow
 def test_only_lora_weights_move(trained):
     trainer, _, before_lora, before_frozen = trained
     after_lora, after_frozen = lora_state(trainer.trainer.model), frozen_state(trainer.trainer.model)
@@ -91,6 +92,7 @@ def test_only_lora_weights_move(trained):
         assert torch.equal(value, after_frozen[name]), f"frozen weight {name} changed"
 
 
+@slow
 def test_saved_adapter_reproduces_the_trainers_logits(trained):
     from peft import PeftModel
 
@@ -116,6 +118,7 @@ def test_saved_adapter_reproduces_the_trainers_logits(trained):
     assert error < 0.05 * effect, (error, effect)
 
 
+@slow
 def test_run_folder_holds_everything(trained):
     trainer, summary, _, _ = trained
     root = trainer.run.root
@@ -128,6 +131,7 @@ def test_run_folder_holds_everything(trained):
     assert rates and all(r > 0 for r in rates)
 
 
+@slow
 def test_prompt_tokens_carry_no_loss(trained):
     """The packed rows TRL trains on hold exactly our targets, and the collated batch keeps them."""
     trainer, _, _, _ = trained
@@ -145,6 +149,7 @@ def test_prompt_tokens_carry_no_loss(trained):
     assert not inst & set(batch["labels"][batch["labels"] != -100].tolist())
 
 
+@slow
 def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_ends(tiny_model_dir, tmp_path):
     from transformers import TrainerCallback
 
@@ -184,18 +189,6 @@ def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_ends(tiny_mode
 # ------------------------------------------------------------------ fallbacks
 
 
-class Recorder(Say):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def warn(self, message):
-        self.lines.append(("warn", message))
-
-    def ok(self, message):
-        self.lines.append(("ok", message))
-
-
 def test_attention_falls_back_to_sdpa_with_an_install_hint(monkeypatch):
     say = Recorder()
     monkeypatch.setattr(cuda_model, "installed_flash_kernels", lambda cap, say=None: [])
@@ -233,20 +226,6 @@ def test_a_flash_kernel_that_does_not_load_is_skipped(monkeypatch):
     assert any("flash_attention_4 is installed but does not load" in text for _, text in say.lines)
 
 
-def test_tracking_never_prompts():
-    def installed(*names):
-        return lambda name: name in names
-
-    assert resolve_tracker("wandb", env={}, installed=installed("wandb"), logged_in=lambda env: True) == ("wandb", None)
-    tracker, note = resolve_tracker("wandb", env={}, installed=installed("wandb", "tensorboard"),
-                                    logged_in=lambda env: False)
-    assert tracker == "tensorboard" and "not logged in" in note and "wandb login" in note
-    tracker, note = resolve_tracker("wandb", env={}, installed=installed(), logged_in=lambda env: False)
-    assert tracker == "none" and "metrics.jsonl" in note
-    assert resolve_tracker("wandb", env={"WANDB_MODE": "offline"}, installed=installed("wandb"))[0] == "wandb"
-    assert resolve_tracker("tensorboard", env={}, installed=installed())[0] == "none"
-
-
 def test_offline_hub_model_gives_an_actionable_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = tiny_config("mistralai/Mistral-7B-Instruct-v0.3", tmp_path)
@@ -274,45 +253,7 @@ def test_gated_model_error_says_how_to_log_in():
     assert "gated" in str(err) and "HF_TOKEN" in str(err)
 
 
-def test_metric_sink_writes_tensorboard_and_wandb(tmp_path, monkeypatch):
-    """The MLX backend's tracker: TensorBoard event files, or wandb.log with namespaced keys."""
-    import types
-
-    from common.tracking import MetricSink
-
-    sink = MetricSink("tensorboard", tmp_path, "p", "run")
-    sink.log({"step": 3, "time": 1.0, "loss": 2.5, "eval_loss": 2.0})
-    sink.close()
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-
-    logged = []
-    fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(
-        log=lambda data, step: logged.append((step, data)), finish=lambda: logged.append("finished")))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    sink = MetricSink("wandb", tmp_path, "p", "run")
-    sink.log({"step": 4, "time": 1.0, "loss": 1.5, "eval_loss": 1.25})
-    sink.close()
-    assert logged == [(4, {"train/loss": 1.5, "eval/loss": 1.25}), "finished"]
-
-
-def test_resume_auto_skips_a_checkpoint_cut_off_mid_save(tmp_path):
-    """Hugging Face writes trainer_state.json last; a folder without it must never be resumed."""
-    cfg = tiny_config("unused", tmp_path)
-    cfg.tracking.run_name = "cut"
-    run = RunFolder.create(cfg)
-    good, broken = run.checkpoints / "checkpoint-100", run.checkpoints / "checkpoint-200"
-    for folder in (good, broken):
-        folder.mkdir(parents=True)
-        (folder / "adapter_model.safetensors").write_bytes(b"")
-    (good / "trainer_state.json").write_text("{}")
-    say = Recorder()
-    trainer = CudaTrainer(cfg, run, None, say)
-    assert trainer._resume_point("auto") == str(good)
-    assert any("checkpoint-200: incomplete" in text for _, text in say.lines)
-    (good / "trainer_state.json").unlink()
-    assert trainer._resume_point("auto") is None
-
-
+@slow
 def test_a_failing_checkpoint_write_keeps_the_earlier_ones_and_says_so(tiny_model_dir, tmp_path):
     import errno
 
@@ -359,6 +300,7 @@ def loss_and_lora_grads(model, ids, autocast: bool):
     return loss.item(), torch.cat([p.grad.flatten().float() for n, p in model.named_parameters() if "lora_" in n])
 
 
+@slow
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast-bf16", "no-autocast"])
 def test_fused_lora_computes_what_peft_computes(tiny_model_dir, autocast):
     from backends.cuda.fused_lora import install_fused_lora
@@ -373,6 +315,7 @@ def test_fused_lora_computes_what_peft_computes(tiny_model_dir, autocast):
     assert (fused_grads.norm() / peft_grads.norm()).item() == pytest.approx(1, abs=0.01)
 
 
+@slow
 def test_fused_lora_leaves_disabled_adapters_to_peft(tiny_model_dir):
     from backends.cuda.fused_lora import install_fused_lora
 
@@ -388,6 +331,7 @@ def test_fused_lora_leaves_disabled_adapters_to_peft(tiny_model_dir):
         assert torch.equal(model(input_ids=ids).logits, base)
 
 
+@slow
 def test_fewer_checkpointed_layers_train_the_same_weights(tiny_model_dir, tmp_path):
     from backends.cuda.activation_checkpointing import decoder_layers
 
@@ -406,6 +350,7 @@ def test_fewer_checkpointed_layers_train_the_same_weights(tiny_model_dir, tmp_pa
         assert torch.allclose(weight, runs["1"][1][name], atol=1e-6), name
 
 
+@slow
 def test_chosen_liger_kernels_reach_the_trainer(tiny_model_dir, tmp_path):
     """transformers hands `liger_kernel_config` to Liger, which silently drops unknown names: the
     config's kernel names must be Liger's own, the ones left out switched off, and Liger's fused

@@ -2,7 +2,7 @@
 
 | what | patched | why |
 |---|---|---|
-| Liger's RoPE implementation | env `LIGER_KERNEL_IMPL_ROPE=nvidia-triton`, for the run | Liger's dispatcher prefers its CuTe DSL RoPE on Hopper, which recompiles for every packed-batch length (-23% tokens/s on the H100); its Triton kernel compiles once. A choice the user made in the environment wins. |
+| Liger's RoPE implementation | env `LIGER_KERNEL_IMPL_ROPE=nvidia-triton`, for the run | Liger's dispatcher prefers its CuTe DSL RoPE on Hopper, which recompiles for every packed-batch length (measured: docs/benchmarks.md); its Triton kernel compiles once. A choice the user made in the environment wins. |
 | Liger's registry logger | a filter on `liger_kernel.backends.registry`, for the run | it logs, mid-run and worded like an error, that its Huawei Ascend RoPE failed to import: always so on CUDA. Only that notice is dropped. |
 | PEFT's 4-bit LoRA forward | per layer instance (backends/cuda/fused_lora.py) | the LoRA update inside its matmul; lives and dies with the model. |
 | activation checkpointing | per decoder layer instance (backends/cuda/activation_checkpointing.py) | the first N layers only; lives and dies with the model. |

@@ -72,7 +72,7 @@ class MlxTrainer(Stopping):
         linear_to_lora_layers(self.model, -1, self.lora_parameters)
         self.num_layers = len(self.model.layers)
         self.total_steps = total_steps(self.cfg, self._steps_per_epoch())
-        self.optimizer = optim.AdamW(learning_rate=self._schedule(), weight_decay=cfg.training.weight_decay)
+        self.optimizer = optim.AdamW(learning_rate=learning_rate_schedule(cfg.training, self.total_steps), weight_decay=cfg.training.weight_decay)
         self.tracker, notice = resolve_tracker(cfg.tracking.report_to)
         if notice:
             self.say.warn(notice)
@@ -129,20 +129,6 @@ class MlxTrainer(Stopping):
 
     def _steps_per_epoch(self) -> int:
         return steps_in_epoch(self._micro_batches_per_epoch(), self.cfg.training.gradient_accumulation_steps)
-
-    def _schedule(self):
-        import mlx.optimizers as optim
-
-        t = self.cfg.training
-        warmup = math.ceil(t.warmup_ratio * self.total_steps)
-        decay = {
-            "cosine": optim.cosine_decay(t.learning_rate, max(1, self.total_steps - warmup)),
-            "linear": optim.linear_schedule(t.learning_rate, 0.0, max(1, self.total_steps - warmup)),
-            "constant_with_warmup": lambda step: t.learning_rate,
-        }[t.lr_scheduler]
-        if not warmup:
-            return decay
-        return optim.join_schedules([optim.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
 
     # ------------------------------------------------------------------ data
     def step_batches(self, step: int) -> list[list[Example]]:
@@ -391,6 +377,23 @@ class MlxTrainer(Stopping):
         config["model"] = str(self.model_path)  # the 4-bit MLX base this adapter was trained on
         (native / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_adapter(adapter, self.run.root, "peft", self.num_layers)
+
+
+def learning_rate_schedule(t, total_steps: int):
+    """The learning rate at each optimizer step (0-based), as transformers' scheduler of the same name
+    gives it to the CUDA path: linear warmup over ceil(warmup_ratio x steps), then the decay (tested
+    step by step against transformers)."""
+    import mlx.optimizers as optim
+
+    warmup = math.ceil(t.warmup_ratio * total_steps)
+    decay = {
+        "cosine": optim.cosine_decay(t.learning_rate, max(1, total_steps - warmup)),
+        "linear": optim.linear_schedule(t.learning_rate, 0.0, max(1, total_steps - warmup)),
+        "constant_with_warmup": lambda step: t.learning_rate,
+    }[t.lr_scheduler]
+    if not warmup:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(0.0, t.learning_rate, warmup), decay], [warmup])
 
 
 def checkpoint_layer_class(layer):
