@@ -53,9 +53,9 @@ def merge_run(run: str, out: Path, dtype: str, to: str, base_override: str | Non
         say.warn(f"cannot read the parameter count of {base}: the free disk space was not checked")
     with Staged(out) as partial:
         merge_into(to, ref, base, partial, dtype, say)
-        tokenizer = find_tokenizer_file(base)
-        if not (partial / "tokenizer.model.v3").exists():  # mistral-common's file, for the exact v0.3 encoding
-            shutil.copyfile(tokenizer, partial / "tokenizer.model.v3")
+        for name in ("tokenizer.model.v3", "tokenizer.model"):  # SentencePiece files (mistral-common, llama.cpp)
+            if not (partial / name).exists():
+                shutil.copyfile(find_tokenizer_file(base), partial / name)
         run_card = ref.run_root / "README.md" if ref.run_root else None
         text = run_card.read_text(encoding="utf-8") if run_card and run_card.is_file() else None
         (partial / "README.md").write_text(merged_card(out, base, ref.folder, dtype, to, text), encoding="utf-8")

@@ -76,7 +76,7 @@ def fuse(ref: AdapterRef, base: str, out: Path, dtype: str, say) -> None:
     """An mlx-lm model folder with the adapter folded in (mlx-lm's own LoRA `fuse`), from the
     full-precision base, saved with mlx-lm's `save` into `out` (created and cleaned by the caller)."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_unflatten
     from mlx_lm.utils import load, save
 
     if dtype == "4bit":
@@ -84,10 +84,10 @@ def fuse(ref: AdapterRef, base: str, out: Path, dtype: str, say) -> None:
     model, tokenizer, config = load(base, adapter_path=str(ref.as_format("mlx", base)), return_config=True)
     if "quantization" in config:
         raise QLoraError(f"{base} is a quantized MLX model; merge needs the full-precision base (--base-model)")
+    # cast first: LoRA's fuse computes W + s B A in the weight's own dtype
+    model.set_dtype({"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}[dtype])
     fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
     model.update_modules(tree_unflatten(fused))
-    target = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}[dtype]
-    model.update(tree_unflatten([(k, v.astype(target)) for k, v in tree_flatten(model.parameters())]))
     config["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     save(out, base, model, tokenizer, config, donate_model=False)
     say.info(f"fused with mlx-lm in {dtype}")
