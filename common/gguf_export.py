@@ -37,12 +37,11 @@ def _tensor_files(folder: Path) -> list[Path]:
 def _plan(folder: Path, config: dict, quant: str):
     """(gguf name, hf name, file, shape, ggml type) for every weight, before any data is read."""
     import gguf
-    from safetensors import safe_open
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     plan = []
     for path in _tensor_files(folder):
-        with safe_open(str(path), framework="numpy") as handle:
+        with safe_open_numpy(path) as handle:
             for hf_name in handle.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue
@@ -132,7 +131,6 @@ def write_gguf(merged: Path, out: Path, tokenizer_file: Path, quant: str = "f16"
     """Write `merged` (a transformers or mlx-lm Mistral folder, float16/float32 weights) to `out`.
     Returns the number of tensors written."""
     import gguf
-    from safetensors import safe_open
 
     if quant not in QUANTS:
         raise QLoraError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
@@ -144,16 +142,14 @@ def write_gguf(merged: Path, out: Path, tokenizer_file: Path, quant: str = "f16"
     _add_hparams(writer, config, name, quant)
     _add_vocab(writer, tokenizer_file)
     for gguf_name, _, _, shape, kind in plan:
-        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind) if kind == gguf.GGMLQuantizationType.Q8_0 else shape
-        itemsize = 1 if kind == gguf.GGMLQuantizationType.Q8_0 else (4 if kind == gguf.GGMLQuantizationType.F32 else 2)
-        dtype = {1: np.uint8, 2: np.float16, 4: np.float32}[itemsize]
-        writer.add_tensor_info(gguf_name, byte_shape, np.dtype(dtype), int(np.prod(byte_shape)) * itemsize, raw_dtype=kind)
+        _declare(writer, gguf_name, shape, kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    for gguf_name, hf_name, path, _, kind in plan:
-        with safe_open(str(path), framework="numpy") as handle:
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    for _, hf_name, path, _, kind in plan:
+        with safe_open_numpy(path) as handle:
             array = handle.get_tensor(hf_name)
         if hf_name.endswith("q_proj.weight"):
             array = permute(array, heads)
@@ -162,6 +158,24 @@ def write_gguf(merged: Path, out: Path, tokenizer_file: Path, quant: str = "f16"
         writer.write_tensor_data(_encode(array, kind))
     writer.close()
     return len(plan)
+
+
+def _declare(writer, name: str, shape: tuple, kind) -> None:
+    """A tensor's header entry (name, shape, type, size) before any data is written."""
+    import gguf
+
+    if kind == gguf.GGMLQuantizationType.Q8_0:
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
+        return
+    dtype = np.dtype(np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16)
+    writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=kind)
+
+
+def safe_open_numpy(path: Path):
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="numpy")
 
 
 # Mistral v0.3's prompt format for Ollama (its own `mistral` model's template): the system prompt on

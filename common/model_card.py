@@ -18,7 +18,7 @@ FILES = {
     "adapter_model.safetensors": "the LoRA adapter (PEFT format)",
     "adapter_config.json": "its PEFT config (r, alpha, target modules, base model)",
     "mlx/": "the same adapter in mlx-lm's format (`--adapter-path`)",
-    "config.yaml": "the resolved training config (`qlora train --config config.yaml` repeats the run)",
+    "config.yaml": "the resolved training config, every default included",
     "summary.json": "what the run did: steps, tokens, speed, memory, losses",
     "metrics.jsonl": "every logged training and evaluation record",
     "loss.png": "training and evaluation loss against the optimizer step",
@@ -120,6 +120,9 @@ def run_card(root: Path, cfg: QLoraConfig, report: DataReport, train: list[Examp
 def usage(root: Path, base: str) -> str:
     folder = str(root.resolve())
     name = root.name
+    mlx = (f'mlx_lm.generate --model {base} --adapter-path {folder}/mlx --prompt "Hello"' if (root / "mlx").is_dir()
+           else f'qlora convert {folder} {name}-mlx   # mlx-lm format\n'
+                f'mlx_lm.generate --model {base} --adapter-path {name}-mlx --prompt "Hello"')
     return f"""## Use it
 
 Here (mistral-qlora):
@@ -144,10 +147,8 @@ Prompts must follow Mistral v0.3's format; encode them with mistral-common
 mlx-lm (Apple silicon):
 
 ```bash
-mlx_lm.generate --model {base} --adapter-path {folder}/mlx --prompt "Hello"
+{mlx}
 ```
-
-(for a run trained on CUDA, convert first: `qlora convert {folder} {name}-mlx`, then `--adapter-path {name}-mlx`).
 
 vLLM:
 

@@ -82,14 +82,15 @@ class CudaInference:
                  f"in {self.load_seconds:.1f} s")
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, seed: int,
-                 eos_id: int, on_token=None, adapter: bool = True) -> list[int]:
+                 eos_id: int | None, on_token=None, adapter: bool = True) -> list[int]:
+        """New token ids (greedy when temperature is 0); eos_id None never stops early (benchmarks)."""
         from transformers import GenerationConfig
 
         torch = self.torch
         torch.manual_seed(seed)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
-            top_p=None, top_k=None, eos_token_id=eos_id, pad_token_id=eos_id,
+            top_p=None, top_k=None, eos_token_id=eos_id, pad_token_id=0 if eos_id is None else eos_id,
         )
         ids = torch.tensor([prompt_ids], device=self.model.device)
         toggle = contextlib.nullcontext() if adapter else self.model.disable_adapter()

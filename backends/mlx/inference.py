@@ -45,7 +45,7 @@ class MlxInference:
         say.info(f"loaded {self.path} with the adapter {ref.folder} (MLX) in {self.load_seconds:.1f} s")
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, seed: int,
-                 eos_id: int, on_token=None, adapter: bool = True) -> list[int]:
+                 eos_id: int | None, on_token=None, adapter: bool = True) -> list[int]:
         import mlx.core as mx
         from mlx_lm.generate import generate_step
         from mlx_lm.sample_utils import make_sampler
