@@ -24,8 +24,12 @@ FILES = {
     "loss.png": "training and evaluation loss against the optimizer step",
     "checkpoints/": "the kept checkpoints (best by eval_loss); `qlora train --resume auto` continues from them",
 }
-PICKLE_NOTE = ("Checkpoints hold optimizer, scheduler and RNG state that PyTorch saves with pickle; `--resume` "
-               "loads them only from run folders this tool wrote. Do not resume from a checkpoint someone sent you.")
+CHECKPOINT_NOTES = {
+    "cuda": "Checkpoints hold optimizer, scheduler and RNG state that PyTorch saves with pickle; `--resume` loads "
+            "them only from run folders this tool wrote. Do not resume from a checkpoint someone sent you.",
+    "mlx": "Checkpoints hold the adapter and the optimizer state as safetensors and the step and schedule as JSON "
+           "(no pickle).",
+}
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -111,7 +115,7 @@ def run_card(root: Path, cfg: QLoraConfig, report: DataReport, train: list[Examp
         "",
         *files,
         "",
-        PICKLE_NOTE,
+        CHECKPOINT_NOTES[cfg.backend],
         "",
         usage(root, base),
     ])

@@ -105,6 +105,26 @@ def test_disk_check_refuses_before_writing(tmp_path):
         check_free_disk(tmp_path / "out", 14 * 1024**3, "a merged model", free=lambda _: 1024**3)
 
 
+def test_a_run_folder_gives_each_backend_its_own_format(tmp_path, adapter_dir):
+    """An MLX run keeps the PEFT adapter at its root and the mlx-lm one in mlx/: each backend takes
+    its own without converting; an adapter folder alone is converted on demand."""
+    from common.adapters import read_peft
+
+    run = tmp_path / "run"
+    (run / "mlx").mkdir(parents=True)
+    (run / "config.yaml").write_text("backend: mlx\n")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (run / name).write_bytes((adapter_dir / name).read_bytes())
+    write_adapter(read_peft(adapter_dir), run / "mlx", "mlx", 2)
+    assert find_adapter(run, prefer="mlx").folder == run / "mlx"
+    assert find_adapter(run, prefer="peft").folder == run
+    assert find_adapter(run / "mlx").as_format("peft") == run  # the sibling, not a conversion
+    ref = find_adapter(adapter_dir)
+    converted = ref.as_format("mlx")
+    assert converted != adapter_dir and (converted / "adapters.safetensors").is_file()
+    assert ref.run_root is None and find_adapter(run).run_root == run
+
+
 def test_missing_base_is_named(tmp_path, adapter_dir):
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     moved = tmp_path / "moved"
