@@ -12,8 +12,8 @@ from common.console import Say
 from common.errors import QLoraError, UsageError
 
 # What a run folder publishes: never checkpoints (pickled optimizer and RNG state) or the metrics log.
-ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json", "README.md", "config.yaml",
-                 "summary.json", "loss.png", "mlx/adapters.safetensors", "mlx/adapter_config.json"]
+ADAPTER_FILES = ["adapter_model.safetensors", "adapters.safetensors", "adapter_config.json", "README.md",
+                 "config.yaml", "summary.json", "loss.png", "mlx/adapters.safetensors", "mlx/adapter_config.json"]
 REACH_TIMEOUT_S = 10
 
 

@@ -78,7 +78,8 @@ def find_adapter(run: str | Path, prefer: str | None = None) -> AdapterRef:
 
 
 def _run_root(folder: Path) -> Path | None:
-    for candidate in (folder, folder.parent):
+    """The run folder an adapter belongs to: itself, its parent (mlx/) or two up (checkpoints/checkpoint-N)."""
+    for candidate in (folder, folder.parent, folder.parent.parent):
         if (candidate / "config.yaml").is_file() and (candidate / "adapter_config.json").is_file():
             return candidate
     return None
@@ -99,8 +100,10 @@ def base_model_for(ref: AdapterRef, override: str | None) -> str:
     if override:
         return override
     base = ref.recorded_base
-    if not base and ref.run_root:
-        base = _run_config(ref.run_root).get("model", {}).get("name_or_path")
+    if ref.run_root and not (base and (Path(base).is_absolute() or not looks_like_path(base))):
+        # a checkpoint records the base as the config named it (maybe relative); the run folder's
+        # own adapter config has it as recorded after training, absolute
+        base = recorded_base(ref.run_root) or _run_config(ref.run_root).get("model", {}).get("name_or_path") or base
     if not base:
         raise UsageError(f"{ref.folder}/adapter_config.json names no base model: pass --base-model (folder or hub id)")
     if Path(base).exists() or not looks_like_path(base):

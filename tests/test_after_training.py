@@ -182,6 +182,16 @@ def test_generate_is_deterministic_and_the_adapter_matters(backend, capsys, adap
 
 
 @pytest.mark.slow
+def test_both_backends_give_the_same_full_precision_answer(capsys, adapter_dir):
+    """PyTorch + PEFT and mlx-lm compute the same function: in fp32 their greedy answers match."""
+    pytest.importorskip("mlx_lm")
+    answers = [run_cli(capsys, "generate", adapter_dir, "--prompt", PROMPT, "--system", "Be kind.",
+                       "--max-new-tokens", "8", "--dtype", "fp32", "--backend", backend)[1]
+               for backend in ("cuda", "mlx")]
+    assert answers[0].strip() and answers[0] == answers[1]
+
+
+@pytest.mark.slow
 def test_chat_over_stdin(monkeypatch, capsys, adapter_dir):
     """A scripted conversation: streamed answers on stdout, /reset starts afresh (so greedy decoding
     repeats the first answer), /system is taken, the end of input leaves cleanly."""

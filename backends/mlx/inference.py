@@ -24,13 +24,17 @@ def trained_base(ref: AdapterRef, base: str, dtype: str, say) -> str:
     return base
 
 
-def _load(path: str, adapter: Path | None):
+def _load(path: str, adapter: Path | None, dtype: str):
+    """The model (adapter applied), cast to `dtype` unless that is "4bit" (kept as stored)."""
     from mlx_lm.utils import load
 
     try:
-        return load(path, adapter_path=str(adapter) if adapter else None, return_config=True)
+        model, _ = load(path, adapter_path=str(adapter) if adapter else None)
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise QLoraError(f"mlx-lm could not load {path}: {exc}") from None
+    if dtype != "4bit":
+        model.set_dtype(_mx_dtype(dtype))
+    return model
 
 
 class MlxInference:
@@ -39,8 +43,9 @@ class MlxInference:
     def __init__(self, ref: AdapterRef, base: str, dtype: str, say):
         started = time.monotonic()
         self.path = trained_base(ref, base, dtype, say)
-        self.model, _, _ = _load(self.path, ref.as_format("mlx", base))
+        self.model = _load(self.path, ref.as_format("mlx", base), dtype)
         self.plain = None  # the base without the adapter, loaded for --compare only
+        self.dtype = dtype
         self.load_seconds = time.monotonic() - started
         say.info(f"loaded {self.path} with the adapter {ref.folder} (MLX) in {self.load_seconds:.1f} s")
 
@@ -51,7 +56,7 @@ class MlxInference:
         from mlx_lm.sample_utils import make_sampler
 
         if not adapter and self.plain is None:
-            self.plain, _, _ = _load(self.path, None)
+            self.plain = _load(self.path, None, self.dtype)
         mx.random.seed(seed)
         model = self.model if adapter else self.plain
         out = []
@@ -75,7 +80,6 @@ class MlxInference:
 def fuse(ref: AdapterRef, base: str, out: Path, dtype: str, say) -> None:
     """An mlx-lm model folder with the adapter folded in (mlx-lm's own LoRA `fuse`), from the
     full-precision base, saved with mlx-lm's `save` into `out` (created and cleaned by the caller)."""
-    import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import load, save
 
@@ -84,10 +88,15 @@ def fuse(ref: AdapterRef, base: str, out: Path, dtype: str, say) -> None:
     model, tokenizer, config = load(base, adapter_path=str(ref.as_format("mlx", base)), return_config=True)
     if "quantization" in config:
         raise QLoraError(f"{base} is a quantized MLX model; merge needs the full-precision base (--base-model)")
-    # cast first: LoRA's fuse computes W + s B A in the weight's own dtype
-    model.set_dtype({"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}[dtype])
+    model.set_dtype(_mx_dtype(dtype))  # first: LoRA's fuse computes W + s B A in the weight's own dtype
     fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
     model.update_modules(tree_unflatten(fused))
     config["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     save(out, base, model, tokenizer, config, donate_model=False)
     say.info(f"fused with mlx-lm in {dtype}")
+
+
+def _mx_dtype(dtype: str):
+    import mlx.core as mx
+
+    return {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}[dtype]
