@@ -309,8 +309,8 @@ def test_run_card_and_base_record(tmp_path, monkeypatch, capsys, tiny_model_dir)
         capsys, "train", "--platform", "cpu", "--run-name", "card",
         "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"tracking.output_dir={tmp_path / 'runs'}",
         "--set", f"data.train_file={SAMPLE / 'train.jsonl'}", "--set", f"data.val_file={SAMPLE / 'val.jsonl'}",
-        "--set", "tracking.report_to=none", "--set", "training.max_steps=4", "--set", "eval.eval_steps=2",
-        "--set", "eval.save_steps=2", "--set", "eval.logging_steps=1",
+        "--set", "tracking.report_to=none", "--set", "training.max_steps=2", "--set", "eval.eval_steps=2",
+        "--set", "eval.save_steps=2", "--set", "eval.logging_steps=1", "--set", "training.batch_size=1",
     )
     assert code == 0, err
     run = tmp_path / "runs" / "card"
@@ -320,7 +320,7 @@ def test_run_card_and_base_record(tmp_path, monkeypatch, capsys, tiny_model_dir)
     summary = json.loads((run / "summary.json").read_text())
     for expected in (str(tiny_model_dir.resolve()), "recorded as an absolute path", "r 16, alpha 32",
                      "| examples |", "best eval loss", Path(summary["best_checkpoint"]).name, "![training and evaluation loss](loss.png)",
-                     "finished at step 4 of 4", "AutoPeftModelForCausalLM", "--enable-lora", "mlx_lm.generate",
+                     "finished at step 2 of 2", "AutoPeftModelForCausalLM", "--enable-lora", "mlx_lm.generate",
                      "ollama create", "pickle", "`checkpoints/`"):
         assert expected in card, expected
     assert "Model Card for Model ID" not in card  # PEFT's blank template is gone
