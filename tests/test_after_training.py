@@ -23,17 +23,31 @@ from common.inference import ChatSession, Staged, check_free_disk, find_adapter,
 PROMPT = "Say something about the sea."
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A PEFT adapter on every projection of the tiny model, recording the base's absolute path."""
-    layers, shapes = base_shapes(tiny_model_dir)
+def make_adapter(base: Path, folder: Path) -> Path:
+    """A PEFT adapter on every projection of `base`, recording the base's absolute path."""
+    layers, shapes = base_shapes(base)
     rng = np.random.default_rng(0)
     a = {(i, p): rng.normal(0, 0.5, (4, n_in)).astype(np.float32) for i in range(layers) for p, (n_in, _) in shapes.items()}
     b = {(i, p): rng.normal(0, 0.5, (n_out, 4)).astype(np.float32) for i in range(layers) for p, (_, n_out) in shapes.items()}
-    folder = tmp_path_factory.mktemp("adapter") / "peft"
-    folder.mkdir()
-    write_adapter(Adapter(4, 2.0, 0.0, list(shapes), a, b, str(tiny_model_dir.resolve())), folder, "peft", layers)
+    folder.mkdir(parents=True)
+    write_adapter(Adapter(4, 2.0, 0.0, list(shapes), a, b, str(base.resolve())), folder, "peft", layers)
     return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "peft")
+
+
+@pytest.fixture
+def light_adapter(tmp_path) -> Path:
+    """The same adapter over a base that is only its config.json: for checks that load no model."""
+    from common.tiny_mistral import TINY_SHAPE
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({**TINY_SHAPE, "vocab_size": 32768, "model_type": "mistral"}))
+    return make_adapter(base, tmp_path / "adapter")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -75,10 +89,10 @@ def test_a_tool_call_answer_is_parsed(chat_tokenizer):
     assert answer.shown().startswith("[TOOL_CALLS] ")
 
 
-def test_bad_tools_file_is_a_clear_error(tmp_path, capsys, adapter_dir):
+def test_bad_tools_file_is_a_clear_error(tmp_path, capsys, light_adapter):
     bad = tmp_path / "tools.json"
     bad.write_text('{"tools": [1, 2]}')
-    code, out, _ = run_cli(capsys, "generate", adapter_dir, "--prompt", "x", "--tools", bad)
+    code, out, _ = run_cli(capsys, "generate", light_adapter, "--prompt", "x", "--tools", bad)
     assert code == UsageError.exit_code and "--tools" in out
 
 
@@ -105,7 +119,7 @@ def test_disk_check_refuses_before_writing(tmp_path):
         check_free_disk(tmp_path / "out", 14 * 1024**3, "a merged model", free=lambda _: 1024**3)
 
 
-def test_a_run_folder_gives_each_backend_its_own_format(tmp_path, adapter_dir):
+def test_a_run_folder_gives_each_backend_its_own_format(tmp_path, light_adapter):
     """An MLX run keeps the PEFT adapter at its root and the mlx-lm one in mlx/: each backend takes
     its own without converting; an adapter folder alone is converted on demand."""
     from common.adapters import read_peft
@@ -114,23 +128,23 @@ def test_a_run_folder_gives_each_backend_its_own_format(tmp_path, adapter_dir):
     (run / "mlx").mkdir(parents=True)
     (run / "config.yaml").write_text("backend: mlx\n")
     for name in ("adapter_model.safetensors", "adapter_config.json"):
-        (run / name).write_bytes((adapter_dir / name).read_bytes())
-    write_adapter(read_peft(adapter_dir), run / "mlx", "mlx", 2)
+        (run / name).write_bytes((light_adapter / name).read_bytes())
+    write_adapter(read_peft(light_adapter), run / "mlx", "mlx", 2)
     assert find_adapter(run, prefer="mlx").folder == run / "mlx"
     assert find_adapter(run, prefer="peft").folder == run
     assert find_adapter(run / "mlx").as_format("peft") == run  # the sibling, not a conversion
-    ref = find_adapter(adapter_dir)
+    ref = find_adapter(light_adapter)
     converted = ref.as_format("mlx")
-    assert converted != adapter_dir and (converted / "adapters.safetensors").is_file()
+    assert converted != light_adapter and (converted / "adapters.safetensors").is_file()
     assert ref.run_root is None and find_adapter(run).run_root == run
 
 
-def test_missing_base_is_named(tmp_path, adapter_dir):
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+def test_missing_base_is_named(tmp_path, light_adapter):
+    config = json.loads((light_adapter / "adapter_config.json").read_text())
     moved = tmp_path / "moved"
     moved.mkdir()
     for name in ("adapter_model.safetensors",):
-        (moved / name).write_bytes((adapter_dir / name).read_bytes())
+        (moved / name).write_bytes((light_adapter / name).read_bytes())
     (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/nowhere/base"}))
     from common.inference import base_model_for
 
@@ -138,26 +152,26 @@ def test_missing_base_is_named(tmp_path, adapter_dir):
         base_model_for(find_adapter(moved), None)
 
 
-def test_push_refuses_offline_within_seconds(capsys, adapter_dir):
+def test_push_refuses_offline_within_seconds(capsys, light_adapter):
     started = time.monotonic()
-    code, out, _ = run_cli(capsys, "push", adapter_dir, "someone/some-adapter")
+    code, out, _ = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
     assert code != 0 and "HF_HUB_OFFLINE" in out and "nothing was uploaded" in out
     assert time.monotonic() - started < 5
 
 
-def test_push_refuses_without_token_or_hub(monkeypatch, tmp_path, capsys, adapter_dir):
+def test_push_refuses_without_token_or_hub(monkeypatch, tmp_path, capsys, light_adapter):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    code, out, _ = run_cli(capsys, "push", adapter_dir, "someone/some-adapter")
+    code, out, _ = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
     assert code != 0 and "hf auth login" in out
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
     started = time.monotonic()
-    code, out, _ = run_cli(capsys, "push", adapter_dir, "someone/some-adapter")
+    code, out, _ = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
     assert code != 0 and "cannot reach http://127.0.0.1:9" in out and "hf_not_a_real_token" not in out
     assert time.monotonic() - started < 15
 
