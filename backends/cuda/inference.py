@@ -77,7 +77,6 @@ class CudaInference:
         self.model = with_adapter(load_base(base, dtype, self.device), ref, base).eval()
         self.load_seconds = time.monotonic() - started
         self.torch = torch
-        self.dtype = dtype
         say.info(f"loaded {base} ({dtype}) with the adapter {ref.folder} on {self.device} "
                  f"in {self.load_seconds:.1f} s")
 
