@@ -12,7 +12,7 @@ YELLOW := \033[33m
 NC := \033[0m
 ARGS ?=
 
-.PHONY: help setup setup-cpu setup-h100 setup-m4 flash-attn demo test lint check plan train train-h100 train-m4 convert bench
+.PHONY: help setup setup-cpu setup-h100 setup-m4 flash-attn demo test lint check plan train train-h100 train-m4 convert bench chat merge gguf
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  $(GREEN)%-12s$(NC) %s\n", $$1, $$2}'
@@ -85,6 +85,18 @@ bench: ## H100: random 7B checkpoint + data, stock TRL, our levers one by one, l
 convert: ## convert an adapter: make convert SRC=dir DST=dir [ARGS="--base-model DIR --verify"]
 	@[ -n "$(SRC)" ] && [ -n "$(DST)" ] || { echo -e "$(RED)usage: make convert SRC=adapter_dir DST=new_dir$(NC)"; exit 2; }
 	$(QLORA) convert "$(SRC)" "$(DST)" $(ARGS)
+
+chat: ## chat with a trained adapter: make chat RUN=adapters/<run-name>
+	@[ -n "$(RUN)" ] || { echo -e "$(RED)usage: make chat RUN=adapters/<run-name>$(NC)"; exit 2; }
+	$(QLORA) chat "$(RUN)" $(ARGS)
+
+merge: ## merge an adapter into its base: make merge RUN=adapters/<run-name> OUT=dir [ARGS="--to mlx"]
+	@[ -n "$(RUN)" ] && [ -n "$(OUT)" ] || { echo -e "$(RED)usage: make merge RUN=adapters/<run-name> OUT=new_dir$(NC)"; exit 2; }
+	$(QLORA) merge "$(RUN)" "$(OUT)" $(ARGS)
+
+gguf: ## GGUF + Ollama Modelfile: make gguf RUN=adapters/<run-name> OUT=file.gguf [ARGS="--quant f16"]
+	@[ -n "$(RUN)" ] && [ -n "$(OUT)" ] || { echo -e "$(RED)usage: make gguf RUN=adapters/<run-name> OUT=file.gguf$(NC)"; exit 2; }
+	$(QLORA) export "$(RUN)" "$(OUT)" $(ARGS)
 
 check: ## preflight for this machine and config (ARGS="--platform h100")
 	$(QLORA) check $(ARGS)

@@ -19,3 +19,25 @@ def make_trainer(cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
     from backends.mlx.trainer import MlxTrainer
 
     return MlxTrainer(cfg, run, data, say, time_budget)
+
+
+def make_inference(backend: str, ref, base: str, dtype: str, say):
+    """The model behind `qlora generate` and `qlora chat`: base + adapter, loaded by `backend`."""
+    if backend == "cuda":
+        from backends.cuda.inference import CudaInference
+
+        return CudaInference(ref, base, dtype, say)
+    from backends.mlx.inference import MlxInference
+
+    return MlxInference(ref, base, dtype, say)
+
+
+def merge_into(to: str, ref, base: str, out, dtype: str, say) -> None:
+    """base + adapter as plain weights in `out`: a transformers folder (PyTorch) or an mlx-lm one."""
+    if to == "mlx":
+        from backends.mlx.inference import fuse
+
+        return fuse(ref, base, out, dtype, say)
+    from backends.cuda.inference import merge
+
+    return merge(ref, base, out, dtype, say)

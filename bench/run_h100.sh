@@ -11,6 +11,7 @@
 #   bash bench/run_h100.sh curve-stock|curve-ours|curve-compare   # 300-step loss curves, stock vs ours
 #   bash bench/run_h100.sh plan [qlora plan args...]     # the planner on the same config
 #   bash bench/run_h100.sh train [qlora train args...]   # the real `qlora train` path
+#   bash bench/run_h100.sh after-training  # generate (4-bit, bf16) and merge (bf16) times and memory (~3 min)
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
 set -euo pipefail
 SITE=${SITE:-/tmp/site}
@@ -138,6 +139,10 @@ PY
     shift
     exec $PY -m commands train --config bench/h100_bench.yaml "$@"  # exec: signals reach Python
     ;;
+  after-training)  # after prepare: a random r16 adapter (or ADAPTER=dir, e.g. the whole step's run folder)
+    $PY bench/after_training.py --model /tmp/mistral-7b-random ${ADAPTER:+--adapter "$ADAPTER"} \
+      --out "$OUT/after-training.json"
+    ;;
   *)
-    sed -n "2,15p" "$0"; exit 2 ;;
+    sed -n "2,16p" "$0"; exit 2 ;;
 esac

@@ -7,11 +7,11 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from commands import check, config, convert, data, demo, plan, train
+from commands import chat, check, config, convert, data, demo, export, generate, merge, plan, push, train
 from common.console import Say
 from common.errors import QLoraError
 
-COMMANDS = (config, train, check, plan, demo, data, convert)
+COMMANDS = (config, train, check, plan, demo, data, convert, generate, chat, merge, export, push)
 
 
 def build_parser() -> argparse.ArgumentParser:

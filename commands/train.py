@@ -55,6 +55,7 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     say.info(f"run folder: {run_folder.root}")
     trainer = make_trainer(cfg, run_folder, data, say, time_budget=budget)
     summary = trainer.train(resume=args.resume)
+    describe_run(run_folder, cfg, data, summary)
     if summary.interrupted:
         say.warn(f"stopped early at step {summary.global_step} ({summary.stop_reason}); "
                  "checkpoint and adapter saved.")
@@ -63,6 +64,16 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     say.ok(f"done: {summary.global_step} steps, eval_loss {summary.best_eval_loss or summary.final_eval_loss}, "
            f"adapter in {run_folder.root}")
     return 0
+
+
+def describe_run(run_folder, cfg: QLoraConfig, data, summary) -> None:
+    """What makes the run folder usable from anywhere: the base model recorded so that it loads from
+    any working directory, and the model card (README.md) in place of PEFT's blank template."""
+    from common.inference import record_base_model
+    from common.model_card import write_run_card
+
+    record_base_model(run_folder.root, cfg.model.name_or_path)
+    write_run_card(run_folder.root, cfg, data, summary)
 
 
 def replay(args) -> str:

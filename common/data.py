@@ -273,6 +273,25 @@ class ChatTokenizer:
             mask.extend([target] * len(tokens))
         return Example(ids, mask)
 
+    def encode_prompt(self, messages: Sequence[tuple[str, str]], tools: list[dict] | None = None) -> list[int]:
+        """A conversation that ends with a user turn, encoded for the model to answer (`qlora generate`,
+        `qlora chat`): mistral-common's own serving encoding, the reference `encode` is tested against
+        token for token, so the system prompt lands where training put it. `tools`: an OpenAI-style
+        list, rendered as [AVAILABLE_TOOLS] before the last user turn."""
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+        from mistral_common.protocol.instruct.validator import ValidationMode
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        if not hasattr(self, "_serving"):  # the finetuning validator refuses a request ending with a user turn
+            self._serving = MistralTokenizer.from_file(str(self.path), mode=ValidationMode.test)
+        request = self.request(Conversation(tuple(messages), "prompt"))
+        request = ChatCompletionRequest(messages=request.messages, tools=tools or None)
+        return self._serving.encode_chat_completion(request).tokens
+
+    def special_id(self, token: str) -> int:
+        """The id of a control token such as "[TOOL_CALLS]"."""
+        return self._instruct.tokenizer.get_special_token(token)
+
     def reference_ids(self, conversation: Conversation) -> list[int]:
         """mistral-common's whole-conversation encoding, for checking `encode`."""
         return self._mistral.encode_chat_completion(self.request(conversation)).tokens

@@ -1,0 +1,118 @@
+"""Inference and merging on PyTorch: transformers + PEFT. The base loads in 4 bits as in training
+(NF4, double quantization, bf16 compute: the shipped quantization settings) unless a full-precision
+dtype is asked for; merging always starts from full-precision weights, never 4-bit ones."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from backends.cuda.model import check_local_model, explain_load_error
+from common.errors import QLoraError
+from common.inference import AdapterRef
+from common.tiny_mistral import _add_legacy_rope_theta
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base(base: str, dtype: str, device: str):
+    """A causal LM from a folder or hub id; dtype "4bit" loads it as QLoRA training did."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if Path(base).exists():
+        check_local_model(Path(base))
+    compute = torch.bfloat16 if dtype == "4bit" else getattr(torch, TORCH_DTYPES[dtype])
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute) if dtype == "4bit" else None)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            base, quantization_config=quant, dtype=compute, device_map={"": 0 if device == "cuda" else "cpu"},
+            local_files_only=Path(base).exists(),
+        )
+    except (OSError, ValueError) as exc:
+        raise explain_load_error(base, exc) from None
+
+
+def with_adapter(model, ref: AdapterRef, base: str):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(ref.as_format("peft", base)), is_trainable=False)
+
+
+class _Tokens:
+    """transformers' streamer interface: the first put() is the prompt, then one id at a time."""
+
+    def __init__(self, on_token):
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.on_token(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class CudaInference:
+    backend = "cuda"
+
+    def __init__(self, ref: AdapterRef, base: str, dtype: str, say):
+        import torch
+
+        self.device = _device()
+        if dtype == "bf16" and self.device == "cpu":
+            say.info("bf16 on the CPU: slow for a 7B model, fine for the tiny demo one")
+        started = time.monotonic()
+        self.model = with_adapter(load_base(base, dtype, self.device), ref, base).eval()
+        self.load_seconds = time.monotonic() - started
+        self.torch = torch
+        say.info(f"loaded {base} ({dtype}) with the adapter {ref.folder} on {self.device} "
+                 f"in {self.load_seconds:.1f} s")
+
+    def generate(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, seed: int,
+                 eos_id: int | None, on_token=None, adapter: bool = True) -> list[int]:
+        """New token ids (greedy when temperature is 0); eos_id None never stops early (benchmarks)."""
+        from transformers import GenerationConfig
+
+        torch = self.torch
+        torch.manual_seed(seed)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
+            top_p=None, top_k=None, eos_token_id=eos_id, pad_token_id=0 if eos_id is None else eos_id,
+        )
+        ids = torch.tensor([prompt_ids], device=self.model.device)
+        toggle = contextlib.nullcontext() if adapter else self.model.disable_adapter()
+        with torch.inference_mode(), toggle:
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                      streamer=_Tokens(on_token) if on_token else None)
+        return out[0, len(prompt_ids):].tolist()
+
+    def peak_memory_gb(self) -> float | None:
+        return self.torch.cuda.max_memory_allocated() / 1024**3 if self.device == "cuda" else None
+
+
+def merge(ref: AdapterRef, base: str, out: Path, dtype: str, say) -> None:
+    """base + adapter folded into plain weights (PEFT's merge_and_unload on the full-precision base),
+    saved as a transformers folder in `out` (which the caller creates and cleans up on failure)."""
+    from transformers import AutoTokenizer
+
+    if dtype == "4bit":
+        raise QLoraError("merge writes full-precision weights: --dtype bf16, fp16 or fp32 (never 4-bit)")
+    device = _device()
+    model = with_adapter(load_base(base, dtype, device), ref, base)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(out), max_shard_size="5GB")
+    _add_legacy_rope_theta(out / "config.json", merged.config)  # mlx-lm and llama.cpp read the top-level key
+    AutoTokenizer.from_pretrained(base, local_files_only=Path(base).exists()).save_pretrained(str(out))
+    say.info(f"merged on {device} in {dtype}")

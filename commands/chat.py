@@ -1,0 +1,59 @@
+"""`qlora chat`: a multi-turn conversation with base + adapter in the terminal, tokens streamed as
+they come. One line is one user message; /reset, /system TEXT; Ctrl-D (end of input) leaves. Works
+the same from a script (`printf 'hi\\n/reset\\n' | qlora chat RUN`): prompts go to stderr."""
+
+from __future__ import annotations
+
+import sys
+
+from commands.generate import answer, inference_options, load
+from common.console import Say
+from common.inference import ChatSession, TextStream
+
+HELP = "type a message; /reset clears the conversation, /system TEXT sets the system prompt, Ctrl-D leaves"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", parents=[inference_options()], help="chat with a trained adapter in the terminal")
+    p.set_defaults(handler=run)
+
+
+def run(args, say: Say) -> int:
+    note = Say(sys.stderr)
+    model, tokenizer = load(args, note)
+    session = ChatSession(tokenizer, args.system)
+    note.info(HELP)
+    while True:
+        sys.stderr.write("you> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:  # Ctrl-D or the end of a script
+            sys.stderr.write("\n")
+            return 0
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() == "/reset":
+            session.reset()
+            note.info("conversation cleared")
+        elif text.startswith("/system"):
+            session.system = text.removeprefix("/system").strip() or None
+            note.info(f"system prompt {'set' if session.system else 'removed'}")
+        elif text.startswith("/"):
+            note.warn(f"unknown command {text.split()[0]}; {HELP}")
+        else:
+            session.add(text, reply(model, tokenizer, session, text, args))
+
+
+def reply(model, tokenizer, session: ChatSession, text: str, args) -> str:
+    sys.stderr.write("model> ")
+    sys.stderr.flush()
+    stream = TextStream(tokenizer, _write)
+    result = answer(model, tokenizer, session.prompt_ids(text), args, on_token=stream)
+    _write("\n")
+    return result.text
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()

@@ -1,0 +1,345 @@
+"""After training: generate, chat, merge, export and push through the real code on a tiny Mistral,
+and the run folder's model card. The adapter is built with the shared converter from random factors
+(large enough to change greedy answers); the card test trains a few real steps."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE
+
+from commands import main
+from common.adapters import Adapter, base_shapes, write_adapter
+from common.data import Conversation
+from common.errors import QLoraError, UsageError
+from common.inference import ChatSession, Staged, check_free_disk, find_adapter, read_answer
+
+PROMPT = "Say something about the sea."
+
+
+def make_adapter(base: Path, folder: Path) -> Path:
+    """A PEFT adapter on every projection of `base`, recording the base's absolute path."""
+    layers, shapes = base_shapes(base)
+    rng = np.random.default_rng(0)
+    a = {(i, p): rng.normal(0, 0.5, (4, n_in)).astype(np.float32) for i in range(layers) for p, (n_in, _) in shapes.items()}
+    b = {(i, p): rng.normal(0, 0.5, (n_out, 4)).astype(np.float32) for i in range(layers) for p, (_, n_out) in shapes.items()}
+    folder.mkdir(parents=True)
+    write_adapter(Adapter(4, 2.0, 0.0, list(shapes), a, b, str(base.resolve())), folder, "peft", layers)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "peft")
+
+
+@pytest.fixture
+def light_adapter(tmp_path) -> Path:
+    """The same adapter over a base that is only its config.json: for checks that load no model."""
+    from common.tiny_mistral import TINY_SHAPE
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({**TINY_SHAPE, "vocab_size": 32768, "model_type": "mistral"}))
+    return make_adapter(base, tmp_path / "adapter")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------- prompt encoding (fast)
+
+
+def test_prompt_is_the_training_prefix(chat_tokenizer):
+    """What generate sends is exactly what training saw before the answer, system prompt included."""
+    turns = (("system", "Answer in French."), ("user", "Hi"), ("assistant", "Salut"), ("user", "Weather?"),
+             ("assistant", "Il pleut."))
+    trained = chat_tokenizer.encode(Conversation(turns, "t")).input_ids
+    prompt = chat_tokenizer.encode_prompt(turns[:-1])
+    assert trained[: len(prompt)] == prompt
+    assert trained[len(prompt):] != []  # the answer follows
+
+
+def test_tools_go_before_the_last_user_turn(chat_tokenizer):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    session = ChatSession(chat_tokenizer, tools=tools)
+    session.add("Hi", "Hello")
+    ids = session.prompt_ids("Weather in Paris?")
+    available, inst = chat_tokenizer.special_id("[AVAILABLE_TOOLS]"), chat_tokenizer.special_id("[INST]")
+    assert available in ids
+    assert ids.index(available) > ids.index(inst)  # after the first turn, before the last [INST]
+    assert max(i for i, t in enumerate(ids) if t == inst) > ids.index(available)
+
+
+def test_a_tool_call_answer_is_parsed(chat_tokenizer):
+    text = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    body = chat_tokenizer._instruct.tokenizer.encode(text, bos=False, eos=False)
+    answer = read_answer(chat_tokenizer, [chat_tokenizer.special_id("[TOOL_CALLS]"), *body, chat_tokenizer.eos_id])
+    assert answer.tool_calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert answer.shown().startswith("[TOOL_CALLS] ")
+
+
+def test_bad_tools_file_is_a_clear_error(tmp_path, capsys, light_adapter):
+    bad = tmp_path / "tools.json"
+    bad.write_text('{"tools": [1, 2]}')
+    code, out, _ = run_cli(capsys, "generate", light_adapter, "--prompt", "x", "--tools", bad)
+    assert code == UsageError.exit_code and "--tools" in out
+
+
+# ---------------------------------------------------------------------------- outputs (fast)
+
+
+def test_staged_output_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "merged"
+    with pytest.raises(RuntimeError), Staged(out) as partial:
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk full")
+    assert not out.exists() and not partial.exists()
+    with Staged(out) as partial:
+        partial.mkdir()
+        (partial / "config.json").write_text("{}")
+    assert (out / "config.json").is_file() and not partial.exists()
+    with pytest.raises(UsageError, match="not empty"), Staged(out):
+        pass
+
+
+def test_disk_check_refuses_before_writing(tmp_path):
+    with pytest.raises(QLoraError, match="14.0 GB.*1.0 GB free"):
+        check_free_disk(tmp_path / "out", 14 * 1024**3, "a merged model", free=lambda _: 1024**3)
+
+
+def test_a_run_folder_gives_each_backend_its_own_format(tmp_path, light_adapter):
+    """An MLX run keeps the PEFT adapter at its root and the mlx-lm one in mlx/: each backend takes
+    its own without converting; an adapter folder alone is converted on demand."""
+    from common.adapters import read_peft
+
+    run = tmp_path / "run"
+    (run / "mlx").mkdir(parents=True)
+    (run / "config.yaml").write_text("backend: mlx\n")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (run / name).write_bytes((light_adapter / name).read_bytes())
+    write_adapter(read_peft(light_adapter), run / "mlx", "mlx", 2)
+    assert find_adapter(run, prefer="mlx").folder == run / "mlx"
+    assert find_adapter(run, prefer="peft").folder == run
+    assert find_adapter(run / "mlx").as_format("peft") == run  # the sibling, not a conversion
+    ref = find_adapter(light_adapter)
+    converted = ref.as_format("mlx")
+    assert converted != light_adapter and (converted / "adapters.safetensors").is_file()
+    assert ref.run_root is None and find_adapter(run).run_root == run
+
+
+def test_missing_base_is_named(tmp_path, light_adapter):
+    config = json.loads((light_adapter / "adapter_config.json").read_text())
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("adapter_model.safetensors",):
+        (moved / name).write_bytes((light_adapter / name).read_bytes())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/nowhere/base"}))
+    from common.inference import base_model_for
+
+    with pytest.raises(QLoraError, match="/nowhere/base.*--base-model"):
+        base_model_for(find_adapter(moved), None)
+
+
+def test_push_refuses_offline_within_seconds(capsys, light_adapter):
+    started = time.monotonic()
+    code, out, _ = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
+    assert code != 0 and "HF_HUB_OFFLINE" in out and "nothing was uploaded" in out
+    assert time.monotonic() - started < 5
+
+
+def test_push_refuses_without_token_or_hub(monkeypatch, tmp_path, capsys, light_adapter):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    code, out, _ = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
+    assert code != 0 and "hf auth login" in out
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    started = time.monotonic()
+    code, out, _ = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
+    assert code != 0 and "cannot reach http://127.0.0.1:9" in out and "hf_not_a_real_token" not in out
+    assert time.monotonic() - started < 15
+
+
+# ---------------------------------------------------------------------------- generate and chat (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_generate_is_deterministic_and_the_adapter_matters(backend, capsys, adapter_dir):
+    pytest.importorskip("peft" if backend == "cuda" else "mlx_lm")
+    args = ["generate", adapter_dir, "--prompt", PROMPT, "--max-new-tokens", "8", "--backend", backend]
+    code, first, err = run_cli(capsys, *args)
+    assert code == 0 and first.strip(), err
+    _, again, _ = run_cli(capsys, *args)
+    assert again == first  # greedy: the same answer every time
+    _, compared, _ = run_cli(capsys, *args, "--compare")
+    tuned, plain = compared.split("=== base model ===\n")
+    assert tuned.split("=== with the adapter ===\n")[1].strip() == first.strip()
+    assert plain.strip() and plain.strip() != first.strip()  # the adapter changes the answer
+    assert "tokens in" in err and "tokens in" not in first  # notes on stderr only
+
+
+@pytest.mark.slow
+def test_both_backends_give_the_same_full_precision_answer(capsys, adapter_dir):
+    """PyTorch + PEFT and mlx-lm compute the same function: in fp32 their greedy answers match."""
+    pytest.importorskip("mlx_lm")
+    answers = [run_cli(capsys, "generate", adapter_dir, "--prompt", PROMPT, "--system", "Be kind.",
+                       "--max-new-tokens", "8", "--dtype", "fp32", "--backend", backend)[1]
+               for backend in ("cuda", "mlx")]
+    assert answers[0].strip() and answers[0] == answers[1]
+
+
+@pytest.mark.slow
+def test_chat_over_stdin(monkeypatch, capsys, adapter_dir):
+    """A scripted conversation: streamed answers on stdout, /reset starts afresh (so greedy decoding
+    repeats the first answer), /system is taken, the end of input leaves cleanly."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\nAnd then?\n/reset\nHello\n/system Be brief.\nHello\n"))
+    code, out, err = run_cli(capsys, "chat", adapter_dir, "--max-new-tokens", "6", "--backend", "cuda")
+    assert code == 0, err
+    answers = out.splitlines()
+    assert len(answers) == 4 and all(answers)
+    assert answers[0] == answers[2]
+    assert "conversation cleared" in err and "system prompt set" in err and "you> " in err
+
+
+# ---------------------------------------------------------------------------- merge and export (slow)
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.mark.slow
+def test_merged_logits_equal_base_plus_adapter(tmp_path, capsys, adapter_dir, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    code, _, err = run_cli(capsys, "merge", adapter_dir, out, "--dtype", "fp32")
+    assert code == 0, err
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md"} <= {
+        p.name for p in out.iterdir()}
+    assert not list(out.glob("adapter_*"))  # no PEFT left
+    ids = [1, 3, 1010, 2000, 3000, 4]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    plain = _logits(base, ids)
+    expected = _logits(PeftModel.from_pretrained(base, adapter_dir), ids)
+    merged = _logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
+    assert torch.allclose(merged, expected, atol=1e-4)
+    assert not torch.allclose(merged, plain, atol=1e-2)
+    code, out_text, _ = run_cli(capsys, "merge", adapter_dir, out)
+    assert code == UsageError.exit_code and "not empty" in out_text
+
+
+@pytest.mark.slow
+def test_merge_to_mlx_matches_mlx_with_adapter(tmp_path, capsys, adapter_dir, tiny_model_dir):
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    from common.inference import find_adapter as find
+
+    out = tmp_path / "merged-mlx"
+    code, _, err = run_cli(capsys, "merge", adapter_dir, out, "--to", "mlx", "--dtype", "fp32")
+    assert code == 0, err
+    ids = mx.array([[1, 3, 1010, 2000, 3000, 4]])
+    merged, _ = load(str(out))
+    ref = find(adapter_dir)  # holds the temporary mlx-lm conversion while it is loaded
+    with_adapter, _ = load(str(tiny_model_dir), adapter_path=str(ref.as_format("mlx")))
+    with_adapter.set_dtype(mx.float32)
+    plain, _ = load(str(tiny_model_dir))
+    plain.set_dtype(mx.float32)
+    expected = with_adapter(ids)
+    assert mx.abs(merged(ids) - expected).max().item() < 1e-3
+    assert mx.abs(plain(ids) - expected).max().item() > 1e-1
+
+
+@pytest.mark.slow
+def test_gguf_reads_back_with_every_mistral_tensor(tmp_path, capsys, adapter_dir, tiny_model_dir):
+    import gguf
+    from safetensors.numpy import load_file
+
+    from common.gguf_export import permute
+
+    out = tmp_path / "tiny.gguf"
+    code, _, err = run_cli(capsys, "export", adapter_dir, out, "--quant", "q8_0")
+    assert code == 0, err
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    hidden, mlp, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    expected = {"token_embd.weight": [hidden, vocab], "output.weight": [hidden, vocab], "output_norm.weight": [hidden]}
+    for i in range(config["num_hidden_layers"]):
+        expected |= {f"blk.{i}.attn_norm.weight": [hidden], f"blk.{i}.ffn_norm.weight": [hidden],
+                     f"blk.{i}.attn_q.weight": [hidden, q], f"blk.{i}.attn_k.weight": [hidden, kv],
+                     f"blk.{i}.attn_v.weight": [hidden, kv], f"blk.{i}.attn_output.weight": [q, hidden],
+                     f"blk.{i}.ffn_gate.weight": [hidden, mlp], f"blk.{i}.ffn_up.weight": [hidden, mlp],
+                     f"blk.{i}.ffn_down.weight": [mlp, hidden]}
+    reader = gguf.GGUFReader(str(out))
+    assert {t.name: t.shape.tolist() for t in reader.tensors} == expected
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == vocab
+    # the q weights are the merged ones, in llama.cpp's rotary order, within q8_0 rounding
+    merged = tmp_path / "merged"
+    run_cli(capsys, "merge", adapter_dir, merged, "--dtype", "fp32")
+    want = permute(load_file(str(merged / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"],
+                   config["num_attention_heads"])
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(want.shape)
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny.gguf") and "[INST]" in modelfile and 'PARAMETER stop "[INST]"' in modelfile
+    assert not list(tmp_path.glob(".tiny*")) and not list(tmp_path.glob("*.partial"))  # temporary merge removed
+
+
+# ---------------------------------------------------------------------------- the run folder (slow)
+
+
+@pytest.mark.slow
+def test_run_card_and_base_record(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    pytest.importorskip("trl")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_never_written")
+    code, _, err = run_cli(
+        capsys, "train", "--platform", "cpu", "--run-name", "card",
+        "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"tracking.output_dir={tmp_path / 'runs'}",
+        "--set", f"data.train_file={SAMPLE / 'train.jsonl'}", "--set", f"data.val_file={SAMPLE / 'val.jsonl'}",
+        "--set", "tracking.report_to=none", "--set", "training.max_steps=2", "--set", "eval.eval_steps=2",
+        "--set", "eval.save_steps=2", "--set", "eval.logging_steps=1", "--set", "training.batch_size=1",
+    )
+    assert code == 0, err
+    run = tmp_path / "runs" / "card"
+    card = (run / "README.md").read_text()
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    summary = json.loads((run / "summary.json").read_text())
+    for expected in (str(tiny_model_dir.resolve()), "recorded as an absolute path", "r 16, alpha 32",
+                     "| examples |", "best eval loss", Path(summary["best_checkpoint"]).name, "![training and evaluation loss](loss.png)",
+                     "finished at step 2 of 2", "AutoPeftModelForCausalLM", "--enable-lora", "mlx_lm.generate",
+                     "ollama create", "pickle", "`checkpoints/`"):
+        assert expected in card, expected
+    assert "Model Card for Model ID" not in card  # PEFT's blank template is gone
+    assert "hf_secret_never_written" not in "".join(p.read_text(errors="ignore") for p in run.rglob("*") if p.is_file()
+                                                  and p.suffix in (".md", ".json", ".yaml", ".jsonl"))
+    monkeypatch.chdir(tmp_path)  # the adapter finds its base from anywhere
+    code, out, err = run_cli(capsys, "generate", run, "--prompt", PROMPT, "--max-new-tokens", "4", "--backend", "cuda")
+    assert code == 0 and out.strip(), err
