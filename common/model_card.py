@@ -65,7 +65,9 @@ def run_card(root: Path, cfg: QLoraConfig, report: DataReport, train: list[Examp
             if summary.best_checkpoint else _fmt(summary.best_eval_loss))
     stopped = f"stopped early ({summary.stop_reason}) at step" if summary.interrupted else "finished at step"
     plot = "![training and evaluation loss](loss.png)\n" if (root / "loss.png").exists() else ""
-    quant = ("4-bit NF4 with double quantization (bitsandbytes), bf16 compute" if cfg.backend == "cuda"
+    q = cfg.cuda.quantization
+    quant = (f"4-bit {q.quant_type.upper()}{' with double quantization' if q.double_quant else ''} "
+             f"(bitsandbytes), {q.compute_dtype} compute" if cfg.backend == "cuda"
              else f"{cfg.mlx.quant_bits}-bit affine, group size {cfg.mlx.quant_group_size} (MLX)")
     return "\n".join([
         _front_matter(base, ["lora", "qlora", "mistral-qlora", "mistral"]),

@@ -67,14 +67,14 @@ def build_random_mistral(
     finally:
         torch.set_default_dtype(previous)
     model.save_pretrained(out)
-    _add_legacy_rope_theta(out / "config.json", config)
+    add_legacy_rope_theta(out / "config.json", config)
     shutil.copyfile(default_tokenizer_file(), out / "tokenizer.model")
     shutil.copyfile(default_tokenizer_file(), out / "tokenizer.model.v3")
     LlamaTokenizer.from_pretrained(str(out), legacy=False).save_pretrained(out)
     return out
 
 
-def _add_legacy_rope_theta(path: Path, config) -> None:
+def add_legacy_rope_theta(path: Path, config) -> None:
     """transformers 5 writes rope_theta only inside `rope_parameters`; mlx-lm 0.32 reads the
     top-level key and silently falls back to 10000 without it (logits then differ from PyTorch's).
     The hub's Mistral-7B-Instruct-v0.3 config has the top-level key; ours gets it too."""

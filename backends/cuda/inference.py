@@ -11,7 +11,7 @@ from pathlib import Path
 from backends.cuda.model import check_local_model, explain_load_error
 from common.errors import QLoraError
 from common.inference import AdapterRef
-from common.tiny_mistral import _add_legacy_rope_theta
+from common.tiny_mistral import add_legacy_rope_theta
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -113,6 +113,6 @@ def merge(ref: AdapterRef, base: str, out: Path, dtype: str, say) -> None:
     model = with_adapter(load_base(base, dtype, device), ref, base)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(out), max_shard_size="5GB")
-    _add_legacy_rope_theta(out / "config.json", merged.config)  # mlx-lm and llama.cpp read the top-level key
+    add_legacy_rope_theta(out / "config.json", merged.config)  # mlx-lm and llama.cpp read the top-level key
     AutoTokenizer.from_pretrained(base, local_files_only=Path(base).exists()).save_pretrained(str(out))
     say.info(f"merged on {device} in {dtype}")
