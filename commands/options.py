@@ -26,6 +26,23 @@ def config_options() -> argparse.ArgumentParser:
     return parent
 
 
+def data_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("data")
+    group.add_argument("--data", metavar="FILE", help="training file, any supported format (replaces "
+                       "data.train_file and data.sources)")
+    group.add_argument("--val-data", metavar="FILE", help="validation file (replaces data.val_file)")
+    return parent
+
+
+def apply_data_options(args, cfg: QLoraConfig) -> None:
+    if getattr(args, "data", None):
+        cfg.data.train_file = args.data
+        cfg.data.sources = []
+    if getattr(args, "val_data", None):
+        cfg.data.val_file = args.val_data
+
+
 def resolve(args, say: Say, detect_platform: bool = False) -> QLoraConfig:
     """Config from --config / --platform / env, else (for train) from platform detection."""
     from common import machine

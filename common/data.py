@@ -217,10 +217,12 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
                         sources=list(loaded.reports))
     val_path = Path(cfg.val_file) if cfg.val_file else None
     if val_path is not None and (val_path.exists() or val_path.is_symlink() or str(val_path) == "-"):
-        _refuse_same_file(cfg, val_path)
+        refuse_same_file(cfg, val_path)
         val, val_report = read_source(DataSource(path=str(val_path)), cfg, "data.val_file")
         report.sources.append(val_report)
-        _warn_overlap(train, val, report)
+        overlap = overlap_warning(train, val)
+        if overlap:
+            report.warnings.append(overlap)
     else:
         report.split_from_train = True
         report.val_file = None
@@ -240,7 +242,7 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
     return train, val, report
 
 
-def _refuse_same_file(cfg: DataConfig, val_path: Path) -> None:
+def refuse_same_file(cfg: DataConfig, val_path: Path) -> None:
     regular_file(val_path, "data.val_file")
     for spec in train_sources(cfg):
         if spec.path and Path(spec.path).exists() and os.path.samefile(spec.path, val_path):
@@ -251,14 +253,13 @@ def _refuse_same_file(cfg: DataConfig, val_path: Path) -> None:
             )
 
 
-def _warn_overlap(train: Sequence[Conversation], val: Sequence[Conversation], report: DataReport) -> None:
+def overlap_warning(train: Sequence[Conversation], val: Sequence[Conversation]) -> str | None:
     seen = {c.key() for c in train}
     shared = [c for c in val if c.key() in seen]
-    if shared:
-        report.warnings.append(
-            f"{len(shared)} of {len(val)} validation conversations also appear in the training data (first: "
-            f"{shared[0].source}): eval_loss on them measures memorization. Remove them from one side."
-        )
+    if not shared:
+        return None
+    return (f"{len(shared)} of {len(val)} validation conversations also appear in the training data (first: "
+            f"{shared[0].source}): eval_loss on them measures memorization. Remove them from one side.")
 
 
 def prepare_data(cfg: DataConfig, tokenizer: ChatTokenizer) -> PreparedData:

@@ -182,22 +182,40 @@ def check_kernels(cfg, env) -> list[Check]:
 
 
 def check_data(cfg, env) -> list[Check]:
-    from common.data import read_conversations
+    """Every record of every source, one row per file naming the format detected."""
+    from common.config import DataSource
+    from common.data import overlap_warning, refuse_same_file
+    from common.sources import read_source, train_sources
 
-    rows = []
-    for key, path in (("data.train_file", cfg.data.train_file), ("data.val_file", cfg.data.val_file)):
-        if path is None:
-            continue
-        if key == "data.val_file" and not Path(path).exists():
-            rows.append(Check(key, WARN, f"{path} not found: {cfg.data.val_fraction:.0%} of train is held out"))
-            continue
+    rows, train = [], []
+    for index, spec in enumerate(train_sources(cfg.data)):
+        key = f"data.sources[{index}]" if cfg.data.sources else "data.train_file"
         try:
-            conversations, _ = read_conversations(path)
+            conversations, report = read_source(spec, cfg.data, key)
         except QLoraError as exc:
-            rows.append(Check(key, BLOCK, str(exc).splitlines()[0], "\n".join(str(exc).splitlines()[1:4])))
+            rows.append(_blocked_by(key, exc))
             continue
-        rows.append(Check(key, OK, f"{path}: {len(conversations)} conversations, all valid"))
+        train += conversations
+        rows.append(Check(key, OK, f"{report.line()}, all valid"))
+    path = cfg.data.val_file
+    if path is not None and not Path(path).exists() and not Path(path).is_symlink():
+        rows.append(Check("data.val_file", WARN, f"{path} not found: {cfg.data.val_fraction:.0%} of train is held out"))
+    elif path is not None:
+        try:
+            refuse_same_file(cfg.data, Path(path))
+            conversations, report = read_source(DataSource(path=path), cfg.data, "data.val_file")
+        except QLoraError as exc:
+            rows.append(_blocked_by("data.val_file", exc))
+            return rows
+        overlap = overlap_warning(train, conversations)
+        rows.append(Check("data.val_file", WARN, overlap) if overlap else
+                    Check("data.val_file", OK, f"{report.line()}, all valid"))
     return rows
+
+
+def _blocked_by(key: str, exc: QLoraError) -> Check:
+    lines = str(exc).splitlines()
+    return Check(key, BLOCK, lines[0], "\n".join(lines[1:4]))
 
 
 def hf_token(env) -> bool:
