@@ -302,9 +302,12 @@ def _sharegpt_results(value: object, where: str, pending: list[str]) -> list[Mes
     """An observation answers the function_call before it: one result per call, in order."""
     if not pending:
         raise Problem(f"{where}: a tool result with no function_call turn before it")
-    results = value if len(pending) > 1 and isinstance(value, list) else [value]
-    if len(results) != len(pending):
-        raise Problem(f"{where}: {len(pending)} calls need {len(pending)} results (a JSON list), got one")
+    results = [value]
+    if len(pending) > 1:  # parallel calls: one observation turn holding a JSON list of their results
+        results = _parse_json_text(value, where) if isinstance(value, str) else value
+    if not isinstance(results, list) or len(results) != len(pending):
+        raise Problem(f"{where}: the function_call turn made {len(pending)} calls; expected a JSON list of "
+                      f"{len(pending)} results")
     out = [Message("tool", _content(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False), where),
                    tool_call_id=call_id) for r, call_id in zip(results, pending)]
     pending.clear()
