@@ -7,7 +7,7 @@ import argparse
 import os
 
 from common.config import QLoraConfig
-from common.config_loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config
+from common.config_loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config, load_defaults
 from common.console import Say
 
 
@@ -63,7 +63,7 @@ def resolve(args, say: Say, detect_platform: bool = False) -> QLoraConfig:
 def config_or_default(args, say: Say) -> QLoraConfig:
     if args.platform or args.config:
         return resolve(args, say)
-    return QLoraConfig()
+    return load_defaults(args.overrides)
 
 
 def tokenizer_for(cfg: QLoraConfig):

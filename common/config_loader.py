@@ -141,6 +141,15 @@ def load_config(
     return validate(merged, sources, default_origin=str(_display(path)))
 
 
+def load_defaults(overrides: Iterable[str] = ()) -> QLoraConfig:
+    """The schema's defaults plus overrides (commands that need no platform, such as `qlora data`)."""
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for text in overrides:
+        _merge(merged, parse_override(text), sources, f"--set {text}")
+    return validate(merged, sources, default_origin="schema defaults")
+
+
 def validate(data: dict, sources: Mapping[str, str], default_origin: str) -> QLoraConfig:
     try:
         return QLoraConfig.model_validate(data)
