@@ -189,7 +189,7 @@ FILE_KIND_CASES = [
     ("source-path-and-hub", None, None, lambda f: check("--set", "data.sources=[{hub: a/b, path: x.jsonl}]"), 1,
      "give exactly one of path (a file) or hub (a dataset name)"),
     ("unknown-column", None, None, lambda f: check("--set", "data.columns={answer: out}"), 1,
-     "--set data.columns={answer: out}: data.columns: unknown column name(s) ['answer']"),
+     "--set data.columns={{answer: out}}: data.columns: unknown column name(s) ['answer']"),
 ]
 
 
