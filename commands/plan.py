@@ -35,6 +35,8 @@ def run(args, say: Say) -> int:
     cfg = resolve(args, say, detect_platform=True)
     apply_data_options(args, cfg)
     data = prepare_data(cfg.data, tokenizer_for(cfg))
+    for source in data.report.sources:
+        say.info(source.line())
     info = mach.detect()
     machine = info.label()
     rates = None
