@@ -102,6 +102,9 @@ DATA_CASES = [
     ("tool-without-name", json.dumps({"tools": [{"type": "function", "function": {"description": "d"}}],
                                       "messages": json.loads(GOOD)["messages"]}),
      "{f}:1: 'tools' item 1: function name None must be 1-64 characters"),
+    ("tool-schema-invalid", json.dumps({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
+                                        "messages": json.loads(GOOD)["messages"]}),
+     "{f}:1: mistral-common cannot encode it for Mistral v3: Invalid tool schema"),
     # the other formats
     ("no-known-keys", json.dumps({"question": "q", "answer": "a"}),
      "{f}:1: missing key 'messages' (keys present: answer, question)"),
