@@ -98,6 +98,20 @@ CASES = [
      [u("Weather in Oslo and Rome?"),
       calls(("6j2fWS7HE", "get_weather", {"city": "Oslo"}), ("7w7J4aEvR", "get_weather", {"city": "Rome"})),
       result("6j2fWS7HE", "-3C"), result("7w7J4aEvR", "25C"), a("Oslo -3C, Rome 25C.")], [WEATHER]),
+    ("sharegpt-several-tool-rounds", "sharegpt",
+     {"tools": json.dumps([WEATHER, TIME]), "conversations": [
+         {"from": "system", "value": "Use tools. ünï"},
+         {"from": "human", "value": "Weather in Oslo?"},
+         {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})},
+         {"from": "observation", "value": "-3C"},
+         {"from": "gpt", "value": "-3C."},
+         {"from": "human", "value": "Time there? [TOOL_CALLS]"},
+         {"from": "function_call", "value": json.dumps({"name": "get_time", "arguments": {}})},
+         {"from": "observation", "value": json.dumps({"time": "08:00"})},
+         {"from": "gpt", "value": "08:00 </s>"}]},
+     [s("Use tools. ünï"), u("Weather in Oslo?"), calls(("UXdDKbsuq", "get_weather", {"city": "Oslo"})),
+      result("UXdDKbsuq", "-3C"), a("-3C."), u("Time there? [TOOL_CALLS]"), calls(("uLbnv4TfO", "get_time", {})),
+      result("uLbnv4TfO", '{"time": "08:00"}'), a("08:00 </s>")], [WEATHER, TIME]),
     ("alpaca", "alpaca", {"instruction": "Translate", "input": "bonjour", "output": "hello"},
      [u("Translate\n\nbonjour"), a("hello")], []),
     ("alpaca-no-input-system-history", "alpaca",
@@ -109,6 +123,11 @@ CASES = [
     ("prompt-response", "prompt_completion", {"prompt": "ünï", "response": "cödé 😀"}, [u("ünï"), a("cödé 😀")], []),
     ("prompt-completion-conversational", "prompt_completion",
      {"prompt": [s("S"), u("q")], "completion": [a("answer")]}, [s("S"), u("q"), a("answer")], []),
+    ("prompt-completion-tool-call", "prompt_completion",
+     {"tools": [WEATHER], "prompt": [u("Weather in Rome?")],
+      "completion": [calls(("call_2", "get_weather", {"city": "Rome"})), result("call_2", "25C"), a("25C.")]},
+     [u("Weather in Rome?"), calls(("UtBgay5ZT", "get_weather", {"city": "Rome"})), result("UtBgay5ZT", "25C"),
+      a("25C.")], [WEATHER]),
 ]
 
 
