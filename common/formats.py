@@ -18,6 +18,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from common.config import DATA_COLUMNS
 from common.conversation import CALL_ID, FUNCTION_NAME, Conversation, Message, ToolCall, order_problem
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
@@ -44,14 +45,14 @@ def detect(record: object, columns: Mapping[str, str]) -> str | None:
     """The format a record's keys name, or None when they name none."""
     if not isinstance(record, dict):
         return None
-    has = lambda name: columns.get(name, name) in record  # noqa: E731
-    if has("messages"):
+    has = {name for name in DATA_COLUMNS if columns.get(name, name) in record}
+    if "messages" in has:
         return "messages"
-    if has("conversations"):
+    if "conversations" in has:
         return "sharegpt"
-    if has("instruction") and has("output"):
+    if {"instruction", "output"} <= has:
         return "alpaca"
-    if has("prompt") and (has("completion") or "response" in record):
+    if "prompt" in has and ("completion" in has or "response" in record):
         return "prompt_completion"
     return None
 

@@ -191,13 +191,15 @@ def _csv(path: Path, raw: bytes) -> list[_Located]:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 (byte {exc.start + 1})") from None
     reader = csv.DictReader(text.splitlines(keepends=True))
-    records = []
+    records, end = [], 1  # a record starts on the line after the previous one ended (quoted newlines)
     try:
         for row in reader:
+            start, end = end + 1, reader.line_num
             if None in row:
-                records.append(_Located(reader.line_num, problem="more fields than the header has columns"))
+                records.append(_Located(start, problem="more fields than the header has columns"))
                 continue
-            records.append(_Located(reader.line_num, {k: v for k, v in row.items() if v != ""}))
+            # an empty cell is an absent value (CSV cannot say null): optional columns stay optional
+            records.append(_Located(start, {k: v for k, v in row.items() if v != ""}))
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
     return records

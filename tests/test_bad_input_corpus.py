@@ -187,6 +187,8 @@ FILE_KIND_CASES = [
      "{f}: not a readable parquet file"),
     ("csv-extra-field", "train.csv", lambda p: p.write_text('prompt,completion\nq,a\nq,a,extra\n'),
      lambda f: check("--data", f), 1, "{f}:3: more fields than the header has columns"),
+    ("csv-line-after-a-quoted-newline", "train.csv", lambda p: p.write_text('prompt,completion\n"multi\nline",a\nq,\n'),
+     lambda f: check("--data", f), 1, "{f}:4: missing key 'completion' (keys present: prompt)"),
     ("hub-not-cached", None, None, lambda f: check("--set", "data.sources=[{hub: nobody/nothing-here}]"), 1,
      "hub dataset nobody/nothing-here, split train: not in the local datasets cache"),
     ("source-path-and-hub", None, None, lambda f: check("--set", "data.sources=[{hub: a/b, path: x.jsonl}]"), 1,
