@@ -135,8 +135,8 @@ def _message(raw: object, index: int) -> Message:
         raise Problem(f"{where}: missing 'content'")
     content = _content(raw.get("content"), where, optional=bool(calls))
     if calls and content:
-        raise Problem(f"{where}: has both 'content' and 'tool_calls'; Mistral v3 encodes one or the other "
-                      "(put the text in its own assistant message)")
+        raise Problem(f"{where}: has both 'content' and 'tool_calls'; Mistral v3 cannot encode text and calls "
+                      "in one assistant turn (mistral-common refuses it): remove the text, or the calls")
     tool_call_id = None
     if role == "tool":
         tool_call_id = raw.get("tool_call_id")
