@@ -183,10 +183,10 @@ def _weight(raw: dict, role: str, where: str) -> int | None:
 
 
 def _tool_calls(raw: object, where: str) -> tuple[ToolCall, ...]:
-    if raw is None:
+    if raw is None or raw == []:  # parquet and Hub datasets give plain turns an empty list
         return ()
-    if not isinstance(raw, list) or not raw:
-        raise Problem(f"{where}: 'tool_calls' must be a non-empty list")
+    if not isinstance(raw, list):
+        raise Problem(f"{where}: 'tool_calls' must be a list of calls, got {type(raw).__name__}")
     return tuple(_tool_call(call, f"{where} tool call {n}") for n, call in enumerate(raw, start=1))
 
 
