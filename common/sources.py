@@ -175,8 +175,18 @@ def _json_array(path: Path, raw: bytes) -> list[_Located]:
     return records
 
 
+def _needs(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"{what} needs the `{module.split('.')[0]}` package: pip install datasets "
+                        "(it brings pyarrow)") from None
+
+
 def _parquet(path: Path) -> list[_Located]:
-    import pyarrow.parquet as pq
+    pq = _needs("pyarrow.parquet", f"{path}: reading parquet")
 
     try:
         rows = pq.read_table(path).to_pylist()
@@ -227,8 +237,7 @@ def _hub(name: str, split: str, config: str | None) -> list[_Located]:
 
     Reading the cache offline keeps `qlora check` and `qlora train` fast and predictable (a run
     never starts a download of unknown size); fetching is one explicit command the error gives."""
-    import datasets
-
+    datasets = _needs("datasets", f"hub dataset {name}")
     label = f"{name}" + (f" (config {config})" if config else "") + f", split {split}"
     fetch = (f"python -c \"import datasets; datasets.load_dataset({name!r}"
              + (f", {config!r}" if config else "") + f", split={split!r})\"")
