@@ -59,6 +59,9 @@ def stats(args, say: Say) -> int:
     out["would_drop"] = outcomes.count("dropped")
     out["blank_lines_skipped"] = blank
     out["sources"] = per_source
+    out["formats"] = {}
+    for row in per_source:
+        out["formats"][row["format"]] = out["formats"].get(row["format"], 0) + row["count"]
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -66,7 +69,9 @@ def stats(args, say: Say) -> int:
         say.info("{source} ({format}): {count} conversations, {tokens:,} tokens ({target_tokens:,} trained on), "
                  "{with_system_prompt} with a system prompt, {with_tools} with tools, {tool_calls} tool calls"
                  .format(**row))
-    say.info(f"all: {out['count']} conversations, {out['tokens']:,} tokens ({out['target_tokens']:,} trained on)")
+    formats = ", ".join(f"{count} {fmt}" for fmt, count in out["formats"].items())
+    say.info(f"all: {out['count']} conversations ({formats}), {out['tokens']:,} tokens "
+             f"({out['target_tokens']:,} trained on)")
     say.info(
         "tokens per example: mean {mean:.0f}, min {min}, p50 {p50}, p90 {p90}, p95 {p95}, p99 {p99}, max {max}".format(**out)
     )

@@ -214,3 +214,6 @@ def test_check_and_stats_name_each_source_and_its_format(tmp_path):
     stats = json.loads(out)
     assert [(s["format"], s["count"], s["with_tools"], s["tool_calls"]) for s in stats["sources"]] == [
         ("messages", 12, 4, 4), ("alpaca", 1, 0, 0)]
+    assert stats["formats"] == {"messages": 12, "alpaca": 1}
+    code, out = qlora("data", "stats", str(train), str(val))
+    assert code == 0 and "all: 13 conversations (12 messages, 1 alpaca)" in out
