@@ -123,6 +123,9 @@ class DataConfig(Section):
     sources: list[DataSource] = Field(
         default_factory=list, description="Several training sources mixed (replaces train_file): each a path "
         "or a hub name, with weight or max_examples.")
+    val_sources: list[DataSource] = Field(
+        default_factory=list, description="Validation sources (replace val_file), e.g. a hub dataset's test split; "
+        "max_examples caps one, weight does not apply.")
     max_examples: int | None = Field(
         None, ge=1, description="Train on a seeded random subset of this many conversations (taken before the "
         "validation split), for a quick run.")
@@ -140,6 +143,13 @@ class DataConfig(Section):
     @classmethod
     def _columns(cls, columns: dict[str, str]) -> dict[str, str]:
         return _known_columns(columns)
+
+    @field_validator("val_sources")
+    @classmethod
+    def _unweighted(cls, sources: list[DataSource]) -> list[DataSource]:
+        if any(source.weight != 1 for source in sources):
+            raise ValueError("weight mixes training sources; a validation source is used as it is (max_examples caps it)")
+        return sources
 
 
 class TrainingConfig(Section):

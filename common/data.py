@@ -25,7 +25,9 @@ from common.sources import (
     read_source,
     read_sources,
     regular_file,
+    source_label,
     train_sources,
+    val_sources,
 )
 
 __all__ = ["Conversation", "DataIssue", "Message", "ToolCall"]  # the data layer's types, in one import
@@ -215,11 +217,13 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
     report = DataReport(cfg.train_file if not cfg.sources else ", ".join(r.label for r in loaded.reports),
                         cfg.val_file, skipped_blank_lines=sum(r.blank_lines for r in loaded.reports),
                         sources=list(loaded.reports))
-    val_path = Path(cfg.val_file) if cfg.val_file else None
-    if val_path is not None and (val_path.exists() or val_path.is_symlink() or str(val_path) == "-"):
-        refuse_same_file(cfg, val_path)
-        val, val_report = read_source(DataSource(path=str(val_path)), cfg, "data.val_file")
-        report.sources.append(val_report)
+    specs = val_sources(cfg)
+    if specs:
+        for spec in specs:
+            refuse_same_source(cfg, spec)
+        read = read_sources(specs, cfg, val_key(cfg), training=False)
+        val = read.conversations
+        report.sources += read.reports
         overlap = overlap_warning(train, val)
         if overlap:
             report.warnings.append(overlap)
@@ -228,7 +232,7 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
         report.val_file = None
         train, val = split_train_val(train, cfg.val_fraction, cfg.split_seed)
         report.warnings.append(
-            f"no validation file{f' at {val_path}' if val_path else ''}: holding out "
+            f"no validation file{f' at {cfg.val_file}' if cfg.val_file else ''}: holding out "
             f"{len(val)} of {len(train) + len(val)} training conversations "
             f"({cfg.val_fraction:.0%}, seed {cfg.split_seed})"
         )
@@ -242,15 +246,26 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
     return train, val, report
 
 
-def refuse_same_file(cfg: DataConfig, val_path: Path) -> None:
-    regular_file(val_path, "data.val_file")
+def val_key(cfg: DataConfig) -> str:
+    return "data.val_sources" if cfg.val_sources else "data.val_file"
+
+
+def refuse_same_source(cfg: DataConfig, val: DataSource) -> None:
+    """Validation on the training data measures memorization, not generalization."""
+    if val.path:
+        regular_file(Path(val.path), val_key(cfg))
     for spec in train_sources(cfg):
-        if spec.path and Path(spec.path).exists() and os.path.samefile(spec.path, val_path):
-            raise DataError(
-                f"data.val_file {val_path} is the same file as the training file {spec.path}: eval_loss would "
-                "measure memorization, not generalization. Point data.val_file at held-out data, or set it "
-                f"to null to hold out {cfg.val_fraction:.0%} of the training file."
-            )
+        if val.path and spec.path and Path(spec.path).exists() and os.path.samefile(spec.path, val.path):
+            same = f"{val_key(cfg)} {val.path} is the same file as the training file {spec.path}"
+        elif val.hub and (val.hub, val.split, val.config) == (spec.hub, spec.split, spec.config):
+            same = f"{val_key(cfg)} {source_label(val)} is also a training source"
+        else:
+            continue
+        raise DataError(
+            f"{same}: eval_loss would measure memorization, not generalization. Point it at held-out data "
+            f"(another file, or the dataset's test split), or remove it to hold out {cfg.val_fraction:.0%} of "
+            "the training data."
+        )
 
 
 def overlap_warning(train: Sequence[Conversation], val: Sequence[Conversation]) -> str | None:

@@ -183,9 +183,8 @@ def check_kernels(cfg, env) -> list[Check]:
 
 def check_data(cfg, env) -> list[Check]:
     """Every record of every source, one row per file naming the format detected."""
-    from common.config import DataSource
-    from common.data import overlap_warning, refuse_same_file
-    from common.sources import read_source, train_sources
+    from common.data import overlap_warning, refuse_same_source
+    from common.sources import read_source, train_sources, val_sources
 
     rows, train = [], []
     for index, spec in enumerate(train_sources(cfg.data)):
@@ -197,19 +196,20 @@ def check_data(cfg, env) -> list[Check]:
             continue
         train += conversations
         rows.append(Check(key, OK, f"{report.line()}, all valid"))
-    path = cfg.data.val_file
-    if path is not None and not Path(path).exists() and not Path(path).is_symlink():
-        rows.append(Check("data.val_file", WARN, f"{path} not found: {cfg.data.val_fraction:.0%} of train is held out"))
-    elif path is not None:
+    specs = val_sources(cfg.data)
+    if not specs and cfg.data.val_file is not None:
+        rows.append(Check("data.val_file", WARN, f"{cfg.data.val_file} not found: "
+                          f"{cfg.data.val_fraction:.0%} of train is held out"))
+    for index, spec in enumerate(specs):
+        key = f"data.val_sources[{index}]" if cfg.data.val_sources else "data.val_file"
         try:
-            refuse_same_file(cfg.data, Path(path))
-            conversations, report = read_source(DataSource(path=path), cfg.data, "data.val_file")
+            refuse_same_source(cfg.data, spec)
+            conversations, report = read_source(spec, cfg.data, key)
         except QLoraError as exc:
-            rows.append(_blocked_by("data.val_file", exc))
-            return rows
+            rows.append(_blocked_by(key, exc))
+            continue
         overlap = overlap_warning(train, conversations)
-        rows.append(Check("data.val_file", WARN, overlap) if overlap else
-                    Check("data.val_file", OK, f"{report.line()}, all valid"))
+        rows.append(Check(key, WARN, overlap) if overlap else Check(key, OK, f"{report.line()}, all valid"))
     return rows
 
 

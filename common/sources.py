@@ -323,19 +323,29 @@ def train_sources(cfg: DataConfig) -> list[DataSource]:
     return list(cfg.sources) or [DataSource(path=cfg.train_file)]
 
 
+def val_sources(cfg: DataConfig) -> list[DataSource]:
+    """The validation sources; none when data.val_file names no file (then train is split)."""
+    if cfg.val_sources:
+        return list(cfg.val_sources)
+    path = cfg.val_file
+    if path is not None and (path == "-" or Path(path).exists() or Path(path).is_symlink()):
+        return [DataSource(path=path)]
+    return []
+
+
 @dataclass
 class Loaded:
     conversations: list[Conversation]
     reports: list[SourceReport] = field(default_factory=list)
 
 
-def read_sources(specs: Sequence[DataSource], cfg: DataConfig, key: str) -> Loaded:
+def read_sources(specs: Sequence[DataSource], cfg: DataConfig, key: str, training: bool = True) -> Loaded:
     loaded = Loaded([])
     for spec in specs:
         conversations, report = read_source(spec, cfg, key)
         loaded.conversations += conversations
         loaded.reports.append(report)
-    if cfg.max_examples and cfg.max_examples < len(loaded.conversations):
+    if training and cfg.max_examples and cfg.max_examples < len(loaded.conversations):
         loaded.conversations = _subset(loaded.conversations, cfg.max_examples, cfg.split_seed)
     return loaded
 

@@ -121,6 +121,15 @@ def test_hub_dataset_from_the_local_cache_and_a_missing_one_fails_fast(tmp_path)
     assert code == 0, out
     stats = json.loads(out)
     assert stats["count"] == 6 and stats["sources"][0]["source"] == "hub:someone/tiny-chat[test]"
+    hub = "data.sources=[{hub: someone/tiny-chat}]"
+    code, out = qlora("check", "--platform", "cpu", "--set", hub, "--set",
+                      "data.val_sources=[{hub: someone/tiny-chat, split: test, max_examples: 2}]", env=env)
+    flat = " ".join(out.split())
+    assert "data.sources[0]: hub:someone/tiny-chat[train]: 6 conversations, format messages, all valid" in flat
+    assert "data.val_sources[0]: 2 of 2 validation conversations also appear in the training data" in flat
+    code, out = qlora("check", "--platform", "cpu", "--set", hub, "--set", "data.val_sources=[{hub: someone/tiny-chat}]",
+                      env=env)
+    assert code == 1 and "data.val_sources hub:someone/tiny-chat[train] is also a training source" in out
     started = time.monotonic()
     code, out = qlora("data", "stats", "--set", "data.sources=[{hub: someone/absent, config: en}]", env=env)
     assert time.monotonic() - started < 30  # the interpreter's start and imports; the lookup itself is instant
