@@ -66,10 +66,10 @@ def normalize(record: object, fmt: str, columns: Mapping[str, str], source: str)
     messages, tools = READERS[fmt](col)
     if not messages:
         raise Problem("no messages")
-    messages = _remap_call_ids(messages)
-    problem = order_problem(messages)
+    problem = order_problem(messages)  # before remapping, so that errors name the ids the file holds
     if problem:
         raise Problem(problem)
+    messages = _remap_call_ids(messages)
     conversation = Conversation(messages, source, tools, format=fmt)
     if tools or conversation.n_tool_calls:  # plain chat is fully checked above (and 5x faster without this)
         _mistral_common_accepts(conversation)

@@ -85,6 +85,9 @@ DATA_CASES = [
      "function name 'get weather' must be 1-64 characters of a-z, A-Z, 0-9, _ or -"),
     ("result-for-unknown-call", TOOLS_LINE("abc123XYZ", "{}", answered="zzz999zzz"),
      "{f}:1: message 3 (tool): tool_call_id 'zzz999zzz' answers no call of the assistant message before it"),
+    ("result-names-the-file's-id", TOOLS_LINE("call_abc", "{}", answered="call_abd"),
+     "{f}:1: message 3 (tool): tool_call_id 'call_abd' answers no call of the assistant message before it "
+     "(its call ids: call_abc)"),
     ("missing-tool-result", TOOLS_LINE("abc123XYZ", "{}", answered=None),
      "{f}:1: message 3: expected a 'tool' message answering call id 'abc123XYZ', got 'assistant'"),
     ("tool-result-without-call-id", json.dumps({"messages": [
