@@ -1,6 +1,7 @@
-"""The one data layer: JSONL chat files -> validated conversations -> token ids and loss masks.
+"""The one data layer: data sources -> validated conversations -> token ids and loss masks.
 
-Both backends train on exactly the `Example`s made here. Tokenization is mistral-common's own
+Reading, formats and mixing live in `common/sources.py` and `common/formats.py`; every format
+becomes one `Conversation` (`common/conversation.py`), tokenized here. Both backends train on exactly the `Example`s made here. Tokenization is mistral-common's own
 v3 instruct encoding (the reference for Mistral-7B-Instruct-v0.3), so training sees the same
 tokens as inference: the system prompt goes on the last user message, as mistral-common puts it
 (the Hugging Face chat template drops it from conversations that end with an assistant turn).
