@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from commands.options import config_options, resolve
+from commands.options import apply_data_options, config_options, data_options, resolve
 from common.console import Say
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("check", parents=[config_options()], help="preflight: is this machine ready for this config?")
+    p = sub.add_parser("check", parents=[config_options(), data_options()], help="preflight: is this machine ready for this config?")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=run)
 
@@ -25,6 +25,7 @@ def run(args, say: Say) -> int:
     from common.preflight import as_json, blocked, run_checks
 
     cfg = resolve(args, say, detect_platform=True)
+    apply_data_options(args, cfg)
     rows = run_checks(cfg)
     if args.json:
         print(as_json(rows))

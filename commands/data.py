@@ -1,4 +1,4 @@
-"""`qlora data stats|tokenize`: look at a chat file as training will see it."""
+"""`qlora data stats|convert|tokenize`: look at data files as training will see them."""
 
 from __future__ import annotations
 
@@ -10,45 +10,107 @@ from common.console import Say
 
 
 def add_parser(sub) -> None:
-    data = sub.add_parser("data", help="inspect or tokenize a JSONL chat file").add_subparsers(
+    data = sub.add_parser("data", help="inspect, convert or tokenize data files").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
     )
-    p = data.add_parser("stats", parents=[config_options()], help="counts and token-length percentiles")
-    p.add_argument("file")
+    p = data.add_parser("stats", parents=[config_options()],
+                        help="per source and format: counts, tool calls, token-length percentiles")
+    p.add_argument("files", nargs="*", metavar="FILE", help="data files (default: the config's training sources)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=stats)
+    p = data.add_parser("convert", parents=[config_options()],
+                        help="write any supported format as normalized OpenAI messages JSONL")
+    p.add_argument("file")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=convert)
     p = data.add_parser("tokenize", parents=[config_options()], help="write token ids and loss masks as JSONL")
     p.add_argument("file")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=tokenize)
 
 
+def _sources(args, cfg):
+    from common.config import DataSource
+    from common.sources import train_sources
+
+    return [DataSource(path=f) for f in args.files] if args.files else train_sources(cfg.data)
+
+
 def stats(args, say: Say) -> int:
-    from common.data import fit_length, length_stats, read_conversations
+    from common.data import fit_length, length_stats
+    from common.sources import read_source
 
     cfg = config_or_default(args, say)
-    conversations, blank = read_conversations(args.file)
     tokenizer = tokenizer_for(cfg)
-    examples = [tokenizer.encode(c) for c in conversations]
-    stats = length_stats([len(e) for e in examples], cfg.data.max_seq_length)
-    stats["target_tokens"] = sum(e.n_targets for e in examples)
-    stats["turns_mean"] = sum(len(c.messages) for c in conversations) / len(conversations)
-    stats["with_system_prompt"] = sum(c.messages[0][0] == "system" for c in conversations)
+    per_source, examples, conversations, blank = [], [], [], 0
+    for spec in _sources(args, cfg):
+        convs, report = read_source(spec, cfg.data)
+        encoded = [tokenizer.encode(c) for c in convs]
+        per_source.append({"source": report.label, "format": report.format, "count": len(convs),
+                           **_summary(convs, encoded)})
+        conversations += convs
+        examples += encoded
+        blank += report.blank_lines
+    out = length_stats([len(e) for e in examples], cfg.data.max_seq_length)
+    out.update(_summary(conversations, examples))
+    out["turns_mean"] = sum(len(c.messages) for c in conversations) / len(conversations)
     outcomes = [fit_length(e, cfg.data.max_seq_length, cfg.data.overlong)[1] for e in examples]
-    stats["would_truncate"] = outcomes.count("truncated")
-    stats["would_drop"] = outcomes.count("dropped")
-    stats["blank_lines_skipped"] = blank
+    out["would_truncate"] = outcomes.count("truncated")
+    out["would_drop"] = outcomes.count("dropped")
+    out["blank_lines_skipped"] = blank
+    out["sources"] = per_source
+    out["formats"] = {}
+    for row in per_source:
+        out["formats"][row["format"]] = out["formats"].get(row["format"], 0) + row["count"]
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps(out, indent=2))
         return 0
-    say.info(f"{args.file}: {stats['count']} conversations, {stats['tokens']:,} tokens "
-             f"({stats['target_tokens']:,} trained on), {stats['with_system_prompt']} with a system prompt")
+    for row in per_source:
+        say.info("{source} ({format}): {count} conversations, {tokens:,} tokens ({target_tokens:,} trained on), "
+                 "{with_system_prompt} with a system prompt, {with_tools} with tools, {tool_calls} tool calls"
+                 .format(**row))
+    formats = ", ".join(f"{count} {fmt}" for fmt, count in out["formats"].items())
+    say.info(f"all: {out['count']} conversations ({formats}), {out['tokens']:,} tokens "
+             f"({out['target_tokens']:,} trained on)")
     say.info(
-        "tokens per example: mean {mean:.0f}, min {min}, p50 {p50}, p90 {p90}, p95 {p95}, p99 {p99}, max {max}".format(**stats)
+        "tokens per example: mean {mean:.0f}, min {min}, p50 {p50}, p90 {p90}, p95 {p95}, p99 {p99}, max {max}".format(**out)
     )
-    line = (f"{stats['over_max_seq_length']} exceed data.max_seq_length={cfg.data.max_seq_length} "
-            f"(overlong={cfg.data.overlong}: {stats['would_truncate']} truncated, {stats['would_drop']} dropped)")
-    say.warn(line) if stats["over_max_seq_length"] else say.ok(line)
+    line = (f"{out['over_max_seq_length']} exceed data.max_seq_length={cfg.data.max_seq_length} "
+            f"(overlong={cfg.data.overlong}: {out['would_truncate']} truncated, {out['would_drop']} dropped)")
+    say.warn(line) if out["over_max_seq_length"] else say.ok(line)
+    return 0
+
+
+def _summary(conversations, examples) -> dict[str, int]:
+    return {
+        "tokens": sum(len(e) for e in examples),
+        "target_tokens": sum(e.n_targets for e in examples),
+        "with_system_prompt": sum(c.has_system_prompt for c in conversations),
+        "with_tools": sum(bool(c.tools) for c in conversations),
+        "tool_calls": sum(c.n_tool_calls for c in conversations),
+    }
+
+
+def _write_lines(out: Path, lines) -> int:
+    """Write through a temporary file, so a failed run never leaves half an output."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    written = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for line in lines:
+            handle.write(line + "\n")
+            written += 1
+    tmp.replace(out)
+    return written
+
+
+def convert(args, say: Say) -> int:
+    from common.data import read_conversations
+
+    cfg = config_or_default(args, say)
+    conversations, _ = read_conversations(args.file, cfg.data)
+    written = _write_lines(Path(args.out), (json.dumps(c.to_openai(), ensure_ascii=False) for c in conversations))
+    say.ok(f"{args.file} ({conversations[0].format}): wrote {written} conversations as messages JSONL to {args.out}")
     return 0
 
 
@@ -56,18 +118,11 @@ def tokenize(args, say: Say) -> int:
     from common.data import fit_length, read_conversations
 
     cfg = config_or_default(args, say)
-    conversations, _ = read_conversations(args.file)
+    conversations, _ = read_conversations(args.file, cfg.data)
     tokenizer = tokenizer_for(cfg)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kept = 0
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for conversation in conversations:
-            example, _ = fit_length(tokenizer.encode(conversation), cfg.data.max_seq_length, cfg.data.overlong)
-            if example is not None:
-                handle.write(json.dumps({"input_ids": example.input_ids, "loss_mask": example.loss_mask}) + "\n")
-                kept += 1
-    tmp.replace(out)
-    say.ok(f"wrote {kept} of {len(conversations)} examples to {out}")
+    kept = [example for c in conversations
+            for example in [fit_length(tokenizer.encode(c), cfg.data.max_seq_length, cfg.data.overlong)[0]]
+            if example is not None]
+    _write_lines(Path(args.out), (json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask}) for e in kept))
+    say.ok(f"wrote {len(kept)} of {len(conversations)} examples to {args.out}")
     return 0

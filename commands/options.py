@@ -7,7 +7,7 @@ import argparse
 import os
 
 from common.config import QLoraConfig
-from common.config_loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config
+from common.config_loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config, load_defaults
 from common.console import Say
 
 
@@ -24,6 +24,23 @@ def config_options() -> argparse.ArgumentParser:
     )
     group.add_argument("--backend", choices=["cuda", "mlx"], help="override the platform's backend")
     return parent
+
+
+def data_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("data")
+    group.add_argument("--data", metavar="FILE", help="training file, any supported format (replaces "
+                       "data.train_file and data.sources)")
+    group.add_argument("--val-data", metavar="FILE", help="validation file (replaces data.val_file)")
+    return parent
+
+
+def apply_data_options(args, cfg: QLoraConfig) -> None:
+    if getattr(args, "data", None):
+        cfg.data.train_file = args.data
+        cfg.data.sources = []
+    if getattr(args, "val_data", None):
+        cfg.data.val_file = args.val_data
 
 
 def resolve(args, say: Say, detect_platform: bool = False) -> QLoraConfig:
@@ -49,7 +66,7 @@ def resolve(args, say: Say, detect_platform: bool = False) -> QLoraConfig:
 def config_or_default(args, say: Say) -> QLoraConfig:
     if args.platform or args.config:
         return resolve(args, say)
-    return QLoraConfig()
+    return load_defaults(args.overrides)
 
 
 def tokenizer_for(cfg: QLoraConfig):

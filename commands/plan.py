@@ -6,16 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from commands.options import config_options, resolve, tokenizer_for
+from commands.options import apply_data_options, config_options, data_options, resolve, tokenizer_for
 from common.console import Say
 from common.errors import UsageError
 from common.time_budget import parse_duration
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan", parents=[config_options()],
+    p = sub.add_parser("plan", parents=[config_options(), data_options()],
                        help="tokens, steps, memory, time and disk of a run, before it starts")
-    p.add_argument("--data", metavar="FILE", help="training file (default: data.train_file)")
     p.add_argument("--time-budget", metavar="DURATION", help="say whether the run fits, e.g. 3h30m")
     p.add_argument("--calibrate", action="store_true", help="time a few real steps here (cached per machine)")
     p.add_argument("--json", action="store_true")
@@ -35,9 +34,10 @@ def run(args, say: Say) -> int:
         say = Say(sys.stderr)
     budget = parse_duration(args.time_budget) if args.time_budget else None
     cfg = resolve(args, say, detect_platform=True)
-    if args.data:
-        cfg.data.train_file = args.data
+    apply_data_options(args, cfg)
     data = prepare_data(cfg.data, tokenizer_for(cfg))
+    for source in data.report.sources:
+        say.info(source.line())
     info = mach.detect()
     machine = info.label()
     rates = None

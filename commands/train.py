@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from commands.check import show_checks
-from commands.options import config_options, resolve, tokenizer_for
+from commands.options import apply_data_options, config_options, data_options, resolve, tokenizer_for
 from common.config import QLoraConfig
 from common.console import Say
 from common.errors import QLoraError, UsageError
@@ -11,7 +11,7 @@ from common.time_budget import TimeBudget, parse_duration
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", parents=[config_options()], help="train an adapter (platform detected unless given)")
+    p = sub.add_parser("train", parents=[config_options(), data_options()], help="train an adapter (platform detected unless given)")
     p.add_argument("--resume", metavar="auto|DIR", help="continue from the newest or a given checkpoint")
     p.add_argument("--time-budget", metavar="DURATION",
                    help="stop with everything saved before this much time has passed, e.g. 3h30m")
@@ -29,6 +29,7 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     budget = (TimeBudget(parse_duration(args.time_budget), started=args.started)
               if getattr(args, "time_budget", None) else None)
     cfg = cfg or resolve(args, say, detect_platform=True)
+    apply_data_options(args, cfg)
     if args.run_name:
         cfg.tracking.run_name = args.run_name
     if args.resume and not cfg.tracking.run_name:
@@ -48,6 +49,8 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
         raise QLoraError("preflight found blocking problems (above); nothing was loaded. `qlora check` re-runs it.")
     data = prepare_data(cfg.data, tokenizer_for(cfg))
     report = data.report
+    for source in report.sources:
+        say.info(source.line())
     say.ok(f"data: {report.n_train} training and {report.n_val} validation examples")
     for warning in report.warnings:
         say.warn(warning)
@@ -81,5 +84,7 @@ def replay(args) -> str:
     parts = [f"--platform {args.platform}"] if getattr(args, "platform", None) else []
     if getattr(args, "config", None):
         parts.append(f"--config {args.config}")
+    parts += [f"{flag} {value}" for flag, value in (("--data", getattr(args, "data", None)),
+                                                     ("--val-data", getattr(args, "val_data", None))) if value]
     parts += [f"--set {o}" for o in getattr(args, "overrides", [])]
     return " ".join(parts)

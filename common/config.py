@@ -68,12 +68,71 @@ class LoraConfig(Section):
         return self
 
 
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]
+DATA_COLUMNS = ("messages", "tools", "conversations", "system", "instruction", "input", "output", "history",
+                "prompt", "completion")
+
+
+def _known_columns(columns: dict[str, str]) -> dict[str, str]:
+    unknown = sorted(set(columns) - set(DATA_COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown column name(s) {unknown}; map any of: {', '.join(DATA_COLUMNS)} "
+                         "(our name: your column's name)")
+    return columns
+
+
+class DataSource(Section):
+    path: str | None = Field(None, description="A data file: .jsonl, .json (an array), .parquet or .csv.")
+    hub: str | None = Field(
+        None, description="A Hugging Face dataset name, read from the local datasets cache (never downloaded "
+        "during a run; a missing one fails at once with the command that fetches it).")
+    split: str = Field("train", description="With hub: the split.")
+    config: str | None = Field(None, description="With hub: the dataset's config (subset) name.")
+    format: DataFormat = Field("auto", description="This source's format; auto = data.format.")
+    columns: dict[str, str] = Field(default_factory=dict, description="This source's column names, over data.columns.")
+    weight: float = Field(
+        1.0, gt=0, le=100, description="Mixing: the source counts this many times (2 = each example twice, "
+        "0.5 = a seeded random half), in the training set only.")
+    max_examples: int | None = Field(None, ge=1, description="Cap: a seeded random subset of this many.")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        return _known_columns(columns)
+
+    @model_validator(mode="after")
+    def _one_place(self) -> DataSource:
+        if bool(self.path) == bool(self.hub):
+            raise ValueError("give exactly one of path (a file) or hub (a dataset name)")
+        if self.path and (self.config or self.split != "train"):
+            raise ValueError("split and config are for hub datasets; a file is read whole")
+        return self
+
+
 class DataConfig(Section):
-    train_file: str = Field("data/processed/train.jsonl", description="JSONL chat file.")
+    train_file: str = Field(
+        "data/processed/train.jsonl",
+        description="Training file (.jsonl, .json, .parquet or .csv; format detected); ignored when "
+        "data.sources is given.")
     val_file: str | None = Field(
         "data/processed/val.jsonl",
-        description="JSONL validation file; when missing, val_fraction of train is held out.",
+        description="Validation file (any of those formats); when missing, val_fraction of train is held out.",
     )
+    format: DataFormat = Field(
+        "auto", description="Record format: auto detects it per file from the first record's keys "
+        "(messages, conversations, instruction+output, prompt+completion).")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Column names that differ from ours, e.g. {output: response, "
+        f"instruction: question}}; ours: {', '.join(DATA_COLUMNS)}.")
+    sources: list[DataSource] = Field(
+        default_factory=list, description="Several training sources mixed (replaces train_file): each a path "
+        "or a hub name, with weight or max_examples.")
+    val_sources: list[DataSource] = Field(
+        default_factory=list, description="Validation sources (replace val_file), e.g. a hub dataset's test split; "
+        "max_examples caps one, weight does not apply.")
+    max_examples: int | None = Field(
+        None, ge=1, description="Train on a seeded random subset of this many conversations (taken before the "
+        "validation split), for a quick run.")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Held-out share (90/10).")
     split_seed: int = Field(42, description="Seed of the deterministic train/validation split.")
     max_seq_length: int = Field(4096, ge=16, le=32768, description="Tokens per example.")
@@ -83,6 +142,18 @@ class DataConfig(Section):
     min_val_examples: int = Field(
         50, ge=1, description="Warn when the validation set is smaller than this."
     )
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        return _known_columns(columns)
+
+    @field_validator("val_sources")
+    @classmethod
+    def _unweighted(cls, sources: list[DataSource]) -> list[DataSource]:
+        if any(source.weight != 1 for source in sources):
+            raise ValueError("weight mixes training sources; a validation source is used as it is (max_examples caps it)")
+        return sources
 
 
 class TrainingConfig(Section):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,15 @@ def load_config(
     return validate(merged, sources, default_origin=str(_display(path)))
 
 
+def load_defaults(overrides: Iterable[str] = ()) -> QLoraConfig:
+    """The schema's defaults plus overrides (commands that need no platform, such as `qlora data`)."""
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for text in overrides:
+        _merge(merged, parse_override(text), sources, f"--set {text}")
+    return validate(merged, sources, default_origin="schema defaults")
+
+
 def validate(data: dict, sources: Mapping[str, str], default_origin: str) -> QLoraConfig:
     try:
         cfg = QLoraConfig.model_validate(data)
@@ -171,8 +182,8 @@ def _merge_union_errors(errors: list[dict]) -> list[dict]:
     known = set(all_keys())
     merged: dict[tuple, dict] = {}
     for err in errors:
-        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
-        cut = next((n for n in range(len(loc), 0, -1) if ".".join(loc[:n]) in known), len(loc))
+        loc = _parts(err["loc"])
+        cut = next((n for n in range(len(loc), 0, -1) if _pattern(".".join(loc[:n])) in known), len(loc))
         key = tuple(loc[:cut])
         merged.setdefault(key, {**err, "loc": key, "options": []})
         if cut < len(loc):
@@ -185,8 +196,25 @@ def _merge_union_errors(errors: list[dict]) -> list[dict]:
     return result
 
 
+def _parts(loc) -> list[str]:
+    """Pydantic's loc as key parts: an item of a list of sections is named by its index
+    ("data.sources[0].path"); an index that ends the loc (a bad list element) is left out."""
+    parts: list[str] = []
+    for number, part in enumerate(loc):
+        if isinstance(part, int):
+            if parts and number + 1 < len(loc):
+                parts[-1] += f"[{part}]"
+            continue
+        parts.append(str(part))
+    return parts
+
+
+def _pattern(key: str) -> str:
+    return re.sub(r"\[\d+\]", "[]", key)
+
+
 def _describe(err: dict, sources: Mapping[str, str], default_origin: str) -> str:
-    loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
+    loc = _parts(err["loc"])
     key = ".".join(loc)
     origin = _origin(key, sources, default_origin)
     mentioned = sorted({src for path, src in sources.items() if path in err["msg"]} | (
@@ -213,6 +241,8 @@ def _describe(err: dict, sources: Mapping[str, str], default_origin: str) -> str
 def _origin(key: str, sources: Mapping[str, str], default_origin: str) -> str:
     if key in sources:
         return sources[key]
+    if "[" in key:  # an item of a list: where the list was set
+        return _origin(key[: key.index("[")], sources, default_origin)
     nested = [src for path, src in sources.items() if path.startswith(f"{key}.")]
     return nested[0] if nested else default_origin
 
@@ -220,8 +250,10 @@ def _origin(key: str, sources: Mapping[str, str], default_origin: str) -> str:
 def _model_at(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] = QLoraConfig
     for part in loc:
-        field = model.model_fields.get(part)
+        field = model.model_fields.get(part.split("[")[0])
         annotation = field.annotation if field else None
+        if "[" in part and typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
@@ -239,8 +271,11 @@ def all_keys(model: type[BaseModel] = QLoraConfig, prefix: str = "") -> list[str
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys.extend(all_keys(annotation, f"{prefix}{name}."))
-        else:
-            keys.append(f"{prefix}{name}")
+            continue
+        keys.append(f"{prefix}{name}")
+        item = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else None
+        if isinstance(item, type) and issubclass(item, BaseModel):  # data.sources[].path
+            keys.extend(all_keys(item, f"{prefix}{name}[]."))
     return keys
 
 
@@ -266,6 +301,6 @@ def suggest_key(loc: list[str]) -> str | None:
         close = close or [f for f in fields if leaf.startswith(f) or f.startswith(leaf)][:1]
         if close:
             return ".".join([*parent, close[0]])
-    by_leaf = {key.rsplit(".", 1)[-1]: key for key in all_keys()}
+    by_leaf = {key.rsplit(".", 1)[-1]: key for key in all_keys() if "[]" not in key}
     close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
     return by_leaf[close[0]] if close else None

@@ -1,6 +1,7 @@
-"""The one data layer: JSONL chat files -> validated conversations -> token ids and loss masks.
+"""The one data layer: data sources -> validated conversations -> token ids and loss masks.
 
-Both backends train on exactly the `Example`s made here. Tokenization is mistral-common's own
+Reading, formats and mixing live in `common/sources.py` and `common/formats.py`; every format
+becomes one `Conversation` (`common/conversation.py`), tokenized here. Both backends train on exactly the `Example`s made here. Tokenization is mistral-common's own
 v3 instruct encoding (the reference for Mistral-7B-Instruct-v0.3), so training sees the same
 tokens as inference: the system prompt goes on the last user message, as mistral-common puts it
 (the Hugging Face chat template drops it from conversations that end with an assistant turn).
@@ -8,34 +9,29 @@ tokens as inference: the system prompt goes on the last user message, as mistral
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import DataConfig
+from common.config import DataConfig, DataSource
+from common.conversation import Conversation, Message, ToolCall
 from common.errors import DataError
+from common.sources import (
+    DataIssue,
+    SourceReport,
+    apply_weights,
+    read_source,
+    read_sources,
+    regular_file,
+    source_label,
+    train_sources,
+    val_sources,
+)
 
-ROLES = ("system", "user", "assistant")
-MAX_REPORTED = 20
-
-
-@dataclass(frozen=True)
-class DataIssue:
-    file: str
-    line: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
-
-
-@dataclass(frozen=True)
-class Conversation:
-    messages: tuple[tuple[str, str], ...]  # (role, content)
-    source: str  # "file:line", for messages about this example
+__all__ = ["Conversation", "DataIssue", "Message", "ToolCall"]  # the data layer's types, in one import
 
 
 @dataclass
@@ -62,121 +58,19 @@ class DataReport:
     dropped: int = 0
     skipped_blank_lines: int = 0
     warnings: list[str] = field(default_factory=list)
+    sources: list[SourceReport] = field(default_factory=list)  # training sources, then the validation file
 
 
 # ---------------------------------------------------------------------------- reading
 
 
-def read_conversations(path: str | Path) -> tuple[list[Conversation], int]:
-    """Read and validate a whole JSONL chat file. Returns (conversations, blank lines skipped).
+def read_conversations(path: str | Path, cfg: DataConfig | None = None) -> tuple[list[Conversation], int]:
+    """Read and validate one data file (any format). Returns (conversations, blank lines skipped).
 
-    Raises DataError listing every bad line (the first 20, then a count) before anything loads.
+    Raises DataError listing every bad record (the first 20, then a count) before anything loads.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found. Point data.train_file / data.val_file at it.")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory; expected a .jsonl file.")
-    raw = path.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]  # a UTF-8 byte-order mark (Windows editors) is harmless: skip it
-    conversations: list[Conversation] = []
-    issues: list[DataIssue] = []
-    blank = 0
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            blank += 1
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            issues.append(DataIssue(str(path), number, f"not valid UTF-8 (byte {exc.start + 1})"))
-            continue
-        conv, problem = parse_record(text, f"{path}:{number}")
-        if problem:
-            issues.append(DataIssue(str(path), number, problem))
-        else:
-            conversations.append(conv)
-    if issues:
-        raise DataError(format_issues(path, issues))
-    if not conversations:
-        raise DataError(f"{path}: no conversations (the file is empty). Add one JSON object a line.")
-    return conversations, max(0, blank - 1 if raw.endswith(b"\n") else blank)
-
-
-def format_issues(path: Path, issues: Sequence[DataIssue]) -> str:
-    shown = "\n  ".join(str(issue) for issue in issues[:MAX_REPORTED])
-    more = len(issues) - MAX_REPORTED
-    tail = f"\n  ... and {more} more bad line(s)" if more > 0 else ""
-    return (
-        f"{path}: {len(issues)} bad line(s); nothing was loaded.\n  {shown}{tail}\n"
-        'Each line must be {"messages": [{"role": "user", "content": "..."}, '
-        '{"role": "assistant", "content": "..."}]} (an optional system message first).'
-    )
-
-
-def parse_record(text: str, source: str) -> tuple[Conversation | None, str | None]:
-    """One JSONL line -> (conversation, None) or (None, what is wrong)."""
-    if len(text) > 10_000_000:
-        return None, f"line is {len(text):,} characters; split it (limit 10,000,000)"
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, f"invalid JSON: {exc.msg} (column {exc.colno})"
-    if not isinstance(record, dict):
-        return None, f"expected a JSON object with 'messages', got {type(record).__name__}"
-    messages = record.get("messages")
-    if messages is None:
-        return None, "missing key 'messages'" + (
-            f" (keys present: {', '.join(sorted(record))})" if record else ""
-        )
-    if not isinstance(messages, list) or not messages:
-        return None, "'messages' must be a non-empty list of {role, content} objects"
-    pairs: list[tuple[str, str]] = []
-    for index, message in enumerate(messages, start=1):
-        problem = _message_problem(message, index)
-        if problem:
-            return None, problem
-        pairs.append((message["role"], message["content"]))
-    problem = _order_problem([role for role, _ in pairs])
-    if problem:
-        return None, problem
-    return Conversation(tuple(pairs), source), None
-
-
-def _message_problem(message: object, index: int) -> str | None:
-    where = f"message {index}"
-    if not isinstance(message, dict):
-        return f"{where}: expected an object with 'role' and 'content'"
-    role = message.get("role")
-    if role is None:
-        return f"{where}: missing 'role'"
-    if role not in ROLES:
-        return f"{where}: unknown role {role!r}; allowed: {', '.join(ROLES)}"
-    if "content" not in message:
-        return f"{where} ({role}): missing 'content'"
-    content = message["content"]
-    if not isinstance(content, str):
-        return f"{where} ({role}): 'content' must be a string, got {type(content).__name__}"
-    if not content.strip():
-        return f"{where} ({role}): 'content' is empty"
-    return None
-
-
-def _order_problem(roles: list[str]) -> str | None:
-    body = roles[1:] if roles[0] == "system" else roles
-    if "system" in body:
-        return f"message {roles.index('system', 1) + 1}: 'system' is only allowed first"
-    if not body:
-        return "only a system message; add user and assistant turns"
-    for offset, role in enumerate(body):
-        expected = "user" if offset % 2 == 0 else "assistant"
-        if role != expected:
-            number = offset + 1 + (len(roles) - len(body))
-            return f"message {number}: expected role '{expected}', got '{role}' (roles alternate user, assistant)"
-    if body[-1] != "assistant":
-        return "the conversation must end with an assistant message (the training target)"
-    return None
+    conversations, report = read_source(DataSource(path=str(path)), cfg or DataConfig(), "data.train_file")
+    return conversations, report.blank_lines
 
 
 # ---------------------------------------------------------------------------- splitting
@@ -221,7 +115,13 @@ def find_tokenizer_file(model_dir: str | Path | None) -> Path:
 
 
 class ChatTokenizer:
-    """mistral-common's v3 instruct encoding, one message at a time so the loss mask is exact."""
+    """mistral-common's v3 instruct encoding, one message at a time so the loss mask is exact.
+
+    The loss covers the assistant's answers, its tool calls ([TOOL_CALLS] and the JSON) and their
+    </s>; never the prompt, the [AVAILABLE_TOOLS] list nor [TOOL_RESULTS], and no assistant turn of
+    weight 0. The ids equal mistral-common's `encode_instruct` of the same request (tested): its
+    `encode_chat_completion` refuses a request that ends with an assistant turn (that is for serving).
+    """
 
     def __init__(self, tokenizer_file: str | Path | None = None):
         from mistral_common.protocol.instruct.validator import ValidationMode
@@ -234,24 +134,20 @@ class ChatTokenizer:
         self.bos_id = self._instruct.tokenizer.bos_id
         self.eos_id = self._instruct.tokenizer.eos_id
 
-    def request(self, conversation: Conversation):
-        from mistral_common.protocol.instruct.messages import (
-            AssistantMessage,
-            SystemMessage,
-            UserMessage,
-        )
-        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    def instruct_request(self, conversation: Conversation):
+        """The validated, normalized request mistral-common encodes (system prompt moved, turns merged)."""
+        from common.conversation import to_mistral_request
 
-        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-        messages = [kinds[role](content=content) for role, content in conversation.messages]
-        return ChatCompletionRequest(messages=messages)
+        request = self._mistral._chat_completion_request_validator.validate_request(to_mistral_request(conversation))
+        return self._mistral._instruct_request_normalizer.from_chat_completion_request(request)
 
     def encode(self, conversation: Conversation) -> Example:
-        from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+        from mistral_common.protocol.instruct.messages import AssistantMessage, ToolMessage, UserMessage
 
-        instruct = self._mistral._instruct_request_normalizer.from_chat_completion_request(
-            self.request(conversation)
-        )
+        instruct = self.instruct_request(conversation)
+        # mistral-common's normalizer drops the weight; our checked order never merges two assistant
+        # turns, so they map one to one
+        weights = iter([m.weight for m in conversation.messages if m.role == "assistant"])
         users = [i for i, m in enumerate(instruct.messages) if isinstance(m, UserMessage)]
         ids = list(self._instruct.start())
         mask = [0] * len(ids)
@@ -259,16 +155,19 @@ class ChatTokenizer:
             if isinstance(message, UserMessage):
                 tokens, _, _ = self._instruct.encode_user_message(
                     message,
-                    None,
+                    instruct.available_tools,
                     is_last=index == users[-1],
                     is_first=index == users[0],
                     system_prompt=instruct.system_prompt,
                 )
                 target = 0
+            elif isinstance(message, ToolMessage):
+                tokens, _, _ = self._instruct.encode_tool_message(message, index < users[-1])
+                target = 0
             else:
                 assert isinstance(message, AssistantMessage)
                 tokens = self._instruct.encode_assistant_message(message, index < users[-1])
-                target = 1
+                target = 0 if next(weights) == 0 else 1
             ids.extend(tokens)
             mask.extend([target] * len(tokens))
         return Example(ids, mask)
@@ -294,7 +193,7 @@ class ChatTokenizer:
 
     def reference_ids(self, conversation: Conversation) -> list[int]:
         """mistral-common's whole-conversation encoding, for checking `encode`."""
-        return self._mistral.encode_chat_completion(self.request(conversation)).tokens
+        return self._instruct.encode_instruct(self.instruct_request(conversation)).tokens
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._mistral.decode(list(ids))
@@ -332,21 +231,32 @@ class PreparedData:
 
 
 def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conversation], DataReport]:
-    """Validate the configured files and split; nothing is tokenized yet."""
-    train, blank = read_conversations(cfg.train_file)
-    val_path = Path(cfg.val_file) if cfg.val_file else None
-    report = DataReport(cfg.train_file, cfg.val_file, skipped_blank_lines=blank)
-    if val_path is not None and val_path.exists():
-        val, _ = read_conversations(val_path)
+    """Read and validate every configured source, split, mix; nothing is tokenized yet."""
+    loaded = read_sources(train_sources(cfg), cfg, "data.sources" if cfg.sources else "data.train_file")
+    train = loaded.conversations
+    report = DataReport(cfg.train_file if not cfg.sources else ", ".join(r.label for r in loaded.reports),
+                        cfg.val_file, skipped_blank_lines=sum(r.blank_lines for r in loaded.reports),
+                        sources=list(loaded.reports))
+    specs = val_sources(cfg)
+    if specs:
+        for spec in specs:
+            refuse_same_source(cfg, spec)
+        read = read_sources(specs, cfg, val_key(cfg), training=False)
+        val = read.conversations
+        report.sources += read.reports
+        overlap = overlap_warning(train, val)
+        if overlap:
+            report.warnings.append(overlap)
     else:
         report.split_from_train = True
         report.val_file = None
         train, val = split_train_val(train, cfg.val_fraction, cfg.split_seed)
         report.warnings.append(
-            f"no validation file{f' at {val_path}' if val_path else ''}: holding out "
+            f"no validation file{f' at {cfg.val_file}' if cfg.val_file else ''}: holding out "
             f"{len(val)} of {len(train) + len(val)} training conversations "
             f"({cfg.val_fraction:.0%}, seed {cfg.split_seed})"
         )
+    train = apply_weights(train, {r.label: r.weight for r in loaded.reports}, cfg.split_seed)
     if len(val) < cfg.min_val_examples:
         report.warnings.append(
             f"the validation set has only {len(val)} conversation(s) (fewer than "
@@ -354,6 +264,37 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
             "choosing the best checkpoint by it is unreliable"
         )
     return train, val, report
+
+
+def val_key(cfg: DataConfig) -> str:
+    return "data.val_sources" if cfg.val_sources else "data.val_file"
+
+
+def refuse_same_source(cfg: DataConfig, val: DataSource) -> None:
+    """Validation on the training data measures memorization, not generalization."""
+    if val.path:
+        regular_file(Path(val.path), val_key(cfg))
+    for spec in train_sources(cfg):
+        if val.path and spec.path and Path(spec.path).exists() and os.path.samefile(spec.path, val.path):
+            same = f"{val_key(cfg)} {val.path} is the same file as the training file {spec.path}"
+        elif val.hub and (val.hub, val.split, val.config) == (spec.hub, spec.split, spec.config):
+            same = f"{val_key(cfg)} {source_label(val)} is also a training source"
+        else:
+            continue
+        raise DataError(
+            f"{same}: eval_loss would measure memorization, not generalization. Point it at held-out data "
+            f"(another file, or the dataset's test split), or remove it to hold out {cfg.val_fraction:.0%} of "
+            "the training data."
+        )
+
+
+def overlap_warning(train: Sequence[Conversation], val: Sequence[Conversation]) -> str | None:
+    seen = {c.key() for c in train}
+    shared = [c for c in val if c.key() in seen]
+    if not shared:
+        return None
+    return (f"{len(shared)} of {len(val)} validation conversations also appear in the training data (first: "
+            f"{shared[0].source}): eval_loss on them measures memorization. Remove them from one side.")
 
 
 def prepare_data(cfg: DataConfig, tokenizer: ChatTokenizer) -> PreparedData:
@@ -368,10 +309,14 @@ def prepare_data(cfg: DataConfig, tokenizer: ChatTokenizer) -> PreparedData:
             f"{report.truncated} example(s) truncated and {report.dropped} dropped for exceeding "
             f"data.max_seq_length={cfg.max_seq_length} (data.overlong={cfg.overlong})"
         )
-    if not train:
-        raise DataError(f"{cfg.train_file}: no training example is left after the length policy.")
-    if not val:
-        raise DataError(f"{cfg.val_file or cfg.train_file}: no validation example is left.")
+    for side, kept, total in (("training", train, train_c), ("validation", val, val_c)):
+        if not kept:
+            raise DataError(
+                f"no {side} example is left: all {len(total)} exceed data.max_seq_length={cfg.max_seq_length} "
+                f"tokens and data.overlong={cfg.overlong} removed them. Raise data.max_seq_length"
+                + (", or set data.overlong=truncate" if cfg.overlong == "drop" else "")
+                + " (`qlora data stats FILE` shows the lengths)."
+            )
     return PreparedData(train, val, report)
 
 

@@ -187,22 +187,40 @@ def check_kernels(cfg, env) -> list[Check]:
 
 
 def check_data(cfg, env) -> list[Check]:
-    from common.data import read_conversations
+    """Every record of every source, one row per file naming the format detected."""
+    from common.data import overlap_warning, refuse_same_source
+    from common.sources import read_source, train_sources, val_sources
 
-    rows = []
-    for key, path in (("data.train_file", cfg.data.train_file), ("data.val_file", cfg.data.val_file)):
-        if path is None:
-            continue
-        if key == "data.val_file" and not Path(path).exists():
-            rows.append(Check(key, WARN, f"{path} not found: {cfg.data.val_fraction:.0%} of train is held out"))
-            continue
+    rows, train = [], []
+    for index, spec in enumerate(train_sources(cfg.data)):
+        key = f"data.sources[{index}]" if cfg.data.sources else "data.train_file"
         try:
-            conversations, _ = read_conversations(path)
+            conversations, report = read_source(spec, cfg.data, key)
         except QLoraError as exc:
-            rows.append(Check(key, BLOCK, str(exc).splitlines()[0], "\n".join(str(exc).splitlines()[1:4])))
+            rows.append(_blocked_by(key, exc))
             continue
-        rows.append(Check(key, OK, f"{path}: {len(conversations)} conversations, all valid"))
+        train += conversations
+        rows.append(Check(key, OK, f"{report.line()}, all valid"))
+    specs = val_sources(cfg.data)
+    if not specs and cfg.data.val_file is not None:
+        rows.append(Check("data.val_file", WARN, f"{cfg.data.val_file} not found: "
+                          f"{cfg.data.val_fraction:.0%} of train is held out"))
+    for index, spec in enumerate(specs):
+        key = f"data.val_sources[{index}]" if cfg.data.val_sources else "data.val_file"
+        try:
+            refuse_same_source(cfg.data, spec)
+            conversations, report = read_source(spec, cfg.data, key)
+        except QLoraError as exc:
+            rows.append(_blocked_by(key, exc))
+            continue
+        overlap = overlap_warning(train, conversations)
+        rows.append(Check(key, WARN, overlap) if overlap else Check(key, OK, f"{report.line()}, all valid"))
     return rows
+
+
+def _blocked_by(key: str, exc: QLoraError) -> Check:
+    lines = str(exc).splitlines()
+    return Check(key, BLOCK, lines[0], "\n".join(lines[1:4]))
 
 
 def hf_token(env) -> bool:

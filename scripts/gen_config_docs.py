@@ -38,7 +38,14 @@ def _type(annotation) -> str:
         bounds = _bounds(type("F", (), {"metadata": [m for info in meta for m in getattr(info, "metadata", [info])]}))
         return f"{_type(base)} ({bounds})" if bounds else _type(base)
     text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return text.replace("Literal", "one of ").replace("|", "or")
+    return text.replace("Literal", "one of ").replace("|", "or").replace("common.config.", "")
+
+
+def _list_item_model(annotation):
+    import typing
+
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is list else ()
+    return args[0] if args and isinstance(args[0], type) and issubclass(args[0], BaseModel) else None
 
 
 def rows(model: type[BaseModel], prefix: str = ""):
@@ -49,6 +56,9 @@ def rows(model: type[BaseModel], prefix: str = ""):
             continue
         default = field.get_default(call_default_factory=True)
         yield (f"`{prefix}{name}`", _type(annotation), f"`{default!r}`", _bounds(field), field.description or "")
+        item = _list_item_model(annotation)
+        if item is not None:  # e.g. data.sources: document each item's keys as data.sources[].key
+            yield from rows(item, f"{prefix}{name}[].")
 
 
 def render() -> str:

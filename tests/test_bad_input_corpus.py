@@ -6,6 +6,7 @@ Environment cases (missing package, little disk or memory, no GPU) are in test_p
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import REPO
@@ -13,6 +14,16 @@ from conftest import REPO
 from commands import main
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+
+
+def TOOLS_LINE(call_id: str, arguments: str, name: str = "lookup", answered: str | None = "same") -> str:  # noqa: N802
+    """A function-calling line with one thing to vary."""
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}, **({"id": call_id} if call_id else {})}
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    if answered is not None:
+        messages.append({"role": "tool", "content": "r", "tool_call_id": call_id if answered == "same" else answered})
+    messages.append({"role": "assistant", "content": "a"})
+    return json.dumps({"messages": messages})
 
 
 def msgs(*pairs):
@@ -33,14 +44,15 @@ DATA_CASES = [
     ("ends-with-user", msgs(("user", "q"), ("assistant", "a"), ("user", "q2")), "must end with an assistant message"),
     ("empty-content", msgs(("user", ""), ("assistant", "a")), "{f}:1: message 1 (user): 'content' is empty"),
     ("blank-content", msgs(("user", "q"), ("assistant", "   ")), "message 2 (assistant): 'content' is empty"),
-    ("null-content", json.dumps({"messages": [{"role": "user", "content": None}]}), "'content' must be a string, got NoneType"),
-    ("number-content", json.dumps({"messages": [{"role": "user", "content": 7}]}), "'content' must be a string, got int"),
-    ("list-content", json.dumps({"messages": [{"role": "user", "content": ["a"]}]}), "'content' must be a string, got list"),
+    ("null-content", json.dumps({"messages": [{"role": "user", "content": None}]}), "'content' must be a string or a list of text parts, got NoneType"),
+    ("number-content", json.dumps({"messages": [{"role": "user", "content": 7}]}), "'content' must be a string or a list of text parts, got int"),
+    ("image-content", json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}),
+     "{f}:1: message 1 (user): content part 1 is 'image_url'; only text parts"),
     ("missing-role", json.dumps({"messages": [{"content": "x"}]}), "{f}:1: message 1: missing 'role'"),
     ("missing-content", json.dumps({"messages": [{"role": "user"}]}), "{f}:1: message 1 (user): missing 'content'"),
     ("message-not-object", json.dumps({"messages": ["hi"]}), "message 1: expected an object"),
     ("no-messages-key", json.dumps({"conversation": []}), "{f}:1: missing key 'messages' (keys present: conversation)"),
-    ("messages-not-list", json.dumps({"messages": "hi"}), "'messages' must be a non-empty list"),
+    ("messages-not-list", json.dumps({"messages": "hi"}), "'messages' must be a list, got str"),
     ("messages-empty", json.dumps({"messages": []}), "'messages' must be a non-empty list"),
     ("top-level-array", "[1, 2]", "{f}:1: expected a JSON object with 'messages', got list"),
     ("top-level-string", '"hello"', "got str"),
@@ -48,6 +60,71 @@ DATA_CASES = [
     ("huge-line", '{"messages": "' + "x" * 10_000_001 + '"}', "{f}:1: line is 10,000,017 characters"),
     ("25-bad-lines", "\n".join(["{oops"] * 25), "25 bad line(s)"),
     ("bad-line-later", "\n".join([GOOD] * 41 + ["{oops"]), "{f}:42: invalid JSON"),
+    # reliability: JSON that parses but cannot be meant, or cannot be text
+    ("duplicate-key", '{"messages": [], "messages": []}', "{f}:1: the key 'messages' appears twice in one object"),
+    ("duplicate-key-inside", '{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}',
+     "{f}:1: the key 'role' appears twice"),
+    ("nested-too-deep", '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "{f}:1: JSON nested too deep"),
+    ("lone-surrogate", '{"messages": [{"role": "user", "content": "a\\ud800b"}, {"role": "assistant", "content": "x"}]}',
+     "{f}:1: holds a lone UTF-16 surrogate escape"),
+    # per-turn weight (OpenAI's: 0 = not trained, 1 = trained)
+    ("weight-not-0-or-1", json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                   {"role": "assistant", "content": "a", "weight": 0.5}]}),
+     "{f}:1: message 2 (assistant): 'weight' must be 0 (not trained) or 1 (trained), got 0.5"),
+    ("weight-on-user", json.dumps({"messages": [{"role": "user", "content": "q", "weight": 1},
+                                                {"role": "assistant", "content": "a"}]}),
+     "{f}:1: message 1 (user): 'weight' is only allowed on assistant messages"),
+    ("all-weights-0", json.dumps({"messages": [{"role": "user", "content": "q"},
+                                               {"role": "assistant", "content": "a", "weight": 0}]}),
+     "{f}:1: every assistant message has weight 0: nothing to train on"),
+    # function calling
+    ("call-without-id", TOOLS_LINE("", '{"x": 1}'), "{f}:1: message 2 (assistant) tool call 1: missing 'id'"),
+    ("arguments-not-json", TOOLS_LINE("abc123XYZ", "{x: 1"), "'arguments' is not valid JSON"),
+    ("arguments-not-object", TOOLS_LINE("abc123XYZ", "[1, 2]"), "'arguments' must be a JSON object"),
+    ("bad-function-name", TOOLS_LINE("abc123XYZ", "{}", name="get weather"),
+     "function name 'get weather' must be 1-64 characters of a-z, A-Z, 0-9, _ or -"),
+    ("result-for-unknown-call", TOOLS_LINE("abc123XYZ", "{}", answered="zzz999zzz"),
+     "{f}:1: message 3 (tool): tool_call_id 'zzz999zzz' answers no call of the assistant message before it"),
+    ("result-names-the-file's-id", TOOLS_LINE("call_abc", "{}", answered="call_abd"),
+     "{f}:1: message 3 (tool): tool_call_id 'call_abd' answers no call of the assistant message before it "
+     "(its call ids: call_abc)"),
+    ("missing-tool-result", TOOLS_LINE("abc123XYZ", "{}", answered=None),
+     "{f}:1: message 3: expected a 'tool' message answering call id 'abc123XYZ', got 'assistant'"),
+    ("tool-result-without-call-id", json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]}),
+     "{f}:1: message 2 (tool): missing 'tool_call_id'"),
+    ("content-and-tool-calls", json.dumps({"messages": [{"role": "user", "content": "q"}, {
+        "role": "assistant", "content": "let me look", "tool_calls": [
+            {"id": "abc123XYZ", "function": {"name": "f", "arguments": "{}"}}]}]}),
+     "{f}:1: message 2 (assistant): has both 'content' and 'tool_calls'"),
+    ("legacy-function-call", json.dumps({"messages": [{"role": "user", "content": "q"}, {
+        "role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]}),
+     "{f}:1: message 2: OpenAI's legacy 'function' calling"),
+    ("tools-not-a-list", json.dumps({"tools": {"name": "f"}, "messages": json.loads(GOOD)["messages"]}),
+     "{f}:1: 'tools' must be a list, got dict"),
+    ("tool-without-name", json.dumps({"tools": [{"type": "function", "function": {"description": "d"}}],
+                                      "messages": json.loads(GOOD)["messages"]}),
+     "{f}:1: 'tools' item 1: function name None must be 1-64 characters"),
+    ("tool-schema-invalid", json.dumps({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
+                                        "messages": json.loads(GOOD)["messages"]}),
+     "{f}:1: mistral-common cannot encode it for Mistral v3: Invalid tool schema"),
+    # the other formats
+    ("no-known-keys", json.dumps({"question": "q", "answer": "a"}),
+     "{f}:1: missing key 'messages' (keys present: answer, question)"),
+    ("sharegpt-unknown-from", json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}),
+     "{f}:1: turn 2: unknown 'from' 'bot'; allowed: human, user, gpt, assistant"),
+    ("sharegpt-empty-value", json.dumps({"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "a"}]}),
+     "{f}:1: turn 1 (human): 'content' is empty"),
+    ("sharegpt-ends-with-human", json.dumps({"conversations": [{"from": "human", "value": "q"}]}),
+     "{f}:1: the conversation must end with an assistant message"),
+    ("sharegpt-observation-without-call", json.dumps({"conversations": [
+        {"from": "human", "value": "q"}, {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]}),
+     "{f}:1: turn 2 (observation): a tool result with no function_call turn before it"),
+    ("alpaca-missing-output", json.dumps({"instruction": "q", "output": "a"}) + "\n" + json.dumps({"instruction": "q"}),
+     "{f}:2: missing key 'output' (keys present: instruction); Alpaca records need 'instruction' and 'output'"),
+    ("alpaca-input-not-text", json.dumps({"instruction": "q", "input": 3, "output": "a"}), "'input' must be a string, got int"),
+    ("prompt-completion-missing", json.dumps({"prompt": "q", "completion": "a"}) + "\n" + json.dumps({"prompt": "q"}),
+     "{f}:2: missing key 'completion' (keys present: prompt); prompt/completion records need 'prompt' and 'completion'"),
 ]
 
 
@@ -80,6 +157,90 @@ def test_bad_validation_file_names_its_own_line(tmp_path, capsys):
     assert code == 1 and f"{val}:3: the conversation must end with an assistant message" in out
 
 
+def check(*extra: str) -> list[str]:
+    return ["check", "--platform", "cpu", *extra]
+
+
+# (case id, how to make the file (None = the path is the case), qlora arguments, exit code, expected text)
+def _fifo(path):
+    os.mkfifo(path)
+
+
+def _chmod_000(path):
+    path.write_text(GOOD + "\n")
+    path.chmod(0)
+
+
+FILE_KIND_CASES = [
+    ("fifo", "train.jsonl", _fifo, lambda f: check("--data", f), 1,
+     "{f}: is a pipe (FIFO); the data is read more than once (validation, then training), so it must be a regular "
+     "file. Save it to a file first."),
+    ("stdin-dash", None, None, lambda f: check("--data", "-"), 1, "'-' (standard input) is not supported"),
+    ("unreadable", "train.jsonl", _chmod_000, lambda f: check("--data", f), 1, "{f}: permission denied"),
+    # a regular file whose read fails (root reads any file, so this one stands in for it there)
+    ("read-fails", None, None, lambda f: check("--data", "/proc/self/mem"), 1,
+     "/proc/self/mem: cannot be read (Input/output error)"),
+    ("json-not-an-array", "train.json", lambda p: p.write_text('{"messages": []}'), lambda f: check("--data", f), 1,
+     "{f}: a .json file must hold a JSON array of records, got dict"),
+    ("json-broken", "train.json", lambda p: p.write_text('[\n{"messages": [\n'), lambda f: check("--data", f), 1,
+     "{f}:3: invalid JSON"),
+    ("json-duplicate-key", "train.json", lambda p: p.write_text('[\n  {"a": 1,\n   "a": 2}\n]'),
+     lambda f: check("--data", f), 1, "the key 'a' appears twice in one object"),
+    ("parquet-not-parquet", "train.parquet", lambda p: p.write_text("hello"), lambda f: check("--data", f), 1,
+     "{f}: not a readable parquet file"),
+    ("csv-extra-field", "train.csv", lambda p: p.write_text('prompt,completion\nq,a\nq,a,extra\n'),
+     lambda f: check("--data", f), 1, "{f}:3: more fields than the header has columns"),
+    ("csv-line-after-a-quoted-newline", "train.csv", lambda p: p.write_text('prompt,completion\n"multi\nline",a\nq,\n'),
+     lambda f: check("--data", f), 1, "{f}:4: missing key 'completion' (keys present: prompt)"),
+    ("hub-not-cached", None, None, lambda f: check("--set", "data.sources=[{hub: nobody/nothing-here}]"), 1,
+     "hub dataset nobody/nothing-here, split train: not in the local datasets cache"),
+    ("source-path-and-hub", None, None, lambda f: check("--set", "data.sources=[{hub: a/b, path: x.jsonl}]"), 1,
+     "give exactly one of path (a file) or hub (a dataset name)"),
+    ("unknown-column", None, None, lambda f: check("--set", "data.columns={answer: out}"), 1,
+     "--set data.columns={{answer: out}}: data.columns: unknown column name(s) ['answer']"),
+]
+
+
+@pytest.mark.parametrize("case, name, make, argv, code, expected", FILE_KIND_CASES, ids=[c[0] for c in FILE_KIND_CASES])
+def test_bad_data_files(tmp_path, capsys, case, name, make, argv, code, expected):
+    if case == "unreadable" and os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path = tmp_path / (name or "unused")
+    if make:
+        make(path)
+    got = main(argv(str(path)))
+    out = " ".join(capsys.readouterr().out.split()).replace("→ ", "")
+    assert got == code and expected.format(f=path) in out and "Traceback" not in out
+
+
+def test_training_file_given_as_the_validation_file(tmp_path, capsys):
+    path = tmp_path / "all.jsonl"
+    path.write_text(f"{GOOD}\n" * 3)
+    code = main(check("--data", str(path), "--val-data", str(path)))
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and f"data.val_file {path} is the same file as the training file {path}" in out
+
+
+def test_validation_overlapping_training_is_said(tmp_path, capsys):
+    train, val = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
+    train.write_text(f"{GOOD}\n{msgs(('user', 'x'), ('assistant', 'y'))}\n")
+    val.write_text(f"{msgs(('user', 'new'), ('assistant', 'z'))}\n{GOOD}\n")
+    code = main(check("--data", str(train), "--val-data", str(val)))
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and f"1 of 2 validation conversations also appear in the training data (first: {val}:2)" in out
+
+
+def test_validation_set_emptied_by_overlong_drop(tmp_path, capsys):
+    train, val = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
+    train.write_text(f"{GOOD}\n" * 3)
+    val.write_text(msgs(("user", "long " * 100), ("assistant", "a")) + "\n")
+    code = main(["plan", "--platform", "cpu", "--data", str(train), "--val-data", str(val),
+                 "--set", "data.max_seq_length=32", "--set", "data.overlong=drop"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and "no validation example is left: all 1 exceed data.max_seq_length=32" in out
+    assert "Raise data.max_seq_length, or set data.overlong=truncate" in out
+
+
 CONFIG_CASES = [
     ("unknown-key", ["--set", "lora.rank=8"], 1, "lora.rank: unknown key, did you mean lora.r?"),
     ("unknown-section", ["--set", "optimiser.lr=1"], 1, "optimiser: unknown key"),
@@ -96,6 +257,11 @@ CONFIG_CASES = [
     ("unknown-overlong", ["--set", "data.overlong=cut"], 1, "data.overlong: Input should be 'truncate' or 'drop'"),
     ("val-fraction", ["--set", "data.val_fraction=0.9"], 1, "data.val_fraction: Input should be less than 0.5"),
     ("mlx-on-h100", ["--set", "backend=mlx"], 1, "backend mlx with platform h100"),
+    ("source-key-typo", ["--set", "data.sources=[{pth: a.jsonl}]"], 1,
+     "data.sources[0].pth: unknown key, did you mean data.sources[0].path?"),
+    ("source-weight-zero", ["--set", "data.sources=[{path: a.jsonl, weight: 0}]"], 1,
+     "data.sources[0].weight: Input should be greater than 0 (got 0)"),
+    ("unknown-format", ["--set", "data.format=chatml"], 1, "data.format: Input should be 'auto', 'messages'"),
     ("malformed-set", ["--set", "lora.r"], 2, "expected KEY=VALUE"),
     ("checkpointed-layers-zero", ["--set", "cuda.checkpointed_layers=0"], 1,
      "--set cuda.checkpointed_layers=0: cuda.checkpointed_layers: should be greater than or equal to 1, or 'all' (got 0)"),
@@ -161,4 +327,4 @@ def test_usage_errors_exit_2(capsys, argv, expected):
 
 
 def test_the_corpus_has_at_least_40_cases():
-    assert len(DATA_CASES) + 3 + len(CONFIG_CASES) + len(FILE_CASES) + len(USAGE_CASES) >= 40
+    assert len(DATA_CASES) + len(FILE_KIND_CASES) + 6 + len(CONFIG_CASES) + len(FILE_CASES) + len(USAGE_CASES) >= 40

@@ -9,14 +9,19 @@ from conftest import SAMPLE, chat, write_jsonl
 from common.config import DataConfig
 from common.data import (
     Conversation,
+    Message,
     fit_length,
     load_conversations,
-    parse_record,
     prepare_data,
     read_conversations,
     split_train_val,
 )
 from common.errors import DataError
+from common.formats import normalize
+
+
+def parse(record: dict) -> Conversation:
+    return normalize(record, "messages", {}, "t:1")
 
 CONVERSATIONS = [
     chat("Hi there", "Hello!"),
@@ -34,8 +39,7 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("record", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
 def test_token_ids_equal_mistral_common(chat_tokenizer, record):
-    conversation, problem = parse_record(__import__("json").dumps(record), "t:1")
-    assert problem is None
+    conversation = parse(record)
     example = chat_tokenizer.encode(conversation)
     assert example.input_ids == chat_tokenizer.reference_ids(conversation)
     assert len(example.loss_mask) == len(example.input_ids)
@@ -43,10 +47,10 @@ def test_token_ids_equal_mistral_common(chat_tokenizer, record):
 
 @pytest.mark.parametrize("record", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
 def test_loss_mask_covers_exactly_the_assistant_turns_and_their_eos(chat_tokenizer, record):
-    conversation, _ = parse_record(__import__("json").dumps(record), "t:1")
+    conversation = parse(record)
     example = chat_tokenizer.encode(conversation)
     targets = [t for t, m in zip(example.input_ids, example.loss_mask) if m]
-    assistants = [c for role, c in conversation.messages if role == "assistant"]
+    assistants = [m.content for m in conversation.messages if m.role == "assistant"]
     assert targets.count(chat_tokenizer.eos_id) == len(assistants)  # every turn learns to stop
     # the masked tokens, split at </s>, decode to the assistant texts (mistral-common strips
     # trailing spaces of assistant turns, and SentencePiece adds a leading one)
@@ -65,9 +69,7 @@ def test_loss_mask_covers_exactly_the_assistant_turns_and_their_eos(chat_tokeniz
 
 
 def test_system_prompt_sits_on_the_last_user_message(chat_tokenizer):
-    conversation, _ = parse_record(
-        __import__("json").dumps(chat("first", "one", "second", "two", system="SYS")), "t:1"
-    )
+    conversation = parse(chat("first", "one", "second", "two", system="SYS"))
     text = chat_tokenizer.decode(chat_tokenizer.encode(conversation).input_ids)
     assert text.index("SYS") > text.index("one")  # after the first exchange, as mistral-common does
 
@@ -79,12 +81,12 @@ BAD_LINES = [
     ("[1, 2]", "expected a JSON object"),
     ('{"msgs": []}', "missing key 'messages'"),
     ('{"messages": []}', "non-empty list"),
-    ('{"messages": "hi"}', "non-empty list"),
+    ('{"messages": "hi"}', "must be a list, got str"),
     ('{"messages": ["hi"]}', "message 1: expected an object"),
     ('{"messages": [{"content": "x"}]}', "message 1: missing 'role'"),
     ('{"messages": [{"role": "bot", "content": "x"}]}', "unknown role 'bot'"),
     ('{"messages": [{"role": "user"}]}', "missing 'content'"),
-    ('{"messages": [{"role": "user", "content": 5}]}', "'content' must be a string, got int"),
+    ('{"messages": [{"role": "user", "content": 5}]}', "'content' must be a string or a list of text parts, got int"),
     ('{"messages": [{"role": "user", "content": "  "}]}', "'content' is empty"),
     ('{"messages": [{"role": "user", "content": "q"}]}', "must end with an assistant message"),
     ('{"messages": [{"role": "assistant", "content": "a"}]}', "expected role 'user', got 'assistant'"),
@@ -145,7 +147,7 @@ def test_missing_or_empty_file(tmp_path, kind):
 
 
 def _convs(n):
-    return [Conversation((("user", f"q{i}"), ("assistant", f"a{i}")), f"f:{i}") for i in range(n)]
+    return [Conversation((Message("user", f"q{i}"), Message("assistant", f"a{i}")), f"f:{i}") for i in range(n)]
 
 
 def test_split_is_deterministic_and_90_10():
@@ -182,7 +184,7 @@ def test_overlong_policy_is_counted_never_silent(tmp_path, chat_tokenizer, polic
 
 
 def test_truncation_keeps_targets_when_some_remain(chat_tokenizer):
-    conversation = Conversation((("user", "q"), ("assistant", "word " * 100)), "x")
+    conversation = Conversation((Message("user", "q"), Message("assistant", "word " * 100)), "x")
     example = chat_tokenizer.encode(conversation)
     cut, outcome = fit_length(example, 40, "truncate")
     assert outcome == "truncated" and len(cut) == 40 and cut.n_targets > 0
