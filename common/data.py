@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import DataConfig, DataSource
-from common.conversation import Conversation, Message, ToolCall
+from common.conversation import Conversation, Message, ToolCall, to_mistral_request
 from common.errors import DataError
 from common.sources import (
     DataIssue,
@@ -177,15 +177,14 @@ class ChatTokenizer:
         `qlora chat`): mistral-common's own serving encoding, the reference `encode` is tested against
         token for token, so the system prompt lands where training put it. `tools`: an OpenAI-style
         list, rendered as [AVAILABLE_TOOLS] before the last user turn."""
-        from mistral_common.protocol.instruct.request import ChatCompletionRequest
         from mistral_common.protocol.instruct.validator import ValidationMode
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         if not hasattr(self, "_serving"):  # the finetuning validator refuses a request ending with a user turn
             self._serving = MistralTokenizer.from_file(str(self.path), mode=ValidationMode.test)
-        request = self.request(Conversation(tuple(messages), "prompt"))
-        request = ChatCompletionRequest(messages=request.messages, tools=tools or None)
-        return self._serving.encode_chat_completion(request).tokens
+        conversation = Conversation(tuple(Message(role, content) for role, content in messages), "prompt",
+                                    tuple(tools or ()))
+        return self._serving.encode_chat_completion(to_mistral_request(conversation)).tokens
 
     def special_id(self, token: str) -> int:
         """The id of a control token such as "[TOOL_CALLS]"."""

@@ -16,7 +16,7 @@ from conftest import SAMPLE
 
 from commands import main
 from common.adapters import Adapter, base_shapes, write_adapter
-from common.data import Conversation
+from common.conversation import Conversation, Message
 from common.errors import QLoraError, UsageError
 from common.inference import ChatSession, Staged, check_free_disk, find_adapter, read_answer
 
@@ -63,7 +63,7 @@ def test_prompt_is_the_training_prefix(chat_tokenizer):
     """What generate sends is exactly what training saw before the answer, system prompt included."""
     turns = (("system", "Answer in French."), ("user", "Hi"), ("assistant", "Salut"), ("user", "Weather?"),
              ("assistant", "Il pleut."))
-    trained = chat_tokenizer.encode(Conversation(turns, "t")).input_ids
+    trained = chat_tokenizer.encode(Conversation(tuple(Message(r, c) for r, c in turns), "t")).input_ids
     prompt = chat_tokenizer.encode_prompt(turns[:-1])
     assert trained[: len(prompt)] == prompt
     assert trained[len(prompt):] != []  # the answer follows
