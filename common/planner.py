@@ -155,6 +155,14 @@ def steps_per_epoch(cfg: QLoraConfig, lengths: list[int]) -> tuple[int, int]:
     return max(1, math.ceil(len(lengths) / per_step)), padded_tokens(lengths, t.batch_size, t.seed)
 
 
+def events_after(step: int, total: int, every: int) -> int:
+    """Evaluations (or checkpoint saves) still to come after optimizer step `step` of `total`: both
+    backends run one every `every` steps and one more at the last step when it is not a multiple."""
+    if step >= total:
+        return 0
+    return total // every - step // every + (1 if total % every else 0)
+
+
 def tokens_per_step(cfg: QLoraConfig, examples) -> float:
     """Tokens one optimizer step processes (padding included), from the data layer's examples."""
     lengths = [len(e) for e in examples]
@@ -180,7 +188,7 @@ def make_plan(
     train_tokens = real_per_epoch * epochs
     padding = 1 - real_per_epoch / processed if processed else 0.0
     train_s = train_tokens / rates.tokens_per_second / max(1e-9, 1 - padding)
-    evals = steps // e.eval_steps + (1 if steps % e.eval_steps else 0)
+    evals = events_after(0, steps, e.eval_steps)
     eval_s = sum(val_lengths) / rates.eval_tokens_per_second
     saves = steps // e.save_steps + 1
     total_s = rates.startup_seconds + train_s + evals * eval_s + saves * rates.save_seconds
