@@ -17,6 +17,7 @@ import logging
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -106,10 +107,17 @@ def library_output(path: Path, say, verbose: bool = False) -> Iterator[LineLog]:
     ours = logging.StreamHandler(log)
     ours.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
     logging.getLogger().addHandler(ours)
+    shown = warnings.showwarning  # replaced too by some tools (pytest), so not left to stderr
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        log.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             yield log
     finally:
+        warnings.showwarning = shown
         logging.getLogger().removeHandler(ours)
         # handlers made during the run (a library imported then) took our stream as their stderr
         for handler in _stream_handlers():

@@ -109,13 +109,13 @@ class CudaTrainer(Stopping):
         self.cfg, self.run, self.data, self.say, self.time_budget = cfg, run, data, say, time_budget
         self.trainer = None
         self.tracker = "none"
-        self.display = TrainingDisplay(cfg, run.checkpoints, data, say)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         if self.trainer is not None:
             return
         cfg, say = self.cfg, self.say
+        self.display = TrainingDisplay(cfg, self.run.checkpoints, self.data, say)
         self.device, capability = resolve_device(cfg.cuda.device)
         self.attn = choose_attention(cfg.cuda.attn_implementation, self.device, capability, say)
         self.model = load_quantized_model(cfg, self.attn, self.device)

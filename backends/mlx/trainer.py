@@ -46,7 +46,6 @@ class MlxTrainer(Stopping):
         self.step = 0
         self.after_step = []  # callables(step): hooks for tests and tools
         self.best: list[tuple[float, int]] = []  # (eval_loss, step) of kept checkpoints
-        self.display = TrainingDisplay(cfg, run.checkpoints, data, say)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -59,6 +58,7 @@ class MlxTrainer(Stopping):
         from mlx_lm.utils import load
 
         cfg = self.cfg
+        self.display = TrainingDisplay(cfg, self.run.checkpoints, self.data, self.say)
         self.model_path = self._quantized_model()
         self.model, _ = load(str(self.model_path))
         self.model.freeze()
