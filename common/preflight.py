@@ -19,6 +19,7 @@ from pathlib import Path
 from common import machine as plat
 from common.config import LIGER_ROPE_IMPL_VARS, QLoraConfig
 from common.errors import PlatformError, QLoraError
+from common.tiny_mistral import is_demo_model
 
 OK, WARN, BLOCK = "ok", "warning", "blocking"
 
@@ -48,10 +49,12 @@ class Environment:
     free_disk: Callable[[Path], int] = lambda path: shutil.disk_usage(_existing(path)).free
     version: Callable[[str], str | None] = None  # package -> version or None
     home: Path = field(default_factory=Path.home)
+    hub: Callable[[], str | None] = None  # why the hub cannot be reached, or None
 
     def __post_init__(self):
         self.info = self.info or plat.detect()
         self.version = self.version or _installed_version
+        self.hub = self.hub or hub_unreachable
 
 
 def _installed_version(package: str) -> str | None:
@@ -214,6 +217,53 @@ def model_cached(name: str) -> bool:
         return False
 
 
+def looks_like_path(name: str) -> bool:
+    """A hub id is ORG/NAME; anything else (absolute, ./ or ~, more or fewer slashes, or under a folder
+    that exists here, like models/...) is a local path and is never sent to the hub."""
+    return (is_demo_model(name) or name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") != 1
+            or Path(name.split("/")[0]).is_dir())
+
+
+def missing_local_model(name: str) -> str | None:
+    """The message for a local model path that does not exist (a hub lookup of it would retry for
+    about a minute, then advise downloading the 7B model); None otherwise."""
+    if Path(name).expanduser().exists() or not looks_like_path(name) or is_demo_model(name):
+        return None
+    return (f"model.name_or_path {name}: no such folder ({Path(name).expanduser().resolve()}); point it at a "
+            "model folder, or at a Hugging Face id such as mistralai/Mistral-7B-Instruct-v0.3")
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None: one request without retries (a download
+    through huggingface_hub retries 5 times, about a minute, before it says so)."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as exc:  # any failure to connect, whatever the HTTP stack names it
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def unreachable_hub_message(name: str, reason: str) -> str:
+    return (f"{name} is not in the local Hugging Face cache and the hub cannot be reached ({reason}); "
+            f"download it where there is network (`hf download {name}`) or point model.name_or_path at a folder")
+
+
+def require_model_source(name: str, cached: bool) -> None:
+    """Before a model load: a missing local folder, or a hub that cannot be reached for a model that
+    is not cached, fails at once in one line (offline mode is left to the loader's own error)."""
+    problem = missing_local_model(name)
+    if problem:
+        raise QLoraError(problem)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    if not cached and not offline and not Path(name).exists():
+        reason = hub_unreachable()
+        if reason:
+            raise QLoraError(unreachable_hub_message(name, reason))
+
+
 def check_model(cfg, env, cached: Callable[[str], bool] = model_cached) -> list[Check]:
     name = cfg.model.name_or_path
     local = Path(name)
@@ -225,13 +275,20 @@ def check_model(cfg, env, cached: Callable[[str], bool] = model_cached) -> list[
             return [Check("model", BLOCK, f"{name} is incomplete: missing {', '.join(missing)}",
                           "download the whole model folder again")]
         return [Check("model", OK, f"{name} (local folder)")]
-    if cfg.platform == "cpu" and name.startswith("models/"):
-        return [Check("model", OK, f"{name} is built by `qlora demo` on first use")]
+    if is_demo_model(name):
+        return [Check("model", OK, f"{name}: the tiny demo model, built by `qlora train` or `qlora demo` "
+                                   "on first use (seconds, nothing downloaded)")]
+    problem = missing_local_model(name)
+    if problem:
+        return [Check("model", BLOCK, problem)]
     if cached(name):
         return [Check("model", OK, f"{name} is in the Hugging Face cache (loads offline)")]
     if env.env.get("HF_HUB_OFFLINE") == "1" or cfg.model.local_files_only:
         return [Check("model", BLOCK, f"{name} is not cached and offline mode is on",
                       f"download it first (`hf download {name}`) or point model.name_or_path at a folder")]
+    reason = env.hub()
+    if reason:
+        return [Check("model", BLOCK, unreachable_hub_message(name, reason))]
     if not hf_token(env):
         return [Check("model", BLOCK, f"{name} is gated and no Hugging Face token was found",
                       "accept the license on the model page, then `hf auth login` (or set HF_TOKEN)")]
@@ -257,10 +314,11 @@ def disk_needed_gb(cfg: QLoraConfig, model_cached_or_local: bool) -> tuple[float
     checkpoint = adapter * 3  # adapter + Adam's two moments
     keep = cfg.eval.save_total_limit + 1  # the best N and the newest
     parts = {"checkpoints": keep * checkpoint, "final adapter (PEFT + native)": 2 * adapter}
-    if not model_cached_or_local and model_config is None:
+    from_hub = model_config is None and not looks_like_path(cfg.model.name_or_path)
+    if not model_cached_or_local and from_hub:
         parts["model download"] = 14.5 * GB
     if cfg.backend == "mlx":
-        parts["4-bit MLX copy"] = 4.0 * GB if model_config is None else 0.3 * GB
+        parts["4-bit MLX copy"] = 4.0 * GB if from_hub else 0.3 * GB
     total = sum(parts.values()) / GB
     return total, ", ".join(f"{k} {v / GB:.1f} GB" for k, v in parts.items())
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from common.config import QLoraConfig
 from common.errors import QLoraError
+from common.preflight import require_model_source
 
 # Fastest first. FA4 and FA3 are Hopper-class kernels; FA2 needs Ampere or newer.
 # (name, transformers' availability probe, minimum compute capability, module that must import)
@@ -81,6 +82,7 @@ def model_source(cfg: QLoraConfig) -> tuple[str, bool]:
         cached = try_to_load_from_cache(name, "config.json", revision=cfg.model.revision)
     except Exception:  # an id that is not a valid repo name: let from_pretrained explain
         cached = None
+    require_model_source(name, isinstance(cached, str))
     return name, isinstance(cached, str)
 
 

@@ -25,6 +25,7 @@ from common.adapters import PARENT, Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
+from common.preflight import model_cached, require_model_source
 from common.progress import TrainingDisplay
 from common.run_folder import RunFolder, resume_folder, save_failed
 from common.time_budget import TimeBudget
@@ -98,6 +99,7 @@ class MlxTrainer(Stopping):
         cached = Path(cfg.mlx.model_cache_dir) / name
         if (cached / "config.json").is_file():
             return cached
+        require_model_source(cfg.model.name_or_path, model_cached(cfg.model.name_or_path))
         from mlx_lm.convert import convert
 
         self.say.info(f"converting {cfg.model.name_or_path} to {cfg.mlx.quant_bits}-bit MLX in {cached} (once)")
