@@ -2,9 +2,9 @@
 
 Dataset map bars, model-loading bars, transformers / TRL deprecation warnings, hub retry lines and
 mlx-lm's prints drown our own lines (and leave escape codes in a log file). While a run lasts,
-Python-level stdout and stderr, every logging handler that wrote to them, and warnings (which go to
-stderr) all write to one stream that keeps each finished line, a progress bar's last frame only,
-in <run>/train.log; with -v it also shows each line on the console. Our own lines are unaffected:
+Python-level stdout and stderr, every logging handler that wrote to them, and warnings all write
+to one stream that keeps each finished line, a progress bar's last frame only, in <run>/train.log;
+with -v it also shows each line on the console. Our own lines are unaffected:
 `Say` holds the real stdout. Everything changed is put back when the run ends, so a second run in
 the same process starts from the same state.
 """
