@@ -91,8 +91,10 @@ def last_frame(line: str) -> str:
 
 def _stream_handlers() -> list[logging.StreamHandler]:
     loggers = [logging.getLogger()] + [x for x in logging.root.manager.loggerDict.values() if isinstance(x, logging.Logger)]
+    # a handler whose stream is a property (logging's lastResort kind) follows sys.stderr by itself
     return [h for logger in loggers for h in logger.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            and not isinstance(getattr(type(h), "stream", None), property)]
 
 
 @contextlib.contextmanager
