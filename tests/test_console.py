@@ -93,7 +93,14 @@ def test_plain_lines_carry_every_field_and_no_escape_codes(tmp_path):
 # ---------------------------------------------------------------------------- library output
 
 
-def test_library_output_goes_to_the_log_and_everything_is_put_back(tmp_path):
+@pytest.fixture
+def library_loggers():
+    yield
+    for name in ("some_library", "late_library"):
+        logging.getLogger(name).handlers.clear()
+
+
+def test_library_output_goes_to_the_log_and_everything_is_put_back(tmp_path, library_loggers):
     from tqdm import tqdm
 
     stderr_handler = logging.StreamHandler(sys.stderr)
@@ -103,23 +110,19 @@ def test_library_output_goes_to_the_log_and_everything_is_put_back(tmp_path):
     console = io.StringIO()
     log_path = tmp_path / "run" / "train.log"
     before = (sys.stdout, sys.stderr, list(logging.getLogger().handlers))
-    try:
-        with library_output(log_path, Say(console)) as log:
-            print("[INFO] Quantizing")
-            library.warning("retrying in 8s")
-            late = logging.StreamHandler()  # a library imported during the run: its stderr is ours
-            logging.getLogger("late_library").addHandler(late)
-            logging.getLogger("late_library").propagate = False
-            logging.getLogger("late_library").warning("made during the run")
-            logging.getLogger("plain").warning("propagates to the root")
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                warnings.warn("`old` is deprecated", FutureWarning, stacklevel=1)
-            for _ in tqdm(range(3), desc="Map"):
-                pass
-    finally:
-        library.removeHandler(stderr_handler)
-        logging.getLogger("late_library").handlers.clear()
+    with library_output(log_path, Say(console)) as log:
+        print("[INFO] Quantizing")
+        library.warning("retrying in 8s")
+        late = logging.StreamHandler()  # a library imported during the run: its stderr is ours
+        logging.getLogger("late_library").addHandler(late)
+        logging.getLogger("late_library").propagate = False
+        logging.getLogger("late_library").warning("made during the run")
+        logging.getLogger("plain").warning("propagates to the root")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("`old` is deprecated", FutureWarning, stacklevel=1)
+        for _ in tqdm(range(3), desc="Map"):
+            pass
     assert console.getvalue() == ""
     text = log_path.read_text()
     assert "[INFO] Quantizing" in text and "retrying in 8s" in text and "made during the run" in text
@@ -128,6 +131,9 @@ def test_library_output_goes_to_the_log_and_everything_is_put_back(tmp_path):
     assert log.lines == len(text.splitlines())
     assert (sys.stdout, sys.stderr, list(logging.getLogger().handlers)) == before
     assert stderr_handler.stream is sys.stderr and late.stream is sys.stderr
+    with library_output(tmp_path / "second" / "train.log", Say(console)):  # a second run, same process
+        late.handle(logging.LogRecord("late_library", logging.WARNING, __file__, 1, "second run", None, None))
+    assert (tmp_path / "second" / "train.log").read_text() == "second run\n" and console.getvalue() == ""
 
 
 def test_verbose_also_shows_library_output_on_the_console(tmp_path):
