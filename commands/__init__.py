@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from commands import chat, check, config, convert, data, demo, export, generate, merge, plan, push, train
 from common.console import Say
@@ -19,10 +21,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qlora",
         description="QLoRA fine-tuning of Mistral-7B-Instruct-v0.3 on an H100 (CUDA) or an Apple M4 (MLX).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
     return parser
+
+
+def version() -> str:
+    """This checkout's version (its pyproject.toml), else the installed package's."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    found = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+    if found:
+        return found.group(1)
+    from importlib.metadata import version as installed
+
+    return installed("mistral-qlora")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
                    help="override one value of configs/training_config_cpu.yaml, e.g. --set training.max_steps=5")
     p.add_argument("--run-name", default=None,
                    help="run folder name under adapters/ (default: demo-<backend>, replaced by the next demo)")
+    train.add_verbose(p)
     p.set_defaults(handler=run)
 
 

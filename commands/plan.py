@@ -27,7 +27,7 @@ def run(args, say: Say) -> int:
     from common import machine as mach
     from common.data import prepare_data
     from common.mistral import cached_on_hub
-    from common.planner import anchor_rates, make_plan
+    from common.planner import anchor_rates, make_plan, row_tokens
     from common.preflight import disk_needed_gb
 
     if args.json:  # stdout carries only the JSON; progress and warnings go to stderr
@@ -44,7 +44,7 @@ def run(args, say: Say) -> int:
     if args.calibrate:
         rates = cal.calibrate(cfg, data, machine, say, make_trainer)
         cal.store(cfg, machine, rates)
-    rates = rates or cal.cached_rates(cfg, machine) or anchor_rates(cfg)
+    rates = rates or cal.cached_rates(cfg, machine) or anchor_rates(cfg, row_tokens(cfg, [len(e) for e in data.train]))
     if rates is None:
         raise UsageError(f"no measured rates for platform {cfg.platform}: run `qlora plan --calibrate` here first")
     memory, where = mach.training_memory_gb(info, cfg.platform)

@@ -16,15 +16,19 @@ def add_parser(sub) -> None:
     p.add_argument("--time-budget", metavar="DURATION",
                    help="stop with everything saved before this much time has passed, e.g. 3h30m")
     p.add_argument("--run-name", help="run folder name under tracking.output_dir")
+    add_verbose(p)
     p.set_defaults(handler=run)
 
 
+def add_verbose(p) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show library output (warnings, progress bars of datasets and model loading) live; "
+                        "it is always kept in the run folder's train.log")
+
+
 def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
-    from backends import make_trainer
-    from common.data import prepare_data
-    from common.preflight import blocked, run_checks
     from common.run_folder import RunFolder
-    from common.tiny_mistral import ensure_demo_model
+    from common.run_log import library_output
 
     budget = (TimeBudget(parse_duration(args.time_budget), started=args.started)
               if getattr(args, "time_budget", None) else None)
@@ -35,6 +39,7 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     if args.resume and not cfg.tracking.run_name:
         raise UsageError("--resume needs --run-name (the run folder to continue)")
     folder = RunFolder.root_for(cfg)
+    cfg.tracking.run_name = folder.name  # one name from here on (a default one holds the time)
     earlier = RunFolder.earlier_run(folder) if cfg.tracking.run_name and not args.resume else None
     if earlier:
         raise UsageError(
@@ -42,6 +47,31 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
             f"and overwrite its checkpoints and adapter. Continue it with --resume auto, or choose another "
             f"--run-name (nothing was changed)."
         )
+    log, verbose = folder / "train.log", getattr(args, "verbose", False)
+    with library_output(log, say, verbose) as chatter:
+        try:
+            summary, run_folder = _train(args, cfg, say, budget)
+        finally:
+            if chatter.lines and not verbose:
+                say.info(f"library output ({chatter.lines} lines: warnings, progress bars) is in {log}; "
+                         "-v shows it live")
+    if summary.interrupted:
+        say.warn(f"stopped early at step {summary.global_step} ({summary.stop_reason}); "
+                 "checkpoint and adapter saved.")
+        say.info(f"continue with: qlora train {replay(args)} --run-name {run_folder.root.name} --resume auto")
+        return 0
+    say.ok(f"done: {summary.global_step} steps, eval_loss {summary.best_eval_loss or summary.final_eval_loss}, "
+           f"adapter in {run_folder.root}")
+    return 0
+
+
+def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None):
+    from backends import make_trainer
+    from common.data import prepare_data
+    from common.preflight import blocked, run_checks
+    from common.run_folder import RunFolder
+    from common.tiny_mistral import ensure_demo_model
+
     ensure_demo_model(cfg.model.name_or_path, say)
     rows = run_checks(cfg)
     show_checks(rows, say, problems_only=True)
@@ -59,14 +89,7 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     trainer = make_trainer(cfg, run_folder, data, say, time_budget=budget)
     summary = trainer.train(resume=args.resume)
     describe_run(run_folder, cfg, data, summary)
-    if summary.interrupted:
-        say.warn(f"stopped early at step {summary.global_step} ({summary.stop_reason}); "
-                 "checkpoint and adapter saved.")
-        say.info(f"continue with: qlora train {replay(args)} --run-name {run_folder.root.name} --resume auto")
-        return 0
-    say.ok(f"done: {summary.global_step} steps, eval_loss {summary.best_eval_loss or summary.final_eval_loss}, "
-           f"adapter in {run_folder.root}")
-    return 0
+    return summary, run_folder
 
 
 def describe_run(run_folder, cfg: QLoraConfig, data, summary) -> None:

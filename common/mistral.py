@@ -5,11 +5,15 @@ for each; nothing here imports torch or mlx."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from common.errors import QLoraError
 
 HUB_ID = "mistralai/Mistral-7B-Instruct-v0.3"
+# The demo config's base model (configs/training_config_cpu.yaml): built by common/tiny_mistral.py on
+# first use, by `qlora demo` or any `qlora train` that names it, never fetched from a hub.
+DEMO_MODEL_DIR = "models/tiny-mistral-v0.3"
 VOCAB_SIZE = 32768
 # Mistral-7B-v0.3's exact shape (its config.json): for planning without the files, and for
 # random-weight checkpoints that measure speed and memory on a GPU.
@@ -69,3 +73,54 @@ def cached_on_hub(name: str, revision: str | None = None) -> bool:
         return isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
     except Exception:  # not a valid repo id, or no huggingface_hub: not cached
         return False
+
+
+def is_demo_model(name_or_path: str) -> bool:
+    return Path(name_or_path).resolve() == Path(DEMO_MODEL_DIR).resolve()
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is ORG/NAME; anything else (absolute, ./ or ~, more or fewer slashes, or under a folder
+    that exists here, like models/...) is a local path and is never sent to the hub."""
+    return (is_demo_model(name) or name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") != 1
+            or Path(name.split("/")[0]).is_dir())
+
+
+def missing_local_model(name: str) -> str | None:
+    """The message for a local model path that does not exist (a hub lookup of it would retry for
+    about a minute, then advise downloading the 7B model); None otherwise."""
+    if Path(name).expanduser().exists() or not looks_like_path(name) or is_demo_model(name):
+        return None
+    return (f"model.name_or_path {name}: no such folder ({Path(name).expanduser().resolve()}); point it at a "
+            f"model folder, or at a Hugging Face id such as {HUB_ID}")
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None: one request without retries (a download
+    through huggingface_hub retries 5 times, about a minute, before it says so)."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as exc:  # any failure to connect, whatever the HTTP stack names it
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def unreachable_hub_message(name: str, reason: str) -> str:
+    return (f"{name} is not in the local Hugging Face cache and the hub cannot be reached ({reason}); "
+            f"download it where there is network (`hf download {name}`) or point model.name_or_path at a folder")
+
+
+def require_model_source(name: str, cached: bool) -> None:
+    """Before a model load: a missing local folder, or a hub that cannot be reached for a model that
+    is not cached, fails at once in one line (offline mode is left to the loader's own error)."""
+    problem = missing_local_model(name)
+    if problem:
+        raise QLoraError(problem)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    if not cached and not offline and not Path(name).exists():
+        reason = hub_unreachable()
+        if reason:
+            raise QLoraError(unreachable_hub_message(name, reason))

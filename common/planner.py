@@ -78,32 +78,43 @@ def kept_layers(cfg: QLoraConfig) -> int:
     return DECODER_LAYERS - checkpointed(cfg)
 
 
-def cuda_peak_gb(cfg: QLoraConfig) -> float:
-    """Predicted peak GPU memory of the CUDA path (estimate from measured points, see above)."""
-    rows = cfg.training.batch_size * cfg.data.max_seq_length / 4096
+def row_tokens(cfg: QLoraConfig, lengths: list[int]) -> int:
+    """The longest micro-batch row this data makes: packed rows fill up to max_seq_length when there
+    are enough tokens; padded rows are as long as the longest example, not max_seq_length."""
+    if not lengths:
+        return cfg.data.max_seq_length
+    longest = sum(lengths) if cfg.training.packing and cfg.backend == "cuda" else max(lengths)
+    return min(cfg.data.max_seq_length, longest)
+
+
+def cuda_peak_gb(cfg: QLoraConfig, row: int | None = None) -> float:
+    """Predicted peak GPU memory of the CUDA path (estimate from measured points, see above), for
+    rows of `row` tokens (default: max_seq_length)."""
+    rows = cfg.training.batch_size * (row or cfg.data.max_seq_length) / 4096
     kept = DECODER_LAYERS - checkpointed(cfg)
     missing = ANCHOR_LIGER - liger_kernels(cfg)
     per_kept_layer = CUDA_KEPT_LAYER_ROW_GB + sum(LIGER_KEPT_LAYER_ROW_GB[k] for k in missing)
     return CUDA_FIXED_GB + rows * (CUDA_ROW_GB + per_kept_layer * kept)
 
 
-def anchor_rates(cfg: QLoraConfig) -> Rates | None:
+def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
     """The platform's measured anchor, adjusted to this config's micro-batch, checkpointing, Liger
     kernels and LoRA forward on CUDA: memory by `cuda_peak_gb`; speed by the recomputed share (a step
     costs 2 forward-sized passes plus one per checkpointed layer's share; measured +8% from 32 to 24
-    layers, model +9%) and by the measured factor of each kernel that differs from the anchor."""
+    layers, model +9%) and by the measured factor of each kernel that differs from the anchor. `row`:
+    the data's longest row (`row_tokens`), when known."""
     base = ANCHORS.get(cfg.platform)
     if base is None or cfg.backend != "cuda" or cfg.platform != "h100":
         return base
     t, kernels = cfg.training, liger_kernels(cfg)
-    if ((checkpointed(cfg), t.batch_size, cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora)
+    if ((checkpointed(cfg), t.batch_size, row or cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora)
             == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True)):
         return base  # the measured configuration itself
     speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
     speed *= math.prod(LIGER_SPEED[k] for k in kernels) / math.prod(LIGER_SPEED[k] for k in ANCHOR_LIGER)
     if not cfg.cuda.fused_lora:
         speed /= FUSED_LORA_SPEED
-    return Rates(speed, cuda_peak_gb(cfg), base.eval_tokens_per_second, base.save_seconds, base.startup_seconds,
+    return Rates(speed, cuda_peak_gb(cfg, row), base.eval_tokens_per_second, base.save_seconds, base.startup_seconds,
                  base.source + "; memory and speed adjusted to this config (ESTIMATE from measured points)",
                  base.measured)
 
@@ -170,6 +181,14 @@ def steps_per_epoch(cfg: QLoraConfig, lengths: list[int]) -> tuple[int, int]:
             padded_tokens(lengths, t.batch_size, t.seed))
 
 
+def events_after(step: int, total: int, every: int) -> int:
+    """Evaluations (or checkpoint saves) still to come after optimizer step `step` of `total`: both
+    backends run one every `every` steps and one more at the last step when it is not a multiple."""
+    if step >= total:
+        return 0
+    return total // every - step // every + (1 if total % every else 0)
+
+
 def tokens_per_step(cfg: QLoraConfig, examples) -> float:
     """Tokens one optimizer step processes (padding included), from the data layer's examples."""
     lengths = [len(e) for e in examples]
@@ -195,7 +214,7 @@ def make_plan(
     train_tokens = real_per_epoch * epochs
     padding = 1 - real_per_epoch / processed if processed else 0.0
     train_s = train_tokens / rates.tokens_per_second / max(1e-9, 1 - padding)
-    evals = steps // e.eval_steps + (1 if steps % e.eval_steps else 0)
+    evals = events_after(0, steps, e.eval_steps)
     eval_s = sum(val_lengths) / rates.eval_tokens_per_second
     saves = steps // e.save_steps + 1
     total_s = rates.startup_seconds + train_s + evals * eval_s + saves * rates.save_seconds
@@ -205,6 +224,9 @@ def make_plan(
         Figure("real tokens per epoch", real_per_epoch, "tokens", "data layer"),
         Figure("padding", 100 * padding, "% of processed tokens",
                "packing estimate (BFD fill 98%)" if t.packing and cfg.backend == "cuda" else "simulated padded batches"),
+        Figure("longest row", row_tokens(cfg, train_lengths),
+               f"tokens (data.max_seq_length {cfg.data.max_seq_length}; memory is sized for it on CUDA)",
+               "data layer" + (" + packing" if t.packing and cfg.backend == "cuda" else "")),
         Figure("optimizer steps", steps, f"({per_epoch} per epoch, {epochs:.2f} epochs)", "config + data"),
         Figure("peak memory", rates.peak_gb, "GB", memory_source),
         Figure("one evaluation", eval_s, f"s ({len(val_lengths)} examples, {evals} evaluations)", src),

@@ -23,9 +23,14 @@ from common.mistral import (
     DOWNLOAD_GB,
     SHAPE_7B,
     cached_on_hub,
+    hub_unreachable,
+    is_demo_model,
     local_config,
+    looks_like_path,
     missing_local_files,
+    missing_local_model,
     projection_shapes,
+    unreachable_hub_message,
 )
 
 OK, WARN, BLOCK = "ok", "warning", "blocking"
@@ -56,10 +61,12 @@ class Environment:
     free_disk: Callable[[Path], int] = lambda path: shutil.disk_usage(_existing(path)).free
     version: Callable[[str], str | None] = None  # package -> version or None
     home: Path = field(default_factory=Path.home)
+    hub: Callable[[], str | None] = None  # why the hub cannot be reached, or None
 
     def __post_init__(self):
         self.info = self.info or plat.detect()
         self.version = self.version or _installed_version
+        self.hub = self.hub or hub_unreachable
 
 
 def _installed_version(package: str) -> str | None:
@@ -237,13 +244,20 @@ def check_model(cfg, env, cached: Callable[[str], bool] = cached_on_hub) -> list
             return [Check("model", BLOCK, f"{name} is incomplete: missing {', '.join(missing)}",
                           "download the whole model folder again")]
         return [Check("model", OK, f"{name} (local folder)")]
-    if cfg.platform == "cpu" and name.startswith("models/"):
-        return [Check("model", OK, f"{name} is built by `qlora demo` on first use")]
+    if is_demo_model(name):
+        return [Check("model", OK, f"{name}: the tiny demo model, built by `qlora train` or `qlora demo` "
+                                   "on first use (seconds, nothing downloaded)")]
+    problem = missing_local_model(name)
+    if problem:
+        return [Check("model", BLOCK, problem)]
     if cached(name):
         return [Check("model", OK, f"{name} is in the Hugging Face cache (loads offline)")]
     if env.env.get("HF_HUB_OFFLINE") == "1" or cfg.model.local_files_only:
         return [Check("model", BLOCK, f"{name} is not cached and offline mode is on",
                       f"download it first (`hf download {name}`) or point model.name_or_path at a folder")]
+    reason = env.hub()
+    if reason:
+        return [Check("model", BLOCK, unreachable_hub_message(name, reason))]
     if not hf_token(env):
         return [Check("model", BLOCK, f"{name} is gated and no Hugging Face token was found",
                       "accept the license on the model page, then `hf auth login` (or set HF_TOKEN)")]
@@ -263,10 +277,11 @@ def disk_needed_gb(cfg: QLoraConfig, model_cached_or_local: bool) -> tuple[float
     checkpoint = adapter * 3  # adapter + Adam's two moments
     keep = cfg.eval.save_total_limit + 1  # the best N and the newest
     parts = {"checkpoints": keep * checkpoint, "final adapter (PEFT + native)": 2 * adapter}
-    if not model_cached_or_local and model_config is None:
+    from_hub = model_config is None and not looks_like_path(cfg.model.name_or_path)
+    if not model_cached_or_local and from_hub:
         parts["model download"] = DOWNLOAD_GB * GB
     if cfg.backend == "mlx":
-        parts["4-bit MLX copy"] = 4.0 * GB if model_config is None else 0.3 * GB
+        parts["4-bit MLX copy"] = 4.0 * GB if from_hub else 0.3 * GB
     total = sum(parts.values()) / GB
     return total, ", ".join(f"{k} {v / GB:.1f} GB" for k, v in parts.items())
 

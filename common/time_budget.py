@@ -27,6 +27,13 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def eval_steps_guess(val_tokens: int, tokens_per_step: float) -> float:
+    """An evaluation's cost in training steps, before one was timed: a forward pass over the
+    validation tokens at a third of a training step's cost per token (a step is a forward, a
+    backward and, with checkpointing, a recompute)."""
+    return val_tokens / max(1.0, 3 * tokens_per_step)
+
+
 class TimeBudget:
     def __init__(self, seconds: float, started: float | None = None, safety: float = 1.5, clock=time.monotonic):
         self.clock = clock
@@ -48,10 +55,9 @@ class TimeBudget:
             self.save_s = 1.0 + trainable_parameters * 12 / DISK_BYTES_PER_S
 
     def guess_eval(self, val_tokens: int, tokens_per_step: float) -> None:
-        """Before any evaluation was timed: a forward pass over the validation tokens, at a third of
-        a training step's cost per token (a step is a forward, a backward and, with checkpointing,
-        a recompute). On a slow backend a first evaluation can take longer than many steps."""
-        self.eval_steps_ratio = val_tokens / max(1.0, 3 * tokens_per_step)
+        """Before any evaluation was timed (on a slow backend a first evaluation can take longer than
+        many steps)."""
+        self.eval_steps_ratio = eval_steps_guess(val_tokens, tokens_per_step)
 
     def step_took(self, seconds: float) -> None:
         self.step_s = max(self.step_s, seconds)  # the slowest step seen: budgets are for worst cases

@@ -11,11 +11,7 @@ import shutil
 from pathlib import Path
 
 from common.data import default_tokenizer_file
-from common.mistral import SHAPE_7B, VOCAB_SIZE
-
-# The demo config's base model (configs/training_config_cpu.yaml): built here on first use, by
-# `qlora demo` or any `qlora train` that names it, never fetched from a hub.
-DEMO_MODEL_DIR = "models/tiny-mistral-v0.3"
+from common.mistral import SHAPE_7B, VOCAB_SIZE, is_demo_model
 
 TINY_SHAPE = dict(
     hidden_size=64,
@@ -83,10 +79,6 @@ def add_legacy_rope_theta(path: Path, config) -> None:
     data = json.loads(path.read_text())
     data["rope_theta"] = config.rope_parameters["rope_theta"]
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def is_demo_model(name_or_path: str) -> bool:
-    return Path(name_or_path).resolve() == Path(DEMO_MODEL_DIR).resolve()
 
 
 def ensure_demo_model(name_or_path: str, say) -> None:

@@ -4,6 +4,7 @@ a clear message and an exit code, never a traceback."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import SAMPLE, chat, qlora, write_jsonl
@@ -44,6 +45,7 @@ def test_config_overrides_on_the_command_line():
         pytest.param(["train", "--platform", "h100"], 1, "trains on an NVIDIA GPU",
                      marks=pytest.mark.skipif(bool(__import__("shutil").which("nvidia-smi")), reason="has a GPU")),
         (["plan", "--platform", "cpu"], 2, "run `qlora plan --calibrate` here first"),
+        (["train", "--platform", "cpu", "--set", "model.name_or_path=./no-such-model"], 1, "no such folder"),
     ],
 )
 def test_bad_commands_explain_themselves(args, code, expected):
@@ -51,6 +53,11 @@ def test_bad_commands_explain_themselves(args, code, expected):
     assert got == code, out
     assert expected in out
     assert "Traceback" not in out
+
+
+def test_version():
+    code, out = qlora("--version")
+    assert code == 0 and re.fullmatch(r"qlora \d+\.\d+\.\d+\S*\n", out)
 
 
 def test_bad_data_is_reported_before_any_model_loads(tmp_path):

@@ -143,3 +143,16 @@ def test_a_calibration_is_reused_only_for_the_same_speed_settings(tmp_path):
         other = load_config(platform="h100", overrides=[change])
         assert cached_rates(other, "NVIDIA H100 80GB HBM3 (80 GB)", cache=cache) is None, change
     assert cached_rates(shipped, "NVIDIA H200 (140 GB)", cache=cache) is None
+
+
+def test_memory_is_sized_from_the_datas_rows_not_max_seq_length():
+    from common.planner import row_tokens
+
+    padded = load_config(platform="h100", overrides=["training.packing=false"])
+    assert row_tokens(padded, [63, 40, 12]) == 63  # the sample's longest conversation
+    assert row_tokens(load_config(platform="h100"), [63] * 1000) == 4096  # packed rows fill up
+    assert row_tokens(load_config(platform="h100"), [63, 40]) == 103
+    short, full = anchor_rates(padded, 63), anchor_rates(padded)
+    assert short.peak_gb < 5 < full.peak_gb
+    plan = make_plan(padded, [63, 40, 12], [30], short, 80, "m", (1.0, "x"))
+    assert any(f.name == "longest row" and f.value == 63 for f in plan.figures)

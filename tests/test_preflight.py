@@ -9,8 +9,10 @@ import pytest
 from conftest import REPO, SAMPLE, chat, write_jsonl
 
 from common import machine as plat
+from common import mistral
 from common import preflight as pf
 from common.config_loader import load_config
+from common.errors import QLoraError
 
 H100 = plat.GpuInfo("NVIDIA H100 80GB HBM3", 79.6, 78.0, (9, 0), "580", "13.0")
 VERSIONS = {"torch": "2.11.0+cu130", "transformers": "5.24.0", "peft": "0.21.2", "trl": "1.16.0",
@@ -18,12 +20,13 @@ VERSIONS = {"torch": "2.11.0+cu130", "transformers": "5.24.0", "peft": "0.21.2",
             "mlx": "0.32.4", "mlx-lm": "0.32.2"}
 
 
-def machine(gpu=None, apple=None, versions=VERSIONS, free_gb=500, env=None, home=None):
+def machine(gpu=None, apple=None, versions=VERSIONS, free_gb=500, env=None, home=None, hub=None):
     kind = "cuda" if gpu else "apple" if apple else "cpu"
     return pf.Environment(
         info=plat.PlatformInfo(kind, "test", gpu=gpu, apple=apple),
         env=env or {}, free_disk=lambda path: free_gb * pf.GB,
         version=lambda name: versions.get(name), home=home or Path("/nonexistent-home"),
+        hub=hub or (lambda: None),
     )
 
 
@@ -165,3 +168,30 @@ def test_memory_fit_follows_the_config(tmp_path):
     lean = by_name(pf.check_memory(h100_config(tmp_path, "cuda.checkpointed_layers=all"),
                                    machine(gpu=small, env={"HF_TOKEN": "x"})))["memory fit"]
     assert lean.status == pf.OK and "~12.5 GB needed" in lean.message
+
+
+def test_a_missing_local_model_or_an_unreachable_hub_is_one_line_at_once(tmp_path, monkeypatch):
+    cfg = h100_config(tmp_path, f"model.name_or_path={tmp_path / 'no-such-model'}")
+    row = pf.check_model(cfg, machine())[0]
+    assert row.status == pf.BLOCK and "no such folder" in row.message
+    with pytest.raises(QLoraError, match="no such folder"):
+        mistral.require_model_source(cfg.model.name_or_path, cached=False)
+
+    hub_id = h100_config(tmp_path)
+    down = machine(env={"HF_TOKEN": "t"}, hub=lambda: "Name or service not known")
+    row = pf.check_model(hub_id, down, cached=lambda n: False)[0]
+    assert row.status == pf.BLOCK and "hub cannot be reached (Name or service not known)" in row.message
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(mistral, "hub_unreachable", lambda: "Name or service not known")
+    with pytest.raises(QLoraError, match="hub cannot be reached"):
+        mistral.require_model_source(hub_id.model.name_or_path, cached=False)
+    mistral.require_model_source(hub_id.model.name_or_path, cached=True)  # a cached model never asks
+
+
+def test_the_demo_model_is_built_not_downloaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no models/ folder yet
+    cfg = load_config(platform="cpu", overrides=[f"data.train_file={SAMPLE / 'train.jsonl'}",
+                                                 f"data.val_file={SAMPLE / 'val.jsonl'}"])
+    rows = by_name(pf.run_checks(cfg, machine(hub=lambda: "never asked")))
+    assert rows["model"].status == pf.OK and "nothing downloaded" in rows["model"].message
+    assert rows["disk"].status == pf.OK and "download" not in rows["disk"].message

@@ -7,7 +7,7 @@ from pathlib import Path
 from common.config import QLoraConfig
 from common.errors import QLoraError
 from common.machine import FLASH_KERNELS
-from common.mistral import HUB_ID, cached_on_hub, check_local_model
+from common.mistral import HUB_ID, cached_on_hub, check_local_model, require_model_source
 
 INSTALL_HINT = (
     "install a FlashAttention kernel for the H100 (`make setup-h100` tries flash-attn-4, "
@@ -70,7 +70,9 @@ def model_source(cfg: QLoraConfig) -> tuple[str, bool]:
         return name, True
     if cfg.model.local_files_only:
         return name, True
-    return name, cached_on_hub(name, cfg.model.revision)
+    cached = cached_on_hub(name, cfg.model.revision)
+    require_model_source(name, cached)
+    return name, cached
 
 
 def explain_load_error(name: str, exc: Exception) -> QLoraError:

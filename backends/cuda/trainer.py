@@ -13,9 +13,11 @@ import time
 from backends.cuda.activation_checkpointing import checkpoint_limit_callback, checkpointing_args
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
 from backends.cuda.patches import liger_kernel_config, liger_rope_impl, run_scope
+from backends.cuda.progress import use_display
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
+from common.progress import TrainingDisplay
 from common.run_folder import RunFolder, resume_folder, save_failed
 from common.time_budget import TimeBudget
 from common.tracking import resolve_tracker, start_wandb
@@ -74,6 +76,7 @@ class CudaTrainer(Stopping):
         if self.trainer is not None:
             return
         cfg, say = self.cfg, self.say
+        self.display = TrainingDisplay(cfg, self.run.checkpoints, self.data, say)
         self.device, capability = resolve_device(cfg.cuda.device)
         self.attn = choose_attention(cfg.cuda.attn_implementation, self.device, capability, say)
         self.model = load_quantized_model(cfg, self.attn, self.device)
@@ -104,6 +107,7 @@ class CudaTrainer(Stopping):
             peft_config=peft_config,
             callbacks=self._callbacks(),
         )
+        use_display(self.trainer, self.display, lambda: _peak_memory_gb(self.device))
         self._keep_adapter_in_fp32()
         self._speedups()
         self._guess_budget(sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad))
@@ -227,17 +231,17 @@ class CudaTrainer(Stopping):
             # No worker processes: the examples are already token ids, and workers die on a
             # Ctrl-C or a process-group SIGTERM before the main process can save (seen on the H100)
             dataloader_num_workers=0,
-            disable_tqdm=False,
+            disable_tqdm=True,  # the shared display (backends/cuda/progress.py) shows progress
         )
 
     # ------------------------------------------------------------------ callbacks
     def _metrics_callback(self):
         from transformers import TrainerCallback
 
-        run = self.run
+        run, display = self.run, self.display
 
         class Metrics(TrainerCallback):
-            """metrics.jsonl gets every log line, with real (non-padding) tokens per second."""
+            """metrics.jsonl (and the display) get every log line, with real (non-padding) tokens per second."""
 
             last = None
 
@@ -248,10 +252,10 @@ class CudaTrainer(Stopping):
                     rate = (tokens - self.last[1]) / (now - self.last[0])
                     record["tokens_per_second"] = rate
                     record["interval_tokens"] = tokens - self.last[1]
-                    logs["tokens/s"] = round(rate)
                 if "loss" in record:
                     self.last = (now, tokens)
                 run.log_metrics(record)
+                display.logged(record)
 
             def on_train_begin(self, args, state, control, **kwargs):
                 self.last = (time.time(), state.num_input_tokens_seen)
@@ -318,6 +322,7 @@ class CudaTrainer(Stopping):
         except OSError as exc:  # a checkpoint write failed: the Trainer deletes old ones only after a save succeeds
             raise QLoraError(save_failed(self.trainer.state.global_step, exc, self.run.checkpoints)) from None
         finally:
+            self.display.finish()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if self.wandb_run is not None:

@@ -25,8 +25,9 @@ from common.adapters import Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import QLoraError
-from common.mistral import PARENT
+from common.mistral import PARENT, cached_on_hub, require_model_source
 from common.planner import steps_in_epoch, total_steps
+from common.progress import TrainingDisplay
 from common.run_folder import RunFolder, resume_folder, save_failed
 from common.time_budget import TimeBudget
 from common.tracking import MetricSink, resolve_tracker
@@ -59,6 +60,7 @@ class MlxTrainer(Stopping):
         from mlx_lm.utils import load
 
         cfg = self.cfg
+        self.display = TrainingDisplay(cfg, self.run.checkpoints, self.data, self.say)
         self.model_path = self._quantized_model()
         self.model, _ = load(str(self.model_path))
         self.model.freeze()
@@ -93,6 +95,7 @@ class MlxTrainer(Stopping):
         cached = Path(cfg.mlx.model_cache_dir) / name
         if (cached / "config.json").is_file():
             return cached
+        require_model_source(cfg.model.name_or_path, cached_on_hub(cfg.model.name_or_path, cfg.model.revision))
         from mlx_lm.convert import convert
 
         self.say.info(f"converting {cfg.model.name_or_path} to {cfg.mlx.quant_bits}-bit MLX in {cached} (once)")
@@ -199,13 +202,15 @@ class MlxTrainer(Stopping):
         started, first_step = time.time(), self.step
         interval = {"loss": 0.0, "tokens": 0.0, "real": 0, "start": time.time()}
         tokens_seen = 0
+        self.display.start(self.step, self.total_steps, lambda: mx.get_peak_memory() / 1024**3)
         try:
             while self.step < self.total_steps and not self.stop_requested:
                 mark = time.monotonic()
                 loss_sum, targets, real, grad_norm = self._optimizer_step(value_and_grad)
-                self._time("step", mark)
+                step_s = self._time("step", mark)
                 interval["loss"] += loss_sum
                 self.step += 1
+                self.display.step(self.step, step_s)
                 interval["tokens"] += targets
                 interval["real"] += real
                 tokens_seen += real
@@ -215,14 +220,13 @@ class MlxTrainer(Stopping):
                 mark = time.monotonic()
                 eval_loss = self.evaluate() if self.step % e.eval_steps == 0 or self.step == self.total_steps else None
                 if eval_loss is not None:
-                    self._time("eval", mark)
+                    self.display.evaluated(self.step, eval_loss, self._time("eval", mark))
                 if eval_loss is not None:
                     self._record({"step": self.step, "time": time.time(), "eval_loss": eval_loss})
-                    self.say.info(f"step {self.step}: eval_loss {eval_loss:.4f}")
                 if self.step % e.save_steps == 0 or self.step == self.total_steps:
                     mark = time.monotonic()
                     self.save_checkpoint(eval_loss)
-                    self._time("save", mark)
+                    self.display.saved(self.step, self._checkpoint(self.step), self._time("save", mark))
                 for hook in self.after_step:
                     hook(self.step)
                 budget = self.time_budget
@@ -232,6 +236,7 @@ class MlxTrainer(Stopping):
                 self.save_checkpoint(None)
         finally:
             undo_checkpointing()
+            self.display.finish()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         wall = time.time() - started
@@ -296,18 +301,17 @@ class MlxTrainer(Stopping):
             "interval_tokens": interval["real"],
         }
         self._record(record)
-        self.say.info(
-            f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f}, lr {record['learning_rate']:.3g}, "
-            f"{record['tokens_per_second']:.0f} tokens/s"
-        )
+        self.display.logged(record)
 
     def _record(self, record: dict) -> None:
         self.run.log_metrics(record)
         self.sink.log(record)
 
-    def _time(self, what: str, since: float) -> None:
+    def _time(self, what: str, since: float) -> float:
+        seconds = time.monotonic() - since
         if self.time_budget is not None:
-            getattr(self.time_budget, f"{what}_took")(time.monotonic() - since)
+            getattr(self.time_budget, f"{what}_took")(seconds)
+        return seconds
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, step: int) -> Path:
