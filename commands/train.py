@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from commands.check import show_checks
 from commands.options import config_options, resolve, tokenizer_for
-from common.config import QLoraConfig
+from common.checkpoints import CheckpointSaveError, SaveAborted, intact
+from common.config import QLoraConfig, run_name_problem
 from common.console import Say
 from common.errors import QLoraError, UsageError
 from common.time_budget import TimeBudget, parse_duration
@@ -20,27 +21,53 @@ def add_parser(sub) -> None:
 
 
 def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
+    from common.preflight import blocked, check_run_folder
+    from common.run_folder import RunFolder, RunLock, default_run_name
+
+    budget = (TimeBudget(parse_duration(args.time_budget), started=args.started)
+              if getattr(args, "time_budget", None) is not None else None)
+    cfg = cfg or resolve(args, say, detect_platform=True)
+    if args.run_name is not None:
+        problem = run_name_problem(args.run_name)
+        if problem:
+            raise UsageError(f"--run-name {args.run_name!r}: {problem}")
+        cfg.tracking.run_name = args.run_name
+    if args.resume and not cfg.tracking.run_name:
+        raise UsageError("--resume needs --run-name (the run folder to continue)")
+    cfg.tracking.run_name = default_run_name(cfg)  # one name from here on: the lock, the folder, the messages
+    rows = check_run_folder(cfg)  # before the lock, which lives in that folder
+    if blocked(rows):
+        show_checks(rows, say, problems_only=True)
+        raise QLoraError("the run folder cannot be written (above); nothing was loaded.")
+    with RunLock(RunFolder.root_for(cfg)).acquire(say):
+        return _run_locked(args, say, cfg, budget)
+
+
+def _run_locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
     from backends import make_trainer
     from common.data import prepare_data
     from common.preflight import blocked, run_checks
     from common.run_folder import RunFolder
     from common.tiny_mistral import ensure_demo_model
 
-    budget = (TimeBudget(parse_duration(args.time_budget), started=args.started)
-              if getattr(args, "time_budget", None) else None)
-    cfg = cfg or resolve(args, say, detect_platform=True)
-    if args.run_name:
-        cfg.tracking.run_name = args.run_name
-    if args.resume and not cfg.tracking.run_name:
-        raise UsageError("--resume needs --run-name (the run folder to continue)")
-    folder = RunFolder.root_for(cfg)
-    earlier = RunFolder.earlier_run(folder) if cfg.tracking.run_name and not args.resume else None
-    if earlier:
-        raise UsageError(
-            f"run folder {folder} already holds a run ({earlier}); a new run there would mix its metrics "
-            f"and overwrite its checkpoints and adapter. Continue it with --resume auto, or choose another "
-            f"--run-name (nothing was changed)."
-        )
+    run_folder = RunFolder.for_config(cfg)
+    root = run_folder.root
+    if args.resume:
+        done = RunFolder.finished(root)
+        if done:
+            say.ok(f"run {root.name} already finished ({done.global_step} of {done.max_steps} steps; adapter and "
+                   f"summary.json in {root}): nothing to resume, nothing was changed. To train more, start a new "
+                   "run with another --run-name.")
+            return 0
+        run_folder.check_resume(args.resume, say)  # before any file is written or model loaded
+    else:
+        earlier = RunFolder.earlier_run(root)
+        if earlier:
+            raise UsageError(
+                f"run folder {root} already holds a run ({earlier}); a new run there would mix its metrics "
+                f"and overwrite its checkpoints and adapter. Continue it with --resume auto, or choose another "
+                f"--run-name (nothing was changed)."
+            )
     ensure_demo_model(cfg.model.name_or_path, say)
     rows = run_checks(cfg)
     show_checks(rows, say, problems_only=True)
@@ -51,17 +78,27 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     say.ok(f"data: {report.n_train} training and {report.n_val} validation examples")
     for warning in report.warnings:
         say.warn(warning)
-    run_folder = RunFolder.create(cfg)
-    say.info(f"run folder: {run_folder.root}")
+    run_folder.open(cfg)
+    say.info(f"run folder: {root}")
     trainer = make_trainer(cfg, run_folder, data, say, time_budget=budget)
-    summary = trainer.train(resume=args.resume)
+    trainer.setup()
+    if budget is not None:
+        budget.refuse_if_too_short()
+    again = f"qlora train {replay(args)} --run-name {root.name} --resume auto".replace("  ", " ")
+    try:
+        summary = trainer.train(resume=args.resume)
+    except (CheckpointSaveError, SaveAborted) as exc:
+        raise type(exc)(f"{exc} The command: {again}") from None
+    except OSError as exc:  # the final adapter or summary: the checkpoints hold the run
+        raise QLoraError(f"a write in {root} failed: {exc.strerror or exc} ({exc.filename or root}); "
+                         f"{intact(run_folder.checkpoints)}. Free space or fix the folder, then: {again}") from None
     if summary.interrupted:
         say.warn(f"stopped early at step {summary.global_step} ({summary.stop_reason}); "
                  "checkpoint and adapter saved.")
-        say.info(f"continue with: qlora train {replay(args)} --run-name {run_folder.root.name} --resume auto")
+        say.info(f"continue with: {again}")
         return 0
     say.ok(f"done: {summary.global_step} steps, eval_loss {summary.best_eval_loss or summary.final_eval_loss}, "
-           f"adapter in {run_folder.root}")
+           f"adapter in {root}")
     return 0
 
 

@@ -14,15 +14,19 @@ import time
 
 from backends.cuda.activation_checkpointing import checkpoint_limit_callback, checkpointing_args
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
+from common import checkpoints as ckpt
 from common.config import LIGER_KERNELS, LIGER_ROPE_IMPL, LIGER_ROPE_IMPL_VARS, QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
-from common.run_folder import RunFolder, resume_folder, save_failed
+from common.run_folder import RunFolder
 from common.time_budget import TimeBudget
 from common.tracking import resolve_tracker
 from common.trainer import RunSummary, Stopping
 
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
+# What Hugging Face's Trainer needs to continue exactly: without optimizer.pt or scheduler.pt it
+# would silently start a fresh optimizer or schedule
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
 
 
 def to_dataset(examples: list[Example]):
@@ -146,6 +150,7 @@ class CudaTrainer(Stopping):
             callbacks=self._callbacks(),
         )
         self._keep_adapter_in_fp32()
+        self._guard_checkpoint_saves()
         self._speedups()
         self._guess_budget(sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad))
 
@@ -168,6 +173,22 @@ class CudaTrainer(Stopping):
 
             if install_fused_lora(self.trainer.model):
                 self.say.ok("LoRA: update fused into its matmul (cuda.fused_lora)")
+
+    def _guard_checkpoint_saves(self) -> None:
+        """Each Trainer checkpoint ends with our manifest; a failed or aborted write removes the
+        folder and says what is intact (common.checkpoints.writing). Wrapped on this instance: the
+        Trainer has no hook that runs after a save and can still undo it."""
+        save, trainer = self.trainer._save_checkpoint, self.trainer
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+        def guarded(model, trial):
+            step = trainer.state.global_step
+            folder = self.run.checkpoints / f"{ckpt.PREFIX}{step}"
+            with self._saving(), ckpt.writing(folder, step, ckpt.needed_bytes(self.run.checkpoints, trainable)):
+                save(model, trial)
+                ckpt.write_manifest(folder, step, self.run.identity, CHECKPOINT_FILES)
+
+        trainer._save_checkpoint = guarded
 
     def _keep_adapter_in_fp32(self) -> None:
         """TRL casts LoRA weights of quantized models to bf16. At lr 2e-4 an Adam step is about
@@ -281,6 +302,7 @@ class CudaTrainer(Stopping):
 
             def on_train_begin(self, args, state, control, **kwargs):
                 self.last = (time.time(), state.num_input_tokens_seen)
+                state.compute_steps(args, state.max_steps)  # a resumed state holds the old frequencies
 
         return Metrics()
 
@@ -338,8 +360,6 @@ class CudaTrainer(Stopping):
         started = time.time()
         try:
             output = self.trainer.train(resume_from_checkpoint=resume_from)
-        except OSError as exc:  # a checkpoint write failed: the Trainer deletes old ones only after a save succeeds
-            raise QLoraError(save_failed(self.trainer.state.global_step, exc, self.run.checkpoints)) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -370,7 +390,7 @@ class CudaTrainer(Stopping):
         return summary
 
     def _resume_point(self, resume: str | None) -> str | None:
-        folder = resume_folder(resume, self.run.checkpoints, self.say)
+        folder = self.run.resume_from(resume, self.say)
         return str(folder) if folder else None
 
     # ------------------------------------------------------------------ save
