@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from backends.cuda import model as cuda_model  # noqa: E402
 from backends.cuda.trainer import CudaTrainer  # noqa: E402
+from common.checkpoints import problem  # noqa: E402
 from common.config_loader import load_config  # noqa: E402
 from common.console import Say  # noqa: E402
 from common.data import ChatTokenizer, prepare_data  # noqa: E402
@@ -165,10 +166,18 @@ def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_ends(tiny_mode
                 os.kill(os.getpid(), signal.SIGTERM)
 
     interrupted.trainer.add_callback(Terminate())
+    write_optimizer = interrupted.trainer._save_optimizer_and_scheduler
+
+    def second_signal_mid_save(output_dir):  # a second SIGTERM while the stop checkpoint is written
+        if output_dir.endswith("checkpoint-7"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write_optimizer(output_dir)
+
+    interrupted.trainer._save_optimizer_and_scheduler = second_signal_mid_save
     summary = interrupted.train()
-    # the signal lands at the end of step 6; the step in flight (7) finishes, then it saves
+    # the signal lands at the end of step 6; the step in flight (7) finishes, then it saves, whole
     assert summary.interrupted and summary.global_step == 7
-    assert (interrupted.run.checkpoints / "checkpoint-7").is_dir()
+    assert problem(interrupted.run.checkpoints / "checkpoint-7") is None
     assert (interrupted.run.root / "adapter_model.safetensors").is_file()
 
     resumed = make_trainer(tiny_config(tiny_model_dir, tmp_path, *steps), "resumable")
@@ -296,21 +305,25 @@ def test_metric_sink_writes_tensorboard_and_wandb(tmp_path, monkeypatch):
 
 
 def test_resume_auto_skips_a_checkpoint_cut_off_mid_save(tmp_path):
-    """Hugging Face writes trainer_state.json last; a folder without it must never be resumed."""
+    """Our manifest comes last; a folder without it (or with a file it does not match) is never resumed."""
+    from backends.cuda.trainer import CHECKPOINT_FILES
+    from common.checkpoints import write_manifest
+
     cfg = tiny_config("unused", tmp_path)
     cfg.tracking.run_name = "cut"
     run = RunFolder.create(cfg)
     good, broken = run.checkpoints / "checkpoint-100", run.checkpoints / "checkpoint-200"
     for folder in (good, broken):
         folder.mkdir(parents=True)
-        (folder / "adapter_model.safetensors").write_bytes(b"")
-    (good / "trainer_state.json").write_text("{}")
+        for name in CHECKPOINT_FILES:
+            (folder / name).write_bytes(b"saved")
+    write_manifest(good, 100, run.identity, CHECKPOINT_FILES)
     say = Recorder()
-    trainer = CudaTrainer(cfg, run, None, say)
-    assert trainer._resume_point("auto") == str(good)
-    assert any("checkpoint-200: incomplete" in text for _, text in say.lines)
-    (good / "trainer_state.json").unlink()
-    assert trainer._resume_point("auto") is None
+    assert CudaTrainer(cfg, run, None, say)._resume_point("auto") == str(good)
+    assert any("checkpoint-200: no manifest.json: it was cut off while saving" in text for _, text in say.lines)
+    (good / "scheduler.pt").unlink()  # a fresh schedule in silence is never an option
+    with pytest.raises(QLoraError, match="none of the 2 checkpoint"):
+        CudaTrainer(cfg, RunFolder.create(cfg), None, Recorder())._resume_point("auto")
 
 
 def test_a_failing_checkpoint_write_keeps_the_earlier_ones_and_says_so(tiny_model_dir, tmp_path):
@@ -329,10 +342,12 @@ def test_a_failing_checkpoint_write_keeps_the_earlier_ones_and_says_so(tiny_mode
         return real(output_dir)
 
     trainer.trainer._save_optimizer_and_scheduler = full_disk
-    with pytest.raises(QLoraError, match=r"step 4: No space left on device .*checkpoint-2, is intact"):
+    with pytest.raises(QLoraError, match=r"checkpoint of step 4 .*: No space left on device .*A checkpoint needs about "
+                                         r".*partial folder was removed and the earlier checkpoint\(s\) checkpoint-2 are intact"):
         trainer.train()
-    assert (trainer.run.checkpoints / "checkpoint-2" / "trainer_state.json").is_file()
-    assert trainer._resume_point("auto").endswith("checkpoint-2")  # the cut-off checkpoint-4 is skipped
+    assert (trainer.run.checkpoints / "checkpoint-2" / "manifest.json").is_file()
+    assert not (trainer.run.checkpoints / "checkpoint-4").exists()  # the partial folder is gone
+    assert trainer._resume_point("auto").endswith("checkpoint-2")
 
 
 # ---------------------------------------------------------------- speed levers (cuda.fused_lora, checkpointing)
