@@ -204,7 +204,7 @@ class RunLock:
         self.path.unlink(missing_ok=True)
         self.handle.close()  # closing drops the flock
         self.handle = None
-        if self.created and not any(self.root.iterdir()):
+        if self.created and self.root.is_dir() and not any(self.root.iterdir()):
             self.root.rmdir()  # a run refused before it wrote anything leaves no empty folder
 
     def __enter__(self) -> RunLock:
