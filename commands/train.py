@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from commands.check import show_checks
 from commands.options import config_options, resolve, tokenizer_for
+from common import checkpoints as ckpt
 from common.checkpoints import CheckpointSaveError, SaveAborted, intact
 from common.config import QLoraConfig, run_name_problem
 from common.console import Say
@@ -59,7 +60,11 @@ def _run_locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> 
                    f"summary.json in {root}): nothing to resume, nothing was changed. To train more, start a new "
                    "run with another --run-name.")
             return 0
-        run_folder.check_resume(args.resume, say)  # before any file is written or model loaded
+        chosen = run_folder.check_resume(args.resume, say)  # before any file is written or model loaded
+        if chosen is not None and ckpt.is_last_step(chosen):
+            say.ok(f"run {root.name} already finished training: {chosen.name} is its last step. The adapter is in "
+                   f"{root} (or, if the run ended before writing it, in {chosen}). Nothing to resume, nothing was changed.")
+            return 0
     else:
         earlier = RunFolder.earlier_run(root)
         if earlier:

@@ -120,8 +120,10 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def write_manifest(folder: Path, step: int, identity: dict, required: tuple[str, ...]) -> None:
-    """The last file of a checkpoint: its presence says every other file was written whole."""
+def write_manifest(folder: Path, step: int, identity: dict, required: tuple[str, ...],
+                   total_steps: int | None = None) -> None:
+    """The last file of a checkpoint: its presence says every other file was written whole.
+    `total_steps` (the run's last step) lets a resume see that training already ended here."""
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise OSError(f"the checkpoint lacks {', '.join(missing)} after saving")
@@ -129,7 +131,7 @@ def write_manifest(folder: Path, step: int, identity: dict, required: tuple[str,
         p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
         for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
-    record = {"step": step, "required": list(required), "files": files, "run": identity}
+    record = {"step": step, "total_steps": total_steps, "required": list(required), "files": files, "run": identity}
     partial = folder / f".{MANIFEST}.partial"
     partial.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     os.replace(partial, folder / MANIFEST)
@@ -166,6 +168,12 @@ def problem(folder: Path) -> str | None:
         if digest != expected["sha256"]:
             return f"{name} no longer matches its saved hash (changed or corrupted)"
     return None
+
+
+def is_last_step(folder: Path) -> bool:
+    """Whether this (verified) checkpoint was saved at the run's last step: training is over."""
+    record = read_manifest(folder)
+    return record.get("total_steps") is not None and record["step"] >= record["total_steps"]
 
 
 def step_of(folder: Path) -> int | None:

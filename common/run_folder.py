@@ -88,6 +88,8 @@ class RunFolder:
         """The verified checkpoint to continue from (common.checkpoints.choose); metrics.jsonl then
         keeps only the steps that checkpoint holds, so the steps run again are logged once."""
         folder = self.check_resume(resume, say)
+        if folder is not None and ckpt.is_last_step(folder):  # a Trainer resumed there would take one more step
+            raise QLoraError(f"{folder} is the last step of this run: training is finished, nothing to resume.")
         if resume is not None:
             self.keep_metrics_through(ckpt.read_manifest(folder)["step"] if folder else 0)
         return folder

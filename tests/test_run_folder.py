@@ -47,12 +47,12 @@ def config(out, *extra):
                                                   "tracking.report_to=none", *extra])
 
 
-def checkpoint(run: RunFolder, step: int, identity=None) -> ckpt.Path:
+def checkpoint(run: RunFolder, step: int, identity=None, total_steps=None) -> ckpt.Path:
     folder = run.checkpoints / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     for index, name in enumerate(FILES):
         (folder / name).write_bytes(bytes([step, index]) * 1000)
-    ckpt.write_manifest(folder, step, identity if identity is not None else run.identity, FILES)
+    ckpt.write_manifest(folder, step, identity if identity is not None else run.identity, FILES, total_steps)
     return folder
 
 
@@ -198,6 +198,21 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert code == 0 and "run mine already finished (12 of 12 steps" in out and "nothing was changed" in out
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.root.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_whose_last_checkpoint_is_its_last_step_is_finished_even_without_a_summary(tmp_path, capsys):
+    """A crash between the last checkpoint and summary.json: resuming would take one step too many."""
+    run = RunFolder.create(config(tmp_path))
+    checkpoint(run, 6, total_steps=12)
+    last = checkpoint(run, 12, total_steps=12)
+    before = {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()}
+    code = main(train_argv(tmp_path, "--resume", "auto"))
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and "run mine already finished training: checkpoint-12 is its last step" in out
+    assert {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()} == before
+    with pytest.raises(QLoraError, match="is the last step of this run: training is finished"):
+        RunFolder.create(config(tmp_path)).resume_from("auto", Recorder())
+    assert ckpt.is_last_step(last) and not ckpt.is_last_step(run.checkpoints / "checkpoint-6")
 
 
 def test_metrics_keep_each_step_once_after_a_resume(run):

@@ -186,7 +186,7 @@ class CudaTrainer(Stopping):
             folder = self.run.checkpoints / f"{ckpt.PREFIX}{step}"
             with self._saving(), ckpt.writing(folder, step, ckpt.needed_bytes(self.run.checkpoints, trainable)):
                 save(model, trial)
-                ckpt.write_manifest(folder, step, self.run.identity, CHECKPOINT_FILES)
+                ckpt.write_manifest(folder, step, self.run.identity, CHECKPOINT_FILES, trainer.state.max_steps)
 
         trainer._save_checkpoint = guarded
 

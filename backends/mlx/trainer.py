@@ -329,7 +329,7 @@ class MlxTrainer(Stopping):
             mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(_flatten(self.optimizer.state)))
             state = {"step": self.step, "eval_loss": eval_loss, "best": best}
             (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            ckpt.write_manifest(partial, self.step, self.run.identity, CHECKPOINT_FILES)
+            ckpt.write_manifest(partial, self.step, self.run.identity, CHECKPOINT_FILES, self.total_steps)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
         self.best = best
