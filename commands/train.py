@@ -53,26 +53,8 @@ def _run_locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> 
 
     run_folder = RunFolder.for_config(cfg)
     root = run_folder.root
-    if args.resume:
-        done = RunFolder.finished(root)
-        if done:
-            say.ok(f"run {root.name} already finished ({done.global_step} of {done.max_steps} steps; adapter and "
-                   f"summary.json in {root}): nothing to resume, nothing was changed. To train more, start a new "
-                   "run with another --run-name.")
-            return 0
-        chosen = run_folder.check_resume(args.resume, say)  # before any file is written or model loaded
-        if chosen is not None and ckpt.is_last_step(chosen):
-            say.ok(f"run {root.name} already finished training: {chosen.name} is its last step. The adapter is in "
-                   f"{root} (or, if the run ended before writing it, in {chosen}). Nothing to resume, nothing was changed.")
-            return 0
-    else:
-        earlier = RunFolder.earlier_run(root)
-        if earlier:
-            raise UsageError(
-                f"run folder {root} already holds a run ({earlier}); a new run there would mix its metrics "
-                f"and overwrite its checkpoints and adapter. Continue it with --resume auto, or choose another "
-                f"--run-name (nothing was changed)."
-            )
+    if _nothing_to_resume(args, say, run_folder):
+        return 0
     ensure_demo_model(cfg.model.name_or_path, say)
     rows = run_checks(cfg)
     show_checks(rows, say, problems_only=True)
@@ -105,6 +87,35 @@ def _run_locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> 
     say.ok(f"done: {summary.global_step} steps, eval_loss {summary.best_eval_loss or summary.final_eval_loss}, "
            f"adapter in {root}")
     return 0
+
+
+def _nothing_to_resume(args, say: Say, run_folder) -> bool:
+    """Before any file is written or model loaded: True (said) for a run that already finished;
+    raises for a new run over an earlier one or a resume of a different run (common/checkpoints.py)."""
+    from common.run_folder import RunFolder
+
+    root = run_folder.root
+    if not args.resume:
+        earlier = RunFolder.earlier_run(root)
+        if earlier:
+            raise UsageError(
+                f"run folder {root} already holds a run ({earlier}); a new run there would mix its metrics "
+                f"and overwrite its checkpoints and adapter. Continue it with --resume auto, or choose another "
+                f"--run-name (nothing was changed)."
+            )
+        return False
+    done = RunFolder.finished(root)
+    if done:
+        say.ok(f"run {root.name} already finished ({done.global_step} of {done.max_steps} steps; adapter and "
+               f"summary.json in {root}): nothing to resume, nothing was changed. To train more, start a new "
+               "run with another --run-name.")
+        return True
+    chosen = run_folder.check_resume(args.resume, say)
+    if chosen is not None and ckpt.is_last_step(chosen):
+        say.ok(f"run {root.name} already finished training: {chosen.name} is its last step. The adapter is in "
+               f"{root} (or, if the run ended before writing it, in {chosen}). Nothing to resume, nothing was changed.")
+        return True
+    return False
 
 
 def replay(args) -> str:
