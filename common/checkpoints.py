@@ -88,8 +88,9 @@ def _is_fingerprint(value) -> bool:
 
 
 def _comparable(value):
+    """A local file counts by content (it may move); anything else (no such file: a Hub name) by name."""
     if _is_fingerprint(value):
-        return value.get("sha256"), value.get("exists", True)
+        return value["sha256"] if value.get("exists", True) else ("not a local file", value["path"])
     return value
 
 

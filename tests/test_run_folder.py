@@ -174,6 +174,11 @@ def test_the_data_fingerprint_grows_with_the_data_config():
     fingerprint = ckpt.data_fingerprint(cfg.data)
     assert set(fingerprint) == set(type(cfg.data).model_fields)
     assert fingerprint["train_file"]["sha256"] == ckpt.file_digest(REPO / cfg.data.train_file)
+    held_out = {"data.val_file": ckpt.file_fingerprint("missing/val.jsonl")}  # no val file: split from train
+    renamed = {"data.val_file": ckpt.file_fingerprint("other/val.jsonl")}
+    assert ckpt.differences(held_out, held_out) == ([], [])
+    assert ckpt.differences(held_out, renamed)[0] == [
+        "data.val_file: missing/val.jsonl (no such file) in the checkpoint, now other/val.jsonl (no such file)"]
 
 
 def test_train_refuses_a_changed_run_before_loading_or_writing_anything(tmp_path, capsys):
