@@ -33,6 +33,8 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
         if problem:
             raise UsageError(f"--run-name {args.run_name!r}: {problem}")
         cfg.tracking.run_name = args.run_name
+    if args.resume is not None and not args.resume.strip():
+        raise UsageError("--resume '': use --resume auto (the newest whole checkpoint) or a checkpoint folder")
     if args.resume and not cfg.tracking.run_name:
         raise UsageError("--resume needs --run-name (the run folder to continue)")
     cfg.tracking.run_name = default_run_name(cfg)  # one name from here on: the lock, the folder, the messages
