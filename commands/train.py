@@ -42,8 +42,14 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     if blocked(rows):
         show_checks(rows, say, problems_only=True)
         raise QLoraError("the run folder cannot be written (above); nothing was loaded.")
-    with RunLock(RunFolder.root_for(cfg)).acquire(say):
-        return _run_locked(args, say, cfg, budget)
+    root = RunFolder.root_for(cfg)
+    try:
+        with RunLock(root).acquire(say):
+            return _run_locked(args, say, cfg, budget)
+    except OSError as exc:  # the folder changed under us after the preflight (disk full, removed, permissions)
+        raise QLoraError(f"{exc.filename or root}: {exc.strerror or exc}; {intact(root / 'checkpoints')}. "
+                         "Fix the folder or free space, then run the command again (with --resume auto if "
+                         "it had started).") from None
 
 
 def _run_locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
