@@ -103,7 +103,8 @@ def _shown(value) -> str:
 
 
 def differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(refused, allowed): one line per key whose value differs, with both values."""
+    """(refused, allowed): one line per key whose value differs, with both values. A key that only one
+    side has (the schema moved on between versions) is not compared."""
     refused, allowed = [], []
     for key in sorted(saved.keys() & current.keys()):
         if _comparable(saved[key]) == _comparable(current[key]):
