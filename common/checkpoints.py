@@ -149,25 +149,25 @@ def problem(folder: Path) -> str | None:
         return "no manifest.json: it was cut off while saving (or written by a version without manifests)"
     try:
         record = read_manifest(folder)
-        files, required = record["files"], record["required"]
-        int(record["step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        files = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in record["files"].items()}
+        required, _, _ = list(record["required"]), int(record["step"]), dict(record["run"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"manifest.json is unreadable ({exc.__class__.__name__}: {exc})"
     for name in required:
         if name not in files:
             return f"{name} was never written"
-    for name, expected in files.items():
+    for name, (saved_size, saved_digest) in files.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
         size = path.stat().st_size
-        if size != expected["bytes"]:
-            return f"{name} is {size:,} bytes but was saved with {expected['bytes']:,} (truncated or replaced)"
+        if size != saved_size:
+            return f"{name} is {size:,} bytes but was saved with {saved_size:,} (truncated or replaced)"
         try:
             digest = file_digest(path)
         except OSError as exc:
             return f"{name} cannot be read ({exc.strerror or exc})"
-        if digest != expected["sha256"]:
+        if digest != saved_digest:
             return f"{name} no longer matches its saved hash (changed or corrupted)"
     return None
 

@@ -77,6 +77,8 @@ DAMAGE = [
      "adapter.safetensors no longer matches its saved hash"),
     ("no manifest (cut off)", lambda f: (f / ckpt.MANIFEST).unlink(), "no manifest.json: it was cut off while saving"),
     ("unreadable manifest", lambda f: (f / ckpt.MANIFEST).write_text("{oops"), "manifest.json is unreadable"),
+    ("manifest of the wrong shape", lambda f: (f / ckpt.MANIFEST).write_text('{"files": [], "step": 8}'),
+     "manifest.json is unreadable"),
     ("unreadable trainer state", lambda f: (f / "trainer_state.json").write_text("{}"), "trainer_state.json is 2 bytes"),
 ]
 
