@@ -6,6 +6,7 @@ merges them and validates the result against these models. Unknown keys are erro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,6 +23,25 @@ SEED_MAX = 2**32 - 1  # numpy's and the data shuffles' seed range
 class Section(BaseModel):
     # inf and nan are never meaningful here, and "epochs: .inf" would train forever
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info) -> Any:
+        """pydantic reads true as 1 for a number: `max_steps: true` would train one step in silence."""
+        kinds = set(_kinds(cls.model_fields[info.field_name].annotation))
+        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError(f"is {str(value).lower()}, but it takes a number")
+        return value
+
+
+def _kinds(annotation) -> Iterator[Any]:
+    """The plain types a (possibly nested Union / Annotated) annotation admits."""
+    args = get_args(annotation)
+    if not args:
+        yield annotation
+    for arg in args:
+        if isinstance(arg, type) or get_args(arg):
+            yield from _kinds(arg)
 
 
 class ModelConfig(Section):
