@@ -353,10 +353,15 @@ def base_shapes(base_dir: str | Path) -> tuple[int, dict[str, tuple[int, int]]]:
     if not path.is_file():
         raise AdapterError(f"{base_dir}: no config.json; --base-model must be a model folder")
     c = _read_json(path)
-    hidden, mlp = c["hidden_size"], c["intermediate_size"]
-    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * head_dim, c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim
-    return c["num_hidden_layers"], {
+    try:
+        hidden, mlp, heads, layers = (int(c[k]) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                            "num_hidden_layers"))
+        head_dim = int(c.get("head_dim") or hidden // heads)
+        q, kv = heads * head_dim, int(c.get("num_key_value_heads", heads)) * head_dim
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise AdapterError(f"{path}: not a Mistral model config ({exc.__class__.__name__}: {exc}); "
+                           "--base-model must be the base model's folder") from None
+    return layers, {
         "q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
         "gate_proj": (hidden, mlp), "up_proj": (hidden, mlp), "down_proj": (mlp, hidden),
     }

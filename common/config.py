@@ -171,6 +171,8 @@ def run_name_problem(name: str) -> str | None:
         return "is empty"
     if name.strip(".") == "":
         return f"{name!r} is not a folder name"
+    if len(name.encode()) > 200:  # file systems stop at 255 bytes a name
+        return f"is {len(name.encode())} bytes long; keep it under 200"
     if any(sep in name for sep in ("/", "\\", "\0")):
         return ("is a path, not a name (no separators); a run lives in tracking.output_dir/<run name>: "
                 "set tracking.output_dir for another location")

@@ -259,6 +259,15 @@ def test_convert_to_an_unwritable_destination_is_refused(tmp_path, capsys, where
     assert where != "under-a-file" or "a-file is a file, not a folder" in out
 
 
+def test_a_base_model_config_that_is_not_mistrals_is_refused(tmp_path, capsys):
+    peft_adapter(tmp_path / "adapter")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "bert"}')
+    code = main(["convert", str(tmp_path / "adapter"), str(tmp_path / "out"), "--base-model", str(tmp_path / "base")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and "config.json: not a Mistral model config (KeyError: 'hidden_size')" in out
+
+
 def test_a_good_adapter_still_converts(tmp_path, capsys):
     assert main(["convert", str(peft_adapter(tmp_path / "adapter")), str(tmp_path / "mlx")]) == 0
     assert (tmp_path / "mlx" / "adapters.safetensors").is_file()
