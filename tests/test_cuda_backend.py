@@ -123,7 +123,8 @@ def test_run_folder_holds_everything(trained):
     for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "metrics.jsonl",
                  "loss.png", "summary.json"):
         assert (root / name).is_file(), name
-    assert any(root.joinpath("checkpoints").glob("checkpoint-*"))
+    kept = list(root.joinpath("checkpoints").glob("checkpoint-*"))
+    assert kept and all(problem(folder) is None for folder in kept)  # each one whole, with its manifest
     assert summary.best_checkpoint and summary.best_eval_loss is not None
     rates = [r["tokens_per_second"] for r in trainer.run.read_metrics() if "tokens_per_second" in r]
     assert rates and all(r > 0 for r in rates)
