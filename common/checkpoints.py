@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -202,6 +203,19 @@ def newest_good(checkpoints: Path) -> tuple[Path | None, list[tuple[Path, str]]]
     return None, skipped
 
 
+def set_aside_newer(checkpoints: Path, step: int) -> None:
+    """Checkpoints past the resume point were skipped as broken. Renamed out of the `checkpoint-N`
+    pattern (kept for a look, never deleted): a Trainer that rotates checkpoints by step would
+    otherwise count a stale broken checkpoint-8 as newer than the fresh checkpoint-4 and delete the
+    good one, and its re-save of the same step would land among the broken files."""
+    for folder in numbered(checkpoints):
+        if step_of(folder) > step:
+            aside = folder.with_name(f"broken-{folder.name}")
+            if aside.exists():
+                aside = folder.with_name(f"broken-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+
+
 def with_manifest(checkpoints: Path) -> list[str]:
     """Names of checkpoints that were written to the end (not re-hashed: for messages)."""
     return [p.name for p in numbered(checkpoints) if (p / MANIFEST).is_file()]
@@ -219,7 +233,7 @@ def choose(resume: str | None, checkpoints: Path, identity: dict, say) -> Path |
     if resume == "auto":
         folder, skipped = newest_good(checkpoints)
         for bad, why in skipped:
-            say.warn(f"skipping {bad.name}: {why}")
+            say.warn(f"skipping {bad.name}: {why} (set aside as broken-{bad.name} when training resumes)")
         if folder is None and skipped:
             raise QLoraError(
                 f"--resume auto: none of the {len(skipped)} checkpoint(s) under {checkpoints} is whole (above), "

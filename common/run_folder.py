@@ -91,7 +91,9 @@ class RunFolder:
         if folder is not None and ckpt.is_last_step(folder):  # a Trainer resumed there would take one more step
             raise QLoraError(f"{folder} is the last step of this run: training is finished, nothing to resume.")
         if resume is not None:
-            self.keep_metrics_through(ckpt.read_manifest(folder)["step"] if folder else 0)
+            step = ckpt.read_manifest(folder)["step"] if folder else 0
+            self.keep_metrics_through(step)
+            ckpt.set_aside_newer(self.checkpoints, step)
         return folder
 
     def check_resume(self, resume: str | None, say) -> Path | None:

@@ -163,6 +163,7 @@ def test_kill_9_then_resume_skips_a_damaged_checkpoint_and_logs_each_step_once(t
     flat = " ".join(out.split())
     assert code == 0, out[-3000:]
     assert "skipping checkpoint-4: optimizer.pt is 3 bytes" in flat and "checkpoint-2 (step 2, every file verified)" in flat
+    assert (run / "checkpoints" / "broken-checkpoint-4" / "optimizer.pt").read_bytes() == b"cut"
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4, 5, 6]

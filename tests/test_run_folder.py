@@ -228,8 +228,14 @@ def test_metrics_keep_each_step_once_after_a_resume(run):
     with run.metrics.open("a") as handle:
         handle.write('{"step": 10, "lo')  # a kill in the middle of a line
     checkpoint(run, 8)
-    assert run.resume_from("auto", Recorder()).name == "checkpoint-8"
+    (checkpoint(run, 10) / "optimizer.pt").unlink()
+    say = Recorder()
+    assert run.resume_from("auto", say).name == "checkpoint-8"
     assert [r["step"] for r in run.read_metrics()] == list(range(1, 9))
+    # the broken checkpoint-10 is out of the way of the resumed run's own checkpoint-10, and kept
+    assert [p.name for p in ckpt.numbered(run.checkpoints)] == ["checkpoint-8"]
+    assert (run.checkpoints / "broken-checkpoint-10" / "adapter.safetensors").is_file()
+    assert "skipping checkpoint-10: optimizer.pt is missing (set aside as broken-checkpoint-10" in say.text()
 
 
 # ---------------------------------------------------------------- one run, one folder
