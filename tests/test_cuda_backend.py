@@ -175,6 +175,13 @@ def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_ends(tiny_mode
         return write_optimizer(output_dir)
 
     interrupted.trainer._save_optimizer_and_scheduler = second_signal_mid_save
+    write_adapter = interrupted.save
+
+    def second_signal_mid_final_save():  # and one while the final adapter is written
+        os.kill(os.getpid(), signal.SIGTERM)
+        write_adapter()
+
+    interrupted.save = second_signal_mid_final_save
     summary = interrupted.train()
     # the signal lands at the end of step 6; the step in flight (7) finishes, then it saves, whole
     assert summary.interrupted and summary.global_step == 7

@@ -360,11 +360,12 @@ class CudaTrainer(Stopping):
         started = time.time()
         try:
             output = self.trainer.train(resume_from_checkpoint=resume_from)
+            wall = time.time() - started
+            with self._saving():  # save_pretrained writes in place: a second signal must not cut it short
+                self.save()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        wall = time.time() - started
-        self.save()
         state = self.trainer.state
         summary = RunSummary(
             backend="cuda",
