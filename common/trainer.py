@@ -95,7 +95,7 @@ class Stopping:
         if self.stop_requested and self.stop_reason == "signal":  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
         self.request_stop("signal")
-        self.say.warn(f"{name} received (press Ctrl-C again to abort without saving)")
+        self.say.warn(f"{name} received" + ("" if self.saving else " (press Ctrl-C again to abort without saving)"))
 
     @contextmanager
     def _saving(self):
