@@ -329,8 +329,9 @@ def test_resume_auto_skips_a_checkpoint_cut_off_mid_save(tmp_path):
     say = Recorder()
     assert CudaTrainer(cfg, run, None, say)._resume_point("auto") == str(good)
     assert any("checkpoint-200: no manifest.json: it was cut off while saving" in text for _, text in say.lines)
+    assert (run.checkpoints / "broken-checkpoint-200").is_dir()  # out of the Trainer's way, kept
     (good / "scheduler.pt").unlink()  # a fresh schedule in silence is never an option
-    with pytest.raises(QLoraError, match="none of the 2 checkpoint"):
+    with pytest.raises(QLoraError, match="none of the 1 checkpoint"):
         CudaTrainer(cfg, RunFolder.create(cfg), None, Recorder())._resume_point("auto")
 
 
