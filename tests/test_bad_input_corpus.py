@@ -163,6 +163,7 @@ USAGE_CASES = [
     (["config", "--platform", "h100", "--config", "x.yaml"], "give either --config or --platform"),
     (["train", "--platform", "cpu", "--time-budget", "soon"], "use a duration such as 3h30m"),
     (["train", "--platform", "cpu", "--time-budget", ""], "--time-budget '': use a duration such as 3h30m"),
+    (["plan", "--platform", "h100", "--time-budget", ""], "--time-budget '': use a duration such as 3h30m"),
     (["train", "--platform", "cpu", "--run-name", "x", "--resume", ""], "--resume '': use --resume auto"),
     (["train", "--platform", "cpu", "--run-name", ".."], "--run-name '..': '..' is not a folder name"),
     (["train", "--platform", "cpu", "--run-name", "runs/mine"], "--run-name 'runs/mine': is a path, not a name"),
