@@ -1,4 +1,4 @@
-"""Shared fixtures: the real v0.3 tokenizer, a tiny random Mistral, JSONL writers."""
+"""Shared fixtures: the real v0.3 tokenizer, a tiny random Mistral, JSONL writers, a recording Say."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from common.console import Say
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
@@ -29,6 +31,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from common.tiny_mistral import build_random_mistral
 
     return build_random_mistral(tmp_path_factory.mktemp("tiny") / "tiny-mistral")
+
+
+class Recorder(Say):
+    """A Say that keeps its ok and warning lines, for asserting on what a user is told."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def ok(self, message):
+        self.lines.append(("ok", message))
+
+    def warn(self, message):
+        self.lines.append(("warn", message))
+
+    def text(self) -> str:
+        return "\n".join(message for _, message in self.lines)
 
 
 def write_jsonl(path: Path, records) -> Path:

@@ -10,7 +10,7 @@ import signal
 import sys
 
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, Recorder
 
 pytest.importorskip("trl")
 pytest.importorskip("bitsandbytes")
@@ -199,18 +199,6 @@ def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_ends(tiny_mode
 
 
 # ------------------------------------------------------------------ fallbacks
-
-
-class Recorder(Say):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def warn(self, message):
-        self.lines.append(("warn", message))
-
-    def ok(self, message):
-        self.lines.append(("ok", message))
 
 
 def test_attention_falls_back_to_sdpa_with_an_install_hint(monkeypatch):

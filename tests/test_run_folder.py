@@ -13,33 +13,17 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SAMPLE
+from conftest import REPO, SAMPLE, Recorder
 
 from commands import main
 from common import checkpoints as ckpt
 from common.config_loader import load_config
-from common.console import Say
 from common.errors import ConfigError, QLoraError
 from common.preflight import BLOCK, OK, check_run_folder
 from common.run_folder import RunFolder, RunLock
 from common.trainer import RunSummary, Stopping
 
 FILES = ("adapter.safetensors", "optimizer.pt", "trainer_state.json")
-
-
-class Recorder(Say):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def ok(self, message):
-        self.lines.append(("ok", message))
-
-    def warn(self, message):
-        self.lines.append(("warn", message))
-
-    def text(self) -> str:
-        return "\n".join(message for _, message in self.lines)
 
 
 def config(out, *extra):
