@@ -7,6 +7,7 @@ from pathlib import Path
 
 from commands.options import config_options, config_or_default, tokenizer_for
 from common.console import Say
+from common.errors import UsageError
 
 
 def add_parser(sub) -> None:
@@ -117,6 +118,8 @@ def convert(args, say: Say) -> int:
 def tokenize(args, say: Say) -> int:
     from common.data import fit_length, read_conversations
 
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: is a folder; give a file path, e.g. --out {Path(args.out) / 'tokens.jsonl'}")
     cfg = config_or_default(args, say)
     conversations, _ = read_conversations(args.file, cfg.data)
     tokenizer = tokenizer_for(cfg)

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
 
 def run(args, say: Say) -> int:
-    from common.run_folder import RunFolder
+    from common.run_folder import RunFolder, RunLock
 
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     if args.backend == "mlx" and not any(o.startswith("training.max_steps=") for o in overrides):
@@ -35,6 +35,7 @@ def run(args, say: Say) -> int:
         args.run_name = cfg.tracking.run_name = f"demo-{cfg.backend}"
         folder = RunFolder.root_for(cfg)
         if RunFolder.earlier_run(folder):
-            say.info(f"replacing the previous demo run in {folder}")
-            shutil.rmtree(folder)
+            with RunLock(folder).acquire(say):  # never delete a demo that is still running
+                say.info(f"replacing the previous demo run in {folder}")
+                shutil.rmtree(folder)
     return train.run(args, say, cfg)

@@ -32,7 +32,7 @@ def run(args, say: Say) -> int:
 
     if args.json:  # stdout carries only the JSON; progress and warnings go to stderr
         say = Say(sys.stderr)
-    budget = parse_duration(args.time_budget) if args.time_budget else None
+    budget = parse_duration(args.time_budget) if args.time_budget is not None else None
     cfg = resolve(args, say, detect_platform=True)
     apply_data_options(args, cfg)
     data = prepare_data(cfg.data, tokenizer_for(cfg))

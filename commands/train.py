@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from commands.check import show_checks
 from commands.options import apply_data_options, config_options, data_options, resolve, tokenizer_for
-from common.config import QLoraConfig
+from common import checkpoints as ckpt
+from common.checkpoints import CheckpointSaveError, SaveAborted, intact
+from common.config import QLoraConfig, run_name_problem
 from common.console import Say
 from common.errors import QLoraError, UsageError
 from common.time_budget import TimeBudget, parse_duration
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", parents=[config_options(), data_options()], help="train an adapter (platform detected unless given)")
+    p = sub.add_parser("train", parents=[config_options(), data_options()],
+                       help="train an adapter (platform detected unless given)")
     p.add_argument("--resume", metavar="auto|DIR", help="continue from the newest or a given checkpoint")
     p.add_argument("--time-budget", metavar="DURATION",
                    help="stop with everything saved before this much time has passed, e.g. 3h30m")
@@ -27,30 +30,50 @@ def add_verbose(p) -> None:
 
 
 def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
+    from common.preflight import blocked, check_run_folder
+    from common.run_folder import RunFolder, RunLock, default_run_name
+
+    budget = (TimeBudget(parse_duration(args.time_budget), started=args.started)
+              if getattr(args, "time_budget", None) is not None else None)
+    cfg = cfg or resolve(args, say, detect_platform=True)
+    apply_data_options(args, cfg)
+    if args.run_name is not None:
+        problem = run_name_problem(args.run_name)
+        if problem:
+            raise UsageError(f"--run-name {args.run_name!r}: {problem}")
+        cfg.tracking.run_name = args.run_name
+    if args.resume is not None and not args.resume.strip():
+        raise UsageError("--resume '': use --resume auto (the newest whole checkpoint) or a checkpoint folder")
+    if args.resume and not cfg.tracking.run_name:
+        raise UsageError("--resume needs --run-name (the run folder to continue)")
+    cfg.tracking.run_name = default_run_name(cfg)  # one name from here on: the lock, the folder, the messages
+    rows = check_run_folder(cfg)  # before the lock, which lives in that folder
+    if blocked(rows):
+        show_checks(rows, say, problems_only=True)
+        raise QLoraError("the run folder cannot be written (above); nothing was loaded.")
+    root = RunFolder.root_for(cfg)
+    try:
+        with RunLock(root).acquire(say):
+            return _run_locked(args, say, cfg, budget)
+    except OSError as exc:  # the folder changed under us after the preflight (disk full, removed, permissions)
+        raise QLoraError(f"{exc.filename or root}: {exc.strerror or exc}; {intact(root / 'checkpoints')}. "
+                         "Fix the folder or free space, then run the command again (with --resume auto if "
+                         "it had started).") from None
+
+
+def _run_locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
     from common.run_folder import RunFolder
     from common.run_log import library_output
 
-    budget = (TimeBudget(parse_duration(args.time_budget), started=args.started)
-              if getattr(args, "time_budget", None) else None)
-    cfg = cfg or resolve(args, say, detect_platform=True)
-    apply_data_options(args, cfg)
-    if args.run_name:
-        cfg.tracking.run_name = args.run_name
-    if args.resume and not cfg.tracking.run_name:
-        raise UsageError("--resume needs --run-name (the run folder to continue)")
-    folder = RunFolder.root_for(cfg)
-    cfg.tracking.run_name = folder.name  # one name from here on (a default one holds the time)
-    earlier = RunFolder.earlier_run(folder) if cfg.tracking.run_name and not args.resume else None
-    if earlier:
-        raise UsageError(
-            f"run folder {folder} already holds a run ({earlier}); a new run there would mix its metrics "
-            f"and overwrite its checkpoints and adapter. Continue it with --resume auto, or choose another "
-            f"--run-name (nothing was changed)."
-        )
-    log, verbose = folder / "train.log", getattr(args, "verbose", False)
+    run_folder = RunFolder.for_config(cfg)
+    root = run_folder.root
+    if _nothing_to_resume(args, say, run_folder):
+        return 0
+    again = f"qlora train {replay(args)} --run-name {root.name} --resume auto".replace("  ", " ")
+    log, verbose = root / "train.log", getattr(args, "verbose", False)
     with library_output(log, say, verbose) as chatter:
         try:
-            summary, run_folder = _train(args, cfg, say, budget)
+            summary = _train(args, cfg, say, budget, run_folder, again)
         finally:
             if chatter.lines and not verbose:
                 say.info(f"library output ({chatter.lines} lines: warnings, progress bars) is in {log}; "
@@ -58,20 +81,20 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     if summary.interrupted:
         say.warn(f"stopped early at step {summary.global_step} ({summary.stop_reason}); "
                  "checkpoint and adapter saved.")
-        say.info(f"continue with: qlora train {replay(args)} --run-name {run_folder.root.name} --resume auto")
+        say.info(f"continue with: {again}")
         return 0
     say.ok(f"done: {summary.global_step} steps, eval_loss {summary.best_eval_loss or summary.final_eval_loss}, "
-           f"adapter in {run_folder.root}")
+           f"adapter in {root}")
     return 0
 
 
-def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None):
+def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_folder, again: str):
     from backends import make_trainer
     from common.data import prepare_data
     from common.preflight import blocked, run_checks
-    from common.run_folder import RunFolder
     from common.tiny_mistral import ensure_demo_model
 
+    root = run_folder.root
     ensure_demo_model(cfg.model.name_or_path, say)
     rows = run_checks(cfg)
     show_checks(rows, say, problems_only=True)
@@ -84,12 +107,21 @@ def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None):
     say.ok(f"data: {report.n_train} training and {report.n_val} validation examples")
     for warning in report.warnings:
         say.warn(warning)
-    run_folder = RunFolder.create(cfg)
-    say.info(f"run folder: {run_folder.root}")
+    run_folder.open(cfg)
+    say.info(f"run folder: {root}")
     trainer = make_trainer(cfg, run_folder, data, say, time_budget=budget)
-    summary = trainer.train(resume=args.resume)
+    trainer.setup()
+    if budget is not None:
+        budget.refuse_if_too_short()
+    try:
+        summary = trainer.train(resume=args.resume)
+    except (CheckpointSaveError, SaveAborted) as exc:
+        raise type(exc)(f"{exc} The command: {again}") from None
+    except OSError as exc:  # the final adapter or summary: the checkpoints hold the run
+        raise QLoraError(f"a write in {root} failed: {exc.strerror or exc} ({exc.filename or root}); "
+                         f"{intact(run_folder.checkpoints)}. Free space or fix the folder, then: {again}") from None
     describe_run(run_folder, cfg, data, summary)
-    return summary, run_folder
+    return summary
 
 
 def describe_run(run_folder, cfg: QLoraConfig, data, summary) -> None:
@@ -100,6 +132,35 @@ def describe_run(run_folder, cfg: QLoraConfig, data, summary) -> None:
 
     record_base_model(run_folder.root, cfg.model.name_or_path)
     write_run_card(run_folder.root, cfg, data, summary)
+
+
+def _nothing_to_resume(args, say: Say, run_folder) -> bool:
+    """Before any file is written or model loaded: True (said) for a run that already finished;
+    raises for a new run over an earlier one or a resume of a different run (common/checkpoints.py)."""
+    from common.run_folder import RunFolder
+
+    root = run_folder.root
+    if not args.resume:
+        earlier = RunFolder.earlier_run(root)
+        if earlier:
+            raise UsageError(
+                f"run folder {root} already holds a run ({earlier}); a new run there would mix its metrics "
+                f"and overwrite its checkpoints and adapter. Continue it with --resume auto, or choose another "
+                f"--run-name (nothing was changed)."
+            )
+        return False
+    done = RunFolder.finished(root)
+    if done:
+        say.ok(f"run {root.name} already finished ({done.global_step} of {done.max_steps} steps; adapter and "
+               f"summary.json in {root}): nothing to resume, nothing was changed. To train more, start a new "
+               "run with another --run-name.")
+        return True
+    chosen = run_folder.check_resume(args.resume, say)
+    if chosen is not None and ckpt.is_last_step(chosen):
+        say.ok(f"run {root.name} already finished training: {chosen.name} is its last step. The adapter is in "
+               f"{root} (or, if the run ended before writing it, in {chosen}). Nothing to resume, nothing was changed.")
+        return True
+    return False
 
 
 def replay(args) -> str:

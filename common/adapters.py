@@ -68,29 +68,44 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Read every tensor as float32. safetensors' numpy API cannot read bfloat16 (numpy has no
-    such dtype), and adapters are often saved in it, so the (simple) format is read here."""
-    raw = path.read_bytes()
+    such dtype), and adapters are often saved in it, so the (simple) format is read here, checking
+    each tensor's extent against the file (a truncated copy is named, not reshaped into garbage)."""
     try:
-        size = int.from_bytes(raw[:8], "little")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    size = int.from_bytes(raw[:8], "little")
+    if len(raw) < 8 or size > len(raw) - 8:
+        raise AdapterError(f"{path}: not a safetensors file, or truncated ({len(raw):,} bytes)")
+    try:
         header = json.loads(raw[8 : 8 + size])
     except (ValueError, UnicodeDecodeError):
         raise AdapterError(f"{path}: not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path}: not a safetensors file (its header is not a JSON object)")
     body = memoryview(raw)[8 + size :]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        chunk = body[start:end]
-        if info["dtype"] == "BF16":
-            bits = np.frombuffer(chunk, dtype=np.uint16).astype(np.uint32) << 16
-            array = bits.view(np.float32)
-        elif info["dtype"] in _DTYPES:
-            array = np.frombuffer(chunk, dtype=_DTYPES[info["dtype"]]).astype(np.float32)
-        else:
-            raise AdapterError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        tensors[name] = array.reshape(info["shape"])
-    return tensors
+    return {name: _tensor(path, name, info, body) for name, info in header.items() if name != "__metadata__"}
+
+
+_WIDTH = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+
+
+def _tensor(path: Path, name: str, info, body: memoryview) -> np.ndarray:
+    try:
+        dtype, shape, (start, end) = info["dtype"], [int(n) for n in info["shape"]], info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise AdapterError(f"{path}: tensor {name} has a malformed header entry") from None
+    if dtype not in _WIDTH:
+        raise AdapterError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+    if not (0 <= start <= end <= len(body)) or end - start != _WIDTH[dtype] * math.prod(shape):
+        raise AdapterError(f"{path}: tensor {name} runs past the end of the file or does not match its shape "
+                           f"{shape}: the file is truncated or corrupt; copy it again")
+    chunk = body[start:end]
+    if dtype == "BF16":
+        array = (np.frombuffer(chunk, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        array = np.frombuffer(chunk, dtype=_DTYPES[dtype]).astype(np.float32)
+    return array.reshape(shape)
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -124,9 +139,31 @@ def detect_format(folder: str | Path) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _rank(config: dict, key: str, where: Path) -> int:
+    """LoRA rank from a config: a positive whole number (16 or 16.0), nothing else."""
+    value = config.get(key)
+    if value is None:
+        raise AdapterError(f"{where}: {key} (the LoRA rank) is missing")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+        raise AdapterError(f"{where}: {key} must be a positive whole number (the LoRA rank), got {value!r}")
+    return int(value)
+
+
+def _number(config: dict, key: str, default: float, where: Path) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AdapterError(f"{where}: {key} must be a number, got {value!r}")
+    return float(value)
 
 
 # ---------------------------------------------------------------------------- PEFT
@@ -136,11 +173,12 @@ def read_peft(folder: str | Path) -> Adapter:
     folder = Path(folder)
     config = _read_json(folder / "adapter_config.json")
     _refuse_unfaithful_peft(folder, config)
-    r = int(config["r"])
-    alpha = float(config.get("lora_alpha", r))
+    where = folder / "adapter_config.json"
+    r = _rank(config, "r", where)
+    alpha = _number(config, "lora_alpha", r, where)
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     a, b = split_lora(read_safetensors(folder / "adapter_model.safetensors"), PEFT_KEY, "A", str(folder))
-    adapter = Adapter(r, scale, float(config.get("lora_dropout", 0.0)), _targets(a), a, b,
+    adapter = Adapter(r, scale, _number(config, "lora_dropout", 0.0, where), _targets(a), a, b,
                       config.get("base_model_name_or_path"))
     _check_pairs(folder, adapter)
     return adapter
@@ -260,12 +298,13 @@ def read_mlx(folder: str | Path) -> Adapter:
     if kind != "lora":
         raise AdapterError(f"{folder}: fine_tune_type {kind!r} cannot be converted (only 'lora')")
     params = config.get("lora_parameters") or {}
-    if "rank" not in params or "scale" not in params:
+    if not isinstance(params, dict) or "rank" not in params or "scale" not in params:
         raise AdapterError(f"{folder}: adapter_config.json lacks lora_parameters.rank / .scale")
+    where = folder / "adapter_config.json"
+    rank, scale = _rank(params, "rank", where), _number(params, "scale", 0.0, where)
     a, b = mlx_factors(read_safetensors(folder / "adapters.safetensors"), str(folder))
     base = config.get("base_model_name_or_path") or config.get("model")
-    adapter = Adapter(int(params["rank"]), float(params["scale"]), float(params.get("dropout", 0.0)),
-                      [], a, b, base)
+    adapter = Adapter(rank, scale, _number(params, "dropout", 0.0, where), [], a, b, base)
     adapter.targets = _targets(a)
     adapter.extra["num_layers"] = config.get("num_layers")
     _check_pairs(folder, adapter)
@@ -313,7 +352,11 @@ def base_shapes(base_dir: str | Path) -> tuple[int, dict[str, tuple[int, int]]]:
     if not path.is_file():
         raise AdapterError(f"{base_dir}: no config.json; --base-model must be a model folder")
     config = _read_json(path)
-    return config["num_hidden_layers"], projection_shapes(config)
+    try:
+        return int(config["num_hidden_layers"]), projection_shapes(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise AdapterError(f"{path}: not a Mistral model config ({exc.__class__.__name__}: {exc}); "
+                           "--base-model must be the base model's folder") from None
 
 
 def check_against_base(adapter: Adapter, base_dir: str | Path) -> int:
@@ -389,14 +432,24 @@ def write_adapter(adapter: Adapter, folder: str | Path, fmt: str, num_layers: in
 
 
 def _write_atomically(dst: Path, files: tuple[str, str], tensors: dict, config: dict) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    except OSError as exc:
+        blocker = next((p for p in dst.parents if p.exists()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker and not blocker.is_dir()
+               else f"{exc.strerror or exc}: {exc.filename or dst.parent}")
+        raise AdapterError(f"{dst}: cannot write there ({why}); choose a writable destination folder") from None
     try:
         write_safetensors(tmp / files[0], tensors)
         (tmp / files[1]).write_text(json.dumps(config, indent=2) + "\n")
         if dst.exists():
             dst.rmdir()
         os.replace(tmp, dst)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AdapterError(f"{dst}: writing the converted adapter failed ({exc.strerror or exc}); nothing was "
+                           "left behind: free space or choose another destination") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

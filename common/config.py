@@ -6,6 +6,7 @@ merges them and validates the result against these models. Unknown keys are erro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -18,8 +19,31 @@ Platform = Literal["h100", "m4", "cpu"]
 Backend = Literal["cuda", "mlx"]
 
 
+SEED_MAX = 2**32 - 1  # numpy's and the data shuffles' seed range
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never meaningful here, and "epochs: .inf" would train forever
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info) -> Any:
+        """pydantic reads true as 1 for a number: `max_steps: true` would train one step in silence."""
+        kinds = set(_kinds(cls.model_fields[info.field_name].annotation))
+        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError(f"is {str(value).lower()}, but it takes a number")
+        return value
+
+
+def _kinds(annotation) -> Iterator[Any]:
+    """The plain types a (possibly nested Union / Annotated) annotation admits."""
+    args = get_args(annotation)
+    if not args:
+        yield annotation
+    for arg in args:
+        if isinstance(arg, type) or get_args(arg):
+            yield from _kinds(arg)
 
 
 class ModelConfig(Section):
@@ -134,7 +158,7 @@ class DataConfig(Section):
         None, ge=1, description="Train on a seeded random subset of this many conversations (taken before the "
         "validation split), for a quick run.")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Held-out share (90/10).")
-    split_seed: int = Field(42, description="Seed of the deterministic train/validation split.")
+    split_seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed of the deterministic train/validation split.")
     max_seq_length: int = Field(4096, ge=16, le=32768, description="Tokens per example.")
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with an example longer than max_seq_length."
@@ -157,8 +181,8 @@ class DataConfig(Section):
 
 
 class TrainingConfig(Section):
-    epochs: float = Field(3, gt=0, description="Passes over the training set.")
-    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = use epochs.")
+    epochs: float = Field(3, gt=0, le=10_000, description="Passes over the training set.")
+    max_steps: int = Field(-1, ge=-1, le=100_000_000, description="Optimizer steps; -1 = use epochs (0 is refused).")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
@@ -167,12 +191,20 @@ class TrainingConfig(Section):
     batch_size: int = Field(4, ge=1, le=512, description="Sequences per micro-batch.")
     gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
     gradient_checkpointing: bool = Field(True, description="Recompute activations (saves memory).")
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed of LoRA initialisation, dropout and data order.")
     packing: bool = Field(
         True,
         description="Pack examples into rows of max_seq_length without padding "
         "(padding-free; needs a varlen attention kernel on CUDA). CUDA backend only for now.",
     )
+
+
+    @field_validator("max_steps")
+    @classmethod
+    def _not_zero(cls, steps: int) -> int:
+        if steps == 0:
+            raise ValueError("0 would train nothing; use -1 (training.epochs decides) or a positive number of steps")
+        return steps
 
 
 class EvalConfig(Section):
@@ -193,6 +225,29 @@ class TrackingConfig(Section):
     project: str = "mistral-qlora"
     run_name: str | None = Field(None, description="Folder name under output_dir; default: time.")
     output_dir: str = Field("adapters", description="Each run writes adapters/<run_name>/.")
+
+
+    @field_validator("run_name")
+    @classmethod
+    def _a_name(cls, name: str | None) -> str | None:
+        problem = run_name_problem(name) if name is not None else None
+        if problem:
+            raise ValueError(problem)
+        return name
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run folder's name: it must stay one folder under tracking.output_dir."""
+    if not name.strip():
+        return "is empty"
+    if name.strip(".") == "":
+        return f"{name!r} is not a folder name"
+    if len(name.encode()) > 200:  # file systems stop at 255 bytes a name
+        return f"is {len(name.encode())} bytes long; keep it under 200"
+    if any(sep in name for sep in ("/", "\\", "\0")):
+        return ("is a path, not a name (no separators); a run lives in tracking.output_dir/<run name>: "
+                "set tracking.output_dir for another location")
+    return None
 
 
 LigerKernel = Literal["rope", "rms_norm", "swiglu"]

@@ -40,11 +40,26 @@ def platform_config_path(platform: str) -> Path:
     return CONFIG_DIR / PLATFORM_FILES[platform]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in silence; a config that sets `lora.r` twice is a
+    mistake to point at (file and line), not a value to guess."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in first and key != "<<":
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first set on line {first[key] + 1})", key_node.start_mark)
+            first.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found. Check the path, or use --platform.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8.") from None
     except yaml.YAMLError as exc:
@@ -69,6 +84,8 @@ def _merge(
             _merge(into[key], value, sources, origin, prefix=f"{path}.")
             continue
         into[key] = dict(value) if isinstance(value, Mapping) else value
+        for stale in [k for k in sources if k == path or k.startswith(f"{path}.")]:
+            del sources[stale]  # replaced: an error here is the new value's, not the old one's
         for leaf in _leaves(value, path):
             sources[leaf] = origin
 
@@ -217,7 +234,9 @@ def _describe(err: dict, sources: Mapping[str, str], default_origin: str) -> str
     loc = _parts(err["loc"])
     key = ".".join(loc)
     origin = _origin(key, sources, default_origin)
-    mentioned = sorted({src for path, src in sources.items() if path in err["msg"]} | (
+    # keys a rule names (a field's own rule names only keys inside that field: others are advice)
+    mentioned = sorted({src for path, src in sources.items() if path in err["msg"]
+                        and (not key or path.startswith(f"{key}."))} | (
         {sources[k] for k in ("backend", "platform") if k in sources and k in err["msg"].split(" ")}))
     if err["type"] == "value_error" and mentioned:
         # a rule across keys: name where each of them was set (the failing key's own origin first)

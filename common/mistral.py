@@ -31,11 +31,12 @@ PARENT = {p: ("self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else 
 
 
 def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """projection -> (in features, out features), from a Hugging Face config (dict)."""
-    hidden, mlp = config["hidden_size"], config["intermediate_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    q = config["num_attention_heads"] * head_dim
-    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    """projection -> (in features, out features), from a Hugging Face config (dict). Raises KeyError,
+    TypeError, ValueError or ZeroDivisionError for a config that is not a Mistral's."""
+    hidden, mlp, heads = (int(config[k]) for k in ("hidden_size", "intermediate_size", "num_attention_heads"))
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    q = heads * head_dim
+    kv = int(config.get("num_key_value_heads", heads)) * head_dim
     return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
             "gate_proj": (hidden, mlp), "up_proj": (hidden, mlp), "down_proj": (mlp, hidden)}
 

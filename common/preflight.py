@@ -295,6 +295,30 @@ def check_disk(cfg, env, cached: Callable[[str], bool] = cached_on_hub) -> list[
                   "" if status == OK else "free disk space or set tracking.output_dir to a larger disk")]
 
 
+def check_run_folder(cfg, env=None) -> list[Check]:
+    """The run folder can be made and written: a file is created and removed there (in its nearest
+    existing parent when it does not exist yet, so a check leaves nothing behind). Permissions and
+    read-only mounts are proven by trying, not by reading mode bits."""
+    import tempfile
+
+    out = Path(cfg.tracking.output_dir)
+    target = out / cfg.tracking.run_name if cfg.tracking.run_name else out
+    fix = "set tracking.output_dir to a writable folder (or fix its permissions)"
+    probe = target
+    while not probe.exists() and probe != probe.parent and not probe.is_symlink():
+        probe = probe.parent
+    if not probe.is_dir():
+        kind = "a file" if probe.is_file() else "not a folder"
+        return [Check("run folder", BLOCK, f"{probe} is {kind}, so {target} cannot be a run folder", fix)]
+    try:
+        handle, name = tempfile.mkstemp(prefix=".qlora-write-test-", dir=probe)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        return [Check("run folder", BLOCK, f"{probe} is not writable ({exc.strerror or exc})", fix)]
+    return [Check("run folder", OK, f"{target} (writable)")]
+
+
 def check_tracking(cfg, env) -> list[Check]:
     from common.tracking import resolve_tracker
 
@@ -326,7 +350,7 @@ def check_memory(cfg, env) -> list[Check]:
 
 
 CHECKS = [check_python, check_packages, check_accelerator, check_attention, check_kernels, check_data, check_model,
-          check_disk, check_tracking, check_memory]
+          check_run_folder, check_disk, check_tracking, check_memory]
 
 
 def run_checks(cfg: QLoraConfig, env: Environment | None = None) -> list[Check]:

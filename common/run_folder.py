@@ -1,16 +1,22 @@
 """The run folder both backends write: adapters/<run-name>/ with the adapter, the resolved
-config, metrics.jsonl, loss.png and summary.json; checkpoints under checkpoints/."""
+config, metrics.jsonl, loss.png and summary.json; checkpoints under checkpoints/. One run uses a
+folder at a time (RunLock)."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from common import checkpoints as ckpt
 from common.config import QLoraConfig
+from common.errors import QLoraError
+
+LOCK = ".lock"
 
 
 def default_run_name(cfg: QLoraConfig) -> str:
@@ -20,14 +26,22 @@ def default_run_name(cfg: QLoraConfig) -> str:
 @dataclass
 class RunFolder:
     root: Path
+    identity: dict = field(default_factory=dict)  # what every checkpoint records (common/checkpoints.py)
+    resume_choice: tuple | None = field(default=None, repr=False)  # (--resume value, verified folder)
 
     @classmethod
     def create(cls, cfg: QLoraConfig) -> RunFolder:
-        root = cls.root_for(cfg)
-        root.mkdir(parents=True, exist_ok=True)
-        folder = cls(root)
-        folder.write_config(cfg)
-        return folder
+        return cls.for_config(cfg).open(cfg)
+
+    @classmethod
+    def for_config(cls, cfg: QLoraConfig) -> RunFolder:
+        """The folder of this config's run, not yet touched."""
+        return cls(cls.root_for(cfg), ckpt.run_identity(cfg))
+
+    def open(self, cfg: QLoraConfig) -> RunFolder:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.write_config(cfg)
+        return self
 
     @staticmethod
     def root_for(cfg: QLoraConfig) -> Path:
@@ -42,9 +56,9 @@ class RunFolder:
         if metrics.exists():
             found.append(f"{sum(1 for line in metrics.read_text(encoding='utf-8').splitlines() if line.strip())} "
                          "metric records")
-        checkpoints = sorted(p.name for p in (root / "checkpoints").glob("checkpoint-*"))
+        checkpoints = [p.name for p in ckpt.numbered(root / "checkpoints")]
         if checkpoints:
-            found.append(f"{len(checkpoints)} checkpoint(s), newest {checkpoints[-1]}")
+            found.append(f"{len(checkpoints)} checkpoint(s), newest {checkpoints[0]}")
         found += [name for name in ("adapter_model.safetensors", "adapters.safetensors", "summary.json")
                   if (root / name).exists()]
         return ", ".join(found) or None
@@ -69,7 +83,45 @@ class RunFolder:
     def read_metrics(self) -> list[dict]:
         if not self.metrics.exists():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+        return [r for r in map(_record, self.metrics.read_text(encoding="utf-8").splitlines()) if r is not None]
+
+    def resume_from(self, resume: str | None, say) -> Path | None:
+        """The verified checkpoint to continue from (common.checkpoints.choose); metrics.jsonl then
+        keeps only the steps that checkpoint holds, so the steps run again are logged once."""
+        folder = self.check_resume(resume, say)
+        if folder is not None and ckpt.is_last_step(folder):  # a Trainer resumed there would take one more step
+            raise QLoraError(f"{folder} is the last step of this run: training is finished, nothing to resume.")
+        if resume is not None:
+            step = ckpt.read_manifest(folder)["step"] if folder else 0
+            self.keep_metrics_through(step)
+            ckpt.set_aside_newer(self.checkpoints, step)
+        return folder
+
+    def check_resume(self, resume: str | None, say) -> Path | None:
+        """Verify and choose once (it hashes every file): the command checks before loading anything,
+        the backend then continues from the same choice."""
+        if self.resume_choice is None or self.resume_choice[0] != resume:
+            self.resume_choice = (resume, ckpt.choose(resume, self.checkpoints, self.identity, say))
+        return self.resume_choice[1]
+
+    def keep_metrics_through(self, step: int) -> None:
+        if not self.metrics.exists():
+            return
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        partial = self.metrics.with_name(self.metrics.name + ".partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(partial, self.metrics)
+
+    @staticmethod
+    def finished(root: Path):
+        """The summary of a run that ended normally in `root` (None when it has not)."""
+        from common.trainer import RunSummary
+
+        try:
+            summary = RunSummary.read(root / "summary.json")
+        except (OSError, ValueError, TypeError):
+            return None
+        return None if summary.interrupted else summary
 
     def write_summary(self, summary) -> Path:
         """summary.json: a common.trainer.RunSummary."""
@@ -104,47 +156,64 @@ class RunFolder:
         return path
 
 
-def newest_complete_checkpoint(checkpoints: Path, marker: str = "trainer_state.json") -> tuple[Path | None, list[Path]]:
-    """The newest checkpoint folder that was written to the end, and the incomplete ones skipped.
-
-    Both backends write `trainer_state.json` last (Hugging Face's Trainer does; the MLX backend
-    also renames a finished folder into place), so a folder without it was cut off mid-save."""
-    if not checkpoints.is_dir():
-        return None, []
-    numbered = [p for p in checkpoints.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
-    skipped = []
-    for folder in sorted(numbered, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True):
-        if (folder / marker).is_file():
-            return folder, skipped
-        skipped.append(folder)
-    return None, skipped
-
-
-def save_failed(step: int, exc: OSError, checkpoints: Path) -> str:
-    """The message for a checkpoint that could not be written (disk full, quota, permissions)."""
-    last, _ = newest_complete_checkpoint(checkpoints)
-    kept = f"the newest complete checkpoint, {last}, is intact" if last else "no earlier checkpoint exists"
-    return (f"could not write the checkpoint at step {step}: {exc.strerror or exc} ({exc.filename or checkpoints}); "
-            f"{kept}. Free disk space (or set tracking.output_dir to a larger disk), then continue with --resume auto.")
-
-
-def resume_folder(resume: str | None, checkpoints: Path, say) -> Path | None:
-    """The checkpoint folder `--resume` names: None (fresh start), `auto` (the newest complete one,
-    warning about any cut off mid-save) or a path, which must be a complete checkpoint."""
-    from common.errors import QLoraError
-
-    if resume is None:
+def _record(line: str) -> dict | None:
+    """One metrics line; a line cut off by a kill is skipped."""
+    try:
+        record = json.loads(line)
+    except ValueError:
         return None
-    if resume == "auto":
-        folder, skipped = newest_complete_checkpoint(checkpoints)
-        for incomplete in skipped:
-            say.warn(f"skipping {incomplete}: incomplete (cut off while saving)")
-        if folder is None:
-            say.warn(f"--resume auto: no complete checkpoint under {checkpoints}; starting fresh")
-            return None
-    else:
-        folder = Path(resume)
-        if not (folder / "trainer_state.json").is_file():
-            raise QLoraError(f"--resume {resume}: not a complete checkpoint folder (no trainer_state.json).")
-    say.ok(f"resuming from {folder}")
-    return folder
+    return record if isinstance(record, dict) else None
+
+
+class RunLock:
+    """One run per folder. The lock file holds the owner's process id; the lock itself is the
+    kernel's (flock), which dies with the process however it ends (kill -9 included), so a lock left
+    by a crash is recognised as stale without guessing from process ids, which get reused."""
+
+    def __init__(self, root: Path):
+        self.root, self.path, self.handle, self.created = root, root / LOCK, None, False
+
+    def acquire(self, say) -> RunLock:
+        import fcntl
+
+        self.created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise QLoraError(
+                f"run folder {self.root} is in use by another qlora train (process {holder}); nothing was changed. "
+                "Wait for it to finish (or stop it), or choose another --run-name."
+            ) from None
+        if os.fstat(handle.fileno()).st_ino != os.stat(self.path).st_ino:  # released and removed meanwhile
+            handle.close()
+            return self.acquire(say)
+        handle.seek(0)
+        previous = handle.read().strip()
+        if previous and previous != str(os.getpid()):
+            say.warn(f"{self.path}: process {previous} left this lock and is gone (crashed or killed); taking it over")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is None:
+            return
+        self.path.unlink(missing_ok=True)
+        self.handle.close()  # closing drops the flock
+        self.handle = None
+        if self.created and self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()  # a run refused before it wrote anything leaves no empty folder
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -73,6 +73,18 @@ class TimeBudget:
     def remaining(self) -> float:
         return self.deadline - self.clock()
 
+    def refuse_if_too_short(self) -> None:
+        """Before the first step (the model loaded): a budget that cannot cover a step plus the
+        checkpoint and the final adapter would overrun or train nothing; say so instead."""
+        need = self.safety * 2 * self.save_s + self.reserve
+        left = self.remaining()
+        if left < need:
+            raise UsageError(
+                f"--time-budget: {max(left, 0):.0f} s of it are left after startup (loading the model and data), "
+                f"less than the ~{need:.0f} s that saving a checkpoint and the adapter need before even one step "
+                "(an estimate: no step has been timed yet); nothing was trained. Give a longer --time-budget."
+            )
+
     def should_stop(self, eval_due_next: bool = False) -> bool:
         """After a step: would the next step (and its evaluation) plus a checkpoint and the final
         adapter still fit?"""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import signal
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -67,11 +68,15 @@ class Trainer(Protocol):
 
 class Stopping:
     """What both backends share about stopping early: SIGTERM / Ctrl-C and `--time-budget` finish the
-    step in flight, then save a checkpoint; a second Ctrl-C aborts. Expects `cfg`, `data`, `say` and
+    step in flight, then save a checkpoint; a second Ctrl-C before that save aborts. While a
+    checkpoint is being written a second signal only says the save is finishing; a third aborts it
+    (common.checkpoints.writing removes it and says so). Expects `cfg`, `data`, `say` and
     `time_budget` (a common.time_budget.TimeBudget or None)."""
 
     stop_requested = False
     stop_reason: str | None = None  # "signal" | "time budget"
+    saving = False
+    signals_while_saving = 0
 
     def request_stop(self, reason: str) -> None:
         self.stop_requested, self.stop_reason = True, reason
@@ -79,10 +84,27 @@ class Stopping:
         self.say.warn(f"{reason}: finishing this step, then saving a checkpoint{left}")
 
     def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.saving and self.stop_requested:
+            self.signals_while_saving += 1
+            if self.signals_while_saving > 1:
+                raise KeyboardInterrupt  # a third signal: abort the save
+            self.say.warn(f"{name} received: a checkpoint is being written, finishing it (another signal "
+                          "aborts it and loses that checkpoint; earlier ones are kept)")
+            return
         if self.stop_requested and self.stop_reason == "signal":  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
         self.request_stop("signal")
-        self.say.warn(f"{signal.Signals(signum).name} received (press Ctrl-C again to abort without saving)")
+        self.say.warn(f"{name} received" + ("" if self.saving else " (press Ctrl-C again to abort without saving)"))
+
+    @contextmanager
+    def _saving(self):
+        """Marks a checkpoint write, for _on_signal."""
+        self.saving, self.signals_while_saving = True, 0
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def _guess_budget(self, trainable: int) -> None:
         """First guesses of a save's and an evaluation's time, before either has been timed."""

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real v0.3 tokenizer, a tiny random Mistral, JSONL writers."""
+"""Shared fixtures: the real v0.3 tokenizer, a tiny random Mistral, JSONL writers, a recording Say."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from common.console import Say
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
@@ -43,19 +45,27 @@ def qlora(*args, cwd=REPO, env_extra=None) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
-class Recorder:
-    """A `Say` that keeps its lines: (kind, message)."""
+class Recorder(Say):
+    """A Say that keeps what it is told: (kind, message) lines, for asserting on what a user sees."""
 
     def __init__(self):
+        super().__init__()
         self.lines = []
 
-    def __getattr__(self, kind):
-        if kind not in ("info", "ok", "warn", "error"):
-            raise AttributeError(kind)
-        return lambda message: self.lines.append((kind, message))
-
-    def __call__(self, message):
+    def info(self, message):
         self.lines.append(("info", message))
+
+    def ok(self, message):
+        self.lines.append(("ok", message))
+
+    def warn(self, message):
+        self.lines.append(("warn", message))
+
+    def error(self, message):
+        self.lines.append(("error", message))
+
+    def text(self) -> str:
+        return "\n".join(message for _, message in self.lines)
 
 
 def write_jsonl(path: Path, records) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -276,6 +277,19 @@ CONFIG_CASES = [
     ("liger-no-kernels", ["--set", "cuda.liger_kernels=[]"], 1,
      "--set cuda.liger_kernels=[]: cuda.liger_kernels: is empty: name at least one kernel (to train without Liger, "
      "set use_liger: false in the cuda section)"),
+    ("seed-negative", ["--set", "training.seed=-1"], 1, "training.seed: Input should be greater than or equal to 0"),
+    ("seed-too-big", ["--set", "training.seed=4294967296"], 1, "training.seed: Input should be less than or equal to 4294967295"),
+    ("split-seed-too-big", ["--set", "data.split_seed=99999999999"], 1, "data.split_seed: Input should be less than or equal"),
+    ("epochs-infinite", ["--set", "training.epochs=.inf"], 1, "training.epochs: Input should be a finite number"),
+    ("epochs-nan", ["--set", "training.epochs=.nan"], 1, "training.epochs: Input should be a finite number"),
+    ("max-steps-true", ["--set", "training.max_steps=true"], 1, "training.max_steps: is true, but it takes a number"),
+    ("rank-false", ["--set", "lora.r=false"], 1, "lora.r: is false, but it takes a number"),
+    ("max-steps-zero", ["--set", "training.max_steps=0"], 1,
+     "--set training.max_steps=0: training.max_steps: 0 would train nothing; use -1"),
+    ("run-name-a-path", ["--set", "tracking.run_name=../elsewhere"], 1,
+     "--set tracking.run_name=../elsewhere: tracking.run_name: is a path, not a name"),
+    # a --set that replaces a value with a section is the --set's fault, not the base file's
+    ("set-below-a-value", ["--set", "lora.r.x=5"], 1, "--set lora.r.x=5: lora.r: Input should be a valid integer"),
 ]
 
 
@@ -295,6 +309,8 @@ FILE_CASES = [
     ("bad-extends", "extends: nowhere.yaml\n", "nowhere.yaml: config file not found"),
     ("typo-in-file", "extends: {h100}\ntraining:\n  learnig_rate: 1e-4\n", "training.learnig_rate: unknown key, did you mean training.learning_rate?"),
     ("not-utf8", b"lora:\n  r: \xff\n", "not UTF-8 text"),
+    ("duplicate-key", "lora:\n  r: 8\n  alpha: 16\n  r: 32\n", "line 4, column 3: invalid YAML (duplicate key 'r' (first set on line 2))"),
+    ("duplicate-section", "lora:\n  r: 8\ntraining:\n  seed: 1\nlora:\n  alpha: 4\n", "line 5, column 1: invalid YAML (duplicate key 'lora' (first set on line 1))"),
 ]
 
 
@@ -314,6 +330,14 @@ def test_bad_config_files(tmp_path, capsys, case, content, expected):
 USAGE_CASES = [
     (["config", "--platform", "h100", "--config", "x.yaml"], "give either --config or --platform"),
     (["train", "--platform", "cpu", "--time-budget", "soon"], "use a duration such as 3h30m"),
+    (["train", "--platform", "cpu", "--time-budget", ""], "--time-budget '': use a duration such as 3h30m"),
+    (["plan", "--platform", "h100", "--time-budget", ""], "--time-budget '': use a duration such as 3h30m"),
+    (["train", "--platform", "cpu", "--run-name", "x", "--resume", ""], "--resume '': use --resume auto"),
+    (["train", "--platform", "cpu", "--run-name", ".."], "--run-name '..': '..' is not a folder name"),
+    (["train", "--platform", "cpu", "--run-name", "runs/mine"], "--run-name 'runs/mine': is a path, not a name"),
+    (["train", "--platform", "cpu", "--run-name", "/tmp/abs"], "--run-name '/tmp/abs': is a path, not a name"),
+    (["data", "tokenize", str(REPO / "data" / "sample" / "val.jsonl"), "--out", str(REPO / "data")],
+     "is a folder; give a file path"),
     (["train", "--platform", "cpu", "--resume", "auto"], "--resume needs --run-name"),
     (["convert", "a", "b", "--verify"], "--verify needs --base-model"),
 ]
@@ -326,5 +350,98 @@ def test_usage_errors_exit_2(capsys, argv, expected):
     assert code == 2 and expected in out and "Traceback" not in out
 
 
+# ---------------------------------------------------------------- qlora convert
+
+
+def peft_adapter(folder, rank=4):
+    """A real PEFT-format adapter (2 layers, q_proj and down_proj) written by our own writer."""
+    from common.adapters import Adapter, write_adapter
+
+    rng = np.random.default_rng(0)
+    shapes = {"q_proj": (64, 64), "down_proj": (128, 64)}
+    a = {(layer, p): rng.standard_normal((rank, shapes[p][0])).astype(np.float32) for layer in (0, 1) for p in shapes}
+    b = {(layer, p): rng.standard_normal((shapes[p][1], rank)).astype(np.float32) for layer in (0, 1) for p in shapes}
+    folder.mkdir()
+    write_adapter(Adapter(rank, 2.0, 0.0, list(shapes), a, b, "base"), folder, "peft", 2)
+    return folder
+
+
+def _config(key, value):
+    def edit(folder):
+        path = folder / "adapter_config.json"
+        config = json.loads(path.read_text())
+        if value is DELETE:
+            del config[key]
+        else:
+            config[key] = value
+        path.write_text(json.dumps(config))
+    return edit
+
+
+def _truncate(folder):
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _header_claims_more(folder):
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+
+
+def _config_is_a_list(folder):
+    (folder / "adapter_config.json").write_text("[16]")
+
+
+DELETE = object()
+CONVERT_CASES = [
+    ("r-missing", _config("r", DELETE), "adapter_config.json: r (the LoRA rank) is missing"),
+    ("r-not-integer", _config("r", 4.5), "r must be a positive whole number (the LoRA rank), got 4.5"),
+    ("r-zero", _config("r", 0), "r must be a positive whole number (the LoRA rank), got 0"),
+    ("r-string", _config("r", "four"), "r must be a positive whole number (the LoRA rank), got 'four'"),
+    ("r-list", _config("r", [4]), "got [4]"),
+    ("r-bool", _config("r", True), "got True"),
+    ("r-differs-from-tensors", _config("r", 8), "do not have rank 8"),
+    ("alpha-string", _config("lora_alpha", "big"), "lora_alpha must be a number, got 'big'"),
+    ("config-not-object", _config_is_a_list, "adapter_config.json: expected a JSON object, got list"),
+    ("tensors-truncated", _truncate, "runs past the end of the file or does not match its shape"),
+    ("header-truncated", _header_claims_more, "not a safetensors file, or truncated"),
+]
+
+
+@pytest.mark.parametrize("case, damage, expected", CONVERT_CASES, ids=[c[0] for c in CONVERT_CASES])
+def test_bad_adapters_are_refused_with_a_message(tmp_path, capsys, case, damage, expected):
+    damage(peft_adapter(tmp_path / "adapter"))
+    code = main(["convert", str(tmp_path / "adapter"), str(tmp_path / "out")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and expected in out and "Traceback" not in out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "read-only-file-system"])
+def test_convert_to_an_unwritable_destination_is_refused(tmp_path, capsys, where):
+    peft_adapter(tmp_path / "adapter")
+    (tmp_path / "a-file").write_text("x")
+    dst = tmp_path / "a-file" / "out" if where == "under-a-file" else "/proc/qlora-convert-out"
+    code = main(["convert", str(tmp_path / "adapter"), str(dst)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and f"{dst}: cannot write there" in out and "Traceback" not in out
+    assert where != "under-a-file" or "a-file is a file, not a folder" in out
+
+
+def test_a_base_model_config_that_is_not_mistrals_is_refused(tmp_path, capsys):
+    peft_adapter(tmp_path / "adapter")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "bert"}')
+    code = main(["convert", str(tmp_path / "adapter"), str(tmp_path / "out"), "--base-model", str(tmp_path / "base")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and "config.json: not a Mistral model config (KeyError: 'hidden_size')" in out
+
+
+def test_a_good_adapter_still_converts(tmp_path, capsys):
+    assert main(["convert", str(peft_adapter(tmp_path / "adapter")), str(tmp_path / "mlx")]) == 0
+    assert (tmp_path / "mlx" / "adapters.safetensors").is_file()
+
+
 def test_the_corpus_has_at_least_40_cases():
-    assert len(DATA_CASES) + len(FILE_KIND_CASES) + 6 + len(CONFIG_CASES) + len(FILE_CASES) + len(USAGE_CASES) >= 40
+    assert (len(DATA_CASES) + len(FILE_KIND_CASES) + 6 + len(CONFIG_CASES) + len(FILE_CASES) + len(USAGE_CASES)
+            + len(CONVERT_CASES)) >= 40

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
-from conftest import SAMPLE, chat, qlora, write_jsonl
+from conftest import REPO, SAMPLE, chat, qlora, write_jsonl
 
 
 @pytest.mark.parametrize("platform", ["h100", "m4"])
@@ -104,3 +106,78 @@ def test_demo_runs_end_to_end_and_replaces_the_previous_demo(tmp_path):
     assert "replacing the previous demo run" in out
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert 99 not in steps and max(steps) == 10  # this demo's metrics only
+
+
+def test_a_new_run_never_overwrites_an_earlier_run_of_the_same_name(tmp_path):
+    earlier = tmp_path / "runs" / "mine"
+    (earlier / "checkpoints" / "checkpoint-20").mkdir(parents=True)
+    (earlier / "metrics.jsonl").write_text('{"step": 10, "loss": 2.0}\n{"step": 20, "loss": 1.5}\n')
+    (earlier / "adapter_model.safetensors").write_bytes(b"weights of an expensive run")
+    before = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    code, out = qlora("train", "--platform", "cpu", "--run-name", "mine",
+                      "--set", f"tracking.output_dir={tmp_path / 'runs'}", "--set", "tracking.report_to=none")
+    assert code != 0 and "Traceback" not in out
+    flat = " ".join(out.split())
+    assert "already holds a run (2 metric records, 1 checkpoint(s), newest checkpoint-20, adapter_model.safetensors)" in flat
+    assert "--resume auto" in flat and "nothing was changed" in flat
+    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_skips_a_damaged_checkpoint_and_logs_each_step_once(tiny_model_dir, tmp_path):
+    """The flaky machine: `qlora train` killed with SIGKILL mid-run leaves its lock and a newest checkpoint that
+    a later accident truncated. A resume with another learning rate is refused at once; the real resume takes
+    over the stale lock, skips the damaged checkpoint with one line, continues from the one before, and
+    metrics.jsonl holds each step once."""
+    import os
+    import signal
+    import time
+
+    pytest.importorskip("trl")
+    run = tmp_path / "runs" / "flaky"
+    argv = ["train", "--platform", "cpu", "--run-name", "flaky", "--set", f"tracking.output_dir={tmp_path / 'runs'}",
+            "--set", f"model.name_or_path={tiny_model_dir}", "--set", "tracking.report_to=none",
+            "--set", "training.max_steps=6", "--set", "eval.save_steps=2", "--set", "eval.eval_steps=100",
+            "--set", "eval.logging_steps=1", "--set", "eval.load_best_model_at_end=false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}
+    child = subprocess.Popen([sys.executable, "-m", "commands", *argv], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and child.poll() is None:
+            lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+            if any(json.loads(line)["step"] >= 5 for line in lines):
+                break
+            time.sleep(0.1)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (run / ".lock").exists() and (run / "checkpoints" / "checkpoint-4").is_dir()
+    (run / "checkpoints" / "checkpoint-4" / "optimizer.pt").write_bytes(b"cut")
+
+    code, out = qlora(*argv, "--resume", "auto", "--set", "training.learning_rate=1e-3")
+    flat = " ".join(out.split())
+    assert code == 1 and "training.learning_rate: 0.002 in the checkpoint, now 0.001" in flat and "Traceback" not in out
+    assert f"process {child.pid} left this lock and is gone (crashed or killed); taking it over" in flat
+
+    code, out = qlora(*argv, "--resume", "auto")
+    flat = " ".join(out.split())
+    assert code == 0, out[-3000:]
+    assert "skipping checkpoint-4: optimizer.pt is 3 bytes" in flat and "checkpoint-2 (step 2, every file verified)" in flat
+    assert (run / "checkpoints" / "broken-checkpoint-4" / "optimizer.pt").read_bytes() == b"cut"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 6 and not (run / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_time_budget_shorter_than_startup_says_so_before_training(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl")
+    code, out = qlora("train", "--platform", "cpu", "--time-budget", "2s", "--run-name", "short",
+                      "--set", f"tracking.output_dir={tmp_path}", "--set", f"model.name_or_path={tiny_model_dir}",
+                      "--set", "tracking.report_to=none")
+    flat = " ".join(out.split())
+    assert code == 2 and "--time-budget: 0 s of it are left after startup" in flat and "nothing was trained" in flat
+    assert not list((tmp_path / "short").rglob("checkpoint-*")) and not (tmp_path / "short" / "metrics.jsonl").exists()
+    assert "Traceback" not in out

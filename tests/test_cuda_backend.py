@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from backends.cuda import model as cuda_model  # noqa: E402
 from backends.cuda.trainer import CudaTrainer  # noqa: E402
+from common.checkpoints import problem  # noqa: E402
 from common.config_loader import load_config  # noqa: E402
 from common.console import Say  # noqa: E402
 from common.data import ChatTokenizer, prepare_data  # noqa: E402
@@ -125,7 +126,8 @@ def test_run_folder_holds_everything(trained):
     for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "metrics.jsonl",
                  "loss.png", "summary.json"):
         assert (root / name).is_file(), name
-    assert any(root.joinpath("checkpoints").glob("checkpoint-*"))
+    kept = list(root.joinpath("checkpoints").glob("checkpoint-*"))
+    assert kept and all(problem(folder) is None for folder in kept)  # each one whole, with its manifest
     assert summary.best_checkpoint and summary.best_eval_loss is not None
     rates = [r["tokens_per_second"] for r in trainer.run.read_metrics() if "tokens_per_second" in r]
     assert rates and all(r > 0 for r in rates)
@@ -170,10 +172,25 @@ def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_ends(tiny_mode
                 os.kill(os.getpid(), signal.SIGTERM)
 
     interrupted.trainer.add_callback(Terminate())
+    write_optimizer = interrupted.trainer._save_optimizer_and_scheduler
+
+    def second_signal_mid_save(output_dir):  # a second SIGTERM while the stop checkpoint is written
+        if output_dir.endswith("checkpoint-7"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write_optimizer(output_dir)
+
+    interrupted.trainer._save_optimizer_and_scheduler = second_signal_mid_save
+    write_adapter = interrupted.save
+
+    def second_signal_mid_final_save():  # and one while the final adapter is written
+        os.kill(os.getpid(), signal.SIGTERM)
+        write_adapter()
+
+    interrupted.save = second_signal_mid_final_save
     summary = interrupted.train()
-    # the signal lands at the end of step 6; the step in flight (7) finishes, then it saves
+    # the signal lands at the end of step 6; the step in flight (7) finishes, then it saves, whole
     assert summary.interrupted and summary.global_step == 7
-    assert (interrupted.run.checkpoints / "checkpoint-7").is_dir()
+    assert problem(interrupted.run.checkpoints / "checkpoint-7") is None
     assert (interrupted.run.root / "adapter_model.safetensors").is_file()
 
     resumed = make_trainer(tiny_config(tiny_model_dir, tmp_path, *steps), "resumable")
@@ -253,6 +270,29 @@ def test_gated_model_error_says_how_to_log_in():
     assert "gated" in str(err) and "HF_TOKEN" in str(err)
 
 
+def test_resume_auto_skips_a_checkpoint_cut_off_mid_save(tmp_path):
+    """Our manifest comes last; a folder without it (or with a file it does not match) is never resumed."""
+    from backends.cuda.trainer import CHECKPOINT_FILES
+    from common.checkpoints import write_manifest
+
+    cfg = tiny_config("unused", tmp_path)
+    cfg.tracking.run_name = "cut"
+    run = RunFolder.create(cfg)
+    good, broken = run.checkpoints / "checkpoint-100", run.checkpoints / "checkpoint-200"
+    for folder in (good, broken):
+        folder.mkdir(parents=True)
+        for name in CHECKPOINT_FILES:
+            (folder / name).write_bytes(b"saved")
+    write_manifest(good, 100, run.identity, CHECKPOINT_FILES)
+    say = Recorder()
+    assert CudaTrainer(cfg, run, None, say)._resume_point("auto") == str(good)
+    assert any("checkpoint-200: no manifest.json: it was cut off while saving" in text for _, text in say.lines)
+    assert (run.checkpoints / "broken-checkpoint-200").is_dir()  # out of the Trainer's way, kept
+    (good / "scheduler.pt").unlink()  # a fresh schedule in silence is never an option
+    with pytest.raises(QLoraError, match="none of the 1 checkpoint"):
+        CudaTrainer(cfg, RunFolder.create(cfg), None, Recorder())._resume_point("auto")
+
+
 @slow
 def test_a_failing_checkpoint_write_keeps_the_earlier_ones_and_says_so(tiny_model_dir, tmp_path):
     import errno
@@ -270,10 +310,12 @@ def test_a_failing_checkpoint_write_keeps_the_earlier_ones_and_says_so(tiny_mode
         return real(output_dir)
 
     trainer.trainer._save_optimizer_and_scheduler = full_disk
-    with pytest.raises(QLoraError, match=r"step 4: No space left on device .*checkpoint-2, is intact"):
+    with pytest.raises(QLoraError, match=r"checkpoint of step 4 .*: No space left on device .*A checkpoint needs about "
+                                         r".*partial folder was removed and the earlier checkpoint\(s\) checkpoint-2 are intact"):
         trainer.train()
-    assert (trainer.run.checkpoints / "checkpoint-2" / "trainer_state.json").is_file()
-    assert trainer._resume_point("auto").endswith("checkpoint-2")  # the cut-off checkpoint-4 is skipped
+    assert (trainer.run.checkpoints / "checkpoint-2" / "manifest.json").is_file()
+    assert not (trainer.run.checkpoints / "checkpoint-4").exists()  # the partial folder is gone
+    assert trainer._resume_point("auto").endswith("checkpoint-2")
 
 
 # ---------------------------------------------------------------- speed levers (cuda.fused_lora, checkpointing)

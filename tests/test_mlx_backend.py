@@ -137,7 +137,45 @@ def test_a_failing_checkpoint_write_keeps_the_earlier_ones(tiny_model_dir, tmp_p
         return real(path, arrays)
 
     monkeypatch.setattr(mx, "save_safetensors", full_disk)
-    with pytest.raises(QLoraError, match="checkpoint-1, is intact"):
+    with pytest.raises(QLoraError, match=r"checkpoint of step 2 .*No space left on device .*A checkpoint needs about "
+                                         r".*the earlier checkpoint\(s\) checkpoint-1 are intact"):
         trainer.train()
-    assert (trainer.run.checkpoints / "checkpoint-1" / "trainer_state.json").is_file()
+    assert (trainer.run.checkpoints / "checkpoint-1" / "manifest.json").is_file()
     assert not list(trainer.run.checkpoints.glob("*.partial"))
+
+
+def test_a_stop_checkpoint_survives_a_second_signal_and_resume_refuses_a_different_run(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    """The issue's cases on MLX's own checkpoints: a second SIGTERM while the stop checkpoint is written
+    only says so; a changed lora.r (which once loaded into the wrong shapes with exit 0) or learning rate is
+    refused with both values; a changed logging frequency is allowed; each step is logged once."""
+    from common.checkpoints import problem
+    from common.errors import ConfigError
+
+    steps = ["training.max_steps=3", "eval.eval_steps=100", "eval.save_steps=100", "eval.logging_steps=1",
+             "eval.load_best_model_at_end=false"]
+    stopped = mlx_trainer(tiny_model_dir, tmp_path, "run", *steps, val_examples=2)
+    stopped.after_step.append(lambda step: step == 1 and os.kill(os.getpid(), signal.SIGTERM))
+    real = mx.save_safetensors
+
+    def second_signal_mid_save(path, arrays):
+        if path.endswith("optimizer.safetensors"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(path, arrays)
+
+    monkeypatch.setattr(mx, "save_safetensors", second_signal_mid_save)
+    assert stopped.train().global_step == 1
+    monkeypatch.setattr(mx, "save_safetensors", real)
+    assert problem(stopped.run.checkpoints / "checkpoint-1") is None  # written whole despite the second signal
+    saved = (stopped.run.checkpoints / "checkpoint-1" / "adapters.safetensors").read_bytes()
+
+    for changed in (["lora.r=8"], ["training.learning_rate=1e-3"]):
+        other = mlx_trainer(tiny_model_dir, tmp_path, "run", *steps, *changed, val_examples=2)
+        with pytest.raises(ConfigError, match="belongs to a different run"):
+            other.train(resume="auto")
+    assert (stopped.run.checkpoints / "checkpoint-1" / "adapters.safetensors").read_bytes() == saved
+
+    resumed = mlx_trainer(tiny_model_dir, tmp_path, "run", *steps, "eval.logging_steps=2", val_examples=2)
+    summary = resumed.train(resume="auto")
+    assert summary.resumed_from.endswith("checkpoint-1") and summary.global_step == 3
+    assert [r["step"] for r in resumed.run.read_metrics() if "loss" in r] == [1, 2, 3]

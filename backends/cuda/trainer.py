@@ -14,16 +14,20 @@ from backends.cuda.activation_checkpointing import checkpoint_limit_callback, ch
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
 from backends.cuda.patches import liger_kernel_config, liger_rope_impl, run_scope
 from backends.cuda.progress import use_display
+from common import checkpoints as ckpt
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
 from common.progress import TrainingDisplay
-from common.run_folder import RunFolder, resume_folder, save_failed
+from common.run_folder import RunFolder
 from common.time_budget import TimeBudget
 from common.tracking import resolve_tracker, start_wandb
 from common.trainer import RunSummary, Stopping
 
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
+# What Hugging Face's Trainer needs to continue exactly: without optimizer.pt or scheduler.pt it
+# would silently start a fresh optimizer or schedule
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
 
 
 def to_dataset(examples: list[Example]):
@@ -109,6 +113,7 @@ class CudaTrainer(Stopping):
         )
         use_display(self.trainer, self.display, lambda: _peak_memory_gb(self.device))
         self._keep_adapter_in_fp32()
+        self._guard_checkpoint_saves()
         self._speedups()
         self._guess_budget(sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad))
 
@@ -146,6 +151,22 @@ class CudaTrainer(Stopping):
 
             if install_fused_lora(self.trainer.model):
                 self.say.ok("LoRA: update fused into its matmul (cuda.fused_lora)")
+
+    def _guard_checkpoint_saves(self) -> None:
+        """Each Trainer checkpoint ends with our manifest; a failed or aborted write removes the
+        folder and says what is intact (common.checkpoints.writing). Wrapped on this instance: the
+        Trainer has no hook that runs after a save and can still undo it."""
+        save, trainer = self.trainer._save_checkpoint, self.trainer
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+        def guarded(model, trial):
+            step = trainer.state.global_step
+            folder = self.run.checkpoints / f"{ckpt.PREFIX}{step}"
+            with self._saving(), ckpt.writing(folder, step, ckpt.needed_bytes(self.run.checkpoints, trainable)):
+                save(model, trial)
+                ckpt.write_manifest(folder, step, self.run.identity, CHECKPOINT_FILES, trainer.state.max_steps)
+
+        trainer._save_checkpoint = guarded
 
     def _keep_adapter_in_fp32(self) -> None:
         """TRL casts LoRA weights of quantized models to bf16. At lr 2e-4 an Adam step is about
@@ -259,6 +280,7 @@ class CudaTrainer(Stopping):
 
             def on_train_begin(self, args, state, control, **kwargs):
                 self.last = (time.time(), state.num_input_tokens_seen)
+                state.compute_steps(args, state.max_steps)  # a resumed state holds the old frequencies
 
         return Metrics()
 
@@ -319,16 +341,15 @@ class CudaTrainer(Stopping):
         try:
             with run_scope(liger):
                 output = self.trainer.train(resume_from_checkpoint=resume_from)
-        except OSError as exc:  # a checkpoint write failed: the Trainer deletes old ones only after a save succeeds
-            raise QLoraError(save_failed(self.trainer.state.global_step, exc, self.run.checkpoints)) from None
+            wall = time.time() - started
+            with self._saving():  # save_pretrained writes in place: a second signal must not cut it short
+                self.save()
         finally:
             self.display.finish()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if self.wandb_run is not None:
                 self.wandb_run.finish()
-        wall = time.time() - started
-        self.save()
         state = self.trainer.state
         summary = RunSummary(
             backend="cuda",
@@ -354,7 +375,7 @@ class CudaTrainer(Stopping):
         return summary
 
     def _resume_point(self, resume: str | None) -> str | None:
-        folder = resume_folder(resume, self.run.checkpoints, self.say)
+        folder = self.run.resume_from(resume, self.say)
         return str(folder) if folder else None
 
     # ------------------------------------------------------------------ save

@@ -21,6 +21,7 @@ import signal
 import time
 from pathlib import Path
 
+from common import checkpoints as ckpt
 from common.adapters import Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
@@ -28,12 +29,13 @@ from common.errors import QLoraError
 from common.mistral import PARENT, cached_on_hub, require_model_source
 from common.planner import steps_in_epoch, total_steps
 from common.progress import TrainingDisplay
-from common.run_folder import RunFolder, resume_folder, save_failed
+from common.run_folder import RunFolder
 from common.time_budget import TimeBudget
 from common.tracking import MetricSink, resolve_tracker
 from common.trainer import RunSummary, Stopping
 
 PAD_ID = 0  # <unk>: never a real token, and masked out of the loss anyway
+CHECKPOINT_FILES = ("adapters.safetensors", "optimizer.safetensors", "trainer_state.json")  # to continue
 
 
 def cached_model_name(name: str, bits: int, group: int, revision: str | None = None) -> str:
@@ -318,25 +320,25 @@ class MlxTrainer(Stopping):
         return self.run.checkpoints / f"checkpoint-{step}"
 
     def save_checkpoint(self, eval_loss: float | None) -> None:
-        """Adapter, optimizer state and progress, written to a temporary folder and renamed, so a
-        half-written checkpoint is never picked up."""
+        """Adapter, optimizer state and progress, then the manifest (common/checkpoints.py), written
+        to a temporary folder and renamed, so a half-written checkpoint is never picked up."""
         import mlx.core as mx
 
         target = self._checkpoint(self.step)
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         best = self.best + ([(eval_loss, self.step)] if eval_loss is not None else [])
-        try:
+        trainable = dict(_flatten(self.model.trainable_parameters()))
+        needed = ckpt.needed_bytes(self.run.checkpoints, sum(v.size for v in trainable.values()))
+        with self._saving(), ckpt.writing(partial, self.step, needed):
             partial.mkdir(parents=True)
-            mx.save_safetensors(str(partial / "adapters.safetensors"), dict(_flatten(self.model.trainable_parameters())))
+            mx.save_safetensors(str(partial / "adapters.safetensors"), trainable)
             mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(_flatten(self.optimizer.state)))
             state = {"step": self.step, "eval_loss": eval_loss, "best": best}
             (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            ckpt.write_manifest(partial, self.step, self.run.identity, CHECKPOINT_FILES, self.total_steps)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
-        except OSError as exc:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise QLoraError(save_failed(self.step, exc, self.run.checkpoints)) from None
         self.best = best
         self._prune()
 
@@ -354,7 +356,7 @@ class MlxTrainer(Stopping):
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
-        folder = resume_folder(resume, self.run.checkpoints, self.say)
+        folder = self.run.resume_from(resume, self.say)
         if folder is None:
             return None
         state = json.loads((folder / "trainer_state.json").read_text())
