@@ -353,7 +353,8 @@ def base_shapes(base_dir: str | Path) -> tuple[int, dict[str, tuple[int, int]]]:
         raise AdapterError(f"{base_dir}: no config.json; --base-model must be a model folder")
     config = _read_json(path)
     try:
-        return int(config["num_hidden_layers"]), projection_shapes(config)
+        shapes = projection_shapes(config)
+        return int(config["num_hidden_layers"]), shapes
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise AdapterError(f"{path}: not a Mistral model config ({exc.__class__.__name__}: {exc}); "
                            "--base-model must be the base model's folder") from None
