@@ -7,7 +7,7 @@ from pathlib import Path
 
 from commands.options import config_options, config_or_default, tokenizer_for
 from common.console import Say
-from common.errors import UsageError
+from common.errors import QLoraError, UsageError
 
 
 def add_parser(sub) -> None:
@@ -92,22 +92,32 @@ def _summary(conversations, examples) -> dict[str, int]:
     }
 
 
+def _refuse_folder(out: str) -> None:
+    if Path(out).is_dir():
+        raise UsageError(f"--out {out}: is a folder; give a file path, e.g. --out {Path(out) / 'out.jsonl'}")
+
+
 def _write_lines(out: Path, lines) -> int:
     """Write through a temporary file, so a failed run never leaves half an output."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     written = 0
-    with tmp.open("w", encoding="utf-8") as handle:
-        for line in lines:
-            handle.write(line + "\n")
-            written += 1
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as handle:
+            for line in lines:
+                handle.write(line + "\n")
+                written += 1
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise QLoraError(f"--out {out}: could not write it ({exc.strerror or exc}); nothing was written") from None
     return written
 
 
 def convert(args, say: Say) -> int:
     from common.data import read_conversations
 
+    _refuse_folder(args.out)
     cfg = config_or_default(args, say)
     conversations, _ = read_conversations(args.file, cfg.data)
     written = _write_lines(Path(args.out), (json.dumps(c.to_openai(), ensure_ascii=False) for c in conversations))
@@ -118,8 +128,7 @@ def convert(args, say: Say) -> int:
 def tokenize(args, say: Say) -> int:
     from common.data import fit_length, read_conversations
 
-    if Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out}: is a folder; give a file path, e.g. --out {Path(args.out) / 'tokens.jsonl'}")
+    _refuse_folder(args.out)
     cfg = config_or_default(args, say)
     conversations, _ = read_conversations(args.file, cfg.data)
     tokenizer = tokenizer_for(cfg)

@@ -24,12 +24,11 @@ def add_parser(sub) -> None:
 def run(args, say: Say) -> int:
     from common.run_folder import RunFolder, RunLock
 
-    overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
-    if args.backend == "mlx" and not any(o.startswith("training.max_steps=") for o in overrides):
+    if args.backend == "mlx" and not any(o.startswith("training.max_steps=") for o in args.overrides):
         # MLX's CPU backend (Linux) runs this tiny model at ~40 tokens/s: 40 steps, a few minutes
         say.info("MLX on the CPU is slow: the demo runs 40 steps (--set training.max_steps=N to change)")
-        overrides.append("training.max_steps=40")
-    cfg = load_config(platform="cpu", overrides=overrides)
+        args.overrides = [*args.overrides, "training.max_steps=40"]  # also in the command that resumes it
+    cfg = load_config(platform="cpu", overrides=[*args.overrides, *([f"backend={args.backend}"] if args.backend else [])])
     args.platform, args.config, args.resume = "cpu", None, None
     if not args.run_name:  # the demo's own folder: a new demo replaces the last one (a run you named is kept)
         args.run_name = cfg.tracking.run_name = f"demo-{cfg.backend}"

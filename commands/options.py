@@ -41,6 +41,7 @@ def apply_data_options(args, cfg: QLoraConfig) -> None:
         cfg.data.sources = []
     if getattr(args, "val_data", None):
         cfg.data.val_file = args.val_data
+        cfg.data.val_sources = []
 
 
 def resolve(args, say: Say, detect_platform: bool = False) -> QLoraConfig:

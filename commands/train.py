@@ -168,6 +168,8 @@ def replay(args) -> str:
     parts = [f"--platform {args.platform}"] if getattr(args, "platform", None) else []
     if getattr(args, "config", None):
         parts.append(f"--config {args.config}")
+    if getattr(args, "backend", None):
+        parts.append(f"--backend {args.backend}")
     parts += [f"{flag} {value}" for flag, value in (("--data", getattr(args, "data", None)),
                                                      ("--val-data", getattr(args, "val_data", None))) if value]
     parts += [f"--set {o}" for o in getattr(args, "overrides", [])]

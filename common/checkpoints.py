@@ -76,8 +76,9 @@ def data_fingerprint(data) -> dict[str, Any]:
 
 
 def run_identity(cfg: QLoraConfig) -> dict[str, Any]:
-    """What makes a run this run: every resolved config key, with data inputs by content."""
-    config = cfg.model_dump(mode="json")
+    """What makes a run this run: every key its backend uses (cfg.resolved(): the other backend's
+    section is not part of it), with data inputs by content."""
+    config = cfg.resolved()
     config["data"] = data_fingerprint(cfg.data)
     return dict(_flatten(config))
 
@@ -95,9 +96,12 @@ def _is_fingerprint(value) -> bool:
 
 
 def _comparable(value):
-    """A local file counts by content (it may move); anything else (no such file: a Hub name) by name."""
+    """A local file counts by content (it may move); anything else (no such file: a Hub name) by name.
+    A list of sources compares each source that way."""
     if _is_fingerprint(value):
         return value["sha256"] if value.get("exists", True) else ("not a local file", value["path"])
+    if isinstance(value, list):
+        return [{k: _comparable(v) for k, v in item.items()} if isinstance(item, dict) else item for item in value]
     return value
 
 
@@ -209,17 +213,23 @@ def newest_good(checkpoints: Path) -> tuple[Path | None, list[tuple[Path, str]]]
     return None, skipped
 
 
-def set_aside_newer(checkpoints: Path, step: int) -> None:
-    """Checkpoints past the resume point were skipped as broken. Renamed out of the `checkpoint-N`
-    pattern (kept for a look, never deleted): a Trainer that rotates checkpoints by step would
-    otherwise count a stale broken checkpoint-8 as newer than the fresh checkpoint-4 and delete the
-    good one, and its re-save of the same step would land among the broken files."""
+def set_aside_newer(checkpoints: Path, step: int, say=None) -> None:
+    """Checkpoints past the resume point: skipped as broken (`--resume auto`), or whole ones newer than
+    a checkpoint named with `--resume DIR`. Renamed out of the `checkpoint-N` pattern (kept for a look,
+    never deleted): a Trainer that rotates checkpoints by step would otherwise count a stale
+    checkpoint-8 as newer than the fresh checkpoint-4 and delete the good one, and its re-save of the
+    same step would land among the old files."""
     for folder in numbered(checkpoints):
         if step_of(folder) > step:
-            aside = folder.with_name(f"broken-{folder.name}")
+            whole = problem(folder) is None
+            prefix = "after-resume-point" if whole else "broken"
+            aside = folder.with_name(f"{prefix}-{folder.name}")
             if aside.exists():
-                aside = folder.with_name(f"broken-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                aside = folder.with_name(f"{prefix}-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
             folder.rename(aside)
+            if whole and say is not None:
+                say.warn(f"{folder.name} is newer than the checkpoint resumed from (step {step}): kept as "
+                         f"{aside.name}; the run continues from step {step}")
 
 
 def with_manifest(checkpoints: Path) -> list[str]:

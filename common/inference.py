@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.adapters import AdapterError, convert, detect_format
 from common.errors import QLoraError, UsageError
+from common.mistral import looks_like_path
 
 DTYPES = ("4bit", "bf16", "fp16", "fp32")
 # A local base is recorded as an absolute path; the model card says so (it breaks when the folder moves).
@@ -100,9 +101,9 @@ def base_model_for(ref: AdapterRef, override: str | None) -> str:
     if override:
         return override
     base = ref.recorded_base
-    if ref.run_root and not (base and (Path(base).is_absolute() or not looks_like_path(base))):
-        # a checkpoint records the base as the config named it (maybe relative); the run folder's
-        # own adapter config has it as recorded after training, absolute
+    if ref.run_root and not (base and Path(base).is_absolute()):
+        # a checkpoint records the base as the config named it (maybe relative to where training ran);
+        # the run folder's own adapter config has it as recorded after training: absolute, or a hub id
         base = recorded_base(ref.run_root) or _run_config(ref.run_root).get("model", {}).get("name_or_path") or base
     if not base:
         raise UsageError(f"{ref.folder}/adapter_config.json names no base model: pass --base-model (folder or hub id)")
@@ -112,10 +113,6 @@ def base_model_for(ref: AdapterRef, override: str | None) -> str:
         f"the base model recorded in {ref.folder}/adapter_config.json, {base}, does not exist from here "
         f"({Path.cwd()}); pass --base-model with its folder or hub id"
     )
-
-
-def looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") != 1
 
 
 def record_base_model(run_root: Path, name_or_path: str) -> str:

@@ -94,7 +94,7 @@ class RunFolder:
         if resume is not None:
             step = ckpt.read_manifest(folder)["step"] if folder else 0
             self.keep_metrics_through(step)
-            ckpt.set_aside_newer(self.checkpoints, step)
+            ckpt.set_aside_newer(self.checkpoints, step, say)
         return folder
 
     def check_resume(self, resume: str | None, say) -> Path | None:

@@ -202,6 +202,9 @@ def _csv(path: Path, raw: bytes) -> list[_Located]:
         raise DataError(f"{path}: not valid UTF-8 (byte {exc.start + 1})") from None
     reader = csv.DictReader(text.splitlines(keepends=True))
     records, end = [], 1  # a record starts on the line after the previous one ended (quoted newlines)
+    # the csv module refuses fields over 128 KiB (a long conversation in one cell is normal here); its
+    # limit is process-wide, so it is raised for this read only
+    previous = csv.field_size_limit(MAX_LINE_CHARS)  # the bound of one JSONL line
     try:
         for row in reader:
             start, end = end + 1, reader.line_num
@@ -212,6 +215,8 @@ def _csv(path: Path, raw: bytes) -> list[_Located]:
             records.append(_Located(start, {k: v for k, v in row.items() if v != ""}))
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(previous)
     return records
 
 
@@ -259,7 +264,9 @@ def _hub(name: str, split: str, config: str | None) -> list[_Located]:
 
 
 def source_label(spec: DataSource) -> str:
-    return spec.path if spec.path else f"hub:{spec.hub}[{spec.split}]"
+    if spec.path:
+        return spec.path
+    return f"hub:{spec.hub}[{spec.config + ':' if spec.config else ''}{spec.split}]"
 
 
 def read_source(spec: DataSource, cfg: DataConfig, key: str = "data.sources") -> tuple[list[Conversation], SourceReport]:
@@ -341,8 +348,12 @@ class Loaded:
 
 def read_sources(specs: Sequence[DataSource], cfg: DataConfig, key: str, training: bool = True) -> Loaded:
     loaded = Loaded([])
-    for spec in specs:
+    labels = [source_label(spec) for spec in specs]
+    for index, spec in enumerate(specs):
         conversations, report = read_source(spec, cfg, key)
+        if labels.count(report.label) > 1:  # the same file or dataset twice: each keeps its own weight and cap
+            report.label = f"{report.label} ({key}[{index}])"
+            conversations = [_tagged(c, report.label) for c in conversations]
         loaded.conversations += conversations
         loaded.reports.append(report)
     if training and cfg.max_examples and cfg.max_examples < len(loaded.conversations):

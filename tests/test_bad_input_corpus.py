@@ -445,3 +445,12 @@ def test_a_good_adapter_still_converts(tmp_path, capsys):
 def test_the_corpus_has_at_least_40_cases():
     assert (len(DATA_CASES) + len(FILE_KIND_CASES) + 6 + len(CONFIG_CASES) + len(FILE_CASES) + len(USAGE_CASES)
             + len(CONVERT_CASES)) >= 40
+
+
+def test_data_convert_into_a_folder_is_refused(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    code = main(["data", "convert", str(source), "--out", str(tmp_path)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 2 and "is a folder; give a file path" in out and "Traceback" not in out
+    assert not list(tmp_path.glob("*.tmp"))

@@ -335,3 +335,31 @@ def test_a_failing_write_removes_the_partial_checkpoint_and_says_what_to_do(run)
     assert f"could not write the checkpoint of step 4 in {run.checkpoints}: [enforce fail" in message
     assert "A checkpoint needs about 0.00 GB" in message and "GB free" in message  # the size of checkpoint-2
     assert "checkpoint-2 are intact" in message and "continue with --resume auto" in message
+
+
+def test_resume_identity_holds_what_the_backend_uses_and_data_by_content(tmp_path):
+    """An MLX run's identity has no cuda.* keys (editing them in a shared config cannot block its resume),
+    and a data.sources file that moved unchanged is the same data."""
+    first, second = tmp_path / "a" / "train.jsonl", tmp_path / "b" / "train.jsonl"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    saved = ckpt.run_identity(load_config(platform="m4", overrides=[f"data.sources=[{{path: {first}}}]"]))
+    moved = ckpt.run_identity(load_config(platform="m4", overrides=[f"data.sources=[{{path: {second}}}]",
+                                                                     "cuda.optimizer=adamw_torch"]))
+    assert not any(key.startswith("cuda.") for key in saved)
+    assert ckpt.differences(saved, moved) == ([], [])
+    second.write_text(second.read_text() * 2)
+    refused, _ = ckpt.differences(saved, ckpt.run_identity(load_config(
+        platform="m4", overrides=[f"data.sources=[{{path: {second}}}]"])))
+    assert refused and refused[0].startswith("data.sources")
+
+
+def test_the_resume_command_names_the_backend():
+    from argparse import Namespace
+
+    from commands.train import replay
+
+    args = Namespace(platform="cpu", config=None, backend="mlx", data=None, val_data=None,
+                     overrides=["training.max_steps=40"])
+    assert replay(args) == "--platform cpu --backend mlx --set training.max_steps=40"

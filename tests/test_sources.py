@@ -226,3 +226,25 @@ def test_check_and_stats_name_each_source_and_its_format(tmp_path):
     assert stats["formats"] == {"messages": 12, "alpaca": 1}
     code, out = qlora("data", "stats", str(train), str(val))
     assert code == 0 and "all: 13 conversations (12 messages, 1 alpaca)" in out
+
+
+def test_the_same_file_twice_keeps_each_entrys_weight_and_cap(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [chat(f"a{i}", "x") for i in range(20)])
+    v = write_jsonl(tmp_path / "v.jsonl", [chat("v", "x")])
+    cfg = DataConfig(val_file=str(v), sources=[DataSource(path=str(a), weight=2), DataSource(path=str(a), max_examples=3)])
+    train, _, report = load_conversations(cfg)
+    assert [r.used for r in report.sources[:2]] == [20, 3] and len({r.label for r in report.sources}) == 3
+    assert len(train) == 2 * 20 + 3  # the first entry's weight is not lost to the second's label
+
+
+def test_a_long_csv_cell_is_read_and_the_csv_limit_is_put_back(tmp_path):
+    long = "word " * 40_000  # 200,000 characters: over the csv module's default 131,072
+    path = tmp_path / "long.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "completion"])
+        writer.writerow(["Summarise", long])
+    before = csv.field_size_limit()
+    conversations, _ = read_conversations(path)
+    assert conversations[0].messages[-1].content.strip() == long.strip()
+    assert csv.field_size_limit() == before

@@ -134,10 +134,20 @@ class CudaTrainer(Stopping):
 
             return [TensorBoardCallback(SummaryWriter(log_dir=str(self.run.root / "tensorboard")))]
         if self.tracker == "wandb":
+            from transformers import TrainerCallback
             from transformers.integrations import WandbCallback
 
-            self.wandb_run = start_wandb(self.cfg.tracking.project, self.run.root, self.run.root.name)
-            return [WandbCallback()]
+            owner = self
+
+            class StartWandb(TrainerCallback):
+                """This run's wandb run, opened when training starts (WandbCallback, next, uses it) and
+                finished by train(): a run refused before its first step leaves none behind."""
+
+                def on_train_begin(self, args, state, control, **kwargs):
+                    if owner.wandb_run is None:
+                        owner.wandb_run = start_wandb(owner.cfg.tracking.project, owner.run.root, owner.run.root.name)
+
+            return [StartWandb(), WandbCallback()]
         return []
 
     def _speedups(self) -> None:
@@ -350,6 +360,7 @@ class CudaTrainer(Stopping):
                 signal.signal(sig, handler)
             if self.wandb_run is not None:
                 self.wandb_run.finish()
+                self.wandb_run = None
         state = self.trainer.state
         summary = RunSummary(
             backend="cuda",

@@ -236,16 +236,18 @@ class MlxTrainer(Stopping):
                     self.request_stop("time budget")
             if self.stop_requested and not self._checkpoint(self.step).is_dir():
                 self.save_checkpoint(None)
+            wall = time.time() - started
+            if not self.stop_requested and e.load_best_model_at_end and self.best:
+                best_step = min(self.best)[1]
+                self.model.load_weights(str(self._checkpoint(best_step) / "adapters.safetensors"), strict=False)
+            with self._saving():  # the final adapter, native and PEFT: a second signal must not cut it short
+                self.save()
         finally:
             undo_checkpointing()
             self.display.finish()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        wall = time.time() - started
-        if not self.stop_requested and e.load_best_model_at_end and self.best:
-            best_step = min(self.best)[1]
-            self.model.load_weights(str(self._checkpoint(best_step) / "adapters.safetensors"), strict=False)
-        self.save()
+            self.sink.close()
         summary = RunSummary(
             backend="mlx",
             device=str(mx.default_device()),
@@ -265,7 +267,6 @@ class MlxTrainer(Stopping):
         )
         self.run.write_summary(summary)
         self.run.plot_losses()
-        self.sink.close()
         return summary
 
     def _optimizer_step(self, value_and_grad) -> tuple[float, float, int, object]:
