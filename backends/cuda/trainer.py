@@ -101,6 +101,16 @@ def quiet_liger_ascend_notices() -> None:
         log.addFilter(_SkipAscendImportNotice())
 
 
+def sft_trainer_class(async_metrics: bool):
+    if async_metrics:
+        from backends.cuda.sync_free import SyncFreeSFTTrainer
+
+        return SyncFreeSFTTrainer
+    from trl import SFTTrainer
+
+    return SFTTrainer
+
+
 class CudaTrainer(Stopping):
     def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
                  time_budget: TimeBudget | None = None):
@@ -125,7 +135,6 @@ class CudaTrainer(Stopping):
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.run.root / "tensorboard"))
         os.environ.setdefault("WANDB_PROJECT", cfg.tracking.project)
         from peft import LoraConfig
-        from trl import SFTTrainer
 
         lora = cfg.lora
         peft_config = LoraConfig(
@@ -136,7 +145,7 @@ class CudaTrainer(Stopping):
             bias=lora.bias,
             task_type=lora.task_type,
         )
-        self.trainer = SFTTrainer(
+        self.trainer = sft_trainer_class(cfg.cuda.async_metrics)(
             model=self.model,
             args=self._sft_config(),
             train_dataset=to_dataset(self.data.train),
@@ -249,6 +258,7 @@ class CudaTrainer(Stopping):
             metric_for_best_model=e.metric_for_best_model,
             greater_is_better=False,
             include_num_input_tokens_seen="non_padding",
+            logging_nan_inf_filter=not cfg.cuda.async_metrics,  # the filter reads the loss every micro-batch
             report_to=[] if self.tracker == "none" else [self.tracker],
             # No worker processes: the examples are already token ids, and workers die on a
             # Ctrl-C or a process-group SIGTERM before the main process can save (seen on the H100)

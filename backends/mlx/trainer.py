@@ -21,6 +21,7 @@ import signal
 import time
 from pathlib import Path
 
+from backends.mlx.batching import compiled_value_and_grad, length_groups, padded_width
 from common.adapters import PARENT, Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
@@ -146,11 +147,21 @@ class MlxTrainer(Stopping):
         size = self.cfg.training.batch_size
         return [self.data.train[i] for i in order[position * size : (position + 1) * size]]
 
+    def step_micro_batches(self) -> list[list[Example]]:
+        """This optimizer step's micro-batches; with training.packing the same examples regrouped by
+        length into fuller ones (backends/mlx/batching.py)."""
+        t = self.cfg.training
+        batches = [self.micro_batch(self.step * t.gradient_accumulation_steps + k)
+                   for k in range(t.gradient_accumulation_steps)]
+        if not t.packing:
+            return batches
+        return length_groups([e for batch in batches for e in batch], t.batch_size * self.cfg.data.max_seq_length)
+
     @staticmethod
     def to_arrays(examples: list[Example]):
         import mlx.core as mx
 
-        width = max(len(e) for e in examples)
+        width = padded_width(max(len(e) for e in examples))  # bounded set of shapes for mx.compile
         ids = [e.input_ids + [PAD_ID] * (width - len(e)) for e in examples]
         mask = [e.loss_mask + [0] * (width - len(e)) for e in examples]
         return mx.array(ids), mx.array(mask)
@@ -185,12 +196,11 @@ class MlxTrainer(Stopping):
     # ------------------------------------------------------------------ train
     def train(self, resume: str | None = None) -> RunSummary:
         import mlx.core as mx
-        import mlx.nn as nn
 
         self.setup()
         e = self.cfg.eval
         resumed_from = self._resume(resume)
-        value_and_grad = nn.value_and_grad(self.model, self.loss_sum)
+        value_and_grad = self.value_and_grad()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
         started, first_step = time.time(), self.step
@@ -257,6 +267,15 @@ class MlxTrainer(Stopping):
         self.sink.close()
         return summary
 
+    def value_and_grad(self):
+        """(loss sum, target count) and LoRA gradients of one micro-batch: `f(model, ids, mask)`."""
+        import mlx.nn as nn
+
+        value_and_grad = nn.value_and_grad(self.model, self.loss_sum)
+        if self.cfg.mlx.compile_step:
+            return compiled_value_and_grad(self.model, value_and_grad)
+        return value_and_grad
+
     def _optimizer_step(self, value_and_grad) -> tuple[float, float, int, object]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches. Gradients of the
         summed loss are added up and divided by the number of target tokens: every trained token
@@ -267,9 +286,8 @@ class MlxTrainer(Stopping):
 
         t = self.cfg.training
         grads_sum, loss_sum, targets, real = None, 0.0, 0.0, 0
-        for k in range(t.gradient_accumulation_steps):
+        for k, batch in enumerate(self.step_micro_batches()):
             mx.random.seed(t.seed * 1_000_003 + self.step * 1009 + k)  # dropout: a function of the step
-            batch = self.micro_batch(self.step * t.gradient_accumulation_steps + k)
             (loss, n), grads = value_and_grad(self.model, *self.to_arrays(batch))
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             mx.eval(loss, n, grads_sum)
