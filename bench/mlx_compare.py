@@ -28,6 +28,7 @@ RUNS = {
     "mlx_lm": None,
     "ours_plain": (False, False),
     "ours_compiled": (False, True),
+    "ours_grouped": (True, False),
     "ours": (True, True),  # the shipped MLX settings: compiled step, length-grouped micro-batches
 }
 

@@ -145,6 +145,7 @@ def table(result: dict) -> str:
                   f"{f' ({rate / base:.2f}x stock)' if base else ''}"
                   f"{f', {loop:,.0f} over the whole loop' if loop else ''}."]
     lines += liger_table(result.get("liger") or [])
+    lines += mlx_table(result.get("mlx"))
     match = result.get("loss_match")
     if match:
         lines += [
@@ -171,12 +172,31 @@ def side_by_side(result: dict) -> list[str]:
     rows += [(f"Unsloth {run.get('versions', {}).get('unsloth', '')} (packed 4 x 4096, "
               f"{run.get('attention') or '?'})", f"{run['lora_dropout']:g}", run) for run in result["unsloth"]]
     rows.append(("ours: `qlora train`, shipped H100 config (packed 4 x 4096, flash-attn-4)", "0.05", ours))
+    rows += [("ours: the shipped config at LoRA dropout 0 (30-step ablation run)", "0",
+              {"real_tokens_per_second": row["steady_tokens_per_second"], "peak_memory_gb": row["peak_memory_gb"]})
+             for row in result.get("ablation", []) if row.get("overrides") == ["lora.dropout=0"]]
+    unsloth = {f"{run['lora_dropout']:g}": run.get("real_tokens_per_second") for run in result["unsloth"]}
     lines = ["Side by side (same random-weight 7B checkpoint, same token ids, one session on one machine):", "",
-             "| run | LoRA dropout | real tokens/s (steady) | vs stock | peak GB |", "|---|---|---|---|---|"]
+             "| run | LoRA dropout | real tokens/s (steady) | vs stock | vs Unsloth, same dropout | peak GB |",
+             "|---|---|---|---|---|---|"]
     for name, dropout, run in rows:
-        rate, peak = run.get("real_tokens_per_second"), run.get("peak_memory_gb")
+        rate, peak, other = run.get("real_tokens_per_second"), run.get("peak_memory_gb"), unsloth.get(dropout)
         lines.append(f"| {name} | {dropout} | {f'{rate:,.0f}' if rate else 'not run'} | "
-                     f"{f'{rate / base:.2f}x' if rate and base else ''} | {f'{peak:.1f}' if peak else ''} |")
+                     f"{f'{rate / base:.2f}x' if rate and base else ''} | {f'{rate / other:.2f}x' if rate and other else ''} | "
+                     f"{f'{peak:.1f}' if peak else ''} |")
+    return lines
+
+
+def mlx_table(mlx: dict | None) -> list[str]:
+    """bench/mlx_compare.py: our MLX step and mlx-lm's trainer on the same examples."""
+    if not mlx:
+        return []
+    lines = ["", f"MLX, our step beside mlx-lm's trainer ({mlx['machine']}; {mlx['layout']}; "
+             f"mlx {mlx['versions'].get('mlx')}, mlx-lm {mlx['versions'].get('mlx-lm')}; `bench/mlx_compare.py`):", "",
+             "| run | length-grouped | compiled | micro-batches | real tokens/s | peak GB |", "|---|---|---|---|---|---|"]
+    for run in mlx["runs"]:
+        lines.append(f"| {run['run']} | {'yes' if run['packing'] else 'no'} | {'yes' if run['compile_step'] else 'no'} | "
+                     f"{run['micro_batches']} | {run['real_tokens_per_second']:.1f} | {run['peak_memory_gb']:.3f} |")
     return lines
 
 

@@ -20,8 +20,8 @@ def test_short_examples_share_micro_batches_within_the_token_budget():
     groups = length_groups(step, token_budget=4096)
     assert sorted(map(id, sum(groups, []))) == sorted(map(id, step))  # every example once
     assert all(len(g) * padded_width(len(g[0])) <= 4096 for g in groups)
-    assert all(len(g[0]) == max(len(e) for e in g) for g in groups)  # the first sets the width
-    assert len(groups) < len(step) / 3  # 16 examples, mostly short: a handful of passes
+    assert all(len({padded_width(len(e)) for e in g}) == 1 for g in groups)  # no padding beyond PAD_TO
+    assert len(groups) == 4  # 12 short examples in one pass, the two of 900 in one, each 3000 alone
 
 
 def test_an_example_over_the_budget_runs_alone():
