@@ -28,8 +28,8 @@ RUNS = {
     "mlx_lm": None,
     "ours_plain": (False, False),
     "ours_compiled": (False, True),
-    "ours_grouped": (True, False),
-    "ours": (True, True),  # the shipped MLX settings: compiled step, length-grouped micro-batches
+    "ours": (True, False),  # the shipped MLX settings: length-grouped micro-batches, not compiled
+    "ours_grouped_compiled": (True, True),
 }
 
 
@@ -53,7 +53,7 @@ def measure(args, name: str, workdir: Path) -> dict:
     from common.data import ChatTokenizer, prepare_data
     from common.run_folder import RunFolder
 
-    packing, compiled = RUNS[name] or (False, False)
+    packing, compiled = RUNS[name] or (False, True)  # mlx-lm compiles its step; batch 1: nothing to group
     cfg = config(args, workdir, packing, compiled)
     cfg.tracking.run_name = name
     data = prepare_data(cfg.data, ChatTokenizer())

@@ -190,9 +190,11 @@ class MlxConfig(Section):
     quant_group_size: Literal[32, 64, 128] = 64
     model_cache_dir: str = Field("models", description="Where the 4-bit MLX copy is cached.")
     compile_step: bool = Field(
-        True,
+        False,
         description="Compile the forward + backward of a micro-batch with mx.compile (as mlx-lm's own "
-        "trainer does): one trace per micro-batch shape, rows padded to a multiple of 32 tokens.",
+        "trainer does). It traces once per micro-batch shape (rows x width; widths are multiples of 32), "
+        "and length-grouped micro-batches (training.packing) change shape nearly every step: off by "
+        "default, since on the CPU it made steps slower (docs/benchmarks.md); not yet measured on an M4.",
     )
 
 

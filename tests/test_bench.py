@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 from bench.ablation import MATMUL_PARAMS, category, steady_rate  # noqa: E402
 from bench.report import END, START, collect, results_file, table, write_docs  # noqa: E402
 
-H100_RESULT = REPO / "bench" / "results" / "2026-11-26-h100-80gb-hbm3-d.json"  # the table in docs/benchmarks.md
+H100_RESULT = REPO / "bench" / "results" / "2026-11-27-h100-80gb-hbm3.json"  # the table in docs/benchmarks.md
 LEVERS_RESULT = REPO / "bench" / "results" / "2026-11-26-h100-80gb-hbm3-c.json"  # make bench, the levers
 
 
