@@ -140,7 +140,8 @@ def table(result: dict) -> str:
     if whole and whole.get("steady_tokens_per_second"):
         rate = whole["steady_tokens_per_second"]
         loop = whole.get("whole_loop_tokens_per_second")
-        lines += ["", f"Through `qlora train` with the shipped config (`bash bench/run_h100.sh whole`, {whole['steps']} "
+        extra = "".join(f" `--set {o}`" for o in whole.get("overrides", []))
+        lines += ["", f"Through `qlora train` with the shipped config{extra} (`bash bench/run_h100.sh whole`, {whole['steps']} "
                   f"steps, evaluations and checkpoint saves every 50): **{rate:,.0f} real tokens/s steady**"
                   f"{f' ({rate / base:.2f}x stock)' if base else ''}"
                   f"{f', {loop:,.0f} over the whole loop' if loop else ''}."]
@@ -171,10 +172,13 @@ def side_by_side(result: dict) -> list[str]:
     rows = [("stock TRL SFTTrainer (padded 4 x 4, SDPA)", "0.05", stock)]
     rows += [(f"Unsloth {run.get('versions', {}).get('unsloth', '')} (packed 4 x 4096, "
               f"{run.get('attention') or '?'})", f"{run['lora_dropout']:g}", run) for run in result["unsloth"]]
-    rows.append(("ours: `qlora train`, shipped H100 config (packed 4 x 4096, flash-attn-4)", "0.05", ours))
-    rows += [("ours: the shipped config at LoRA dropout 0 (30-step ablation run)", "0",
-              {"real_tokens_per_second": row["steady_tokens_per_second"], "peak_memory_gb": row["peak_memory_gb"]})
-             for row in result.get("ablation", []) if row.get("overrides") == ["lora.dropout=0"]]
+    ablation = result.get("ablation", [])
+    rows += [("ours: the shipped H100 config (packed 4 x 4096, flash-attn-4; 30-step run)", "0.05", as_run(row))
+             for row in ablation if row.get("shipped")]
+    overrides = " ".join(f"`--set {o}`" for o in ours.get("overrides", []))
+    rows.append((f"ours: `qlora train`, 100 steps, H100 config{' with ' + overrides if overrides else ''}", "0.05", ours))
+    rows += [(f"ours: H100 config at LoRA dropout 0 ({', '.join(row['overrides'])}; 30-step run)", "0", as_run(row))
+             for row in ablation if "lora.dropout=0" in row.get("overrides", [])]
     unsloth = {f"{run['lora_dropout']:g}": run.get("real_tokens_per_second") for run in result["unsloth"]}
     lines = ["Side by side (same random-weight 7B checkpoint, same token ids, one session on one machine):", "",
              "| run | LoRA dropout | real tokens/s (steady) | vs stock | vs Unsloth, same dropout | peak GB |",
@@ -185,6 +189,10 @@ def side_by_side(result: dict) -> list[str]:
                      f"{f'{rate / base:.2f}x' if rate and base else ''} | {f'{rate / other:.2f}x' if rate and other else ''} | "
                      f"{f'{peak:.1f}' if peak else ''} |")
     return lines
+
+
+def as_run(row: dict) -> dict:
+    return {"real_tokens_per_second": row["steady_tokens_per_second"], "peak_memory_gb": row["peak_memory_gb"]}
 
 
 def mlx_table(mlx: dict | None) -> list[str]:

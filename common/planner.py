@@ -26,22 +26,21 @@ class Rates:
 
 
 # Anchors for the shipped platform configs. H100 config (4 packed rows x 4096, flash-attn-4, Liger
-# RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed, async metrics, torch AdamW):
-# measured 2026-11-27 on an H100 80GB through `qlora train`, 100 steps (docs/benchmarks.md,
-# bench/results/2026-11-27-h100-80gb-hbm3.json): 11,026 real tok/s steady, 34.1 GB; 300 validation
-# conversations (224K tokens) evaluated in 7.2 s. Startup includes the slower first ~5 steps
-# (flash-attn-4 compiling). M4: docs/m4.md estimates.
+# RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed, async metrics, paged AdamW
+# 32-bit): measured 2026-11-27 on an H100 80GB, the real CudaTrainer over 30 steps (docs/benchmarks.md,
+# bench/results/2026-11-27-h100-80gb-hbm3.json): 10,855 real tok/s steady, 33.9 GB; the same session's
+# 100-step `qlora train` (torch AdamW) evaluated 300 validation conversations (224K tokens) in 7.2 s.
+# Startup includes the slower first ~5 steps (flash-attn-4 compiling). M4: docs/m4.md estimates.
 ANCHORS = {
-    "h100": Rates(11026, 34.1, 31000, 5.0, 75.0,
-                  "measured on an H100 80GB, 2026-11-27 (docs/benchmarks.md): qlora train, packed 4 x 4096, "
-                  "flash-attn-4, Liger RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed, "
-                  "async metrics, torch AdamW", True),
+    "h100": Rates(10855, 33.9, 31000, 5.0, 75.0,
+                  "measured on an H100 80GB, 2026-11-27 (docs/benchmarks.md): packed 4 x 4096, flash-attn-4, "
+                  "Liger RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed, async metrics", True),
     "m4": Rates(35, 11.0, 100, 5.0, 120.0,
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
 }
 ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 24, 4  # the H100 anchor's cuda.checkpointed_layers and rows a micro-batch
 ANCHOR_LIGER = frozenset({"rope", "rms_norm", "swiglu"})  # the H100 anchor's cuda.liger_kernels
-ANCHOR_OPTIMIZER = "adamw_torch"  # the H100 anchor's training.optimizer (cuda.async_metrics on)
+ANCHOR_OPTIMIZER = "paged_adamw_32bit"  # the H100 anchor's training.optimizer (cuda.async_metrics on)
 
 # Peak GPU memory of the CUDA path for other micro-batches and checkpointing (GB), fitted to
 # measurements of 2026-11-26 (docs/benchmarks.md): 4.07 fixed (4-bit model, LoRA and optimizer
@@ -62,7 +61,7 @@ FUSED_LORA_SPEED = 9139 / 8557
 # (bench/results/2026-11-27-h100-80gb-hbm3.json): speed factor of each against bitsandbytes' paged
 # AdamW with TRL's per-micro-batch syncs (the 8-bit paged AdamW was not measured: taken as 1).
 ASYNC_METRICS_SPEED = 10855 / 10447
-OPTIMIZER_SPEED = {"adamw_torch": 11122 / 10855}
+OPTIMIZER_SPEED = {"paged_adamw_32bit": 1.0, "adamw_torch": 11122 / 10855}
 
 
 def liger_kernels(cfg: QLoraConfig) -> frozenset[str]:
