@@ -46,7 +46,11 @@ def collect(folder: Path) -> dict:
                   for row in (read(name) or {}).get("variants", [])],
         "profile": ablation.get("profile"),
         "loss_match": read("loss-match.json"),
-        "qlora_train": train_summary(folder / "train-metrics.jsonl"),
+        "qlora_train": train_summary(folder / "train-metrics.jsonl", read("train-summary.json")),
+        # bench/run_h100.sh unsloth: the same job through Unsloth, at the reference dropout and at 0
+        "unsloth": [run for run in (read(f"unsloth-dropout-{d}.json") for d in ("0.05", "0")) if run],
+        # bench/mlx_compare.py: our MLX step beside mlx-lm's own trainer (its machine is in the entry)
+        "mlx": read("mlx-compare.json"),
         "data": {"chat": read("chat-stats.json"), "long": read("long-stats.json")},
         "versions": read("versions.json"),
     }
@@ -56,10 +60,10 @@ def collect(folder: Path) -> dict:
 WHOLE_WARMUP = 10  # steps in which flash-attn-4 compiles kernels for new row shapes
 
 
-def train_summary(metrics: Path) -> dict | None:
-    """The `whole` step's `qlora train` run from its metrics.jsonl: the steady rate (intervals after
-    the warm-up, without the ones an evaluation ran in) and the whole loop's (evaluations, checkpoint
-    saves and the warm-up included)."""
+def train_summary(metrics: Path, summary: dict | None = None) -> dict | None:
+    """The `whole` step's `qlora train` run from its metrics.jsonl (and summary.json, for the peak
+    memory): the steady rate (intervals after the warm-up, without the ones an evaluation ran in) and
+    the whole loop's (evaluations, checkpoint saves and the warm-up included)."""
     if not metrics.is_file():
         return None
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -67,6 +71,8 @@ def train_summary(metrics: Path) -> dict | None:
     end = next((r for r in reversed(records) if r.get("train_runtime") and "train_loss" in r), None)
     return {
         "steps": max((r["step"] for r in records if "step" in r), default=0),
+        "real_tokens_per_second": steady,
+        "peak_memory_gb": (summary or {}).get("peak_memory_gb"),
         "steady_tokens_per_second": steady,
         "steady_definition": f"real tokens over the logged intervals after step {WHOLE_WARMUP}, without those an "
                              "evaluation ran in",
@@ -93,7 +99,7 @@ def slug(gpu: str) -> str:
 
 
 def steps_run(result: dict) -> list[str]:
-    keys = [("prepare", "data"), ("stock", "stock"), ("ablation", "ablation"), ("liger", "liger"),
+    keys = [("prepare", "data"), ("stock", "stock"), ("unsloth", "unsloth"), ("ablation", "ablation"), ("liger", "liger"),
             ("loss-match", "loss_match"), ("whole", "qlora_train"), ("versions", "versions")]
     return [step for step, key in keys if result.get(key) and (key != "data" or any(result["data"].values()))]
 
@@ -113,6 +119,7 @@ def table(result: dict) -> str:
     ]
     stock = result.get("stock") or {}
     base = stock.get("real_tokens_per_second")
+    lines[-2:-2] = side_by_side(result) + [""] if result.get("unsloth") else []
     if base:
         padding = stock.get("padding_fraction")
         lines.append(f"| stock TRL (padded batches, no packing) | sdpa | 4 x 4 | 32 | no | no | "
@@ -133,11 +140,13 @@ def table(result: dict) -> str:
     if whole and whole.get("steady_tokens_per_second"):
         rate = whole["steady_tokens_per_second"]
         loop = whole.get("whole_loop_tokens_per_second")
-        lines += ["", f"Through `qlora train` with the shipped config (`bash bench/run_h100.sh whole`, {whole['steps']} "
+        extra = "".join(f" `--set {o}`" for o in whole.get("overrides", []))
+        lines += ["", f"Through `qlora train` with the shipped config{extra} (`bash bench/run_h100.sh whole`, {whole['steps']} "
                   f"steps, evaluations and checkpoint saves every 50): **{rate:,.0f} real tokens/s steady**"
                   f"{f' ({rate / base:.2f}x stock)' if base else ''}"
                   f"{f', {loop:,.0f} over the whole loop' if loop else ''}."]
     lines += liger_table(result.get("liger") or [])
+    lines += mlx_table(result.get("mlx"))
     match = result.get("loss_match")
     if match:
         lines += [
@@ -153,6 +162,50 @@ def table(result: dict) -> str:
             f"{'yes' if match['within_bf16_tolerance'] else 'NO'}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def side_by_side(result: dict) -> list[str]:
+    """Stock TRL, Unsloth and our `qlora train` on the same checkpoint, tokens and machine."""
+    stock = result.get("stock") or {}
+    base = stock.get("real_tokens_per_second")
+    ours = result.get("qlora_train") or {}
+    rows = [("stock TRL SFTTrainer (padded 4 x 4, SDPA)", "0.05", stock)]
+    rows += [(f"Unsloth {run.get('versions', {}).get('unsloth', '')} (packed 4 x 4096, "
+              f"{run.get('attention') or '?'})", f"{run['lora_dropout']:g}", run) for run in result["unsloth"]]
+    ablation = result.get("ablation", [])
+    rows += [("ours: the shipped H100 config (packed 4 x 4096, flash-attn-4; 30-step run)", "0.05", as_run(row))
+             for row in ablation if row.get("shipped")]
+    overrides = " ".join(f"`--set {o}`" for o in ours.get("overrides", []))
+    rows.append((f"ours: `qlora train`, 100 steps, H100 config{' with ' + overrides if overrides else ''}", "0.05", ours))
+    rows += [(f"ours: H100 config at LoRA dropout 0 ({', '.join(row['overrides'])}; 30-step run)", "0", as_run(row))
+             for row in ablation if "lora.dropout=0" in row.get("overrides", [])]
+    unsloth = {f"{run['lora_dropout']:g}": run.get("real_tokens_per_second") for run in result["unsloth"]}
+    lines = ["Side by side (same random-weight 7B checkpoint, same token ids, one session on one machine):", "",
+             "| run | LoRA dropout | real tokens/s (steady) | vs stock | vs Unsloth, same dropout | peak GB |",
+             "|---|---|---|---|---|---|"]
+    for name, dropout, run in rows:
+        rate, peak, other = run.get("real_tokens_per_second"), run.get("peak_memory_gb"), unsloth.get(dropout)
+        lines.append(f"| {name} | {dropout} | {f'{rate:,.0f}' if rate else 'not run'} | "
+                     f"{f'{rate / base:.2f}x' if rate and base else ''} | {f'{rate / other:.2f}x' if rate and other else ''} | "
+                     f"{f'{peak:.1f}' if peak else ''} |")
+    return lines
+
+
+def as_run(row: dict) -> dict:
+    return {"real_tokens_per_second": row["steady_tokens_per_second"], "peak_memory_gb": row["peak_memory_gb"]}
+
+
+def mlx_table(mlx: dict | None) -> list[str]:
+    """bench/mlx_compare.py: our MLX step and mlx-lm's trainer on the same examples."""
+    if not mlx:
+        return []
+    lines = ["", f"MLX, our step beside mlx-lm's trainer ({mlx['machine']}; {mlx['layout']}; "
+             f"mlx {mlx['versions'].get('mlx')}, mlx-lm {mlx['versions'].get('mlx-lm')}; `bench/mlx_compare.py`):", "",
+             "| run | length-grouped | compiled | micro-batches | real tokens/s | peak GB |", "|---|---|---|---|---|---|"]
+    for run in mlx["runs"]:
+        lines.append(f"| {run['run']} | {'yes' if run['packing'] else 'no'} | {'yes' if run['compile_step'] else 'no'} | "
+                     f"{run['micro_batches']} | {run['real_tokens_per_second']:.1f} | {run['peak_memory_gb']:.3f} |")
+    return lines
 
 
 LIGER_SHORT = {"rope": "RoPE", "rms_norm": "RMSNorm", "swiglu": "SwiGLU", "fused_linear_cross_entropy": "FLCE"}

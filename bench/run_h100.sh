@@ -3,6 +3,9 @@
 #   bash bench/run_h100.sh install   # wheels carried in .whl1/.whl2/.whl3 (see docs/benchmarks.md)
 #   bash bench/run_h100.sh prepare   # random-weight Mistral-7B-shaped checkpoint + synthetic data
 #   bash bench/run_h100.sh stock     # the stock TRL baseline, 25 steps
+#   bash bench/run_h100.sh tokens    # our data layer's token ids of the first 4,000 examples, as JSON
+#   bash bench/run_h100.sh unsloth-install  # Unsloth's own environment (.whlu, .devsite-unsloth) in $USITE
+#   bash bench/run_h100.sh unsloth   # Unsloth on those token ids, LoRA dropout 0.05 and 0, 30 steps each
 #   bash bench/run_h100.sh ablation [ablation.py args...]  # speed levers one at a time (+ profile)
 #   bash bench/run_h100.sh liger       # the Liger kernels one at a time
 #   bash bench/run_h100.sh loss-match  # stock vs optimized loss and gradients on one fixed batch
@@ -15,6 +18,7 @@
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
 set -euo pipefail
 SITE=${SITE:-/tmp/site}
+USITE=${USITE:-/tmp/site-unsloth}  # Unsloth pins transformers <= 5.17 and trl <= 1.15: its own folder
 OUT=${OUT:-bench/results}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/python_packages:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,6 +61,26 @@ PY
     cp /tmp/bench-long/stats.json "$OUT/long-stats.json"
     cat /tmp/bench-data/stats.json
     ;;
+  tokens)
+    $PY bench/export_tokens.py --config bench/h100_bench.yaml --out /tmp/bench-data/tokens.json
+    ;;
+  unsloth-install)  # unsloth + unsloth-zoo + their imports (trl 1.15, datasets 4.8, xformers, torchao, tyro,
+    # cut-cross-entropy, msgspec, ...) and bitsandbytes; transformers 5.17 and peft come from the machine.
+    # .devsite-unsloth: the unsloth wheel unpacked without its 82 MB `studio` web app (never imported).
+    mkdir -p "$USITE"
+    if compgen -G ".whlu/*.whl" >/dev/null; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$USITE" .whlu/*.whl
+    fi
+    [ -d .devsite-unsloth ] && cp -r .devsite-unsloth/* "$USITE"/
+    PYTHONPATH="$USITE" $PY -c "import importlib.metadata as md; print({n: md.version(n) for n in ('unsloth', 'unsloth_zoo', 'transformers', 'trl', 'peft', 'xformers')})"
+    ;;
+  unsloth)  # each dropout in its own process (Unsloth patches classes on import); PYTHONPATH without $SITE
+    for dropout in 0.05 0; do
+      PYTHONPATH="$USITE" $PY bench/unsloth_baseline.py --model /tmp/mistral-7b-random \
+        --tokens /tmp/bench-data/tokens.json --dropout $dropout --steps "${STEPS:-30}" \
+        --out "$OUT/unsloth-dropout-$dropout.json" || echo "unsloth dropout $dropout failed"
+    done
+    ;;
   stock)
     $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-data --steps "${STEPS:-25}" \
       --out "$OUT/stock.json"
@@ -94,6 +118,7 @@ PY
     $PY -m commands train --config bench/h100_bench.yaml --set training.max_steps=100 --set eval.eval_steps=50 \
       --set eval.save_steps=50 --set eval.logging_steps=5 --set tracking.run_name="$run"
     cp "/tmp/adapters/$run/metrics.jsonl" "$OUT/train-metrics.jsonl"
+    cp "/tmp/adapters/$run/summary.json" "$OUT/train-summary.json"
     ;;
   versions)
     $PY - > "$OUT/versions.json" <<'PY'
@@ -144,5 +169,5 @@ PY
       --out "$OUT/after-training.json"
     ;;
   *)
-    sed -n "2,16p" "$0"; exit 2 ;;
+    sed -n "2,18p" "$0"; exit 2 ;;
 esac

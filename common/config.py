@@ -194,8 +194,11 @@ class TrainingConfig(Section):
     seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed of LoRA initialisation, dropout and data order.")
     packing: bool = Field(
         True,
-        description="Pack examples into rows of max_seq_length without padding "
-        "(padding-free; needs a varlen attention kernel on CUDA). CUDA backend only for now.",
+        description="CUDA: pack examples into rows of max_seq_length without padding (padding-free; "
+        "needs a varlen attention kernel). MLX: regroup each optimizer step's examples by length into "
+        "fewer, fuller micro-batches of at most batch_size x max_seq_length padded tokens (mlx-lm's "
+        "models take no per-segment masks). Either way the same examples per optimizer step and the "
+        "same token-weighted loss.",
     )
 
 
@@ -294,6 +297,13 @@ class CudaConfig(Section):
         description="Add the LoRA update inside its matmul (one kernel instead of PEFT's four); "
         "same weights and math, faster on the GPU.",
     )
+    async_metrics: bool = Field(
+        True,
+        description="Keep TRL's per-micro-batch metrics (entropy, token accuracy, token counts, the loss's "
+        "NaN check) on the GPU until a log line or checkpoint reads them, instead of a host sync in every "
+        "micro-batch (backends/cuda/sync_free.py). Same math and logged values, except that a NaN loss is "
+        "logged as NaN instead of being replaced by the running mean.",
+    )
 
     @field_validator("liger_kernels")
     @classmethod
@@ -312,13 +322,20 @@ class MlxConfig(Section):
     quant_bits: Literal[4, 8] = 4
     quant_group_size: Literal[32, 64, 128] = 64
     model_cache_dir: str = Field("models", description="Where the 4-bit MLX copy is cached.")
+    compile_step: bool = Field(
+        False,
+        description="Compile the forward + backward of a micro-batch with mx.compile (as mlx-lm's own "
+        "trainer does). It traces once per micro-batch shape (rows x width; widths are multiples of 32), "
+        "and length-grouped micro-batches (training.packing) change shape nearly every step: off by "
+        "default, since on the CPU it made steps slower (docs/benchmarks.md); not yet measured on an M4.",
+    )
 
 
 # What a backend never reads: left out of its resolved config, and named in a warning when a config
 # sets it (a shared config may well set both backends' sections, so this is a warning, not an error).
 UNUSED_BY_BACKEND: dict[str, tuple[str, ...]] = {
     "cuda": ("mlx",),
-    "mlx": ("cuda", "training.packing"),
+    "mlx": ("cuda",),
 }
 # Keys that moved, for configs written before they did.
 MOVED_KEYS = {

@@ -27,19 +27,21 @@ class Rates:
 
 
 # Anchors for the shipped platform configs. H100 config (4 packed rows x 4096, flash-attn-4, Liger
-# RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed): measured 2026-11-26 on an H100
-# 80GB through `qlora train` (docs/benchmarks.md, bench/results/2026-11-26-h100-80gb-hbm3-d.json):
-# 10,549 real tok/s steady, 33.9 GB; 300 validation conversations (224K tokens) evaluated in ~10 s.
+# RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed, async metrics, paged AdamW
+# 32-bit): measured 2026-11-27 on an H100 80GB, the real CudaTrainer over 30 steps (docs/benchmarks.md,
+# bench/results/2026-11-27-h100-80gb-hbm3.json): 10,855 real tok/s steady, 33.9 GB; the same session's
+# 100-step `qlora train` (torch AdamW) evaluated 300 validation conversations (224K tokens) in 7.2 s.
 # Startup includes the slower first ~5 steps (flash-attn-4 compiling). M4: docs/m4.md estimates.
 ANCHORS = {
-    "h100": Rates(10549, 33.9, 22000, 5.0, 75.0,
-                  "measured on an H100 80GB, 2026-11-26 (docs/benchmarks.md): qlora train, packed 4 x 4096, "
-                  "flash-attn-4, Liger RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed", True),
+    "h100": Rates(10855, 33.9, 31000, 5.0, 75.0,
+                  "measured on an H100 80GB, 2026-11-27 (docs/benchmarks.md): packed 4 x 4096, flash-attn-4, "
+                  "Liger RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed, async metrics", True),
     "m4": Rates(35, 11.0, 100, 5.0, 120.0,
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
 }
 ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 24, 4  # the H100 anchor's cuda.checkpointed_layers and rows a micro-batch
 ANCHOR_LIGER = frozenset({"rope", "rms_norm", "swiglu"})  # the H100 anchor's cuda.liger_kernels
+ANCHOR_OPTIMIZER = "paged_adamw_32bit"  # the H100 anchor's cuda.optimizer (cuda.async_metrics on)
 
 # Peak GPU memory of the CUDA path for other micro-batches and checkpointing (GB), fitted to
 # measurements of 2026-11-26 (docs/benchmarks.md): 4.07 fixed (4-bit model, LoRA and optimizer
@@ -56,6 +58,11 @@ DECODER_LAYERS = SHAPE_7B["num_hidden_layers"]
 LIGER_SPEED = {"rms_norm": 9711 / 8584, "swiglu": 9926 / 9711, "rope": 10533 / 9926}
 LIGER_KEPT_LAYER_ROW_GB = {"rms_norm": (40.05 - 37.39) / 32, "swiglu": (37.39 - 33.89) / 32, "rope": 0.0}
 FUSED_LORA_SPEED = 9139 / 8557
+# cuda.async_metrics and the optimizer, measured one after the other in one process on one H100
+# (bench/results/2026-11-27-h100-80gb-hbm3.json): speed factor of each against bitsandbytes' paged
+# AdamW with TRL's per-micro-batch syncs (the 8-bit paged AdamW was not measured: taken as 1).
+ASYNC_METRICS_SPEED = 10855 / 10447
+OPTIMIZER_SPEED = {"paged_adamw_32bit": 1.0, "adamw_torch": 11122 / 10855}
 
 
 def liger_kernels(cfg: QLoraConfig) -> frozenset[str]:
@@ -107,13 +114,17 @@ def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
     if base is None or cfg.backend != "cuda" or cfg.platform != "h100":
         return base
     t, kernels = cfg.training, liger_kernels(cfg)
-    if ((checkpointed(cfg), t.batch_size, row or cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora)
-            == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True)):
+    if ((checkpointed(cfg), t.batch_size, row or cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora,
+         cfg.cuda.async_metrics, cfg.cuda.optimizer)
+            == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER)):
         return base  # the measured configuration itself
     speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
     speed *= math.prod(LIGER_SPEED[k] for k in kernels) / math.prod(LIGER_SPEED[k] for k in ANCHOR_LIGER)
     if not cfg.cuda.fused_lora:
         speed /= FUSED_LORA_SPEED
+    if not cfg.cuda.async_metrics:
+        speed /= ASYNC_METRICS_SPEED
+    speed *= OPTIMIZER_SPEED.get(cfg.cuda.optimizer, 1.0) / OPTIMIZER_SPEED[ANCHOR_OPTIMIZER]
     return Rates(speed, cuda_peak_gb(cfg, row), base.eval_tokens_per_second, base.save_seconds, base.startup_seconds,
                  base.source + "; memory and speed adjusted to this config (ESTIMATE from measured points)",
                  base.measured)

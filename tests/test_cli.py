@@ -27,7 +27,7 @@ def test_config_json_shows_the_seed_values(platform):
         assert cfg["cuda"]["quantization"]["quant_type"] == "nf4" and cfg["cuda"]["quantization"]["double_quant"]
         assert "mlx" not in cfg
     else:  # only what the MLX run uses
-        assert "cuda" not in cfg and "packing" not in cfg["training"] and cfg["mlx"]["quant_bits"] == 4
+        assert "cuda" not in cfg and cfg["mlx"]["quant_bits"] == 4
     assert cfg["platform"] == platform
 
 

@@ -57,16 +57,18 @@ def test_platform_configs_carry_the_seed_values(platform):
 
 def test_the_resolved_config_lists_only_what_its_backend_uses():
     m4, h100 = load_config(platform="m4").resolved(), load_config(platform="h100").resolved()
-    assert "cuda" not in m4 and "packing" not in m4["training"] and m4["mlx"]["quant_bits"] == 4
+    assert "cuda" not in m4 and m4["training"]["packing"] and m4["mlx"]["quant_bits"] == 4
     assert "mlx" not in h100 and h100["cuda"]["quantization"]["quant_type"] == "nf4"
 
 
 def test_a_setting_the_backend_ignores_is_named():
-    cfg = load_config(platform="m4", overrides=["cuda.optimizer=adamw_torch", "training.packing=true"])
+    cfg = load_config(platform="m4", overrides=["cuda.optimizer=adamw_torch", "cuda.fused_lora=false"])
     assert cfg.notes == [
         "cuda.optimizer is not used by the mlx backend: ignored (--set cuda.optimizer=adamw_torch)",
-        "training.packing is not used by the mlx backend: ignored (--set training.packing=true)",
+        "cuda.fused_lora is not used by the mlx backend: ignored (--set cuda.fused_lora=false)",
     ]
+    assert load_config(platform="h100", overrides=["mlx.quant_bits=8"]).notes == [
+        "mlx.quant_bits is not used by the cuda backend: ignored (--set mlx.quant_bits=8)"]
     assert load_config(platform="h100").notes == [] and load_config(platform="m4").notes == []
     # the demo config serves both backends: its cuda section is no news to an MLX run
     assert load_config(platform="cpu", overrides=["backend=mlx"]).notes == []

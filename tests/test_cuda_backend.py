@@ -447,3 +447,32 @@ def test_only_liger_ascend_import_notices_are_dropped_during_the_run(caplog):
     shown = [r.getMessage() for r in caplog.records]
     assert len(shown) == 1 and "_cutedsl" in shown[0]
     assert not log.filters  # the run is over: the logger is as it was
+
+
+@slow
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_async_metrics_train_and_log_what_trl_does(tiny_model_dir, tmp_path, packing):
+    """cuda.async_metrics keeps TRL's per-micro-batch metrics on the device: the same weights after
+    training, and the same logged loss, entropy, token accuracy and token counts as TRL's own steps."""
+    runs = {}
+    for deferred in (False, True):
+        cfg = tiny_config(tiny_model_dir, tmp_path, "training.max_steps=6", "eval.eval_steps=3",
+                          "eval.save_steps=3", "eval.logging_steps=2", f"training.packing={str(packing).lower()}",
+                          "data.max_seq_length=256", "training.gradient_accumulation_steps=2",
+                          "lora.dropout=0", f"cuda.async_metrics={str(deferred).lower()}")
+        trainer = make_trainer(cfg, f"async-{deferred}-{packing}")
+        assert type(trainer.trainer).__name__ == ("SyncFreeSFTTrainer" if deferred else "SFTTrainer")
+        trainer.train()
+        logs = [r for r in trainer.run.read_metrics() if "loss" in r or "eval_loss" in r]
+        saved = json.loads((trainer.run.checkpoints / "checkpoint-6" / "trainer_state.json").read_text())
+        runs[deferred] = logs, lora_state(trainer.trainer.model), saved["num_input_tokens_seen"]
+    (plain_logs, plain_weights, plain_seen), (async_logs, async_weights, async_seen) = runs[False], runs[True]
+    assert plain_seen == async_seen > 0  # the checkpoint's real-token count is flushed before it is saved
+    assert len(plain_logs) == len(async_logs) >= 3
+    for plain, fast in zip(plain_logs, async_logs):
+        for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens", "num_input_tokens_seen", "eval_loss"):
+            assert (key in plain) == (key in fast), key
+            if key in plain:
+                assert fast[key] == pytest.approx(plain[key], rel=1e-5), (key, plain["step"])
+    for name, weight in plain_weights.items():
+        assert torch.allclose(weight, async_weights[name], atol=1e-6), name

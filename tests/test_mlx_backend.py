@@ -179,3 +179,40 @@ def test_a_stop_checkpoint_survives_a_second_signal_and_resume_refuses_a_differe
     summary = resumed.train(resume="auto")
     assert summary.resumed_from.endswith("checkpoint-1") and summary.global_step == 3
     assert [r["step"] for r in resumed.run.read_metrics() if "loss" in r] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- training.packing and mlx.compile_step
+def ids(micro_batches) -> list[tuple[int, ...]]:
+    return sorted(tuple(e.input_ids) for batch in micro_batches for e in batch)
+
+
+def test_grouped_and_compiled_steps_compute_the_plain_step(tiny_model_dir, tmp_path):
+    """training.packing regroups a step's examples by length into fewer micro-batches and
+    mlx.compile_step compiles them: the same examples, the same token-weighted loss and the same
+    LoRA update as one example group per micro-batch, uncompiled (dropout off: masks cannot match)."""
+    from backends.mlx.batching import padded_width
+
+    runs = {}
+    for packing, compiled in ((False, False), (True, False), (True, True)):
+        trainer = mlx_trainer(tiny_model_dir, tmp_path, f"group-{packing}-{compiled}", "training.max_steps=2",
+                              "training.gradient_accumulation_steps=4", "lora.dropout=0",
+                              f"training.packing={str(packing).lower()}", f"mlx.compile_step={str(compiled).lower()}")
+        value_and_grad = trainer.value_and_grad()
+        micro_batches, steps = [], []
+        for _ in range(2):
+            micro_batches.append(trainer.step_micro_batches())
+            steps.append(trainer._optimizer_step(value_and_grad)[:3])
+            trainer.step += 1
+        runs[packing, compiled] = micro_batches, steps, lora(trainer)
+    plain_batches, plain_steps, plain_weights = runs[False, False]
+    for key in ((True, False), (True, True)):
+        batches, steps, weights = runs[key]
+        for grouped, plain in zip(batches, plain_batches):
+            assert ids(grouped) == ids(plain)  # the same examples
+            assert len(grouped) < len(plain)  # in fewer, fuller micro-batches
+            assert all(len(g) * padded_width(len(g[0])) <= 2 * 96 for g in grouped)  # batch_size x max_seq_length
+        for (loss, targets, real), (plain_loss, plain_targets, plain_real) in zip(steps, plain_steps):
+            assert (targets, real) == (plain_targets, plain_real)
+            assert loss / targets == pytest.approx(plain_loss / plain_targets, rel=1e-5)  # token-weighted
+        for name, weight in plain_weights.items():
+            np.testing.assert_allclose(weights[name], weight, rtol=1e-4, atol=1e-6, err_msg=name)

@@ -73,6 +73,11 @@ def test_cuda_memory_model_is_within_ten_percent_of_the_measurements(overrides, 
 def test_anchor_follows_the_config():
     shipped = anchor_rates(load_config(platform="h100"))
     assert shipped.peak_gb == 33.9 and "ESTIMATE" not in shipped.source  # the measured configuration
+    synced = anchor_rates(load_config(platform="h100", overrides=["cuda.async_metrics=false"]))
+    torch_adamw = anchor_rates(load_config(platform="h100", overrides=["cuda.optimizer=adamw_torch"]))
+    assert synced.tokens_per_second == pytest.approx(shipped.tokens_per_second * 10447 / 10855)  # measured in one process
+    assert torch_adamw.tokens_per_second == pytest.approx(shipped.tokens_per_second * 11122 / 10855)
+    assert "ESTIMATE" in synced.source
     all_layers = anchor_rates(load_config(platform="h100", overrides=["cuda.checkpointed_layers=all"]))
     assert all_layers.peak_gb < shipped.peak_gb - 15  # 8 layers x 4 rows of kept activations
     assert all_layers.tokens_per_second < shipped.tokens_per_second  # every layer recomputed

@@ -67,6 +67,16 @@ def liger_wanted(setting, device: str, say) -> bool:
     return bool(setting) and installed
 
 
+def sft_trainer_class(async_metrics: bool):
+    if async_metrics:
+        from backends.cuda.sync_free import SyncFreeSFTTrainer
+
+        return SyncFreeSFTTrainer
+    from trl import SFTTrainer
+
+    return SFTTrainer
+
+
 class CudaTrainer(Stopping):
     def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
                  time_budget: TimeBudget | None = None):
@@ -91,7 +101,6 @@ class CudaTrainer(Stopping):
         if notice:
             say.warn(notice)
         from peft import LoraConfig
-        from trl import SFTTrainer
 
         lora = cfg.lora
         peft_config = LoraConfig(
@@ -102,7 +111,7 @@ class CudaTrainer(Stopping):
             bias=lora.bias,
             task_type=lora.task_type,
         )
-        self.trainer = SFTTrainer(
+        self.trainer = sft_trainer_class(cfg.cuda.async_metrics)(
             model=self.model,
             args=self._sft_config(),
             train_dataset=to_dataset(self.data.train),
@@ -258,6 +267,7 @@ class CudaTrainer(Stopping):
             metric_for_best_model=e.metric_for_best_model,
             greater_is_better=False,
             include_num_input_tokens_seen="non_padding",
+            logging_nan_inf_filter=not cfg.cuda.async_metrics,  # the filter reads the loss every micro-batch
             report_to=[],  # trackers come as explicit callbacks (_tracking_callbacks)
             # No worker processes: the examples are already token ids, and workers die on a
             # Ctrl-C or a process-group SIGTERM before the main process can save (seen on the H100)

@@ -21,6 +21,7 @@ import signal
 import time
 from pathlib import Path
 
+from backends.mlx.batching import compiled_value_and_grad, length_groups, padded_width
 from common import checkpoints as ckpt
 from common.adapters import Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
@@ -152,11 +153,20 @@ class MlxTrainer(Stopping):
         size = t.batch_size
         return [[self.data.train[i] for i in order[m * size : (m + 1) * size]] for m in range(first, last)]
 
+    def step_micro_batches(self) -> list[list[Example]]:
+        """This optimizer step's micro-batches; with training.packing the same examples regrouped by
+        length into fuller ones (backends/mlx/batching.py)."""
+        t = self.cfg.training
+        batches = self.step_batches(self.step)
+        if not t.packing:
+            return batches
+        return length_groups([e for batch in batches for e in batch], t.batch_size * self.cfg.data.max_seq_length)
+
     @staticmethod
     def to_arrays(examples: list[Example]):
         import mlx.core as mx
 
-        width = max(len(e) for e in examples)
+        width = padded_width(max(len(e) for e in examples))  # bounded set of shapes for mx.compile
         ids = [e.input_ids + [PAD_ID] * (width - len(e)) for e in examples]
         mask = [e.loss_mask + [0] * (width - len(e)) for e in examples]
         return mx.array(ids), mx.array(mask)
@@ -191,12 +201,11 @@ class MlxTrainer(Stopping):
     # ------------------------------------------------------------------ train
     def train(self, resume: str | None = None) -> RunSummary:
         import mlx.core as mx
-        import mlx.nn as nn
 
         self.setup()
         e = self.cfg.eval
         resumed_from = self._resume(resume)
-        value_and_grad = nn.value_and_grad(self.model, self.loss_sum)
+        value_and_grad = self.value_and_grad()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         undo_checkpointing = checkpoint_layer_class(self.model.layers[0]) if self.cfg.training.gradient_checkpointing \
             else (lambda: None)
@@ -269,6 +278,15 @@ class MlxTrainer(Stopping):
         self.run.plot_losses()
         return summary
 
+    def value_and_grad(self):
+        """(loss sum, target count) and LoRA gradients of one micro-batch: `f(model, ids, mask)`."""
+        import mlx.nn as nn
+
+        value_and_grad = nn.value_and_grad(self.model, self.loss_sum)
+        if self.cfg.mlx.compile_step:
+            return compiled_value_and_grad(self.model, value_and_grad)
+        return value_and_grad
+
     def _optimizer_step(self, value_and_grad) -> tuple[float, float, int, object]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches. Gradients of the
         summed loss are added up and divided by the number of target tokens: every trained token
@@ -279,7 +297,7 @@ class MlxTrainer(Stopping):
 
         t = self.cfg.training
         grads_sum, loss_sum, targets, real = None, 0.0, 0.0, 0
-        for k, batch in enumerate(self.step_batches(self.step)):
+        for k, batch in enumerate(self.step_micro_batches()):
             mx.random.seed(t.seed * 1_000_003 + self.step * 1009 + k)  # dropout: a function of the step
             (loss, n), grads = value_and_grad(self.model, *self.to_arrays(batch))
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)

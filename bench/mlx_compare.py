@@ -1,0 +1,150 @@
+"""Our MLX training step beside mlx-lm's own trainer (`mlx_lm.tuner.trainer.train`, what `mlx_lm.lora`
+runs) on the same 4-bit model, the same examples and the same LoRA, at the M4 config's layout (one
+example per micro-batch x 16 accumulated: the same examples per optimizer step for every run).
+
+  python bench/mlx_compare.py --out /tmp/bench-out/mlx-compare.json      # tiny model, sample data, CPU
+
+Each run is its own process (mlx-lm's gradient checkpointing patches the layer class for the rest of
+a process). Real tokens/s = the examples' tokens over the wall time of all steps (the compiles
+included, for both); peak memory = `mx.get_peak_memory()` over those steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# name -> (training.packing, mlx.compile_step) for ours; None = mlx-lm's trainer
+RUNS = {
+    "mlx_lm": None,
+    "ours_plain": (False, False),
+    "ours_compiled": (False, True),
+    "ours": (True, False),  # the shipped MLX settings: length-grouped micro-batches, not compiled
+    "ours_grouped_compiled": (True, True),
+}
+
+
+def config(args, workdir: Path, packing: bool = True, compiled: bool = True):
+    from common.config_loader import load_config
+
+    return load_config(platform="cpu", overrides=[
+        "backend=mlx", f"model.name_or_path={args.model_dir}", f"data.train_file={args.data}",
+        f"data.val_file={args.data}", f"data.max_seq_length={args.max_seq_length}", "training.batch_size=1",
+        f"training.gradient_accumulation_steps={args.accumulation}", f"training.max_steps={args.steps}",
+        f"training.packing={str(packing).lower()}", f"mlx.compile_step={str(compiled).lower()}",
+        f"mlx.model_cache_dir={workdir / 'models'}", f"tracking.output_dir={workdir / 'runs'}", "tracking.report_to=none",
+    ])
+
+
+def measure(args, name: str, workdir: Path) -> dict:
+    import mlx.core as mx
+
+    from backends.mlx.trainer import MlxTrainer
+    from common.console import Say
+    from common.data import ChatTokenizer, prepare_data
+    from common.run_folder import RunFolder
+
+    packing, compiled = RUNS[name] or (False, True)  # mlx-lm compiles its step; batch 1: nothing to group
+    cfg = config(args, workdir, packing, compiled)
+    cfg.tracking.run_name = name
+    data = prepare_data(cfg.data, ChatTokenizer())
+    data.train = data.train[: args.steps * args.accumulation]
+    trainer = MlxTrainer(cfg, RunFolder.create(cfg), data, Say())
+    trainer.setup()  # the 4-bit conversion (cached) and LoRA layers: the same for both trainers
+    if RUNS[name] is None:
+        seconds, micro_batches = run_mlx_lm(trainer, args)
+    else:
+        value_and_grad = trainer.value_and_grad()
+        mx.reset_peak_memory()
+        started, micro_batches = time.perf_counter(), 0
+        for _ in range(args.steps):
+            micro_batches += len(trainer.step_micro_batches())
+            trainer._optimizer_step(value_and_grad)
+            trainer.step += 1
+        seconds = time.perf_counter() - started
+    tokens = sum(len(e) for e in data.train)
+    return {"run": name, "packing": packing, "compile_step": compiled, "steps": args.steps,
+            "examples": len(data.train), "real_tokens": tokens, "micro_batches": micro_batches,
+            "seconds": seconds, "real_tokens_per_second": tokens / seconds,
+            "peak_memory_gb": mx.get_peak_memory() / 1024**3}
+
+
+def run_mlx_lm(trainer, args) -> tuple[float, int]:
+    """mlx-lm's own loop on our trainer's model (4-bit, LoRA layers already in place, same AdamW
+    and schedule). Its loss trains from the first target token to the end of each example."""
+    import mlx.core as mx
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+
+    examples = trainer.data.train
+    dataset = [(e.input_ids, e.loss_mask.index(1) if 1 in e.loss_mask else 0) for e in examples]
+    # grad_checkpoint off here: our setup() already checkpoints the layer class the same way, and a
+    # second wrap would recompute twice
+    targs = TrainingArgs(batch_size=1, iters=len(dataset), grad_accumulation_steps=args.accumulation,
+                         grad_checkpoint=False, max_seq_length=args.max_seq_length,
+                         steps_per_report=10**9, steps_per_eval=10**9, steps_per_save=10**9,
+                         adapter_file=str(trainer.run.root / "mlx_lm_adapters.safetensors"))
+    mx.reset_peak_memory()
+    started = time.perf_counter()
+    train(trainer.model, trainer.optimizer, dataset, None, args=targs)
+    return time.perf_counter() - started, len(dataset)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", help="Hugging Face checkpoint (default: a tiny random Mistral, built once)")
+    parser.add_argument("--data", default=str(REPO / "data" / "sample" / "train.jsonl"))
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--accumulation", type=int, default=16, help="examples per optimizer step (M4 config: 16)")
+    parser.add_argument("--max-seq-length", type=int, default=4096)
+    parser.add_argument("--only", choices=list(RUNS), help="one run, printed as JSON (used by the parent)")
+    parser.add_argument("--workdir")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mlx-compare-"))
+    if args.model_dir is None:
+        from common.tiny_mistral import build_random_mistral
+
+        args.model_dir = str(workdir / "tiny-mistral")
+        if not (workdir / "tiny-mistral" / "config.json").is_file():
+            build_random_mistral(args.model_dir)
+    if args.only:
+        print("RESULT " + json.dumps(measure(args, args.only, workdir)), flush=True)
+        return
+    runs = []
+    for name in RUNS:
+        command = [sys.executable, __file__, "--only", name, "--workdir", str(workdir), "--model-dir", args.model_dir,
+                   "--data", args.data, "--steps", str(args.steps), "--accumulation", str(args.accumulation),
+                   "--max-seq-length", str(args.max_seq_length)]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:]))
+        print(json.dumps(runs[-1]), flush=True)
+    import importlib.metadata as md
+
+    import mlx.core as mx
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {platform.system()}, MLX device {mx.default_device()}",
+        "model": args.model_dir, "data": args.data,
+        "layout": f"batch 1 x accumulation {args.accumulation} (the M4 config), max length {args.max_seq_length}",
+        "versions": {name: md.version(name) for name in ("mlx", "mlx-lm")},
+        "runs": runs,
+        "ours": next(r for r in runs if r["run"] == "ours"),
+        "mlx_lm": next(r for r in runs if r["run"] == "mlx_lm"),
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""backends/mlx/batching.py: a step's examples regrouped by length (training.packing on MLX)."""
+
+from __future__ import annotations
+
+from backends.mlx.batching import PAD_TO, length_groups, padded_width
+from common.data import Example
+
+
+def example(length: int, tag: int) -> Example:
+    return Example(input_ids=[tag] * length, loss_mask=[1] * length)
+
+
+def test_padded_width_makes_the_model_input_a_multiple_of_pad_to():
+    assert [padded_width(n) for n in (2, 33, 34, 65, 4096)] == [33, 33, 65, 65, 4097]
+    assert all((padded_width(n) - 1) % PAD_TO == 0 for n in range(2, 300))
+
+
+def test_short_examples_share_micro_batches_within_the_token_budget():
+    step = [example(n, i) for i, n in enumerate([60, 900, 45, 61, 3000, 50, 62, 40] * 2)]
+    groups = length_groups(step, token_budget=4096)
+    assert sorted(map(id, sum(groups, []))) == sorted(map(id, step))  # every example once
+    assert all(len(g) * padded_width(len(g[0])) <= 4096 for g in groups)
+    assert all(len({padded_width(len(e)) for e in g}) == 1 for g in groups)  # no padding beyond PAD_TO
+    assert len(groups) == 4  # 12 short examples in one pass, the two of 900 in one, each 3000 alone
+
+
+def test_an_example_over_the_budget_runs_alone():
+    long, short = example(5000, 1), example(10, 2)
+    assert length_groups([short, long], token_budget=4096) == [[long], [short]]
