@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from common import distributed
 from commands.check import show_checks
 from commands.options import apply_data_options, config_options, data_options, resolve, tokenizer_for
 from common import checkpoints as ckpt
@@ -19,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--time-budget", metavar="DURATION",
                    help="stop with everything saved before this much time has passed, e.g. 3h30m")
     p.add_argument("--run-name", help="run folder name under tracking.output_dir")
+    p.add_argument("--gpus", metavar="N|all",
+                   help="data-parallel on N GPUs of this machine (torchrun + DDP); the global batch stays the config's")
     add_verbose(p)
     p.set_defaults(handler=run)
 
@@ -33,7 +36,7 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     from common.preflight import blocked, check_run_folder
     from common.run_folder import RunFolder, RunLock, default_run_name
 
-    budget = (TimeBudget(parse_duration(args.time_budget), started=args.started)
+    budget = (TimeBudget(parse_duration(args.time_budget), started=distributed.started(args.started))
               if getattr(args, "time_budget", None) is not None else None)
     cfg = cfg or resolve(args, say, detect_platform=True)
     apply_data_options(args, cfg)
@@ -47,6 +50,11 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     if args.resume and not cfg.tracking.run_name:
         raise UsageError("--resume needs --run-name (the run folder to continue)")
     cfg.tracking.run_name = default_run_name(cfg)  # one name from here on: the lock, the folder, the messages
+    ranks = _ranks(args, cfg)
+    if ranks > 1:
+        return distributed.launch(ranks, [*args.argv, "--run-name", cfg.tracking.run_name], say, args.started)
+    if distributed.launched():
+        return _as_rank(args, say, cfg, budget)
     rows = check_run_folder(cfg)  # before the lock, which lives in that folder
     if blocked(rows):
         show_checks(rows, say, problems_only=True)
@@ -61,16 +69,58 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
                          "it had started).") from None
 
 
+def _ranks(args, cfg: QLoraConfig) -> int:
+    """Processes to launch: 1 when --gpus is absent or 1, or inside a torchrun rank already. The
+    batch split is checked here, before anything starts."""
+    if getattr(args, "gpus", None) is None or distributed.launched():
+        return 1
+    if cfg.backend == "mlx":
+        raise UsageError("--gpus is for the CUDA backend (torchrun + DDP); MLX trains on one Apple GPU. "
+                         "Drop --gpus, or train on an NVIDIA machine.")
+    ranks = distributed.requested_ranks(args.gpus, on_cpu=cfg.cuda.device == "cpu")
+    distributed.split_batch(cfg.training.batch_size, cfg.training.gradient_accumulation_steps, ranks)
+    return ranks
+
+
+def _as_rank(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
+    """One torchrun process. Rank 0 holds the lock, writes the run folder and prints; the others
+    keep their output in their log. Any error is recorded for the launcher, which reports the one
+    that came first (the others usually follow from it)."""
+    import traceback
+
+    distributed.start(on_cpu=cfg.cuda.device == "cpu")
+    if not distributed.is_main():
+        distributed.quiet_rank()
+    try:
+        if distributed.is_main():
+            from common.run_folder import RunLock, RunFolder
+
+            with RunLock(RunFolder.root_for(cfg)).acquire(say):
+                return _run_locked(args, say, cfg, budget)
+        return _run_locked(args, say, cfg, budget)
+    except QLoraError as exc:
+        distributed.record_failure(str(exc))
+        raise
+    except Exception as exc:  # a traceback stays in this process's log; the user gets one line
+        traceback.print_exc()
+        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        distributed.record_failure(message)
+        raise QLoraError(f"{message} (process {distributed.rank()}; full traceback in its log)") from None
+
+
 def _run_locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
     from common.run_folder import RunFolder
     from common.run_log import library_output
 
     run_folder = RunFolder.for_config(cfg)
     root = run_folder.root
-    if _nothing_to_resume(args, say, run_folder):
-        return 0
+    with distributed.main_first():  # a resume check may set broken checkpoints aside: one process at a time
+        if _nothing_to_resume(args, say, run_folder):
+            return 0
     again = f"qlora train {replay(args)} --run-name {root.name} --resume auto".replace("  ", " ")
     log, verbose = root / "train.log", getattr(args, "verbose", False)
+    if not distributed.is_main():
+        log = distributed.rank_log()
     with library_output(log, say, verbose) as chatter:
         try:
             summary = _train(args, cfg, say, budget, run_folder, again)
@@ -95,8 +145,9 @@ def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_fold
     from common.tiny_mistral import ensure_demo_model
 
     root = run_folder.root
-    ensure_demo_model(cfg.model.name_or_path, say)
-    rows = run_checks(cfg)
+    with distributed.main_first():  # the demo model is built once
+        ensure_demo_model(cfg.model.name_or_path, say)
+    rows = run_checks(cfg)  # on every process; only rank 0's output reaches the terminal
     show_checks(rows, say, problems_only=True)
     if blocked(rows):
         raise QLoraError("preflight found blocking problems (above); nothing was loaded. `qlora check` re-runs it.")
@@ -107,7 +158,8 @@ def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_fold
     say.ok(f"data: {report.n_train} training and {report.n_val} validation examples")
     for warning in report.warnings:
         say.warn(warning)
-    run_folder.open(cfg)
+    if distributed.is_main():
+        run_folder.open(cfg)
     say.info(f"run folder: {root}")
     trainer = make_trainer(cfg, run_folder, data, say, time_budget=budget)
     trainer.setup()
@@ -120,7 +172,8 @@ def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_fold
     except OSError as exc:  # the final adapter or summary: the checkpoints hold the run
         raise QLoraError(f"a write in {root} failed: {exc.strerror or exc} ({exc.filename or root}); "
                          f"{intact(run_folder.checkpoints)}. Free space or fix the folder, then: {again}") from None
-    describe_run(run_folder, cfg, data, summary)
+    if distributed.is_main():
+        describe_run(run_folder, cfg, data, summary)
     return summary
 
 
@@ -171,4 +224,6 @@ def replay(args) -> str:
     parts += [f"{flag} {value}" for flag, value in (("--data", getattr(args, "data", None)),
                                                      ("--val-data", getattr(args, "val_data", None))) if value]
     parts += [f"--set {o}" for o in getattr(args, "overrides", [])]
+    if distributed.world_size() > 1:
+        parts.append(f"--gpus {distributed.world_size()}")
     return " ".join(parts)

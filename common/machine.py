@@ -135,6 +135,12 @@ def probe_nvidia(run: Callable[[list[str]], str | None] = _run) -> GpuInfo | Non
     )
 
 
+def gpu_count(run: Callable[[list[str]], str | None] = _run) -> int:
+    """How many NVIDIA GPUs nvidia-smi lists (0 without nvidia-smi): for `qlora train --gpus all`."""
+    listed = run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"]) or ""
+    return sum(1 for line in listed.splitlines() if line.strip())
+
+
 def probe_apple(
     run: Callable[[list[str]], str | None] = _run,
     system: str | None = None,

@@ -1,0 +1,150 @@
+"""`qlora train --gpus N`: data-parallel through torchrun + DDP. On the CPU the same path runs N
+gloo processes (cuda.device: cpu), so these tests drive the real launcher, ranks and Trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from common import distributed
+from common.checkpoints import numbered, problem
+from common.errors import UsageError
+from tests.conftest import REPO, qlora, write_jsonl
+
+
+def test_accumulation_is_split_first_then_the_micro_batch():
+    assert distributed.split_batch(4, 4, 2) == distributed.BatchSplit(4, 2, 2)  # each GPU keeps its micro-batch
+    assert distributed.split_batch(4, 1, 2) == distributed.BatchSplit(2, 1, 2)
+    assert distributed.split_batch(3, 5, 1) == distributed.BatchSplit(3, 5, 1)
+
+
+def test_a_batch_that_cannot_be_split_is_refused_naming_both_values():
+    with pytest.raises(UsageError) as refused:
+        distributed.split_batch(3, 5, 2)
+    message = str(refused.value)
+    assert "training.batch_size 3" in message and "training.gradient_accumulation_steps 5" in message
+    assert "--gpus 2" in message
+
+
+def test_an_impossible_split_is_refused_before_anything_starts(tmp_path):
+    code, out = qlora("train", "--platform", "cpu", "--gpus", "3", "--set", f"tracking.output_dir={tmp_path}")
+    assert code != 0 and "cannot be split evenly over 3 GPUs" in out and "Traceback" not in out
+    assert not any(tmp_path.iterdir()) and "launching" not in out
+
+
+def test_gpus_all_counts_the_gpus_and_more_than_there_are_is_refused():
+    assert distributed.requested_ranks("all", on_cpu=False, count_gpus=lambda: 8) == 8
+    with pytest.raises(UsageError, match="lists 2 GPU"):
+        distributed.requested_ranks("4", on_cpu=False, count_gpus=lambda: 2)
+    with pytest.raises(UsageError, match="no GPU"):
+        distributed.requested_ranks("all", on_cpu=False, count_gpus=lambda: 0)
+    with pytest.raises(UsageError, match="give a number"):
+        distributed.requested_ranks("two", on_cpu=True)
+    assert distributed.requested_ranks("2", on_cpu=True) == 2  # CPU processes: nothing to count
+
+
+def test_each_rank_runs_the_same_command_without_gpus():
+    command = distributed.torchrun_command(2, ["train", "--gpus", "2", "--platform", "cpu", "--gpus=2", "-v"])
+    assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in command
+    assert command[command.index("commands") - 1:] == ["-m", "commands", "train", "--platform", "cpu", "-v"]
+
+
+def test_mlx_refuses_gpus_with_a_reason(tmp_path):
+    code, out = qlora("train", "--platform", "m4", "--gpus", "2", "--set", f"tracking.output_dir={tmp_path}")
+    assert code != 0 and "--gpus is for the CUDA backend" in out and "Traceback" not in out
+
+
+def test_the_first_failure_is_reported_once(tmp_path):
+    (tmp_path / "rank-1.error").write_text("out of memory on GPU 1\n")
+    os.utime(tmp_path / "rank-1.error", ns=(1, 1))
+    (tmp_path / "rank-0.error").write_text("RuntimeError: connection closed by peer\n")
+    assert distributed.first_failure(tmp_path) == (
+        "process 1 failed first, which stopped the others: out of memory on GPU 1")
+    (tmp_path / "rank-0.error").write_text("out of memory on GPU 1\n")  # rank 0 printed the same error itself
+    assert distributed.first_failure(tmp_path) is None
+
+
+# ------------------------------------------------------------------ training on two gloo processes
+
+
+def tiny_run(model, data, out, run, *extra) -> list[str]:
+    """A run whose every optimizer step sees the whole training set (4 examples = batch 2 x 2), so
+    one process and two processes sum the same per-token losses, only in another order."""
+    return ["train", "--platform", "cpu", "--data", str(data / "train.jsonl"), "--val-data", str(data / "val.jsonl"),
+            "--run-name", run, "--set", f"model.name_or_path={model}", "--set", f"tracking.output_dir={out}",
+            "--set", "tracking.report_to=none", "--set", "lora.dropout=0", "--set", "training.packing=false",
+            "--set", "training.batch_size=2", "--set", "training.gradient_accumulation_steps=2",
+            "--set", "eval.logging_steps=1", "--set", "eval.load_best_model_at_end=false", *extra]
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    lines = (REPO / "data" / "sample" / "train.jsonl").read_text().splitlines()
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", lines[:4])
+    write_jsonl(data / "val.jsonl", lines[4:6])
+    return data
+
+
+def lora_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_weights_of_one(tiny_model_dir, tiny_data, tmp_path):
+    steps = ["--set", "training.max_steps=4", "--set", "eval.eval_steps=4", "--set", "eval.save_steps=4"]
+    code, out = qlora(*tiny_run(tiny_model_dir, tiny_data, tmp_path, "one", *steps))
+    assert code == 0, out
+    code, out = qlora(*tiny_run(tiny_model_dir, tiny_data, tmp_path, "two", *steps), "--gpus", "2")
+    assert code == 0, out
+    assert "split over 2 processes by gradient accumulation: 2 x 1 on each" in out
+    assert out.count("✔ done: 4 steps") == 1  # only rank 0 prints
+    one, two = lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two")
+    moved = max(one[k].abs().max().item() for k in one if "lora_B" in k)  # B starts at zero
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 1e-3 and diff < 1e-5, (moved, diff)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["details"]["processes"] == 2 and summary["global_step"] == 4
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged.count(1) == 1  # one writer
+    checkpoint = tmp_path / "two" / "checkpoints" / "checkpoint-4"
+    assert problem(checkpoint) is None and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_processes_with_one_checkpoint_and_one_process_continues(
+        tiny_model_dir, tiny_data, tmp_path):
+    args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "stop", "--set", "training.max_steps=30",
+                    "--set", "eval.eval_steps=30", "--set", "eval.save_steps=30")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "commands", *args, "--gpus", "2"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if " step 2/30" in line:
+            proc.send_signal(signal.SIGTERM)  # to the launcher, as `kill` or a scheduler would
+            break
+    seen += proc.stdout.readlines()
+    out = "".join(seen)
+    assert proc.wait(timeout=300) == 0, out
+    assert "stopped early" in out and "--gpus 2" in out  # the command to continue names the GPU count
+    checkpoints = numbered(tmp_path / "stop" / "checkpoints")
+    assert len(checkpoints) == 1 and problem(checkpoints[0]) is None, out
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= stopped_at < 30
+    summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["global_step"] == stopped_at
+
+    # the same run continues on one process: the Trainer finds no rng_state.pth (it holds one per
+    # rank) and says so in train.log; weights, optimizer, schedule and data order come back
+    code, out = qlora(*args, "--resume", "auto")
+    assert code == 0 and "done: 30 steps" in out, out
