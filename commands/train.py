@@ -93,11 +93,14 @@ def _as_rank(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int
         distributed.quiet_rank()
     try:
         if distributed.is_main():
-            from common.run_folder import RunLock, RunFolder
+            from common.run_folder import RunFolder, RunLock
 
             with RunLock(RunFolder.root_for(cfg)).acquire(say):
-                return _run_locked(args, say, cfg, budget)
-        return _run_locked(args, say, cfg, budget)
+                code = _run_locked(args, say, cfg, budget)
+        else:
+            code = _run_locked(args, say, cfg, budget)
+        distributed.record_success()
+        return code
     except QLoraError as exc:
         distributed.record_failure(str(exc))
         raise

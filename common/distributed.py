@@ -153,7 +153,7 @@ def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if code == 0:
+    if code == 0 or finished(folder, ranks):  # torchrun exits 1 after a forwarded signal, however its ranks ended
         shutil.rmtree(folder, ignore_errors=True)
         return 0
     failed = first_failure(folder)
@@ -214,6 +214,16 @@ def barrier() -> None:
 
 def rank_log() -> Path:
     return Path(os.environ.get(RANK_DIR) or tempfile.gettempdir(), f"rank-{rank()}.log")
+
+
+def record_success() -> None:
+    folder = os.environ.get(RANK_DIR)
+    if folder:
+        Path(folder, f"rank-{rank()}.done").touch()
+
+
+def finished(folder: Path, ranks: int) -> bool:
+    return all((folder / f"rank-{r}.done").is_file() for r in range(ranks))
 
 
 def record_failure(message: str) -> None:

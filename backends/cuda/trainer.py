@@ -399,7 +399,20 @@ class CudaTrainer(Stopping):
         with distributed.main_first():
             folder = (self.run.resume_from(resume, self.say) if distributed.is_main()
                       else self.run.check_resume(resume, self.say))
+        if folder is not None:
+            self._note_process_count(folder)
         return str(folder) if folder else None
+
+    def _note_process_count(self, folder) -> None:
+        """The Trainer restores each rank's random state from its own file and, when the process
+        count changed, silently (at INFO) skips the ones it lacks: say so. Weights, optimizer,
+        schedule and step continue; only the random streams (LoRA dropout masks) start afresh."""
+        saved = len(list(folder.glob("rng_state_*.pth"))) or 1
+        now = distributed.world_size()
+        if saved != now:
+            self.say.warn(f"{folder.name} was saved by {saved} process(es) and this run has {now}: weights, "
+                          "optimizer, schedule and step continue; the random state (LoRA dropout masks) "
+                          "of processes without a saved one starts afresh")
 
     # ------------------------------------------------------------------ save
     def save(self) -> None:
