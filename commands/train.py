@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from common import distributed
 from commands.check import show_checks
 from commands.options import apply_data_options, config_options, data_options, resolve, tokenizer_for
 from common import checkpoints as ckpt
+from common import distributed
 from common.checkpoints import CheckpointSaveError, SaveAborted, intact
 from common.config import QLoraConfig, run_name_problem
 from common.console import Say

@@ -148,3 +148,43 @@ def test_sigterm_stops_both_processes_with_one_checkpoint_and_one_process_contin
     code, out = qlora(*args, "--resume", "auto")
     assert code == 0 and "done: 12 steps" in out, out
     assert "was saved by 2 process(es) and this run has 1" in out
+
+
+@pytest.mark.slow
+def test_an_error_on_every_process_reaches_the_user_once(tiny_model_dir, tmp_path):
+    code, out = qlora("train", "--platform", "cpu", "--gpus", "2", "--data", str(tmp_path / "missing.jsonl"),
+                      "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"tracking.output_dir={tmp_path}")
+    assert code == 1 and "Traceback" not in out, out
+    assert out.count("missing.jsonl: file not found") == 1 and out.count("preflight found blocking problems") == 1
+
+
+# ------------------------------------------------------------------ qlora plan --gpus
+
+
+def test_the_allreduce_is_the_lora_gradients_and_costs_little_next_to_a_step():
+    from common.config_loader import load_config
+    from common.planner import Rates, allreduce_seconds, data_parallel_rates, lora_parameters
+
+    cfg = load_config(None, "h100", [])
+    assert lora_parameters(cfg) == 41_943_040  # r 16 on the 7 projections of 32 layers: 168 MB in fp32
+    assert allreduce_seconds(cfg, 2, "PCIe") > allreduce_seconds(cfg, 2, "NVLink") > 0
+    one = Rates(10_000, 30.0, 20_000, 1.0, 60.0, "measured", True)
+    two = data_parallel_rates(cfg, one, 2, tokens_per_step=16_384)
+    assert 1.9 * one.tokens_per_second < two.tokens_per_second < 2 * one.tokens_per_second
+    assert not two.measured and "ESTIMATE" in two.source and "168 MB" in two.source
+
+
+def test_plan_for_two_gpus_gives_each_gpu_half_the_micro_batch_and_less_memory():
+    code, one = qlora("plan", "--platform", "h100", "--data", str(REPO / "data/sample/train.jsonl"), "--json")
+    code2, two = qlora("plan", "--platform", "h100", "--data", str(REPO / "data/sample/train.jsonl"), "--json",
+                       "--gpus", "2")
+    assert code == code2 == 0, two
+
+    def figure(out, name):
+        plan = json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
+        return next(f for f in plan["figures"] if f["name"] == name)
+
+    assert figure(two, "peak memory")["value"] < figure(one, "peak memory")["value"]
+    assert figure(two, "training time")["value"] < figure(one, "training time")["value"]
+    assert "ESTIMATE" in figure(two, "training time")["source"]
+    assert figure(two, "optimizer steps")["value"] == figure(one, "optimizer steps")["value"]
