@@ -86,8 +86,13 @@ def _as_rank(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int
     """One torchrun process. Rank 0 holds the lock, writes the run folder and prints; the others
     keep their output in their log. Any error is recorded for the launcher, which reports the one
     that came first (the others usually follow from it)."""
+    import signal
     import traceback
 
+    def stopped(signum, frame):  # outside training (which saves first): also what torchrun sends when another process failed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stopped)
     distributed.start(on_cpu=cfg.cuda.device == "cpu")
     if not distributed.is_main():
         distributed.quiet_rank()
@@ -104,10 +109,13 @@ def _as_rank(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int
     except QLoraError as exc:
         distributed.record_failure(str(exc))
         raise
+    except KeyboardInterrupt:
+        distributed.record_failure("stopped by a signal")
+        raise
     except Exception as exc:  # a traceback stays in this process's log; the user gets one line
-        traceback.print_exc()
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         distributed.record_failure(message)
+        traceback.print_exc()
         raise QLoraError(f"{message} (process {distributed.rank()}; full traceback in its log)") from None
 
 

@@ -24,9 +24,10 @@ from common.errors import UsageError
 
 RANK_DIR = "QLORA_RANK_DIR"  # where each rank's log and error go (made by the launcher)
 STARTED = "QLORA_STARTED"  # the launcher's time.monotonic() at start: a --time-budget counts from there
-# Time the ranks get to finish their step and save after a stop signal before torchrun kills them
-# (torchrun's own default is 30 s; an evaluation in flight plus a save can take longer on a 7B)
-SHUTDOWN_SECONDS = 300
+# Time the ranks get to finish their step and save after a stop signal before torchrun kills them.
+# torchrun's default, 30 s, can cut off an evaluation in flight plus a save on a 7B; longer would
+# keep the survivors of a crashed rank waiting (NCCL does not notice a dead peer by itself)
+SHUTDOWN_SECONDS = 120
 
 
 def rank() -> int:
@@ -159,6 +160,10 @@ def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
     failed = first_failure(folder)
     if failed:
         say.error(failed)
+    silent = [str(r) for r in range(ranks) if not any((folder / f"rank-{r}.{end}").is_file() for end in ("done", "error"))]
+    if silent:
+        say.error(f"process(es) {', '.join(silent)} ended without a report: killed (the out-of-memory killer, a "
+                  "signal) or crashed; the others were stopped. Continue with --resume auto.")
     say.info(f"logs of every process (and torchrun's own): {folder}")
     return code
 

@@ -188,3 +188,41 @@ def test_plan_for_two_gpus_gives_each_gpu_half_the_micro_batch_and_less_memory()
     assert figure(two, "training time")["value"] < figure(one, "training time")["value"]
     assert "ESTIMATE" in figure(two, "training time")["source"]
     assert figure(two, "optimizer steps")["value"] == figure(one, "optimizer steps")["value"]
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        children = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in descendants(c)]
+
+
+def rank_of(pid: int) -> str | None:
+    try:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    return next((v[5:].decode() for v in env if v.startswith(b"RANK=")), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the ranks through /proc (Linux)")
+def test_a_killed_process_stops_the_other_with_a_clear_message(tiny_model_dir, tiny_data, tmp_path):
+    args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "killed", "--set", "training.max_steps=200",
+                    "--set", "eval.eval_steps=200", "--set", "eval.save_steps=200")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "commands", *args, "--gpus", "2"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if " step 2/200" in line:
+            victim = next(p for p in descendants(proc.pid) if rank_of(p) == "1")
+            os.kill(victim, signal.SIGKILL)  # as the out-of-memory killer would
+            break
+    seen += proc.stdout.readlines()
+    out = "".join(seen)
+    assert proc.wait(timeout=150) != 0, out
+    assert "process(es) 1 ended without a report" in out and "Traceback" not in out, out
+    assert out.count("✘") <= 2, out  # rank 0's own line (its collective failed) and the launcher's
