@@ -34,7 +34,7 @@ def add_verbose(p) -> None:
 
 def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     from common.preflight import blocked, check_run_folder
-    from common.run_folder import RunFolder, RunLock, default_run_name
+    from common.run_folder import default_run_name
 
     budget = (TimeBudget(parse_duration(args.time_budget), started=distributed.started(args.started))
               if getattr(args, "time_budget", None) is not None else None)
@@ -50,15 +50,21 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     if args.resume and not cfg.tracking.run_name:
         raise UsageError("--resume needs --run-name (the run folder to continue)")
     cfg.tracking.run_name = default_run_name(cfg)  # one name from here on: the lock, the folder, the messages
+    rows = check_run_folder(cfg)  # before the lock, which lives in that folder
+    if blocked(rows):
+        show_checks(rows, say, problems_only=True)
+        raise QLoraError("the run folder cannot be written (above); nothing was loaded.")
     ranks = _ranks(args, cfg)
     if ranks > 1:
         return distributed.launch(ranks, [*args.argv, "--run-name", cfg.tracking.run_name], say, args.started)
     if distributed.launched():
         return _as_rank(args, say, cfg, budget)
-    rows = check_run_folder(cfg)  # before the lock, which lives in that folder
-    if blocked(rows):
-        show_checks(rows, say, problems_only=True)
-        raise QLoraError("the run folder cannot be written (above); nothing was loaded.")
+    return _locked(args, say, cfg, budget)
+
+
+def _locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
+    from common.run_folder import RunFolder, RunLock
+
     root = RunFolder.root_for(cfg)
     try:
         with RunLock(root).acquire(say):
@@ -97,13 +103,7 @@ def _as_rank(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int
     if not distributed.is_main():
         distributed.quiet_rank()
     try:
-        if distributed.is_main():
-            from common.run_folder import RunFolder, RunLock
-
-            with RunLock(RunFolder.root_for(cfg)).acquire(say):
-                code = _run_locked(args, say, cfg, budget)
-        else:
-            code = _run_locked(args, say, cfg, budget)
+        code = _locked(args, say, cfg, budget) if distributed.is_main() else _run_locked(args, say, cfg, budget)
         distributed.record_success()
         return code
     except QLoraError as exc:

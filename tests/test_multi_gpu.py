@@ -73,8 +73,9 @@ def test_the_first_failure_is_reported_once(tmp_path):
 
 
 def tiny_run(model, data, out, run, *extra) -> list[str]:
-    """A run whose every optimizer step sees the whole training set (4 examples = batch 2 x 2), so
-    one process and two processes sum the same per-token losses, only in another order."""
+    """Global batch 2 x 2 over 8 examples, dropout 0: one process and two see the same examples in
+    each optimizer step (the same seeded order, split by rows) and sum the same per-token losses,
+    only in another order."""
     return ["train", "--platform", "cpu", "--data", str(data / "train.jsonl"), "--val-data", str(data / "val.jsonl"),
             "--run-name", run, "--set", f"model.name_or_path={model}", "--set", f"tracking.output_dir={out}",
             "--set", "tracking.report_to=none", "--set", "lora.dropout=0", "--set", "training.packing=false",
@@ -87,8 +88,8 @@ def tiny_data(tmp_path):
     lines = (REPO / "data" / "sample" / "train.jsonl").read_text().splitlines()
     data = tmp_path / "data"
     data.mkdir()
-    write_jsonl(data / "train.jsonl", lines[:4])
-    write_jsonl(data / "val.jsonl", lines[4:6])
+    write_jsonl(data / "train.jsonl", lines[:8])
+    write_jsonl(data / "val.jsonl", lines[8:10])
     return data
 
 
@@ -122,8 +123,8 @@ def test_two_processes_reach_the_weights_of_one(tiny_model_dir, tiny_data, tmp_p
 @pytest.mark.slow
 def test_sigterm_stops_both_processes_with_one_checkpoint_and_one_process_continues(
         tiny_model_dir, tiny_data, tmp_path):
-    args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "stop", "--set", "training.max_steps=12",
-                    "--set", "eval.eval_steps=12", "--set", "eval.save_steps=12")
+    steps = ["--set", "training.max_steps=12", "--set", "eval.eval_steps=12", "--set", "eval.save_steps=12"]
+    args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "stop", *steps)
     env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}
     proc = subprocess.Popen([sys.executable, "-m", "commands", *args, "--gpus", "2"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -144,10 +145,15 @@ def test_sigterm_stops_both_processes_with_one_checkpoint_and_one_process_contin
     summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
     assert summary["interrupted"] and summary["global_step"] == stopped_at
 
-    # the same run continues on one process, from that checkpoint (which holds one RNG state per rank)
+    # the same run continues on one process, from that checkpoint (which holds one RNG state per rank),
+    # and ends where a run on one process all along ends
     code, out = qlora(*args, "--resume", "auto")
     assert code == 0 and "done: 12 steps" in out, out
     assert "was saved by 2 process(es) and this run has 1" in out
+    code, out = qlora(*tiny_run(tiny_model_dir, tiny_data, tmp_path, "straight", *steps))
+    assert code == 0, out
+    resumed, expected = lora_weights(tmp_path / "stop"), lora_weights(tmp_path / "straight")
+    assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
 
 
 @pytest.mark.slow
