@@ -161,7 +161,7 @@ def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_fold
     rows = run_checks(cfg)  # on every process; only rank 0's output reaches the terminal
     show_checks(rows, say, problems_only=True)
     if blocked(rows):
-        raise QLoraError("preflight found blocking problems (above); nothing was loaded. `qlora check` re-runs it.")
+        raise QLoraError(_preflight_refusal(rows))
     data = prepare_data(cfg.data, tokenizer_for(cfg))
     report = data.report
     for source in report.sources:
@@ -186,6 +186,18 @@ def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_fold
     if distributed.is_main():
         describe_run(run_folder, cfg, data, summary)
     return summary
+
+
+def _preflight_refusal(rows) -> str:
+    """Rank 0's blocking rows are printed above; another rank's go into the message, the one line
+    of it that reaches the terminal."""
+    from common.preflight import BLOCK
+
+    message = "preflight found blocking problems (above); nothing was loaded. `qlora check` re-runs it."
+    if distributed.is_main():
+        return message
+    found = "; ".join(f"{r.name}: {r.message}" + (f" ({r.fix})" if r.fix else "") for r in rows if r.status == BLOCK)
+    return f"preflight on GPU {distributed.local_rank()} found blocking problems: {found}; nothing was loaded."
 
 
 def describe_run(run_folder, cfg: QLoraConfig, data, summary) -> None:

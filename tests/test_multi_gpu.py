@@ -232,3 +232,24 @@ def test_a_killed_process_stops_the_other_with_a_clear_message(tiny_model_dir, t
     assert proc.wait(timeout=150) != 0, out
     assert "process(es) 1 ended without a report" in out and "Traceback" not in out, out
     assert out.count("✘") <= 2, out  # rank 0's own line (its collective failed) and the launcher's
+
+
+def test_each_process_checks_its_own_gpu(monkeypatch):
+    from common import machine
+
+    asked = []
+
+    def smi(cmd):
+        asked.append(cmd)
+        return "NVIDIA H100 80GB HBM3, 81559, 80000, 9.0, 580.159.04\n" if "--query-gpu=name,memory.total," \
+            "memory.free,compute_cap,driver_version" in cmd else ""
+
+    assert machine.probe_nvidia(smi) and "-i" not in asked[0]  # one process: the first GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    machine.probe_nvidia(smi)
+    assert asked[-2][1:3] == ["-i", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    machine.probe_nvidia(smi)
+    assert asked[-2][1:3] == ["-i", "5"]  # the second visible GPU is the machine's GPU 5
+    assert machine.gpu_count(lambda cmd: "0\n1\n2\n") == 3 and machine.gpu_count(lambda cmd: None) == 0
