@@ -99,6 +99,7 @@ def _as_rank(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stopped)
+    distributed.record_pid()  # a second Ctrl-C reaches the ranks directly (distributed.launch)
     distributed.start(on_cpu=cfg.cuda.device == "cpu")
     if not distributed.is_main():
         distributed.quiet_rank()

@@ -9,6 +9,7 @@ once. It never imports torch at module level.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -147,7 +148,20 @@ def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
     # torchrun's own report of a failure is a traceback: kept in a file, our message is printed instead
     with open(folder / "torchrun.log", "w", encoding="utf-8") as log:
         proc = subprocess.Popen(torchrun_command(ranks, argv), env=env, start_new_session=True, stderr=log)
-    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    forwarded = []
+
+    def forward(signum, frame):
+        """The first signal goes to torchrun (which passes it to every rank: stop after this step and
+        save). A second would make torchrun exit and leave its ranks running, so it goes to the ranks
+        themselves, which read it as "abort now"."""
+        if not forwarded:
+            proc.send_signal(signum)
+        else:
+            for pid in rank_pids(folder):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+        forwarded.append(signum)
+
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = proc.wait()
@@ -219,6 +233,16 @@ def barrier() -> None:
 
 def rank_log() -> Path:
     return Path(os.environ.get(RANK_DIR) or tempfile.gettempdir(), f"rank-{rank()}.log")
+
+
+def record_pid() -> None:
+    folder = os.environ.get(RANK_DIR)
+    if folder:
+        Path(folder, f"rank-{rank()}.pid").write_text(str(os.getpid()), encoding="utf-8")
+
+
+def rank_pids(folder: Path) -> list[int]:
+    return [int(p.read_text(encoding="utf-8")) for p in folder.glob("rank-*.pid")]
 
 
 def record_success() -> None:
