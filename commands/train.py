@@ -108,14 +108,14 @@ def _as_rank(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int
         distributed.record_success()
         return code
     except QLoraError as exc:
-        distributed.record_failure(str(exc))
+        distributed.record_failure(str(exc), ours=True)
         raise
     except KeyboardInterrupt:
-        distributed.record_failure("stopped by a signal")
+        distributed.record_failure("stopped by a signal", ours=False)
         raise
     except Exception as exc:  # a traceback stays in this process's log; the user gets one line
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        distributed.record_failure(message)
+        distributed.record_failure(message, ours=False)
         traceback.print_exc()
         raise QLoraError(f"{message} (process {distributed.rank()}; full traceback in its log)") from None
 

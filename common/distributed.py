@@ -138,10 +138,11 @@ def started(own: float) -> float:
 def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
     """Run this `qlora train` on `ranks` processes through torchrun and wait.
 
-    torchrun starts in a session of its own, so that a Ctrl-C in the terminal reaches the ranks
-    once (we forward it to torchrun, which forwards it to each rank) rather than twice (the terminal
-    and torchrun both), which they would read as "abort now". Rank 0 prints; the others keep their
-    output in a log each, and the first rank that failed has its error printed here, once."""
+    torchrun starts in a session of its own (as its ranks do), so a Ctrl-C in the terminal reaches
+    only this process, which forwards it once; in our process group torchrun would get it from the
+    terminal too, and pass on two signals, which the ranks read as "abort now". Rank 0 prints; the
+    others keep their output in a log each, and the first rank that failed has its error printed
+    here, once."""
     folder = Path(tempfile.mkdtemp(prefix="qlora-ranks-"))
     env = {**os.environ, RANK_DIR: str(folder), STARTED: repr(started_at), "PYTHONUNBUFFERED": "1"}
     say.info(f"launching {ranks} processes with torchrun; rank 0 reports")
@@ -174,7 +175,7 @@ def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
     failed = first_failure(folder)
     if failed:
         say.error(failed)
-    silent = [str(r) for r in range(ranks) if not any((folder / f"rank-{r}.{end}").is_file() for end in ("done", "error"))]
+    silent = [str(r) for r in range(ranks) if not any((folder / f"rank-{r}.{end}").is_file() for end in ("done", "error", "failed"))]
     if silent:
         say.error(f"process(es) {', '.join(silent)} ended without a report: killed (the out-of-memory killer, a "
                   "signal) or crashed; the others were stopped. Continue with --resume auto.")
@@ -183,15 +184,15 @@ def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
 
 
 def first_failure(folder: Path) -> str | None:
-    """The error of the rank that failed first, unless rank 0 printed that same error itself."""
-    errors = sorted(folder.glob("rank-*.error"), key=lambda p: p.stat().st_mtime_ns)
-    if not errors:
+    """The error of the process that failed first, unless rank 0 printed its own: one of ours (a
+    QLoraError: every rank usually hits the same), or a failure that came first."""
+    if (folder / "rank-0.error").is_file():
         return None
-    first = errors[0].read_text(encoding="utf-8").strip()
-    printed = folder / "rank-0.error"
-    if printed.is_file() and printed.read_text(encoding="utf-8").strip() == first:
+    reports = sorted([*folder.glob("rank-*.error"), *folder.glob("rank-*.failed")], key=lambda p: p.stat().st_mtime_ns)
+    if not reports or reports[0].stem == "rank-0":
         return None
-    return f"process {errors[0].stem.removeprefix('rank-')} failed first, which stopped the others: {first}"
+    return (f"process {reports[0].stem.removeprefix('rank-')} failed first, which stopped the others: "
+            f"{reports[0].read_text(encoding='utf-8').strip()}")
 
 
 def start(on_cpu: bool) -> None:
@@ -255,11 +256,12 @@ def finished(folder: Path, ranks: int) -> bool:
     return all((folder / f"rank-{r}.done").is_file() for r in range(ranks))
 
 
-def record_failure(message: str) -> None:
-    """A rank's error, for the launcher to report once."""
+def record_failure(message: str, ours: bool) -> None:
+    """A rank's failure, for the launcher to report once: `ours` a QLoraError (rank 0 prints its own),
+    else anything else (a crash, a lost peer, a signal)."""
     folder = os.environ.get(RANK_DIR)
     if folder:
-        Path(folder, f"rank-{rank()}.error").write_text(message + "\n", encoding="utf-8")
+        Path(folder, f"rank-{rank()}.{'error' if ours else 'failed'}").write_text(message + "\n", encoding="utf-8")
 
 
 def quiet_rank() -> None:

@@ -60,12 +60,12 @@ def test_mlx_refuses_gpus_with_a_reason(tmp_path):
 
 
 def test_the_first_failure_is_reported_once(tmp_path):
-    (tmp_path / "rank-1.error").write_text("out of memory on GPU 1\n")
-    os.utime(tmp_path / "rank-1.error", ns=(1, 1))
-    (tmp_path / "rank-0.error").write_text("RuntimeError: connection closed by peer\n")
+    (tmp_path / "rank-1.failed").write_text("OutOfMemoryError: CUDA out of memory\n")
+    os.utime(tmp_path / "rank-1.failed", ns=(1, 1))
+    (tmp_path / "rank-0.failed").write_text("RuntimeError: connection closed by peer\n")  # what followed
     assert distributed.first_failure(tmp_path) == (
-        "process 1 failed first, which stopped the others: out of memory on GPU 1")
-    (tmp_path / "rank-0.error").write_text("out of memory on GPU 1\n")  # rank 0 printed the same error itself
+        "process 1 failed first, which stopped the others: OutOfMemoryError: CUDA out of memory")
+    (tmp_path / "rank-0.error").write_text("data.train_file: file not found\n")  # ours: rank 0 printed it
     assert distributed.first_failure(tmp_path) is None
 
 
