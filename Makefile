@@ -69,8 +69,8 @@ lint: setup-cpu ## ruff
 train: ## train on this machine's platform (detected)
 	$(QLORA) train $(ARGS)
 
-train-h100: ## train with configs/training_config_h100.yaml
-	$(QLORA) train --platform h100 $(ARGS)
+train-h100: ## train with configs/training_config_h100.yaml (GPUS=N or GPUS=all: data-parallel, docs/multi-gpu.md)
+	$(QLORA) train --platform h100 $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
 
 train-m4: ## train with configs/training_config_m4.yaml
 	$(QLORA) train --platform m4 $(ARGS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say = Say()
     args = build_parser().parse_args(argv)
     args.started = started
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `qlora train --gpus N` re-runs under torchrun
     try:
         return args.handler(args, say)
     except QLoraError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from commands.check import show_checks
 from commands.options import apply_data_options, config_options, data_options, resolve, tokenizer_for
 from common import checkpoints as ckpt
+from common import distributed
 from common.checkpoints import CheckpointSaveError, SaveAborted, intact
 from common.config import QLoraConfig, run_name_problem
 from common.console import Say
@@ -19,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--time-budget", metavar="DURATION",
                    help="stop with everything saved before this much time has passed, e.g. 3h30m")
     p.add_argument("--run-name", help="run folder name under tracking.output_dir")
+    p.add_argument("--gpus", metavar="N|all",
+                   help="data-parallel on N GPUs of this machine (torchrun + DDP); the global batch stays the config's")
     add_verbose(p)
     p.set_defaults(handler=run)
 
@@ -31,9 +34,9 @@ def add_verbose(p) -> None:
 
 def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     from common.preflight import blocked, check_run_folder
-    from common.run_folder import RunFolder, RunLock, default_run_name
+    from common.run_folder import default_run_name
 
-    budget = (TimeBudget(parse_duration(args.time_budget), started=args.started)
+    budget = (TimeBudget(parse_duration(args.time_budget), started=distributed.started(args.started))
               if getattr(args, "time_budget", None) is not None else None)
     cfg = cfg or resolve(args, say, detect_platform=True)
     apply_data_options(args, cfg)
@@ -51,6 +54,17 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
     if blocked(rows):
         show_checks(rows, say, problems_only=True)
         raise QLoraError("the run folder cannot be written (above); nothing was loaded.")
+    ranks = _ranks(args, cfg)
+    if ranks > 1:
+        return distributed.launch(ranks, [*args.argv, "--run-name", cfg.tracking.run_name], say, args.started)
+    if distributed.launched():
+        return _as_rank(args, say, cfg, budget)
+    return _locked(args, say, cfg, budget)
+
+
+def _locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
+    from common.run_folder import RunFolder, RunLock
+
     root = RunFolder.root_for(cfg)
     try:
         with RunLock(root).acquire(say):
@@ -61,16 +75,64 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
                          "it had started).") from None
 
 
+def _ranks(args, cfg: QLoraConfig) -> int:
+    """Processes to launch: 1 when --gpus is absent or 1, or inside a torchrun rank already. The
+    batch split is checked here, before anything starts."""
+    if getattr(args, "gpus", None) is None or distributed.launched():
+        return 1
+    if cfg.backend == "mlx":
+        raise UsageError("--gpus is for the CUDA backend (torchrun + DDP); MLX trains on one Apple GPU. "
+                         "Drop --gpus, or train on an NVIDIA machine.")
+    ranks = distributed.requested_ranks(args.gpus, on_cpu=cfg.cuda.device == "cpu")
+    distributed.split_batch(cfg.training.batch_size, cfg.training.gradient_accumulation_steps, ranks)
+    return ranks
+
+
+def _as_rank(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
+    """One torchrun process. Rank 0 holds the lock, writes the run folder and prints; the others
+    keep their output in their log. Any error is recorded for the launcher, which reports the one
+    that came first (the others usually follow from it)."""
+    import signal
+    import traceback
+
+    def stopped(signum, frame):  # outside training (which saves first): also what torchrun sends when another process failed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stopped)
+    distributed.record_pid()  # a second Ctrl-C reaches the ranks directly (distributed.launch)
+    distributed.start(on_cpu=cfg.cuda.device == "cpu")
+    if not distributed.is_main():
+        distributed.quiet_rank()
+    try:
+        code = _locked(args, say, cfg, budget) if distributed.is_main() else _run_locked(args, say, cfg, budget)
+        distributed.record_success()
+        return code
+    except QLoraError as exc:
+        distributed.record_failure(str(exc), ours=True)
+        raise
+    except KeyboardInterrupt:
+        distributed.record_failure("stopped by a signal", ours=False)
+        raise
+    except Exception as exc:  # a traceback stays in this process's log; the user gets one line
+        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        distributed.record_failure(message, ours=False)
+        traceback.print_exc()
+        raise QLoraError(f"{message} (process {distributed.rank()}; full traceback in its log)") from None
+
+
 def _run_locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
     from common.run_folder import RunFolder
     from common.run_log import library_output
 
     run_folder = RunFolder.for_config(cfg)
     root = run_folder.root
-    if _nothing_to_resume(args, say, run_folder):
-        return 0
+    with distributed.main_first():  # a resume check may set broken checkpoints aside: one process at a time
+        if _nothing_to_resume(args, say, run_folder):
+            return 0
     again = f"qlora train {replay(args)} --run-name {root.name} --resume auto".replace("  ", " ")
     log, verbose = root / "train.log", getattr(args, "verbose", False)
+    if not distributed.is_main():
+        log = distributed.rank_log()
     with library_output(log, say, verbose) as chatter:
         try:
             summary = _train(args, cfg, say, budget, run_folder, again)
@@ -95,11 +157,12 @@ def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_fold
     from common.tiny_mistral import ensure_demo_model
 
     root = run_folder.root
-    ensure_demo_model(cfg.model.name_or_path, say)
-    rows = run_checks(cfg)
+    with distributed.main_first():  # the demo model is built once
+        ensure_demo_model(cfg.model.name_or_path, say)
+    rows = run_checks(cfg)  # on every process; only rank 0's output reaches the terminal
     show_checks(rows, say, problems_only=True)
     if blocked(rows):
-        raise QLoraError("preflight found blocking problems (above); nothing was loaded. `qlora check` re-runs it.")
+        raise QLoraError(_preflight_refusal(rows))
     data = prepare_data(cfg.data, tokenizer_for(cfg))
     report = data.report
     for source in report.sources:
@@ -107,7 +170,8 @@ def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_fold
     say.ok(f"data: {report.n_train} training and {report.n_val} validation examples")
     for warning in report.warnings:
         say.warn(warning)
-    run_folder.open(cfg)
+    if distributed.is_main():
+        run_folder.open(cfg)
     say.info(f"run folder: {root}")
     trainer = make_trainer(cfg, run_folder, data, say, time_budget=budget)
     trainer.setup()
@@ -120,8 +184,21 @@ def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_fold
     except OSError as exc:  # the final adapter or summary: the checkpoints hold the run
         raise QLoraError(f"a write in {root} failed: {exc.strerror or exc} ({exc.filename or root}); "
                          f"{intact(run_folder.checkpoints)}. Free space or fix the folder, then: {again}") from None
-    describe_run(run_folder, cfg, data, summary)
+    if distributed.is_main():
+        describe_run(run_folder, cfg, data, summary)
     return summary
+
+
+def _preflight_refusal(rows) -> str:
+    """Rank 0's blocking rows are printed above; another rank's go into the message, the one line
+    of it that reaches the terminal."""
+    from common.preflight import BLOCK
+
+    message = "preflight found blocking problems (above); nothing was loaded. `qlora check` re-runs it."
+    if distributed.is_main():
+        return message
+    found = "; ".join(f"{r.name}: {r.message}" + (f" ({r.fix})" if r.fix else "") for r in rows if r.status == BLOCK)
+    return f"preflight on GPU {distributed.local_rank()} found blocking problems: {found}; nothing was loaded."
 
 
 def describe_run(run_folder, cfg: QLoraConfig, data, summary) -> None:
@@ -173,4 +250,6 @@ def replay(args) -> str:
     parts += [f"{flag} {value}" for flag, value in (("--data", getattr(args, "data", None)),
                                                      ("--val-data", getattr(args, "val_data", None))) if value]
     parts += [f"--set {o}" for o in getattr(args, "overrides", [])]
+    if distributed.world_size() > 1:
+        parts.append(f"--gpus {distributed.world_size()}")
     return " ".join(parts)

@@ -6,6 +6,7 @@ instant and works where neither framework is installed. Tests inject fake probes
 
 from __future__ import annotations
 
+import os
 import platform as _platform
 import re
 import shutil
@@ -112,9 +113,12 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def probe_nvidia(run: Callable[[list[str]], str | None] = _run) -> GpuInfo | None:
+    """The first GPU, or in one process of a multi-GPU run (`qlora train --gpus N`) that process's own."""
+    own = process_gpu()
     query = run(
         [
             "nvidia-smi",
+            *(["-i", own] if own is not None else []),
             "--query-gpu=name,memory.total,memory.free,compute_cap,driver_version",
             "--format=csv,noheader,nounits",
         ]
@@ -133,6 +137,23 @@ def probe_nvidia(run: Callable[[list[str]], str | None] = _run) -> GpuInfo | Non
         driver=driver,
         cuda_version=cuda.group(1) if cuda else "",
     )
+
+
+def process_gpu() -> str | None:
+    """The GPU this torchrun process trains on, as nvidia-smi names it (index or UUID): the
+    LOCAL_RANK-th of CUDA_VISIBLE_DEVICES when that is set. None outside a multi-process run."""
+    from common.distributed import local_rank, world_size
+
+    if world_size() == 1:
+        return None
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[local_rank()] if local_rank() < len(visible) else str(local_rank())
+
+
+def gpu_count(run: Callable[[list[str]], str | None] = _run) -> int:
+    """How many NVIDIA GPUs nvidia-smi lists (0 without nvidia-smi): for `qlora train --gpus all`."""
+    listed = run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"]) or ""
+    return sum(1 for line in listed.splitlines() if line.strip())
 
 
 def probe_apple(

@@ -276,3 +276,40 @@ def make_plan(
     if not rates.measured:
         advice.append("these rates are estimates: `qlora plan --calibrate` measures a few real steps here")
     return Plan(figures, fits, advice)
+
+
+# Data parallel (`--gpus N`): each optimizer step all-reduces the LoRA gradients, fp32, once
+# (transformers' DDP; the 4-bit base has no gradients). Ring all-reduce moves 2 (N-1) / N times
+# that size through each GPU's link. NCCL bus bandwidths below are ESTIMATES from public NCCL
+# all-reduce results for H100 machines, not measured here: NVLink (SXM, NVSwitch) ~300 GB/s,
+# PCIe Gen5 ~20 GB/s, between machines on 100 Gb/s Ethernet ~10 GB/s. docs/multi-gpu.md works them out.
+ALLREDUCE_BYTES_PER_S = {"NVLink": 300e9, "PCIe": 20e9, "100 Gb/s network": 10e9}
+
+
+def lora_parameters(cfg: QLoraConfig) -> int:
+    """Trainable LoRA parameters on the 7B shape: r x (in + out) for each targeted projection and layer."""
+    from common.mistral import projection_shapes
+
+    shapes = projection_shapes(SHAPE_7B)
+    return DECODER_LAYERS * cfg.lora.r * sum(sum(shapes[m]) for m in cfg.lora.target_modules)
+
+
+def allreduce_seconds(cfg: QLoraConfig, ranks: int, link: str) -> float:
+    """One step's gradient all-reduce, assumed not hidden behind the backward pass (DDP overlaps part of it)."""
+    return 2 * (ranks - 1) / ranks * 4 * lora_parameters(cfg) / ALLREDUCE_BYTES_PER_S[link]
+
+
+def data_parallel_rates(cfg: QLoraConfig, rates: Rates, ranks: int, tokens_per_step: float,
+                        link: str = "PCIe") -> Rates:
+    """`ranks` GPUs, each at the one-GPU rate of its micro-batch, plus one all-reduce a step (an
+    ESTIMATE: not measured on several GPUs). PCIe by default: the slower link, so the estimate is low
+    rather than high on NVLink machines."""
+    if ranks == 1:
+        return rates
+    compute = tokens_per_step / ranks / rates.tokens_per_second
+    efficiency = compute / (compute + allreduce_seconds(cfg, ranks, link))
+    return Rates(rates.tokens_per_second * ranks * efficiency, rates.peak_gb, rates.eval_tokens_per_second * ranks,
+                 rates.save_seconds, rates.startup_seconds,
+                 f"{ranks} GPUs x ({rates.source}) x {efficiency:.3f} all-reduce efficiency over {link} "
+                 f"({4 * lora_parameters(cfg) / 1e6:.0f} MB of LoRA gradients a step; ESTIMATE, not measured)",
+                 False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.config import QLoraConfig
+from common.distributed import local_rank
 from common.errors import QLoraError
 from common.machine import FLASH_KERNELS
 from common.mistral import HUB_ID, cached_on_hub, check_local_model, require_model_source
@@ -122,7 +123,7 @@ def load_quantized_model(cfg: QLoraConfig, attn: str, device: str):
             quantization_config=quant,
             dtype=dtype,
             attn_implementation=attn,
-            device_map={"": 0 if device == "cuda" else "cpu"},
+            device_map={"": local_rank() if device == "cuda" else "cpu"},  # one whole copy per process
             local_files_only=local_only,
         )
     except (OSError, ValueError) as exc:

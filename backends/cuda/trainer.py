@@ -15,6 +15,7 @@ from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quanti
 from backends.cuda.patches import liger_kernel_config, liger_rope_impl, run_scope
 from backends.cuda.progress import use_display
 from common import checkpoints as ckpt
+from common import distributed
 from common.config import QLoraConfig
 from common.data import Example, PreparedData
 from common.errors import PlatformError, QLoraError
@@ -136,7 +137,9 @@ class CudaTrainer(Stopping):
     def _tracking_callbacks(self) -> list:
         """transformers' own wandb / TensorBoard callbacks, given this run's writer or wandb run
         explicitly (report_to stays empty: its integrations read their folder and project from
-        environment variables, which would leak into a later run in the same process)."""
+        environment variables, which would leak into a later run in the same process). Rank 0 only."""
+        if not distributed.is_main():
+            return []
         if self.tracker == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             from transformers.integrations import TensorBoardCallback
@@ -183,7 +186,9 @@ class CudaTrainer(Stopping):
             folder = self.run.checkpoints / f"{ckpt.PREFIX}{step}"
             with self._saving(), ckpt.writing(folder, step, ckpt.needed_bytes(self.run.checkpoints, trainable)):
                 save(model, trial)
-                ckpt.write_manifest(folder, step, self.run.identity, CHECKPOINT_FILES, trainer.state.max_steps)
+                distributed.barrier()  # every process has written its RNG state
+                if distributed.is_main():
+                    ckpt.write_manifest(folder, step, self.run.identity, checkpoint_files(), trainer.state.max_steps)
 
         trainer._save_checkpoint = guarded
 
@@ -213,18 +218,23 @@ class CudaTrainer(Stopping):
             )
 
     def _micro_batching(self) -> tuple[int, int]:
-        """(micro-batch, accumulation). Packed rows are concatenated padding-free; SDPA then builds
+        """(micro-batch, accumulation) of each process. Packed rows are concatenated padding-free; SDPA then builds
         a dense block mask over the whole micro-batch, so with SDPA one row per micro-batch and
-        more accumulation trains on the same tokens per optimizer step, faster (measured: docs/benchmarks.md)."""
+        more accumulation trains on the same tokens per optimizer step, faster (measured: docs/benchmarks.md).
+        On several processes the same global batch is split over them (common/distributed.py)."""
         t = self.cfg.training
+        micro, accumulation = t.batch_size, t.gradient_accumulation_steps
         if t.packing and self.attn == "sdpa" and self.device == "cuda" and t.batch_size > 1:
             self.say.warn(
                 f"packing with sdpa: micro-batch {t.batch_size} x accumulation "
                 f"{t.gradient_accumulation_steps} runs as 1 x {t.batch_size * t.gradient_accumulation_steps}"
                 " (same tokens per step, no dense cross-row mask)"
             )
-            return 1, t.batch_size * t.gradient_accumulation_steps
-        return t.batch_size, t.gradient_accumulation_steps
+            micro, accumulation = 1, t.batch_size * t.gradient_accumulation_steps
+        split = distributed.split_batch(micro, accumulation, distributed.world_size())
+        if split.ranks > 1:
+            self.say.info(split.line(micro, accumulation))
+        return split.micro, split.accumulation
 
     def _sft_config(self):
         from trl import SFTConfig
@@ -272,6 +282,7 @@ class CudaTrainer(Stopping):
             # No worker processes: the examples are already token ids, and workers die on a
             # Ctrl-C or a process-group SIGTERM before the main process can save (seen on the H100)
             dataloader_num_workers=0,
+            ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step (several GPUs)
             disable_tqdm=True,  # the shared display (backends/cuda/progress.py) shows progress
         )
 
@@ -287,6 +298,8 @@ class CudaTrainer(Stopping):
             last = None
 
             def on_log(self, args, state, control, logs=None, **kwargs):
+                if not state.is_world_process_zero:
+                    return
                 now, tokens = time.time(), state.num_input_tokens_seen
                 record = {"step": state.global_step, "epoch": state.epoch, "time": now, **(logs or {})}
                 if "loss" in record and self.last is not None and now > self.last[0]:
@@ -327,6 +340,10 @@ class CudaTrainer(Stopping):
                     if not owner.stop_requested and budget.should_stop((state.global_step + 1) % every == 0):
                         owner.request_stop("time budget")
                 self.mark = now
+                # one decision on every process (a signal or the budget may reach them a step apart),
+                # else some would save and stop while the others wait in the next all-reduce
+                if distributed.any_rank(owner.stop_requested) and not owner.stop_requested:
+                    owner.stop_requested, owner.stop_reason = True, "another process stopped"
                 if owner.stop_requested:
                     control.should_save = True
                     control.should_training_stop = True
@@ -362,8 +379,9 @@ class CudaTrainer(Stopping):
             with run_scope(liger):
                 output = self.trainer.train(resume_from_checkpoint=resume_from)
             wall = time.time() - started
-            with self._saving():  # save_pretrained writes in place: a second signal must not cut it short
-                self.save()
+            if distributed.is_main():
+                with self._saving():  # save_pretrained writes in place: a second signal must not cut it short
+                    self.save()
         finally:
             self.display.finish()
             for sig, handler in previous.items():
@@ -389,15 +407,33 @@ class CudaTrainer(Stopping):
             final_eval_loss=_last(state.log_history, "eval_loss"),
             best_eval_loss=state.best_metric,
             best_checkpoint=state.best_model_checkpoint,
-            details={"attention": self.attn, "tracker": self.tracker},
+            details={"attention": self.attn, "tracker": self.tracker, "processes": distributed.world_size()},
         )
-        self.run.write_summary(summary)
-        self.run.plot_losses()
+        if distributed.is_main():
+            self.run.write_summary(summary)
+            self.run.plot_losses()
         return summary
 
     def _resume_point(self, resume: str | None) -> str | None:
-        folder = self.run.resume_from(resume, self.say)
+        """Rank 0 chooses (and trims metrics.jsonl, sets newer checkpoints aside); the others then
+        make the same, now read-only, choice."""
+        with distributed.main_first():
+            folder = (self.run.resume_from(resume, self.say) if distributed.is_main()
+                      else self.run.check_resume(resume, self.say))
+        if folder is not None:
+            self._note_process_count(folder)
         return str(folder) if folder else None
+
+    def _note_process_count(self, folder) -> None:
+        """The Trainer restores each rank's random state from its own file and, when the process
+        count changed, silently (at INFO) skips the ones it lacks: say so. Weights, optimizer,
+        schedule and step continue; only the random streams (LoRA dropout masks) start afresh."""
+        saved = len(list(folder.glob("rng_state_*.pth"))) or 1
+        now = distributed.world_size()
+        if saved != now:
+            self.say.warn(f"{folder.name} was saved by {saved} process(es) and this run has {now}: weights, "
+                          "optimizer, schedule and step continue; the random state (LoRA dropout masks) "
+                          "of processes without a saved one starts afresh")
 
     # ------------------------------------------------------------------ save
     def save(self) -> None:
@@ -413,6 +449,15 @@ class CudaTrainer(Stopping):
         config = json.loads(path.read_text())
         config["base_model_name_or_path"] = self.cfg.model.name_or_path
         path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def checkpoint_files() -> tuple[str, ...]:
+    """The files a checkpoint must hold: on several processes the Trainer writes one RNG state per rank."""
+    ranks = distributed.world_size()
+    if ranks == 1:
+        return CHECKPOINT_FILES
+    return tuple(f for f in CHECKPOINT_FILES if f != "rng_state.pth") + tuple(
+        f"rng_state_{r}.pth" for r in range(ranks))
 
 
 def _last(history: list[dict], key: str):

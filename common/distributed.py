@@ -1,0 +1,287 @@
+"""Data-parallel training on several GPUs of one machine (`qlora train --gpus N`).
+
+The engine is the one everyone uses: torchrun starts N copies of the same `qlora train`, and
+transformers' Trainer (through accelerate) wraps each copy's 4-bit model in DDP. This module holds
+only what is ours around it: who this process is (its rank), how the config's global batch is split
+over the ranks, and the launcher that re-runs the command under torchrun and reports a failed rank
+once. It never imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import UsageError
+
+RANK_DIR = "QLORA_RANK_DIR"  # where each rank's log and error go (made by the launcher)
+STARTED = "QLORA_STARTED"  # the launcher's time.monotonic() at start: a --time-budget counts from there
+# Time the ranks get to finish their step and save after a stop signal before torchrun kills them.
+# torchrun's default, 30 s, can cut off an evaluation in flight plus a save on a 7B; longer would
+# keep the survivors of a crashed rank waiting (NCCL does not notice a dead peer by itself)
+SHUTDOWN_SECONDS = 120
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """The one process that writes the run folder and prints (every process when not distributed)."""
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True inside a torchrun rank (which must not launch torchrun again)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or world_size() > 1
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    micro: int  # examples (or packed rows) per micro-batch on each rank
+    accumulation: int  # micro-batches each rank accumulates per optimizer step
+    ranks: int
+
+    def line(self, micro: int, accumulation: int) -> str:
+        how = ("gradient accumulation" if self.accumulation != accumulation else "micro-batch")
+        return (f"batch: {micro} x {accumulation} per optimizer step split over {self.ranks} processes by "
+                f"{how}: {self.micro} x {self.accumulation} on each, {self.micro * self.accumulation * self.ranks} "
+                "rows a step as on one GPU")
+
+
+def split_batch(micro: int, accumulation: int, ranks: int) -> BatchSplit:
+    """The same rows per optimizer step on `ranks` processes as `micro x accumulation` on one:
+    accumulation is divided first (each rank keeps the micro-batch the memory plan was made for),
+    else the micro-batch."""
+    if ranks == 1:
+        return BatchSplit(micro, accumulation, 1)
+    if accumulation % ranks == 0:
+        return BatchSplit(micro, accumulation // ranks, ranks)
+    if micro % ranks == 0:
+        return BatchSplit(micro // ranks, accumulation, ranks)
+    raise UsageError(
+        f"--gpus {ranks}: the global batch (training.batch_size {micro} x training.gradient_accumulation_steps "
+        f"{accumulation}) cannot be split evenly over {ranks} GPUs: neither value is divisible by {ranks}. "
+        f"Set one of them to a multiple of {ranks} (e.g. --set training.gradient_accumulation_steps="
+        f"{max(ranks, accumulation - accumulation % ranks)}), or use a GPU count that divides one of them."
+    )
+
+
+def requested_ranks(value: str | None, on_cpu: bool, count_gpus=None) -> int:
+    """--gpus N | all as a process count. `cuda.device: cpu` runs N CPU processes over gloo (how
+    the tests exercise the real multi-process path without GPUs)."""
+    if value is None:
+        return 1
+    if value == "all":
+        if on_cpu:
+            raise UsageError("--gpus all counts GPUs, but this config trains on the CPU (cuda.device: cpu); "
+                             "give a number of processes, e.g. --gpus 2")
+        from common.machine import gpu_count
+
+        found = (count_gpus or gpu_count)()
+        if not found:
+            raise UsageError("--gpus all: nvidia-smi lists no GPU on this machine")
+        return found
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"--gpus {value!r}: give a number of GPUs (1 or more) or 'all'")
+    wanted = int(value)
+    if not on_cpu and wanted > 1:
+        from common.machine import gpu_count
+
+        found = (count_gpus or gpu_count)()
+        if wanted > found:
+            raise UsageError(f"--gpus {wanted}: nvidia-smi lists {found} GPU(s) on this machine; "
+                             f"use --gpus {found or 1} or --gpus all")
+    return wanted
+
+
+def without_gpus(argv: Sequence[str]) -> list[str]:
+    """The command line a rank runs: the same, minus --gpus (a rank must not launch again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            out.append(arg)
+    return out
+
+
+def torchrun_command(ranks: int, argv: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+            f"--shutdown_timeout={SHUTDOWN_SECONDS}", "-m", "commands", *without_gpus(argv)]
+
+
+def started(own: float) -> float:
+    """When the command started: the launcher's clock in a rank (CLOCK_MONOTONIC is system-wide)."""
+    return float(os.environ.get(STARTED, own))
+
+
+def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
+    """Run this `qlora train` on `ranks` processes through torchrun and wait.
+
+    torchrun starts in a session of its own (as its ranks do), so a Ctrl-C in the terminal reaches
+    only this process, which forwards it once; in our process group torchrun would get it from the
+    terminal too, and pass on two signals, which the ranks read as "abort now". Rank 0 prints; the
+    others keep their output in a log each, and the first rank that failed has its error printed
+    here, once."""
+    folder = Path(tempfile.mkdtemp(prefix="qlora-ranks-"))
+    env = {**os.environ, RANK_DIR: str(folder), STARTED: repr(started_at), "PYTHONUNBUFFERED": "1"}
+    say.info(f"launching {ranks} processes with torchrun; rank 0 reports")
+    # torchrun's own report of a failure is a traceback: kept in a file, our message is printed instead
+    with open(folder / "torchrun.log", "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(torchrun_command(ranks, argv), env=env, start_new_session=True, stderr=log)
+    forwarded = []
+
+    def forward(signum, frame):
+        """The first signal goes to torchrun (which passes it to every rank: stop after this step and
+        save). A second would make torchrun exit and leave its ranks running, so it goes to the ranks
+        themselves, which read it as "abort now"."""
+        if not forwarded:
+            proc.send_signal(signum)
+        else:
+            for pid in rank_pids(folder):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+        forwarded.append(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code == 0 or finished(folder, ranks):  # torchrun exits 1 after a forwarded signal, however its ranks ended
+        shutil.rmtree(folder, ignore_errors=True)
+        return 0
+    failed = first_failure(folder)
+    if failed:
+        say.error(failed)
+    silent = [str(r) for r in range(ranks) if not any((folder / f"rank-{r}.{end}").is_file() for end in ("done", "error", "failed"))]
+    if silent:
+        say.error(f"process(es) {', '.join(silent)} ended without a report: killed (the out-of-memory killer, a "
+                  "signal) or crashed; the others were stopped. Continue with --resume auto.")
+    say.info(f"logs of every process (and torchrun's own): {folder}")
+    return code
+
+
+def first_failure(folder: Path) -> str | None:
+    """The error of the process that failed first, unless rank 0 printed its own: one of ours (a
+    QLoraError: every rank usually hits the same), or a failure that came first."""
+    if (folder / "rank-0.error").is_file():
+        return None
+    reports = sorted([*folder.glob("rank-*.error"), *folder.glob("rank-*.failed")], key=lambda p: p.stat().st_mtime_ns)
+    if not reports or reports[0].stem == "rank-0":
+        return None
+    return (f"process {reports[0].stem.removeprefix('rank-')} failed first, which stopped the others: "
+            f"{reports[0].read_text(encoding='utf-8').strip()}")
+
+
+def start(on_cpu: bool) -> None:
+    """Join the process group now (accelerate reuses it), so that the command can order its own
+    file work (main_first) before the Trainer exists."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if not on_cpu:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group("gloo" if on_cpu else "nccl")
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first, then the others (what it wrote, they read)."""
+    if world_size() == 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    if not is_main():
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            dist.barrier()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def rank_log() -> Path:
+    return Path(os.environ.get(RANK_DIR) or tempfile.gettempdir(), f"rank-{rank()}.log")
+
+
+def record_pid() -> None:
+    folder = os.environ.get(RANK_DIR)
+    if folder:
+        Path(folder, f"rank-{rank()}.pid").write_text(str(os.getpid()), encoding="utf-8")
+
+
+def rank_pids(folder: Path) -> list[int]:
+    return [int(p.read_text(encoding="utf-8")) for p in folder.glob("rank-*.pid")]
+
+
+def record_success() -> None:
+    folder = os.environ.get(RANK_DIR)
+    if folder:
+        Path(folder, f"rank-{rank()}.done").touch()
+
+
+def finished(folder: Path, ranks: int) -> bool:
+    return all((folder / f"rank-{r}.done").is_file() for r in range(ranks))
+
+
+def record_failure(message: str, ours: bool) -> None:
+    """A rank's failure, for the launcher to report once: `ours` a QLoraError (rank 0 prints its own),
+    else anything else (a crash, a lost peer, a signal)."""
+    folder = os.environ.get(RANK_DIR)
+    if folder:
+        Path(folder, f"rank-{rank()}.{'error' if ours else 'failed'}").write_text(message + "\n", encoding="utf-8")
+
+
+def quiet_rank() -> None:
+    """Ranks other than 0 print nothing on the terminal: their output goes to their log."""
+    log = open(rank_log(), "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (open for the process's life)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on one (one stop decision for all)."""
+    if world_size() == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    device = f"cuda:{local_rank()}" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+

@@ -1,0 +1,255 @@
+"""`qlora train --gpus N`: data-parallel through torchrun + DDP. On the CPU the same path runs N
+gloo processes (cuda.device: cpu), so these tests drive the real launcher, ranks and Trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from common import distributed
+from common.checkpoints import numbered, problem
+from common.errors import UsageError
+from tests.conftest import REPO, qlora, write_jsonl
+
+
+def test_accumulation_is_split_first_then_the_micro_batch():
+    assert distributed.split_batch(4, 4, 2) == distributed.BatchSplit(4, 2, 2)  # each GPU keeps its micro-batch
+    assert distributed.split_batch(4, 1, 2) == distributed.BatchSplit(2, 1, 2)
+    assert distributed.split_batch(3, 5, 1) == distributed.BatchSplit(3, 5, 1)
+
+
+def test_a_batch_that_cannot_be_split_is_refused_naming_both_values():
+    with pytest.raises(UsageError) as refused:
+        distributed.split_batch(3, 5, 2)
+    message = str(refused.value)
+    assert "training.batch_size 3" in message and "training.gradient_accumulation_steps 5" in message
+    assert "--gpus 2" in message
+
+
+def test_an_impossible_split_is_refused_before_anything_starts(tmp_path):
+    code, out = qlora("train", "--platform", "cpu", "--gpus", "3", "--set", f"tracking.output_dir={tmp_path}")
+    assert code != 0 and "cannot be split evenly over 3 GPUs" in out and "Traceback" not in out
+    assert not any(tmp_path.iterdir()) and "launching" not in out
+
+
+def test_gpus_all_counts_the_gpus_and_more_than_there_are_is_refused():
+    assert distributed.requested_ranks("all", on_cpu=False, count_gpus=lambda: 8) == 8
+    with pytest.raises(UsageError, match="lists 2 GPU"):
+        distributed.requested_ranks("4", on_cpu=False, count_gpus=lambda: 2)
+    with pytest.raises(UsageError, match="no GPU"):
+        distributed.requested_ranks("all", on_cpu=False, count_gpus=lambda: 0)
+    with pytest.raises(UsageError, match="give a number"):
+        distributed.requested_ranks("two", on_cpu=True)
+    assert distributed.requested_ranks("2", on_cpu=True) == 2  # CPU processes: nothing to count
+
+
+def test_each_rank_runs_the_same_command_without_gpus():
+    command = distributed.torchrun_command(2, ["train", "--gpus", "2", "--platform", "cpu", "--gpus=2", "-v"])
+    assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in command
+    assert command[command.index("commands") - 1:] == ["-m", "commands", "train", "--platform", "cpu", "-v"]
+
+
+def test_mlx_refuses_gpus_with_a_reason(tmp_path):
+    code, out = qlora("train", "--platform", "m4", "--gpus", "2", "--set", f"tracking.output_dir={tmp_path}")
+    assert code != 0 and "--gpus is for the CUDA backend" in out and "Traceback" not in out
+
+
+def test_the_first_failure_is_reported_once(tmp_path):
+    (tmp_path / "rank-1.failed").write_text("OutOfMemoryError: CUDA out of memory\n")
+    os.utime(tmp_path / "rank-1.failed", ns=(1, 1))
+    (tmp_path / "rank-0.failed").write_text("RuntimeError: connection closed by peer\n")  # what followed
+    assert distributed.first_failure(tmp_path) == (
+        "process 1 failed first, which stopped the others: OutOfMemoryError: CUDA out of memory")
+    (tmp_path / "rank-0.error").write_text("data.train_file: file not found\n")  # ours: rank 0 printed it
+    assert distributed.first_failure(tmp_path) is None
+
+
+# ------------------------------------------------------------------ training on two gloo processes
+
+
+def tiny_run(model, data, out, run, *extra) -> list[str]:
+    """Global batch 2 x 2 over 8 examples, dropout 0: one process and two see the same examples in
+    each optimizer step (the same seeded order, split by rows) and sum the same per-token losses,
+    only in another order."""
+    return ["train", "--platform", "cpu", "--data", str(data / "train.jsonl"), "--val-data", str(data / "val.jsonl"),
+            "--run-name", run, "--set", f"model.name_or_path={model}", "--set", f"tracking.output_dir={out}",
+            "--set", "tracking.report_to=none", "--set", "lora.dropout=0", "--set", "training.packing=false",
+            "--set", "training.batch_size=2", "--set", "training.gradient_accumulation_steps=2",
+            "--set", "eval.logging_steps=1", "--set", "eval.load_best_model_at_end=false", *extra]
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    lines = (REPO / "data" / "sample" / "train.jsonl").read_text().splitlines()
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", lines[:8])
+    write_jsonl(data / "val.jsonl", lines[8:10])
+    return data
+
+
+def lora_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_weights_of_one(tiny_model_dir, tiny_data, tmp_path):
+    steps = ["--set", "training.max_steps=4", "--set", "eval.eval_steps=4", "--set", "eval.save_steps=4"]
+    code, out = qlora(*tiny_run(tiny_model_dir, tiny_data, tmp_path, "one", *steps))
+    assert code == 0, out
+    code, out = qlora(*tiny_run(tiny_model_dir, tiny_data, tmp_path, "two", *steps), "--gpus", "2")
+    assert code == 0, out
+    assert "split over 2 processes by gradient accumulation: 2 x 1 on each" in out
+    assert out.count("✔ done: 4 steps") == 1  # only rank 0 prints
+    one, two = lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two")
+    moved = max(one[k].abs().max().item() for k in one if "lora_B" in k)  # B starts at zero
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 1e-3 and diff < 1e-5, (moved, diff)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["details"]["processes"] == 2 and summary["global_step"] == 4
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged.count(1) == 1  # one writer
+    checkpoint = tmp_path / "two" / "checkpoints" / "checkpoint-4"
+    assert problem(checkpoint) is None and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_processes_with_one_checkpoint_and_one_process_continues(
+        tiny_model_dir, tiny_data, tmp_path):
+    steps = ["--set", "training.max_steps=12", "--set", "eval.eval_steps=12", "--set", "eval.save_steps=12"]
+    args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "stop", *steps)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "commands", *args, "--gpus", "2"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if " step 2/12" in line:
+            proc.send_signal(signal.SIGTERM)  # to the launcher, as `kill` or a scheduler would
+            break
+    seen += proc.stdout.readlines()
+    out = "".join(seen)
+    assert proc.wait(timeout=300) == 0, out
+    assert "stopped early" in out and "--gpus 2" in out  # the command to continue names the GPU count
+    checkpoints = numbered(tmp_path / "stop" / "checkpoints")
+    assert len(checkpoints) == 1 and problem(checkpoints[0]) is None, out
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= stopped_at < 12
+    summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["global_step"] == stopped_at
+
+    # the same run continues on one process, from that checkpoint (which holds one RNG state per rank),
+    # and ends where a run on one process all along ends
+    code, out = qlora(*args, "--resume", "auto")
+    assert code == 0 and "done: 12 steps" in out, out
+    assert "was saved by 2 process(es) and this run has 1" in out
+    code, out = qlora(*tiny_run(tiny_model_dir, tiny_data, tmp_path, "straight", *steps))
+    assert code == 0, out
+    resumed, expected = lora_weights(tmp_path / "stop"), lora_weights(tmp_path / "straight")
+    assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
+
+
+@pytest.mark.slow
+def test_an_error_on_every_process_reaches_the_user_once(tiny_model_dir, tmp_path):
+    code, out = qlora("train", "--platform", "cpu", "--gpus", "2", "--data", str(tmp_path / "missing.jsonl"),
+                      "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"tracking.output_dir={tmp_path}")
+    assert code == 1 and "Traceback" not in out, out
+    assert out.count("missing.jsonl: file not found") == 1 and out.count("preflight found blocking problems") == 1
+
+
+# ------------------------------------------------------------------ qlora plan --gpus
+
+
+def test_the_allreduce_is_the_lora_gradients_and_costs_little_next_to_a_step():
+    from common.config_loader import load_config
+    from common.planner import Rates, allreduce_seconds, data_parallel_rates, lora_parameters
+
+    cfg = load_config(None, "h100", [])
+    assert lora_parameters(cfg) == 41_943_040  # r 16 on the 7 projections of 32 layers: 168 MB in fp32
+    assert allreduce_seconds(cfg, 2, "PCIe") > allreduce_seconds(cfg, 2, "NVLink") > 0
+    one = Rates(10_000, 30.0, 20_000, 1.0, 60.0, "measured", True)
+    two = data_parallel_rates(cfg, one, 2, tokens_per_step=16_384)
+    assert 1.9 * one.tokens_per_second < two.tokens_per_second < 2 * one.tokens_per_second
+    assert not two.measured and "ESTIMATE" in two.source and "168 MB" in two.source
+
+
+def test_plan_for_two_gpus_gives_each_gpu_half_the_micro_batch_and_less_memory():
+    code, one = qlora("plan", "--platform", "h100", "--data", str(REPO / "data/sample/train.jsonl"), "--json")
+    code2, two = qlora("plan", "--platform", "h100", "--data", str(REPO / "data/sample/train.jsonl"), "--json",
+                       "--gpus", "2")
+    assert code == code2 == 0, two
+
+    def figure(out, name):
+        plan = json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
+        return next(f for f in plan["figures"] if f["name"] == name)
+
+    assert figure(two, "peak memory")["value"] < figure(one, "peak memory")["value"]
+    assert figure(two, "training time")["value"] < figure(one, "training time")["value"]
+    assert "ESTIMATE" in figure(two, "training time")["source"]
+    assert figure(two, "optimizer steps")["value"] == figure(one, "optimizer steps")["value"]
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        children = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in descendants(c)]
+
+
+def rank_of(pid: int) -> str | None:
+    try:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    return next((v[5:].decode() for v in env if v.startswith(b"RANK=")), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the ranks through /proc (Linux)")
+def test_a_killed_process_stops_the_other_with_a_clear_message(tiny_model_dir, tiny_data, tmp_path):
+    args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "killed", "--set", "training.max_steps=200",
+                    "--set", "eval.eval_steps=200", "--set", "eval.save_steps=200")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "commands", *args, "--gpus", "2"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if " step 2/200" in line:
+            victim = next(p for p in descendants(proc.pid) if rank_of(p) == "1")
+            os.kill(victim, signal.SIGKILL)  # as the out-of-memory killer would
+            break
+    seen += proc.stdout.readlines()
+    out = "".join(seen)
+    assert proc.wait(timeout=150) != 0, out
+    assert "process(es) 1 ended without a report" in out and "Traceback" not in out, out
+    assert out.count("✘") <= 2, out  # rank 0's own line (its collective failed) and the launcher's
+
+
+def test_each_process_checks_its_own_gpu(monkeypatch):
+    from common import machine
+
+    asked = []
+
+    def smi(cmd):
+        asked.append(cmd)
+        return "NVIDIA H100 80GB HBM3, 81559, 80000, 9.0, 580.159.04\n" if "--query-gpu=name,memory.total," \
+            "memory.free,compute_cap,driver_version" in cmd else ""
+
+    assert machine.probe_nvidia(smi) and "-i" not in asked[0]  # one process: the first GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    machine.probe_nvidia(smi)
+    assert asked[-2][1:3] == ["-i", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    machine.probe_nvidia(smi)
+    assert asked[-2][1:3] == ["-i", "5"]  # the second visible GPU is the machine's GPU 5
+    assert machine.gpu_count(lambda cmd: "0\n1\n2\n") == 3 and machine.gpu_count(lambda cmd: None) == 0
