@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from commands.check import show_checks
 from commands.options import apply_data_options, config_options, data_options, resolve, tokenizer_for
 from common import checkpoints as ckpt
@@ -59,7 +62,28 @@ def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
         return distributed.launch(ranks, [*args.argv, "--run-name", cfg.tracking.run_name], say, args.started)
     if distributed.launched():
         return _as_rank(args, say, cfg, budget)
-    return _locked(args, say, cfg, budget)
+    with _one_gpu(cfg, say):
+        return _locked(args, say, cfg, budget)
+
+
+@contextlib.contextmanager
+def _one_gpu(cfg: QLoraConfig, say: Say):
+    """A one-process run on a machine with several GPUs trains on the first one. Left to see them all,
+    transformers' Trainer would wrap the model in nn.DataParallel, which TRL refuses ("does not support
+    nn.DataParallel": seen on two H100s, 2026-11-27); DDP is --gpus N. A CUDA_VISIBLE_DEVICES the user
+    set is left alone; ours is set before CUDA starts and removed when the run ends."""
+    from common.machine import gpu_count
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cfg.backend != "cuda" or cfg.cuda.device == "cpu" or visible is not None or gpu_count() < 2:
+        yield
+        return
+    say.info(f"{gpu_count()} GPUs here: training on GPU 0 (--gpus N trains data-parallel on N)")
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
 
 
 def _locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:

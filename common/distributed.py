@@ -126,8 +126,18 @@ def without_gpus(argv: Sequence[str]) -> list[str]:
 
 
 def torchrun_command(ranks: int, argv: Sequence[str]) -> list[str]:
+    grace = [f"--shutdown_timeout={SHUTDOWN_SECONDS}"] if torchrun_accepts(f"--shutdown_timeout={SHUTDOWN_SECONDS}") else []
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-            f"--shutdown_timeout={SHUTDOWN_SECONDS}", "-m", "commands", *without_gpus(argv)]
+            *grace, "-m", "commands", *without_gpus(argv)]
+
+
+def torchrun_accepts(option: str) -> bool:
+    """Does this torch's torchrun know `option`? (--shutdown_timeout is newer than torch 2.11, whose
+    torchrun refuses it and starts nothing: measured on the H100 pair, 2026-11-27.)"""
+    from torch.distributed.run import get_args_parser
+
+    _, unknown = get_args_parser().parse_known_args([option, "script.py"])
+    return not unknown
 
 
 def started(own: float) -> float:
@@ -172,6 +182,11 @@ def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
     if code == 0 or finished(folder, ranks):  # torchrun exits 1 after a forwarded signal, however its ranks ended
         shutil.rmtree(folder, ignore_errors=True)
         return 0
+    if not rank_pids(folder):  # no process ever started: torchrun itself failed (its arguments, its rendezvous)
+        said = (folder / "torchrun.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        say.error(f"torchrun could not start the {ranks} processes: {said[-1] if said else f'exit code {code}'}")
+        say.info(f"torchrun's log: {folder / 'torchrun.log'}")
+        return code
     failed = first_failure(folder)
     if failed:
         say.error(failed)

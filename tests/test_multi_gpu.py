@@ -253,3 +253,44 @@ def test_each_process_checks_its_own_gpu(monkeypatch):
     machine.probe_nvidia(smi)
     assert asked[-2][1:3] == ["-i", "5"]  # the second visible GPU is the machine's GPU 5
     assert machine.gpu_count(lambda cmd: "0\n1\n2\n") == 3 and machine.gpu_count(lambda cmd: None) == 0
+
+
+def test_a_torchrun_without_shutdown_timeout_is_not_given_it(monkeypatch):
+    """torch 2.11's torchrun refuses --shutdown_timeout and starts nothing (seen on two H100s)."""
+    monkeypatch.setattr(distributed, "torchrun_accepts", lambda option: False)
+    assert not any("shutdown" in part for part in distributed.torchrun_command(2, ["train", "--gpus", "2"]))
+
+
+def test_the_torchrun_probe_tells_known_from_unknown_options():
+    assert distributed.torchrun_accepts("--nproc_per_node=2")
+    assert not distributed.torchrun_accepts("--no_such_option=1")
+
+
+def test_torchrun_failing_to_start_is_said_in_its_own_words(monkeypatch, tmp_path):
+    from tests.conftest import Recorder
+
+    said = "run.py: error: unrecognized arguments: --shutdown_timeout=120"
+    monkeypatch.setattr(distributed, "torchrun_command", lambda ranks, argv: [
+        sys.executable, "-c", f"import sys; sys.stderr.write({said!r} + '\\n'); sys.exit(2)"])
+    say = Recorder()
+    assert distributed.launch(2, ["train"], say, 0.0) == 2
+    errors = [message for kind, message in say.lines if kind == "error"]
+    assert errors == [f"torchrun could not start the 2 processes: {said}"]  # not "killed by the OOM killer"
+
+
+def test_one_process_on_a_machine_with_several_gpus_uses_the_first(monkeypatch):
+    """Otherwise transformers wraps the model in nn.DataParallel, which TRL refuses (seen on two H100s)."""
+    from commands.train import _one_gpu
+    from common import machine
+    from common.config_loader import load_config
+    from tests.conftest import Recorder
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(machine, "gpu_count", lambda: 2)
+    say = Recorder()
+    with _one_gpu(load_config(platform="h100"), say):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ and "training on GPU 0" in say.text()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the user's choice stands
+    with _one_gpu(load_config(platform="h100"), say):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
