@@ -51,9 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `qlora train --gpus N` re-runs under torchrun
     try:
         return args.handler(args, say)
-    except QLoraError as exc:
-        say.error(str(exc))
+    except QLoraError as exc:  # errors go to stderr: stdout may be a result (generate's answer, --json)
+        Say(sys.stderr).error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        say.error("interrupted")
+        Say(sys.stderr).error("interrupted")
         return 130

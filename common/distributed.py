@@ -199,10 +199,12 @@ def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
 
 
 def first_failure(folder: Path) -> str | None:
-    """The error of the process that failed first, unless rank 0 printed its own: one of ours (a
-    QLoraError: every rank usually hits the same), or a failure that came first."""
-    if (folder / "rank-0.error").is_file():
-        return None
+    """The error to print once: rank 0's own (a QLoraError: every rank usually hits the same; a rank
+    prints errors on its stderr, which torchrun's log holds), else that of the process that failed
+    first."""
+    own = folder / "rank-0.error"
+    if own.is_file():
+        return own.read_text(encoding="utf-8").strip()
     reports = sorted([*folder.glob("rank-*.error"), *folder.glob("rank-*.failed")], key=lambda p: p.stat().st_mtime_ns)
     if not reports or reports[0].stem == "rank-0":
         return None
@@ -272,8 +274,8 @@ def finished(folder: Path, ranks: int) -> bool:
 
 
 def record_failure(message: str, ours: bool) -> None:
-    """A rank's failure, for the launcher to report once: `ours` a QLoraError (rank 0 prints its own),
-    else anything else (a crash, a lost peer, a signal)."""
+    """A rank's failure, for the launcher to report once: `ours` a QLoraError, else anything else (a
+    crash, a lost peer, a signal)."""
     folder = os.environ.get(RANK_DIR)
     if folder:
         Path(folder, f"rank-{rank()}.{'error' if ours else 'failed'}").write_text(message + "\n", encoding="utf-8")

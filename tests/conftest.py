@@ -45,6 +45,12 @@ def qlora(*args, cwd=REPO, env_extra=None) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
+def shown(capsys) -> str:
+    """What a user of an in-process `main()` saw: stdout (results, progress) and stderr (errors)."""
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
 class Recorder(Say):
     """A Say that keeps what it is told: (kind, message) lines, for asserting on what a user sees."""
 

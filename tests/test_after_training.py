@@ -92,8 +92,8 @@ def test_a_tool_call_answer_is_parsed(chat_tokenizer):
 def test_bad_tools_file_is_a_clear_error(tmp_path, capsys, light_adapter):
     bad = tmp_path / "tools.json"
     bad.write_text('{"tools": [1, 2]}')
-    code, out, _ = run_cli(capsys, "generate", light_adapter, "--prompt", "x", "--tools", bad)
-    assert code == UsageError.exit_code and "--tools" in out
+    code, out, err = run_cli(capsys, "generate", light_adapter, "--prompt", "x", "--tools", bad)
+    assert code == UsageError.exit_code and "--tools" in err and out == ""  # stdout is for answers only
 
 
 # ---------------------------------------------------------------------------- outputs (fast)
@@ -154,8 +154,8 @@ def test_missing_base_is_named(tmp_path, light_adapter):
 
 def test_push_refuses_offline_within_seconds(capsys, light_adapter):
     started = time.monotonic()
-    code, out, _ = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
-    assert code != 0 and "HF_HUB_OFFLINE" in out and "nothing was uploaded" in out
+    code, _, err = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
+    assert code != 0 and "HF_HUB_OFFLINE" in err and "nothing was uploaded" in err
     assert time.monotonic() - started < 5
 
 
@@ -166,13 +166,13 @@ def test_push_refuses_without_token_or_hub(monkeypatch, tmp_path, capsys, light_
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    code, out, _ = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
-    assert code != 0 and "hf auth login" in out
+    code, _, err = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
+    assert code != 0 and "hf auth login" in err
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
     started = time.monotonic()
-    code, out, _ = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
-    assert code != 0 and "cannot reach http://127.0.0.1:9" in out and "hf_not_a_real_token" not in out
+    code, out, err = run_cli(capsys, "push", light_adapter, "someone/some-adapter")
+    assert code != 0 and "cannot reach http://127.0.0.1:9" in err and "hf_not_a_real_token" not in out + err
     assert time.monotonic() - started < 15
 
 
@@ -247,8 +247,8 @@ def test_merged_logits_equal_base_plus_adapter(tmp_path, capsys, adapter_dir, ti
     merged = _logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
     assert torch.allclose(merged, expected, atol=1e-4)
     assert not torch.allclose(merged, plain, atol=1e-2)
-    code, out_text, _ = run_cli(capsys, "merge", adapter_dir, out)
-    assert code == UsageError.exit_code and "not empty" in out_text
+    code, _, err_text = run_cli(capsys, "merge", adapter_dir, out)
+    assert code == UsageError.exit_code and "not empty" in err_text
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, shown
 
 from commands import main
 
@@ -134,7 +134,7 @@ def test_bad_data(tmp_path, capsys, case, content, expected):
     path = tmp_path / f"{case}.jsonl"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     code = main(["check", "--platform", "cpu", "--set", f"data.train_file={path}", "--set", "data.val_file=null"])
-    out = capsys.readouterr().out
+    out = shown(capsys)
     assert code == 1
     assert expected.format(f=path) in " ".join(out.split()).replace("→ ", "") or expected.format(f=path) in out
     assert "Traceback" not in out
@@ -146,7 +146,7 @@ def test_missing_data_file(tmp_path, capsys, kind):
     if kind == "directory":
         path.mkdir()
     code = main(["check", "--platform", "cpu", "--set", f"data.train_file={path}"])
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 1 and str(path) in out and ("not found" in out or "is a directory" in out)
 
 
@@ -154,7 +154,7 @@ def test_bad_validation_file_names_its_own_line(tmp_path, capsys):
     val = tmp_path / "val.jsonl"
     val.write_text(f"{GOOD}\n{GOOD}\n{msgs(('user', 'q'))}\n")
     code = main(["check", "--platform", "cpu", "--set", f"data.val_file={val}"])
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 1 and f"{val}:3: the conversation must end with an assistant message" in out
 
 
@@ -210,7 +210,7 @@ def test_bad_data_files(tmp_path, capsys, case, name, make, argv, code, expected
     if make:
         make(path)
     got = main(argv(str(path)))
-    out = " ".join(capsys.readouterr().out.split()).replace("→ ", "")
+    out = " ".join(shown(capsys).split()).replace("→ ", "")
     assert got == code and expected.format(f=path) in out and "Traceback" not in out
 
 
@@ -218,7 +218,7 @@ def test_training_file_given_as_the_validation_file(tmp_path, capsys):
     path = tmp_path / "all.jsonl"
     path.write_text(f"{GOOD}\n" * 3)
     code = main(check("--data", str(path), "--val-data", str(path)))
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 1 and f"data.val_file {path} is the same file as the training file {path}" in out
 
 
@@ -227,7 +227,7 @@ def test_validation_overlapping_training_is_said(tmp_path, capsys):
     train.write_text(f"{GOOD}\n{msgs(('user', 'x'), ('assistant', 'y'))}\n")
     val.write_text(f"{msgs(('user', 'new'), ('assistant', 'z'))}\n{GOOD}\n")
     code = main(check("--data", str(train), "--val-data", str(val)))
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 0 and f"1 of 2 validation conversations also appear in the training data (first: {val}:2)" in out
 
 
@@ -237,7 +237,7 @@ def test_validation_set_emptied_by_overlong_drop(tmp_path, capsys):
     val.write_text(msgs(("user", "long " * 100), ("assistant", "a")) + "\n")
     code = main(["plan", "--platform", "cpu", "--data", str(train), "--val-data", str(val),
                  "--set", "data.max_seq_length=32", "--set", "data.overlong=drop"])
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 1 and "no validation example is left: all 1 exceed data.max_seq_length=32" in out
     assert "Raise data.max_seq_length, or set data.overlong=truncate" in out
 
@@ -296,7 +296,7 @@ CONFIG_CASES = [
 @pytest.mark.parametrize("case, extra, code, expected", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_bad_config_values(capsys, case, extra, code, expected):
     got = main(["config", "--platform", "h100", *extra])
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert got == code and expected in out and "Traceback" not in out
     if code == 1 and extra[0] == "--set":
         assert f"--set {extra[1]}" in out  # where the bad value came from
@@ -321,7 +321,7 @@ def test_bad_config_files(tmp_path, capsys, case, content, expected):
         text = content if isinstance(content, bytes) else content.format(h100=REPO / "configs" / "training_config_h100.yaml").encode()
         path.write_bytes(text)
     code = main(["config", "--config", str(path)])
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 1 and expected in out and "Traceback" not in out
     if content is not None and case != "bad-extends":
         assert "my.yaml" in out  # the message names the file
@@ -346,7 +346,7 @@ USAGE_CASES = [
 @pytest.mark.parametrize("argv, expected", USAGE_CASES, ids=[a[0] + "-" + a[-1] for a, _ in USAGE_CASES])
 def test_usage_errors_exit_2(capsys, argv, expected):
     code = main(argv)
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 2 and expected in out and "Traceback" not in out
 
 
@@ -412,7 +412,7 @@ CONVERT_CASES = [
 def test_bad_adapters_are_refused_with_a_message(tmp_path, capsys, case, damage, expected):
     damage(peft_adapter(tmp_path / "adapter"))
     code = main(["convert", str(tmp_path / "adapter"), str(tmp_path / "out")])
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 1 and expected in out and "Traceback" not in out
     assert not (tmp_path / "out").exists()
 
@@ -423,7 +423,7 @@ def test_convert_to_an_unwritable_destination_is_refused(tmp_path, capsys, where
     (tmp_path / "a-file").write_text("x")
     dst = tmp_path / "a-file" / "out" if where == "under-a-file" else "/proc/qlora-convert-out"
     code = main(["convert", str(tmp_path / "adapter"), str(dst)])
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 1 and f"{dst}: cannot write there" in out and "Traceback" not in out
     assert where != "under-a-file" or "a-file is a file, not a folder" in out
 
@@ -433,7 +433,7 @@ def test_a_base_model_config_that_is_not_mistrals_is_refused(tmp_path, capsys):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text('{"model_type": "bert"}')
     code = main(["convert", str(tmp_path / "adapter"), str(tmp_path / "out"), "--base-model", str(tmp_path / "base")])
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 1 and "config.json: not a Mistral model config (KeyError: 'hidden_size')" in out
 
 
@@ -451,6 +451,6 @@ def test_data_convert_into_a_folder_is_refused(tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     code = main(["data", "convert", str(source), "--out", str(tmp_path)])
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 2 and "is a folder; give a file path" in out and "Traceback" not in out
     assert not list(tmp_path.glob("*.tmp"))

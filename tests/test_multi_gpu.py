@@ -65,8 +65,8 @@ def test_the_first_failure_is_reported_once(tmp_path):
     (tmp_path / "rank-0.failed").write_text("RuntimeError: connection closed by peer\n")  # what followed
     assert distributed.first_failure(tmp_path) == (
         "process 1 failed first, which stopped the others: OutOfMemoryError: CUDA out of memory")
-    (tmp_path / "rank-0.error").write_text("data.train_file: file not found\n")  # ours: rank 0 printed it
-    assert distributed.first_failure(tmp_path) is None
+    (tmp_path / "rank-0.error").write_text("data.train_file: file not found\n")  # ours: said as it is
+    assert distributed.first_failure(tmp_path) == "data.train_file: file not found"
 
 
 # ------------------------------------------------------------------ training on two gloo processes

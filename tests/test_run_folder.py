@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SAMPLE, Recorder
+from conftest import REPO, SAMPLE, Recorder, shown
 
 from commands import main
 from common import checkpoints as ckpt
@@ -172,7 +172,7 @@ def test_train_refuses_a_changed_run_before_loading_or_writing_anything(tmp_path
     checkpoint(run, 4)
     (run.root / "config.yaml").write_text("# the run's own config\n")
     code = main(train_argv(tmp_path, "--resume", "auto", "--set", "lora.r=8", "--set", "training.learning_rate=1e-3"))
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 1 and "Traceback" not in out
     assert "lora.r: 16 in the checkpoint, now 8" in out and "training.learning_rate: 0.002 in the checkpoint" in out
     assert (run.root / "config.yaml").read_text() == "# the run's own config\n"  # not rewritten to the new values
@@ -186,7 +186,7 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     run.write_summary(RunSummary("cuda", "cpu", False, None, None, 12, 12, 100, 1.0, 100.0, 0.1))
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.root.rglob("*") if p.is_file()}
     code = main(train_argv(tmp_path, "--resume", "auto"))
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 0 and "run mine already finished (12 of 12 steps" in out and "nothing was changed" in out
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.root.rglob("*") if p.is_file()} == before
 
@@ -198,7 +198,7 @@ def test_a_run_whose_last_checkpoint_is_its_last_step_is_finished_even_without_a
     last = checkpoint(run, 12, total_steps=12)
     before = {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()}
     code = main(train_argv(tmp_path, "--resume", "auto"))
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 0 and "run mine already finished training: checkpoint-12 is its last step" in out
     assert {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()} == before
     with pytest.raises(QLoraError, match="is the last step of this run: training is finished"):
@@ -244,7 +244,7 @@ def test_a_second_run_on_the_same_folder_is_refused_at_once_and_a_crashed_runs_l
         assert holder.stdout.readline().strip() == "locked"
         started = time.monotonic()
         code = main(train_argv(tmp_path, "--set", "training.max_steps=1"))  # 1 step should the lock fail
-        out = " ".join(capsys.readouterr().out.split())
+        out = " ".join(shown(capsys).split())
         assert code == 1 and f"run folder {root} is in use by another qlora train (process {holder.pid})" in out
         assert time.monotonic() - started < 5  # at once: before the preflight or any model
     finally:
@@ -281,7 +281,7 @@ def test_the_preflight_proves_the_run_folder_can_be_written(tmp_path, case):
 def test_train_into_a_file_is_refused_before_anything_loads(tmp_path, capsys):
     (tmp_path / "adapters").write_text("a file")
     code = main(train_argv(tmp_path / "adapters"))
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(shown(capsys).split())
     assert code == 1 and "is a file, so" in out and "nothing was loaded" in out and "Traceback" not in out
 
 
