@@ -120,22 +120,28 @@ def test_two_processes_reach_the_weights_of_one(tiny_model_dir, tiny_data, tmp_p
     assert problem(checkpoint) is None and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
 
 
-@pytest.mark.slow
-def test_sigterm_stops_both_processes_with_one_checkpoint_and_one_process_continues(
-        tiny_model_dir, tiny_data, tmp_path):
-    steps = ["--set", "training.max_steps=12", "--set", "eval.eval_steps=12", "--set", "eval.save_steps=12"]
-    args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "stop", *steps)
+def two_processes_until(args, marker: str, act):
+    """`qlora ARGS --gpus 2` until a line holds `marker`, then `act(proc)`; its whole output after that."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}
     proc = subprocess.Popen([sys.executable, "-m", "commands", *args, "--gpus", "2"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if " step 2/12" in line:
-            proc.send_signal(signal.SIGTERM)  # to the launcher, as `kill` or a scheduler would
+        if marker in line:
+            act(proc)
             break
     seen += proc.stdout.readlines()
-    out = "".join(seen)
+    return proc, "".join(seen)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_processes_with_one_checkpoint_and_one_process_continues(
+        tiny_model_dir, tiny_data, tmp_path):
+    steps = ["--set", "training.max_steps=12", "--set", "eval.eval_steps=12", "--set", "eval.save_steps=12"]
+    args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "stop", *steps)
+    # to the launcher, as `kill` or a scheduler would
+    proc, out = two_processes_until(args, " step 2/12", lambda proc: proc.send_signal(signal.SIGTERM))
     assert proc.wait(timeout=300) == 0, out
     assert "stopped early" in out and "--gpus 2" in out  # the command to continue names the GPU count
     checkpoints = numbered(tmp_path / "stop" / "checkpoints")
@@ -217,18 +223,11 @@ def rank_of(pid: int) -> str | None:
 def test_a_killed_process_stops_the_other_with_a_clear_message(tiny_model_dir, tiny_data, tmp_path):
     args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "killed", "--set", "training.max_steps=200",
                     "--set", "eval.eval_steps=200", "--set", "eval.save_steps=200")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "commands", *args, "--gpus", "2"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if " step 2/200" in line:
-            victim = next(p for p in descendants(proc.pid) if rank_of(p) == "1")
-            os.kill(victim, signal.SIGKILL)  # as the out-of-memory killer would
-            break
-    seen += proc.stdout.readlines()
-    out = "".join(seen)
+
+    def kill_rank_1(proc):  # as the out-of-memory killer would
+        os.kill(next(p for p in descendants(proc.pid) if rank_of(p) == "1"), signal.SIGKILL)
+
+    proc, out = two_processes_until(args, " step 2/200", kill_rank_1)
     assert proc.wait(timeout=150) != 0, out
     assert "process(es) 1 ended without a report" in out and "Traceback" not in out, out
     assert out.count("✘") <= 2, out  # rank 0's own line (its collective failed) and the launcher's
