@@ -357,6 +357,120 @@ def test_fused_lora_computes_what_peft_computes(tiny_model_dir, autocast):
     assert (fused_grads.norm() / peft_grads.norm()).item() == pytest.approx(1, abs=0.01)
 
 
+def one_lora_layer(tiny_model_dir, dropout):
+    """The first 4-bit LoRA projection (q_proj) of the tiny model, fused, and an input that needs a gradient."""
+    from backends.cuda.fused_lora import install_fused_lora
+
+    model = peft_tiny(tiny_model_dir, dropout=dropout)
+    install_fused_lora(model)
+    model.train()
+    layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    x = torch.randn(2, 24, layer.in_features, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    return layer, x.requires_grad_()
+
+
+def fused_step(layer, x, seed, replay):
+    from backends.cuda.fused_lora import REPLAY_ATTRIBUTE
+
+    setattr(layer, REPLAY_ATTRIBUTE, replay)
+    for param in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+        param.grad = None
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().mean().backward()
+    after = torch.rand(4)  # where the random stream stands after forward and backward
+    return out.detach(), x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad, after
+
+
+@slow
+@pytest.mark.parametrize("replay", [False, True], ids=["mask-stored", "mask-replayed"])
+def test_fused_lora_with_dropout_computes_the_masked_update_and_its_gradients(tiny_model_dir, replay):
+    """Forward and backward of the fused function against plain autograd on the same dropout mask:
+    base(x) + scaling * B A (x * mask / (1 - p)), with the base weight dequantized. A replayed mask is
+    the forward's own, and the random stream moves on exactly as with a stored one."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    p = 0.3  # a large p: a wrong mask in the backward could not hide
+    layer, x = one_lora_layer(tiny_model_dir, p)
+    out, grad_x, grad_a, grad_b, after = fused_step(layer, x, seed=7, replay=replay)
+    torch.manual_seed(7)
+    _, mask = torch.native_dropout(x.detach(), p, True)  # the mask the forward drew
+    weight = layer.base_layer.weight
+    base = dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(torch.bfloat16)
+    a = layer.lora_A["default"].weight.detach().clone().requires_grad_()
+    b = layer.lora_B["default"].weight.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = x_ref @ base.t() + layer.scaling["default"] * ((x_ref * mask / (1 - p)) @ a.t() @ b.t())
+    ref.float().square().mean().backward()
+    assert torch.allclose(out.float(), ref.detach().float(), rtol=2**-6, atol=2**-6)
+    for mine, theirs in ((grad_x, x_ref.grad), (grad_a, a.grad), (grad_b, b.grad)):
+        assert torch.nn.functional.cosine_similarity(mine.flatten().float(), theirs.flatten().float(), dim=0) > 0.999
+        assert (mine.float().norm() / theirs.float().norm()).item() == pytest.approx(1, abs=0.01)
+    stored = fused_step(layer, x, seed=7, replay=not replay)
+    for mine, theirs in zip((out, grad_x, grad_a, grad_b, after), stored):  # replay changes memory, not numbers
+        assert torch.equal(mine, theirs)
+
+
+@slow
+def test_replayed_dropout_masks_are_not_stored(tiny_model_dir):
+    """What the backward pass keeps of a decoder layer that keeps its activations: with the masks
+    replayed, LoRA dropout costs no activation memory at all (the same bytes as dropout 0)."""
+    from backends.cuda.fused_lora import REPLAY_ATTRIBUTE
+
+    def saved_bytes(dropout, replay):
+        model = peft_tiny(tiny_model_dir, dropout=dropout)
+        from backends.cuda.fused_lora import install_fused_lora
+
+        install_fused_lora(model)
+        model.train()
+        layer = next(m for n, m in model.named_modules() if n.endswith("layers.0"))
+        for module in layer.modules():
+            setattr(module, REPLAY_ATTRIBUTE, replay)
+        x = torch.randn(1, 64, 64, dtype=torch.bfloat16, requires_grad=True)
+        position = torch.arange(64)[None]
+        storages = {}
+
+        def keep(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x, position_embeddings=model.base_model.model.model.rotary_emb(x, position), position_ids=position)
+        return sum(storages.values())
+
+    stored, replayed, no_dropout = saved_bytes(0.1, False), saved_bytes(0.1, True), saved_bytes(0.0, False)
+    assert replayed == no_dropout
+    # stored, each of the 7 projections keeps its dropped-out input (bf16) and mask (bool): 3 bytes a
+    # feature, less the plain inputs that the replay keeps instead (q/k/v share one, gate/up one)
+    assert stored - replayed >= 64 * 2 * (6 * 64 + 128)
+
+
+@slow
+def test_replayed_dropout_trains_the_same_weights(tiny_model_dir, tmp_path):
+    """The trainer replays masks in the layers that keep their activations (here the second of two) and
+    stores them in the checkpointed ones; the run's weights equal those of a run that stores them all."""
+    from backends.cuda.fused_lora import REPLAY_ATTRIBUTE
+
+    runs = {}
+    for replay in (False, True):
+        cfg = tiny_config(tiny_model_dir, tmp_path, "training.max_steps=3", "eval.eval_steps=100",
+                          "eval.save_steps=100", "eval.load_best_model_at_end=false", "cuda.checkpointed_layers=1",
+                          "lora.dropout=0.2", f"cuda.replay_dropout={str(replay).lower()}")
+        trainer = make_trainer(cfg, f"replay-{replay}")
+        trainer.train()
+        flags = {getattr(m, REPLAY_ATTRIBUTE, False) for n, m in trainer.trainer.model.named_modules()
+                 if n.endswith("layers.1.mlp.down_proj")}
+        first = {getattr(m, REPLAY_ATTRIBUTE, False) for n, m in trainer.trainer.model.named_modules()
+                 if n.endswith("layers.0.mlp.down_proj")}
+        runs[replay] = flags, first, lora_state(trainer.trainer.model)
+    assert runs[True][:2] == ({True}, {False})  # the kept layer replays, the checkpointed one stores
+    assert runs[False][:2] == ({False}, {False})
+    for name, weight in runs[False][2].items():
+        assert torch.equal(weight, runs[True][2][name]), name
+
+
 @slow
 def test_fused_lora_leaves_disabled_adapters_to_peft(tiny_model_dir):
     from backends.cuda.fused_lora import install_fused_lora

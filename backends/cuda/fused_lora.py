@@ -1,20 +1,27 @@
-"""The LoRA update added inside its matmul, for PEFT's bitsandbytes 4-bit LoRA layers.
+"""The whole 4-bit LoRA projection as one autograd function, for PEFT's bitsandbytes LoRA layers.
 
-PEFT computes a 4-bit LoRA projection as four kernels over the full output, each reading and
-writing a (tokens x out_features) tensor:
+PEFT computes a 4-bit LoRA projection as separate modules, each reading and writing a
+(tokens x features) tensor and each saving its input for the backward pass:
 
-    result = base(x).clone();  out = lora_B(lora_A(dropout(x)));  out = out * scaling;  result + out
+    result = base(x).clone();  out = lora_B(lora_A(dropout(x))) * scaling;  result + out
 
 On 16K-token micro-batches of Mistral-7B that is ~1.4 GB of memory traffic per layer per extra
-pass, paid in the forward, again in the checkpointed recompute, and in the backward. Here the last
-three become one `addmm` (cuBLAS adds `scaling * h @ B^T` to the base output in its epilogue), and
-the defensive clone goes (nothing is modified in place). Same modules, same weights, same dropout,
-same adapter files; the sum is rounded once instead of three times. No maintained library does
-this for 4-bit LoRA with dropout (Unsloth's fused LoRA kernels need dropout 0 and their own model
-classes; Liger and PEFT have none), hence these few lines.
+pass. Here, in the forward, the LoRA update is added to the base output by cuBLAS in the epilogue
+of one `addmm` (no clone, one rounding instead of three). In the backward, the LoRA part of the
+input gradient is added into the base part in place (`addmm_`, or one `addcmul_` with the dropout
+mask) instead of autograd's separate mask-scale and add kernels. And where a decoder layer keeps its
+activations (cuda.checkpointed_layers spares it), the dropout mask and the dropped-out input (3 bytes
+per input feature per token) are not stored: the backward pass regenerates them from the random
+generator's state, so kept layers cost about as much memory as at dropout 0 and more of them fit
+(docs/benchmarks.md measures it). In layers that recompute their activations the mask is kept as
+PEFT keeps it: that memory is freed layer by layer anyway.
 
-Anything unusual (merged or disabled adapters, several adapters, DoRA and other variants,
-per-sample adapter names) takes PEFT's own forward.
+Same modules, same weights, same dropout probability, same adapter files. No maintained library
+does this for 4-bit LoRA with dropout (Unsloth's fused LoRA kernels need dropout 0 and their own
+model classes; Liger and PEFT have none), hence this module. Anything unusual (merged or disabled
+adapters, several adapters, DoRA and other variants, LoRA bias, per-sample adapter names) takes
+PEFT's own forward; so does every call without gradients (evaluation, generation), minus the
+update's separate kernels.
 """
 
 from __future__ import annotations
@@ -24,9 +31,85 @@ import types
 import torch
 
 try:
+    from bitsandbytes.functional import dequantize_4bit
     from peft.tuners.lora.bnb import VARIANT_KWARG_KEYS, Linear4bit
 except ImportError:  # PEFT without bitsandbytes: nothing to fuse
-    VARIANT_KWARG_KEYS, Linear4bit = (), None
+    VARIANT_KWARG_KEYS, Linear4bit, dequantize_4bit = (), None, None
+
+REPLAY_ATTRIBUTE = "_qlora_replay_dropout"  # set per layer by `replay_dropout_in_kept_layers`
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """The default generator that dropout on `device` draws from."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+class _LoraLinear4bit(torch.autograd.Function):
+    """base(x) + scaling * dropout(x) @ A^T @ B^T for one bitsandbytes 4-bit layer, with its backward.
+
+    The frozen 4-bit base gets no gradient (QLoRA); x, A and B do. `lora_dtype`: the dtype PEFT would
+    run the LoRA path in (autocast's under autocast, else the adapter weights')."""
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, module, scaling, p, replay, lora_dtype):
+        result = module.base_layer(x)  # gradients are off in here: bitsandbytes' own 4-bit matmul
+        x_lora = x.to(lora_dtype)
+        a = weight_a.to(lora_dtype)
+        rng_state, mask = None, None
+        if p > 0:
+            if replay:
+                rng_state = _generator(x.device).get_state()
+            dropped, mask = torch.native_dropout(x_lora, p, True)
+        else:
+            dropped = x_lora
+        h = torch.nn.functional.linear(dropped, a).to(result.dtype)
+        b = weight_b.to(result.dtype)
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
+        if p > 0 and replay:  # the input only: mask and dropped input come back from the generator's state
+            ctx.save_for_backward(x_lora, a, b, h)
+        elif p > 0:
+            ctx.save_for_backward(dropped, a, b, h, mask)
+        else:
+            ctx.save_for_backward(x_lora, a, b, h)
+        ctx.module, ctx.scaling, ctx.p, ctx.rng_state = module, scaling, p, rng_state
+        ctx.x_dtype, ctx.weight_dtypes = x.dtype, (weight_a.dtype, weight_b.dtype)
+        return flat.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        x_lora, a, b, h = saved[:4]
+        p, scaling = ctx.p, ctx.scaling
+        mask = None
+        if p > 0 and ctx.rng_state is not None:
+            generator = _generator(x_lora.device)
+            current = generator.get_state()
+            generator.set_state(ctx.rng_state)
+            try:
+                x_lora, mask = torch.native_dropout(x_lora, p, True)  # the forward's exact mask
+            finally:
+                generator.set_state(current)
+        elif p > 0:
+            mask = saved[4]  # x_lora is the dropped-out input here
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_h = torch.mm(grad_flat, b).to(a.dtype).mul_(scaling)  # tokens x r
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.mm(grad_flat.t(), h.reshape(-1, h.shape[-1])).mul_(scaling).to(ctx.weight_dtypes[1])
+        if ctx.needs_input_grad[1]:
+            grad_a = torch.mm(grad_h.t(), x_lora.reshape(-1, x_lora.shape[-1])).to(ctx.weight_dtypes[0])
+        if ctx.needs_input_grad[0]:
+            weight = ctx.module.base_layer.weight
+            base = dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(grad_out.dtype)
+            grad_x = torch.mm(grad_flat, base)  # what bitsandbytes' own backward computes
+            if mask is None:
+                grad_x.addmm_(grad_h.to(grad_x.dtype), a.to(grad_x.dtype))
+            else:
+                grad_x.addcmul_(torch.mm(grad_h, a).to(grad_x.dtype), mask.reshape(grad_x.shape), value=1 / (1 - p))
+            grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def fused_forward(self, x, *args, **kwargs):
@@ -38,15 +121,22 @@ def fused_forward(self, x, *args, **kwargs):
         or len(active) != 1
         or active[0] not in self.lora_A
         or active[0] in self.lora_variant
+        or self.lora_B[active[0]].bias is not None
     ):
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
     self._check_forward_args(x, *args, **kwargs)
     for key in VARIANT_KWARG_KEYS:  # variant-only arguments never reach the base layer (as in PEFT)
         kwargs.pop(key, None)
-    result = self.base_layer(x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     autocast = torch.is_autocast_enabled(x.device.type)
+    if torch.is_grad_enabled() and not args and not kwargs:
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+        lora_dtype = torch.get_autocast_dtype(x.device.type) if autocast else lora_a.weight.dtype
+        return _LoraLinear4bit.apply(x, lora_a.weight, lora_b.weight, self, self.scaling[name], p,
+                                     getattr(self, REPLAY_ATTRIBUTE, False), lora_dtype)
+    result = self.base_layer(x, *args, **kwargs)
     h = lora_a(self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype)))
     weight = lora_b.weight
     if not autocast:  # autocast casts addmm's operands itself
@@ -68,3 +158,35 @@ def install_fused_lora(model) -> int:
             module.forward = types.MethodType(fused_forward, module)
             switched += 1
     return switched
+
+
+def replay_dropout_in_kept_layers(model, enabled: bool = True) -> int:
+    """Regenerate the LoRA dropout masks in the backward pass (instead of storing them) in every decoder
+    layer that keeps its activations, i.e. does not checkpoint; store them in the others, whose
+    activations are recomputed and freed layer by layer anyway. Call after checkpointing is set up.
+    Returns how many decoder layers replay."""
+    from backends.cuda.activation_checkpointing import decoder_layers
+
+    replaying = 0
+    for layer in decoder_layers(model):
+        replay = enabled and not layer.gradient_checkpointing
+        for module in layer.modules():
+            if Linear4bit is not None and isinstance(module, Linear4bit):
+                setattr(module, REPLAY_ATTRIBUTE, replay)
+        replaying += replay
+    return replaying
+
+
+def dropout_replay_callback(say):
+    """A TrainerCallback applying `replay_dropout_in_kept_layers` once the Trainer has set up
+    checkpointing (at the start of every `train()`; added after cuda.checkpointed_layers' own)."""
+    from transformers import TrainerCallback
+
+    class ReplayDropout(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            replaying = replay_dropout_in_kept_layers(model)
+            if replaying:
+                say.ok(f"LoRA dropout: the {replaying} layers that keep their activations regenerate their "
+                       "masks in the backward pass instead of storing them (cuda.replay_dropout)")
+
+    return ReplayDropout()

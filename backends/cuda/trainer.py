@@ -169,10 +169,12 @@ class CudaTrainer(Stopping):
             rope = f"; RoPE: Liger's {rope_impl} kernel" if rope_impl else ""
             self.say.ok(f"Liger kernels: {', '.join(kernels)} (cuda.liger_kernels){rope}")
         if self.cfg.cuda.fused_lora:
-            from backends.cuda.fused_lora import install_fused_lora
+            from backends.cuda.fused_lora import dropout_replay_callback, install_fused_lora
 
             if install_fused_lora(self.trainer.model):
-                self.say.ok("LoRA: update fused into its matmul (cuda.fused_lora)")
+                self.say.ok("LoRA: each 4-bit projection runs as one fused function (cuda.fused_lora)")
+                if self.cfg.cuda.replay_dropout and self.cfg.lora.dropout > 0:
+                    self.trainer.add_callback(dropout_replay_callback(self.say))
 
     def _guard_checkpoint_saves(self) -> None:
         """Each Trainer checkpoint ends with our manifest; a failed or aborted write removes the
