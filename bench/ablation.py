@@ -178,6 +178,7 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
         "checkpointed_layers": layers,
         "liger": list(cfg.cuda.liger_kernels) if trainer.trainer.args.use_liger_kernel else [],
         "fused_lora": cfg.cuda.fused_lora,
+        "replay_dropout": cfg.cuda.fused_lora and cfg.cuda.replay_dropout and cfg.lora.dropout > 0,
         "torch_compile": compile_layers,
         "steady_tokens_per_second": rate,
         "seconds_per_step": step_s,

@@ -26,29 +26,33 @@ class Rates:
     measured: bool  # False: an estimate
 
 
-# Anchors for the shipped platform configs. H100 config (4 packed rows x 4096, flash-attn-4, Liger
-# RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed, async metrics, paged AdamW
-# 32-bit): measured 2026-11-27 on an H100 80GB, the real CudaTrainer over 30 steps (docs/benchmarks.md,
-# bench/results/2026-11-27-h100-80gb-hbm3.json): 10,855 real tok/s steady, 33.9 GB; the same session's
-# 100-step `qlora train` (torch AdamW) evaluated 300 validation conversations (224K tokens) in 7.2 s.
-# Startup includes the slower first ~5 steps (flash-attn-4 compiling). M4: docs/m4.md estimates.
+# Anchors for the shipped platform configs. H100 config (packed 2 rows x 4096 x accumulation 2,
+# flash-attn-4, Liger RoPE + RMSNorm + SwiGLU, fused LoRA with replayed dropout masks, no layer
+# checkpointed, async metrics, paged AdamW 32-bit): measured 2026-11-27 on an H100 80GB, a 300-step
+# `qlora train` (docs/benchmarks.md, bench/results/2026-11-27-h100-80gb-hbm3-2.json): 12,928 real tok/s
+# steady, 39.4 GB; 300 validation conversations (224K tokens) evaluated in 7.3 s. Startup includes
+# the slower first ~5 steps (flash-attn-4 compiling). M4: docs/m4.md estimates.
 ANCHORS = {
-    "h100": Rates(10855, 33.9, 31000, 5.0, 75.0,
-                  "measured on an H100 80GB, 2026-11-27 (docs/benchmarks.md): packed 4 x 4096, flash-attn-4, "
-                  "Liger RoPE + RMSNorm + SwiGLU, fused LoRA, 24 of 32 layers checkpointed, async metrics", True),
+    "h100": Rates(12928, 39.4, 31000, 5.0, 75.0,
+                  "measured on an H100 80GB, 2026-11-27 (docs/benchmarks.md): packed 2 x 4096 x 2, flash-attn-4, "
+                  "Liger RoPE + RMSNorm + SwiGLU, fused LoRA, dropout masks replayed, no layer checkpointed, "
+                  "async metrics", True),
     "m4": Rates(35, 11.0, 100, 5.0, 120.0,
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
 }
-ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 24, 4  # the H100 anchor's cuda.checkpointed_layers and rows a micro-batch
+ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 0, 2  # the H100 anchor's checkpointed layers and rows a micro-batch
 ANCHOR_LIGER = frozenset({"rope", "rms_norm", "swiglu"})  # the H100 anchor's cuda.liger_kernels
 ANCHOR_OPTIMIZER = "paged_adamw_32bit"  # the H100 anchor's cuda.optimizer (cuda.async_metrics on)
 
-# Peak GPU memory of the CUDA path for other micro-batches and checkpointing (GB), fitted to
-# measurements of 2026-11-26 (docs/benchmarks.md): 4.07 fixed (4-bit model, LoRA and optimizer
-# state, workspaces) + per 4096-token micro-batch row 2.10 with every layer checkpointed + 0.68 for
-# each layer that keeps its activations (with Liger's RMSNorm and SwiGLU). Within 8% of the 8
-# configurations measured (1-4 rows, 4-32 layers checkpointed).
-CUDA_FIXED_GB, CUDA_ROW_GB, CUDA_KEPT_LAYER_ROW_GB = 4.07, 2.10, 0.68
+# Peak GPU memory of the CUDA path (GB), the larger of two phases, fitted to 17 measured peaks of
+# 2026-11-26/27 (docs/benchmarks.md; within 5% of each but two, within 10% of all): the backward pass
+# through layers that recompute their activations, 4.07 + 2.10 per 4096-token micro-batch row; and,
+# when layers keep their activations, 4.79 + per row 1.32 + per kept layer 0.50 with the LoRA dropout
+# masks replayed (cuda.fused_lora + cuda.replay_dropout, or dropout 0), 0.75 with them stored (with
+# Liger's RMSNorm and SwiGLU; each one missing adds its own share).
+CUDA_FIXED_GB, CUDA_ROW_GB = 4.07, 2.10
+KEPT_FIXED_GB, KEPT_ROW_GB = 4.79, 1.32
+KEPT_LAYER_ROW_GB = {"replayed": 0.50, "stored": 0.75}
 DECODER_LAYERS = SHAPE_7B["num_hidden_layers"]
 
 # The Liger kernels and the fused LoRA, each measured on/off in one process on one H100 at 4 rows x
@@ -63,6 +67,13 @@ FUSED_LORA_SPEED = 9139 / 8557
 # AdamW with TRL's per-micro-batch syncs (the 8-bit paged AdamW was not measured: taken as 1).
 ASYNC_METRICS_SPEED = 10855 / 10447
 OPTIMIZER_SPEED = {"paged_adamw_32bit": 1.0, "adamw_torch": 11122 / 10855}
+# Rows a micro-batch, measured on one H100 (bench/results/2026-11-27-h100-80gb-hbm3-2.json): speed per
+# token relative to 2 rows with the recomputed share taken out (1 row x 4 and 2 x 2 with no layer
+# checkpointed, 4 x 1 with 16 of 32): fewer, fuller micro-batches run faster per token.
+ROW_SPEED = {1: 9473 / 12990, 2: 1.0, 4: 11264 * (2 + 16 / 32) / 2 / 12990}
+# Replaying the dropout masks of one kept layer instead of storing them (4 x 1, 8 layers kept, one
+# process): 10,337 vs 10,506 tok/s, i.e. this factor per kept layer.
+REPLAY_SPEED_PER_KEPT_LAYER = (10337 / 10506) ** (1 / 8)
 
 
 def liger_kernels(cfg: QLoraConfig) -> frozenset[str]:
@@ -78,11 +89,18 @@ def checkpointed(cfg: QLoraConfig) -> int:
 
 
 def kept_layers(cfg: QLoraConfig) -> int:
-    """CUDA decoder layers that keep their activations because cuda.checkpointed_layers spares them
-    (0 when every layer is checkpointed, when checkpointing is off, or on MLX)."""
-    if cfg.backend != "cuda" or not cfg.training.gradient_checkpointing:
+    """CUDA decoder layers that keep their activations: all when checkpointing is off, else those
+    cuda.checkpointed_layers spares (0 on MLX)."""
+    if cfg.backend != "cuda":
         return 0
     return DECODER_LAYERS - checkpointed(cfg)
+
+
+def recompute_everything(cfg: QLoraConfig) -> str:
+    """The setting that makes every layer recompute its activations (the least memory)."""
+    if not cfg.training.gradient_checkpointing:
+        return "--set training.gradient_checkpointing=true"
+    return "--set cuda.checkpointed_layers=all"
 
 
 def row_tokens(cfg: QLoraConfig, lengths: list[int]) -> int:
@@ -94,14 +112,40 @@ def row_tokens(cfg: QLoraConfig, lengths: list[int]) -> int:
     return min(cfg.data.max_seq_length, longest)
 
 
+def dropout_masks(cfg: QLoraConfig) -> str:
+    """'replayed' when kept layers store no LoRA dropout masks (the fused path replays them, or there
+    is no dropout), else 'stored'."""
+    if cfg.lora.dropout == 0 or (cfg.cuda.fused_lora and cfg.cuda.replay_dropout):
+        return "replayed"
+    return "stored"
+
+
+def kept_layer_gb(cfg: QLoraConfig, row: int | None = None) -> float:
+    """GB that one decoder layer keeping its activations costs for the whole micro-batch."""
+    rows = cfg.training.batch_size * (row or cfg.data.max_seq_length) / 4096
+    missing = ANCHOR_LIGER - liger_kernels(cfg)
+    return rows * (KEPT_LAYER_ROW_GB[dropout_masks(cfg)] + sum(LIGER_KEPT_LAYER_ROW_GB[k] for k in missing))
+
+
 def cuda_peak_gb(cfg: QLoraConfig, row: int | None = None) -> float:
     """Predicted peak GPU memory of the CUDA path (estimate from measured points, see above), for
     rows of `row` tokens (default: max_seq_length)."""
     rows = cfg.training.batch_size * (row or cfg.data.max_seq_length) / 4096
-    kept = DECODER_LAYERS - checkpointed(cfg)
-    missing = ANCHOR_LIGER - liger_kernels(cfg)
-    per_kept_layer = CUDA_KEPT_LAYER_ROW_GB + sum(LIGER_KEPT_LAYER_ROW_GB[k] for k in missing)
-    return CUDA_FIXED_GB + rows * (CUDA_ROW_GB + per_kept_layer * kept)
+    recomputing = CUDA_FIXED_GB + rows * CUDA_ROW_GB
+    keeping = KEPT_FIXED_GB + rows * KEPT_ROW_GB + kept_layer_gb(cfg, row) * kept_layers(cfg)
+    return max(recomputing, keeping)
+
+
+def row_speed(rows: int) -> float:
+    """ROW_SPEED for any number of rows: linear between the measured ones, flat beyond them."""
+    known = sorted(ROW_SPEED)
+    if rows <= known[0] or rows >= known[-1]:
+        return ROW_SPEED[known[0] if rows <= known[0] else known[-1]]
+    low = max(k for k in known if k <= rows)
+    high = min(k for k in known if k >= rows)
+    if low == high:
+        return ROW_SPEED[low]
+    return ROW_SPEED[low] + (ROW_SPEED[high] - ROW_SPEED[low]) * (rows - low) / (high - low)
 
 
 def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
@@ -115,10 +159,13 @@ def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
         return base
     t, kernels = cfg.training, liger_kernels(cfg)
     if ((checkpointed(cfg), t.batch_size, row or cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora,
-         cfg.cuda.async_metrics, cfg.cuda.optimizer)
-            == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER)):
+         cfg.cuda.async_metrics, cfg.cuda.optimizer, dropout_masks(cfg))
+            == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER, "replayed")):
         return base  # the measured configuration itself
     speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
+    speed *= row_speed(t.batch_size) / row_speed(ANCHOR_ROWS)
+    if dropout_masks(cfg) == "stored" and cfg.lora.dropout > 0 and cfg.cuda.fused_lora:
+        speed /= REPLAY_SPEED_PER_KEPT_LAYER ** kept_layers(cfg)
     speed *= math.prod(LIGER_SPEED[k] for k in kernels) / math.prod(LIGER_SPEED[k] for k in ANCHOR_LIGER)
     if not cfg.cuda.fused_lora:
         speed /= FUSED_LORA_SPEED
@@ -250,11 +297,13 @@ def make_plan(
     if device_memory_gb is not None and rates.peak_gb > 0.9 * device_memory_gb:
         fits = False
         if kept_layers(cfg):
-            saved = cfg.training.batch_size * cfg.data.max_seq_length / 4096 * CUDA_KEPT_LAYER_ROW_GB
+            saved = rates.peak_gb - cuda_peak_gb(cfg.model_copy(update={"training": cfg.training.model_copy(
+                update={"gradient_checkpointing": True})}).model_copy(update={"cuda": cfg.cuda.model_copy(
+                    update={"checkpointed_layers": "all"})}))
             advice.append(
-                f"memory: each decoder layer that keeps its activations costs ~{saved:.1f} GB here: "
-                f"--set cuda.checkpointed_layers=all saves ~{saved * kept_layers(cfg):.0f} GB "
-                "(slower by up to ~9%)"
+                f"memory: each decoder layer that keeps its activations costs ~{kept_layer_gb(cfg):.1f} GB here: "
+                f"{recompute_everything(cfg)} saves ~{saved:.0f} GB (slower: every layer recomputes its "
+                "activations in the backward pass)"
             )
         advice.append(
             f"memory: ~{rates.peak_gb:.1f} GB needed, {device_memory_gb:.0f} GB available: halve "

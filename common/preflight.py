@@ -329,7 +329,7 @@ def check_tracking(cfg, env) -> list[Check]:
 def check_memory(cfg, env) -> list[Check]:
     """The planner's peak for this config (measured anchors, adjusted to its micro-batch and
     checkpointing on CUDA) against this machine's accelerator memory."""
-    from common.planner import anchor_rates, kept_layers
+    from common.planner import anchor_rates, kept_layers, recompute_everything
 
     rates = anchor_rates(cfg)
     if rates is None:
@@ -342,7 +342,7 @@ def check_memory(cfg, env) -> list[Check]:
         return []
     status = OK if rates.peak_gb < available * 0.9 else WARN
     if kept_layers(cfg):
-        fix = "--set cuda.checkpointed_layers=all (fewer activations kept), or lower training.batch_size"
+        fix = f"{recompute_everything(cfg)} (no activations kept), or lower training.batch_size"
     else:
         fix = "lower data.max_seq_length or training.batch_size (docs/m4.md)"
     return [Check("memory fit", status, f"~{rates.peak_gb:.1f} GB needed ({rates.source}); {available:.0f} GB {what}",
