@@ -125,6 +125,8 @@ def table(result: dict) -> str:
         lines.append(f"| stock TRL (padded batches, no packing) | sdpa | 4 x 4 | 32 | no | no | "
                      f"{f'{padding:.0%}' if padding is not None else '?'} | {base:,.0f} | 1.00x | "
                      f"{stock['peak_memory_gb']:.1f} | {base * 4 * MATMUL_PARAMS / 1e12:.0f} |")
+    if result.get("ablation_note"):
+        lines[-2:-2] = [f"Levers: {result['ablation_note']}", ""]
     for row in result.get("ablation", []):
         if "error" in row:
             lines.append(f"| {row['variant']} | | | | | | | failed: {row['error'][:60]} | | | |")
@@ -133,7 +135,7 @@ def table(result: dict) -> str:
         speedup = f"{rate / base:.2f}x" if base else ""
         lines.append(
             f"| {row['variant']} | {row['attention']} | {row['micro_batch_rows']} x {row['accumulation']} | "
-            f"{row['checkpointed_layers']} | {liger_cell(row['liger'])} | {'yes' if row['fused_lora'] else 'no'} | "
+            f"{row['checkpointed_layers']} | {liger_cell(row['liger'])} | {fused_cell(row)} | "
             f"{'0%' if row['packing'] else '?'} | {rate:,.0f} | {speedup} | {row['peak_memory_gb']:.1f} | {row['model_tflops']:.0f} |"
         )
     whole = result.get("qlora_train")
@@ -141,10 +143,13 @@ def table(result: dict) -> str:
         rate = whole["steady_tokens_per_second"]
         loop = whole.get("whole_loop_tokens_per_second")
         extra = "".join(f" `--set {o}`" for o in whole.get("overrides", []))
+        at = ", ".join(str(step) for step in whole.get("eval_loss", {}))
+        peak = f", peak {whole['peak_memory_gb']:.1f} GB" if whole.get("peak_memory_gb") else ""
         lines += ["", f"Through `qlora train` with the shipped config{extra} (`bash bench/run_h100.sh whole`, {whole['steps']} "
-                  f"steps, evaluations and checkpoint saves every 50): **{rate:,.0f} real tokens/s steady**"
+                  f"steps, evaluations and checkpoint saves at steps {at}): **{rate:,.0f} real tokens/s steady**"
                   f"{f' ({rate / base:.2f}x stock)' if base else ''}"
-                  f"{f', {loop:,.0f} over the whole loop' if loop else ''}."]
+                  f"{f', {loop:,.0f} over the whole loop ({loop / rate:.0%} of steady)' if loop else ''}"
+                  f"{peak}."]
     lines += liger_table(result.get("liger") or [])
     lines += mlx_table(result.get("mlx"))
     match = result.get("loss_match")
@@ -176,7 +181,8 @@ def side_by_side(result: dict) -> list[str]:
     rows += [("ours: the shipped H100 config (packed 4 x 4096, flash-attn-4; 30-step run)", "0.05", as_run(row))
              for row in ablation if row.get("shipped")]
     overrides = " ".join(f"`--set {o}`" for o in ours.get("overrides", []))
-    rows.append((f"ours: `qlora train`, 100 steps, H100 config{' with ' + overrides if overrides else ''}", "0.05", ours))
+    rows.append((f"ours: `qlora train`, {ours.get('steps', '?')} steps, H100 config{' with ' + overrides if overrides else ''}",
+                 "0.05", ours))
     rows += [(f"ours: H100 config at LoRA dropout 0 ({', '.join(row['overrides'])}; 30-step run)", "0", as_run(row))
              for row in ablation if "lora.dropout=0" in row.get("overrides", [])]
     unsloth = {f"{run['lora_dropout']:g}": run.get("real_tokens_per_second") for run in result["unsloth"]}
@@ -189,6 +195,12 @@ def side_by_side(result: dict) -> list[str]:
                      f"{f'{rate / base:.2f}x' if rate and base else ''} | {f'{rate / other:.2f}x' if rate and other else ''} | "
                      f"{f'{peak:.1f}' if peak else ''} |")
     return lines
+
+
+def fused_cell(row: dict) -> str:
+    if not row["fused_lora"]:
+        return "no"
+    return "yes, masks replayed" if row.get("replay_dropout") else "yes"
 
 
 def as_run(row: dict) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backends.mlx.batching import PAD_TO, length_groups, padded_width
+from backends.mlx.batching import PAD_TO, group_budget, length_groups, padded_width
 from common.data import Example
 
 
@@ -27,3 +27,17 @@ def test_short_examples_share_micro_batches_within_the_token_budget():
 def test_an_example_over_the_budget_runs_alone():
     long, short = example(5000, 1), example(10, 2)
     assert length_groups([short, long], token_budget=4096) == [[long], [short]]
+
+
+def test_a_grouped_micro_batch_is_never_bigger_than_the_runs_largest_ungrouped_one():
+    """Peak memory follows a micro-batch's padded tokens: grouping stays within the largest micro-batch
+    the run holds without grouping (batch_size rows of its longest example)."""
+    lengths = [60, 900, 45, 61, 3000, 50, 62, 40]
+    assert group_budget(lengths, batch_size=1, max_seq_length=4096) == padded_width(3000)
+    assert group_budget(lengths, batch_size=2, max_seq_length=2048) == 2 * padded_width(2048)
+    short_data = [31, 20, 63, 28, 30]  # the sample data's regime: nothing near max_seq_length
+    budget = group_budget(short_data, batch_size=1, max_seq_length=4096)
+    assert budget == 65
+    groups = length_groups([example(n, i) for i, n in enumerate(short_data * 4)], budget)
+    assert all(len(g) * padded_width(len(g[0])) <= budget for g in groups)
+    assert max(len(g) for g in groups) == 1  # two 33-wide rows (66) would outgrow one 65-wide example

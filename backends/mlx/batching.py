@@ -7,8 +7,11 @@ short chat examples is mostly that fixed cost.
 
 So the examples of one optimizer step are regrouped, longest first, into micro-batches of examples
 that pad to the same width (PAD_TO buckets: no more padding than one example alone gets), each at
-most `batch_size x max_seq_length` tokens (the size the config already admits): the same examples
-in the same optimizer step, in fewer passes. (Grouping by budget alone padded a step's short
+most as many padded tokens as the run's largest ungrouped micro-batch (`batch_size` rows of its
+longest example: `group_budget`): the same examples in the same optimizer step, in fewer passes, and
+no micro-batch bigger than one the run has to hold anyway, so grouping never raises peak memory
+(logits and activations grow with a micro-batch's tokens, attention with rows x width^2, which is
+no larger either). (Grouping by budget alone padded a step's short
 examples up to its longest: ~2x the compute on the sample data, measured on the CPU.) The
 loss stays token-weighted and unchanged: the trainer adds up summed losses and target counts over
 the step's micro-batches, and right padding is never attended to (causal) nor scored (weight 0).
@@ -29,6 +32,13 @@ PAD_TO = 32
 def padded_width(length: int) -> int:
     """Row width whose model input (all but the last token) is a multiple of PAD_TO."""
     return 1 + PAD_TO * -(-(length - 1) // PAD_TO)
+
+
+def group_budget(lengths: list[int], batch_size: int, max_seq_length: int) -> int:
+    """Padded tokens a grouped micro-batch may hold: those of the largest micro-batch the run has
+    without grouping (`batch_size` rows of its longest example, capped at max_seq_length)."""
+    longest = min(max(lengths, default=1), max_seq_length)
+    return batch_size * padded_width(longest)
 
 
 def length_groups(examples: list[Example], token_budget: int) -> list[list[Example]]:

@@ -21,7 +21,7 @@ import signal
 import time
 from pathlib import Path
 
-from backends.mlx.batching import compiled_value_and_grad, length_groups, padded_width
+from backends.mlx.batching import compiled_value_and_grad, group_budget, length_groups, padded_width
 from common import checkpoints as ckpt
 from common.adapters import Adapter, mlx_factors, write_adapter
 from common.config import QLoraConfig
@@ -51,6 +51,7 @@ class MlxTrainer(Stopping):
         self.model = None
         self.step = 0
         self.after_step = []  # callables(step): hooks for tests and tools
+        self._group_budget: int | None = None  # padded tokens a length-grouped micro-batch may hold
         self.best: list[tuple[float, int]] = []  # (eval_loss, step) of kept checkpoints
 
     # ------------------------------------------------------------------ setup
@@ -160,7 +161,10 @@ class MlxTrainer(Stopping):
         batches = self.step_batches(self.step)
         if not t.packing:
             return batches
-        return length_groups([e for batch in batches for e in batch], t.batch_size * self.cfg.data.max_seq_length)
+        if self._group_budget is None:
+            lengths = [len(e) for e in self.data.train]
+            self._group_budget = group_budget(lengths, t.batch_size, self.cfg.data.max_seq_length)
+        return length_groups([e for batch in batches for e in batch], self._group_budget)
 
     @staticmethod
     def to_arrays(examples: list[Example]):
