@@ -38,7 +38,7 @@ def config(args, workdir: Path, packing: bool = True, compiled: bool = True):
 
     return load_config(platform="cpu", overrides=[
         "backend=mlx", f"model.name_or_path={args.model_dir}", f"data.train_file={args.data}",
-        f"data.val_file={args.data}", f"data.max_seq_length={args.max_seq_length}", "training.batch_size=1",
+        f"data.val_file={Path(args.data).with_name('val.jsonl')}", f"data.max_seq_length={args.max_seq_length}", "training.batch_size=1",
         f"training.gradient_accumulation_steps={args.accumulation}", f"training.max_steps={args.steps}",
         f"training.packing={str(packing).lower()}", f"mlx.compile_step={str(compiled).lower()}",
         f"mlx.model_cache_dir={workdir / 'models'}", f"tracking.output_dir={workdir / 'runs'}", "tracking.report_to=none",
@@ -101,7 +101,8 @@ def run_mlx_lm(trainer, args) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", help="Hugging Face checkpoint (default: a tiny random Mistral, built once)")
-    parser.add_argument("--data", default=str(REPO / "data" / "sample" / "train.jsonl"))
+    parser.add_argument("--data", default=str(REPO / "data" / "sample" / "train.jsonl"),
+                        help="training examples; val.jsonl beside them is the validation file")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--accumulation", type=int, default=16, help="examples per optimizer step (M4 config: 16)")
     parser.add_argument("--max-seq-length", type=int, default=4096)

@@ -88,13 +88,15 @@ PY
   ablation)
     shift
     if [ $# -eq 0 ]; then  # the levers one at a time (no-Liger variants first), then long-tailed data
+      FOUR="training.batch_size=4 training.gradient_accumulation_steps=1"
       $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation.json" --profile shipped \
-        --variant "packed-fa=cuda.use_liger=false cuda.fused_lora=false cuda.checkpointed_layers=all" \
-        --variant "+liger=cuda.fused_lora=false cuda.checkpointed_layers=all" \
-        --variant "+fused-lora=cuda.checkpointed_layers=all" \
-        --variant "shipped=" \
-        --variant "checkpoint-23=cuda.checkpointed_layers=23" \
-        --variant "checkpoint-22=cuda.checkpointed_layers=22"
+        --variant "packed-fa=$FOUR cuda.use_liger=false cuda.fused_lora=false cuda.checkpointed_layers=all" \
+        --variant "+liger=$FOUR cuda.fused_lora=false cuda.checkpointed_layers=all" \
+        --variant "+fused-lora=$FOUR cuda.checkpointed_layers=all cuda.replay_dropout=false" \
+        --variant "+24-checkpointed=$FOUR cuda.checkpointed_layers=24 cuda.replay_dropout=false" \
+        --variant "+masks-replayed=$FOUR cuda.checkpointed_layers=24" \
+        --variant "2x2-none-checkpointed=cuda.checkpointed_layers=all training.gradient_checkpointing=false" \
+        --variant "shipped="
       $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation-long.json" \
         --data-dir /tmp/bench-long --variant "shipped-long-data="
     else
@@ -113,10 +115,10 @@ PY
       --variant "rope=cuda.liger_kernels=[rope]" \
       --variant "rope+swiglu=cuda.liger_kernels=[rope,swiglu]"
     ;;
-  whole)  # ~4 min: 100 steps of the real `qlora train` path, evaluations and checkpoint saves every 50
+  whole)  # ~8 min: 300 steps of the real `qlora train` path, evaluations and checkpoint saves every 100
     run="whole-$(date +%Y%m%d-%H%M%S)"
-    $PY -m commands train --config bench/h100_bench.yaml --set training.max_steps=100 --set eval.eval_steps=50 \
-      --set eval.save_steps=50 --set eval.logging_steps=5 --set tracking.run_name="$run"
+    $PY -m commands train --config bench/h100_bench.yaml --set training.max_steps=300 --set eval.eval_steps=100 \
+      --set eval.save_steps=100 --set eval.logging_steps=5 --set tracking.run_name="$run"
     cp "/tmp/adapters/$run/metrics.jsonl" "$OUT/train-metrics.jsonl"
     cp "/tmp/adapters/$run/summary.json" "$OUT/train-summary.json"
     ;;

@@ -10,6 +10,7 @@ once. It never imports torch at module level.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -60,28 +61,31 @@ class BatchSplit:
     ranks: int
 
     def line(self, micro: int, accumulation: int) -> str:
-        how = ("gradient accumulation" if self.accumulation != accumulation else "micro-batch")
+        changed = [what for what, before, after in (("micro-batch", micro, self.micro),
+                                                    ("gradient accumulation", accumulation, self.accumulation))
+                   if before != after]
         return (f"batch: {micro} x {accumulation} per optimizer step split over {self.ranks} processes by "
-                f"{how}: {self.micro} x {self.accumulation} on each, {self.micro * self.accumulation * self.ranks} "
-                "rows a step as on one GPU")
+                f"{' and '.join(changed)}: {self.micro} x {self.accumulation} on each, "
+                f"{self.micro * self.accumulation * self.ranks} rows a step as on one GPU")
 
 
 def split_batch(micro: int, accumulation: int, ranks: int) -> BatchSplit:
-    """The same rows per optimizer step on `ranks` processes as `micro x accumulation` on one:
-    accumulation is divided first (each rank keeps the micro-batch the memory plan was made for),
-    else the micro-batch."""
-    if ranks == 1:
-        return BatchSplit(micro, accumulation, 1)
-    if accumulation % ranks == 0:
-        return BatchSplit(micro, accumulation // ranks, ranks)
-    if micro % ranks == 0:
-        return BatchSplit(micro // ranks, accumulation, ranks)
-    raise UsageError(
-        f"--gpus {ranks}: the global batch (training.batch_size {micro} x training.gradient_accumulation_steps "
-        f"{accumulation}) cannot be split evenly over {ranks} GPUs: neither value is divisible by {ranks}. "
-        f"Set one of them to a multiple of {ranks} (e.g. --set training.gradient_accumulation_steps="
-        f"{max(ranks, accumulation - accumulation % ranks)}), or use a GPU count that divides one of them."
-    )
+    """The same rows per optimizer step on `ranks` processes as `micro x accumulation` on one. Each
+    rank keeps the largest micro-batch that divides its share (the one the memory plan was made for
+    when accumulation alone can be divided) and accumulates the rest: 2 x 2 on 2 GPUs runs 2 x 1 on
+    each, on 4 GPUs 1 x 1."""
+    total = micro * accumulation
+    if total % ranks:
+        raise UsageError(
+            f"--gpus {ranks}: the global batch (training.batch_size {micro} x training.gradient_accumulation_steps "
+            f"{accumulation} = {total} rows a step) cannot be split evenly over {ranks} GPUs. Make the product a "
+            f"multiple of {ranks} (e.g. --set training.gradient_accumulation_steps="
+            f"{ranks // math.gcd(ranks, micro) * -(-accumulation // (ranks // math.gcd(ranks, micro)))}), "
+            "or use a GPU count that divides it."
+        )
+    share = total // ranks
+    rank_micro = max(m for m in range(1, min(micro, share) + 1) if share % m == 0)
+    return BatchSplit(rank_micro, share // rank_micro, ranks)
 
 
 def requested_ranks(value: str | None, on_cpu: bool, count_gpus=None) -> int:

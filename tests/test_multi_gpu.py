@@ -21,6 +21,11 @@ def test_accumulation_is_split_first_then_the_micro_batch():
     assert distributed.split_batch(4, 4, 2) == distributed.BatchSplit(4, 2, 2)  # each GPU keeps its micro-batch
     assert distributed.split_batch(4, 1, 2) == distributed.BatchSplit(2, 1, 2)
     assert distributed.split_batch(3, 5, 1) == distributed.BatchSplit(3, 5, 1)
+    assert distributed.split_batch(2, 2, 2) == distributed.BatchSplit(2, 1, 2)  # the H100 config on 2 GPUs
+    assert distributed.split_batch(2, 2, 4) == distributed.BatchSplit(1, 1, 4)  # ...and on 4: both shrink
+    assert distributed.split_batch(4, 4, 8) == distributed.BatchSplit(2, 1, 8)
+    line = distributed.split_batch(2, 2, 4).line(2, 2)
+    assert "by micro-batch and gradient accumulation: 1 x 1 on each, 4 rows a step as on one GPU" in line
 
 
 def test_a_batch_that_cannot_be_split_is_refused_naming_both_values():
