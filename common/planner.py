@@ -27,25 +27,25 @@ class Rates:
 
 
 # Anchors for the shipped platform configs. H100 config (packed 2 rows x 4096 x accumulation 2,
-# flash-attn-4, Liger RoPE + RMSNorm + SwiGLU, fused LoRA with replayed dropout masks, no layer
-# checkpointed, async metrics, paged AdamW 32-bit): measured 2026-11-27 on an H100 80GB, a 300-step
-# `qlora train` (docs/benchmarks.md, bench/results/2026-11-27-h100-80gb-hbm3-2.json): 12,928 real tok/s
-# steady, 39.4 GB; 300 validation conversations (224K tokens) evaluated in 7.3 s. Startup includes
-# the slower first ~5 steps (flash-attn-4 compiling). M4: docs/m4.md estimates.
+# flash-attn-4, Liger RoPE + RMSNorm + SwiGLU, fused LoRA with replayed dropout masks, 1 of 32 layers
+# checkpointed, async metrics, paged AdamW 32-bit): measured 2026-11-27 on an H100 80GB (machine G), a
+# 300-step `qlora train` (docs/benchmarks.md, bench/results/2026-11-27-h100-80gb-hbm3-2.json): 13,011
+# real tok/s steady, 38.5 GB; 300 validation conversations (224K tokens) evaluated in ~7.2 s. Startup
+# includes the slower first ~5 steps (flash-attn-4 compiling). M4: docs/m4.md estimates.
 ANCHORS = {
-    "h100": Rates(12928, 39.4, 31000, 5.0, 75.0,
+    "h100": Rates(13011, 38.5, 31000, 5.0, 75.0,
                   "measured on an H100 80GB, 2026-11-27 (docs/benchmarks.md): packed 2 x 4096 x 2, flash-attn-4, "
-                  "Liger RoPE + RMSNorm + SwiGLU, fused LoRA, dropout masks replayed, no layer checkpointed, "
+                  "Liger RoPE + RMSNorm + SwiGLU, fused LoRA, dropout masks replayed, 1 of 32 layers checkpointed, "
                   "async metrics", True),
     "m4": Rates(35, 11.0, 100, 5.0, 120.0,
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
 }
-ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 0, 2  # the H100 anchor's checkpointed layers and rows a micro-batch
+ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 1, 2  # the H100 anchor's checkpointed layers and rows a micro-batch
 ANCHOR_LIGER = frozenset({"rope", "rms_norm", "swiglu"})  # the H100 anchor's cuda.liger_kernels
 ANCHOR_OPTIMIZER = "paged_adamw_32bit"  # the H100 anchor's cuda.optimizer (cuda.async_metrics on)
 
-# Peak GPU memory of the CUDA path (GB), the larger of two phases, fitted to 17 measured peaks of
-# 2026-11-26/27 (docs/benchmarks.md; within 5% of each but two, within 10% of all): the backward pass
+# Peak GPU memory of the CUDA path (GB), the larger of two phases, fitted to 19 measured peaks of
+# 2026-11-26/27 (docs/benchmarks.md; each within 2.3%, tests/test_planner.py): the backward pass
 # through layers that recompute their activations, 4.07 + 2.10 per 4096-token micro-batch row; and,
 # when layers keep their activations, 4.79 + per row 1.32 + per kept layer 0.50 with the LoRA dropout
 # masks replayed (cuda.fused_lora + cuda.replay_dropout, or dropout 0), 0.75 with them stored (with

@@ -66,8 +66,9 @@ MEASURED_PEAKS = [
     (STORED + ["training.batch_size=2", "cuda.checkpointed_layers=16"], 31.77),
     (STORED + ["training.batch_size=1", "cuda.checkpointed_layers=4"], 27.55),
     (STORED + ["training.batch_size=2", "cuda.checkpointed_layers=all"], 8.28),
-    # 2026-11-27, one H100 (bench/results/2026-11-27-h100-80gb-hbm3-2.json): masks replayed
-    ([], 39.43),  # the shipped config: 2 rows x 2, no layer checkpointed
+    # 2026-11-27, H100s (bench/results/2026-11-27-h100-80gb-hbm3-2.json): masks replayed
+    ([], 38.49),  # the shipped config: 2 rows x 2, 1 layer checkpointed (machine G, through qlora train)
+    (["training.gradient_checkpointing=false", "cuda.checkpointed_layers=all"], 39.43),  # machine F from here
     (["training.batch_size=1", "training.gradient_accumulation_steps=4"], 22.00),
     (["training.gradient_checkpointing=true", "cuda.checkpointed_layers=4"], 35.47),
     (FOUR_ROWS + ["cuda.checkpointed_layers=24"], 26.07),
@@ -78,21 +79,21 @@ MEASURED_PEAKS = [
 
 
 @pytest.mark.parametrize("overrides, measured", MEASURED_PEAKS)
-def test_cuda_memory_model_is_within_ten_percent_of_the_measurements(overrides, measured):
+def test_cuda_memory_model_is_within_five_percent_of_the_measurements(overrides, measured):
     predicted = cuda_peak_gb(load_config(platform="h100", overrides=overrides))
-    assert abs(predicted - measured) / measured < 0.10
+    assert abs(predicted - measured) / measured < 0.05
 
 
 def test_anchor_follows_the_config():
     shipped = anchor_rates(load_config(platform="h100"))
-    assert shipped.peak_gb == 39.4 and "ESTIMATE" not in shipped.source  # the measured configuration
+    assert shipped.peak_gb == 38.5 and "ESTIMATE" not in shipped.source  # the measured configuration
     synced = anchor_rates(load_config(platform="h100", overrides=["cuda.async_metrics=false"]))
     torch_adamw = anchor_rates(load_config(platform="h100", overrides=["cuda.optimizer=adamw_torch"]))
     assert synced.tokens_per_second == pytest.approx(shipped.tokens_per_second * 10447 / 10855)  # measured in one process
     assert torch_adamw.tokens_per_second == pytest.approx(shipped.tokens_per_second * 11122 / 10855)
     assert "ESTIMATE" in synced.source
-    all_layers = anchor_rates(load_config(platform="h100", overrides=["training.gradient_checkpointing=true"]))
-    assert all_layers.peak_gb < shipped.peak_gb - 25  # 32 layers x 2 rows of kept activations
+    all_layers = anchor_rates(load_config(platform="h100", overrides=["cuda.checkpointed_layers=all"]))
+    assert all_layers.peak_gb < shipped.peak_gb - 25  # 31 layers x 2 rows of kept activations
     assert all_layers.tokens_per_second < shipped.tokens_per_second  # every layer recomputed
     assert "ESTIMATE" in all_layers.source and "H100" in all_layers.source
     no_rope = anchor_rates(load_config(platform="h100", overrides=["cuda.liger_kernels=[rms_norm,swiglu]"]))
@@ -107,6 +108,10 @@ def test_memory_over_with_kept_activations_proposes_checkpointing_every_layer():
     cfg = load_config(platform="h100")
     plan = make_plan(cfg, [1000] * 10, [100], anchor_rates(cfg), 24, "m", (1.0, "x"))  # a 24 GB card
     assert not plan.fits
+    assert any("--set cuda.checkpointed_layers=all saves ~30 GB" in a for a in plan.advice)
+    no_checkpointing = load_config(platform="h100", overrides=["training.gradient_checkpointing=false",
+                                                               "cuda.checkpointed_layers=all"])
+    plan = make_plan(no_checkpointing, [1000] * 10, [100], anchor_rates(no_checkpointing), 24, "m", (1.0, "x"))
     assert any("--set training.gradient_checkpointing=true saves ~31 GB" in a for a in plan.advice)
     partly = load_config(platform="h100", overrides=["training.gradient_checkpointing=true", "cuda.checkpointed_layers=8"])
     plan = make_plan(partly, [1000] * 10, [100], anchor_rates(partly), 24, "m", (1.0, "x"))
@@ -159,7 +164,7 @@ def test_a_calibration_is_reused_only_for_the_same_speed_settings(tmp_path):
     shipped = load_config(platform="h100")
     store(shipped, "NVIDIA H100 80GB HBM3 (80 GB)", RATES, cache=cache)
     assert cached_rates(shipped, "NVIDIA H100 80GB HBM3 (80 GB)", cache=cache) == RATES
-    for change in ("training.gradient_checkpointing=true", "cuda.fused_lora=false", "cuda.use_liger=false",
+    for change in ("cuda.checkpointed_layers=all", "cuda.fused_lora=false", "cuda.use_liger=false",
                    "training.batch_size=4", "cuda.replay_dropout=false", "cuda.liger_kernels=[rms_norm]"):
         other = load_config(platform="h100", overrides=[change])
         assert cached_rates(other, "NVIDIA H100 80GB HBM3 (80 GB)", cache=cache) is None, change
