@@ -178,14 +178,16 @@ class MlxTrainer(Stopping):
     # ------------------------------------------------------------------ loss
     @staticmethod
     def loss_sum(model, ids, mask):
-        """Summed cross-entropy over target tokens (fp32) and their count. The mask marks tokens to
-        predict, so position t's logits are scored against token t+1 where mask[t+1] is set."""
+        """Summed cross-entropy over target tokens and their count, summed in fp32. The mask marks
+        tokens to predict, so position t's logits are scored against token t+1 where mask[t+1] is set.
+        The cross-entropy runs on the model's own logits (bf16), as mlx-lm's trainer does: an fp32 copy
+        of (tokens x 32768) logits would double the loss's memory (docs/benchmarks.md, MLX)."""
         import mlx.core as mx
         import mlx.nn as nn
 
-        logits = model(ids[:, :-1]).astype(mx.float32)
+        logits = model(ids[:, :-1])
         targets, weights = ids[:, 1:], mask[:, 1:].astype(mx.float32)
-        losses = nn.losses.cross_entropy(logits, targets) * weights
+        losses = nn.losses.cross_entropy(logits, targets).astype(mx.float32) * weights
         return losses.sum(), weights.sum()
 
     def evaluate(self) -> float:
