@@ -217,6 +217,8 @@ def mlx_table(mlx: dict | None) -> list[str]:
     for run in mlx["runs"]:
         lines.append(f"| {run['run']} | {'yes' if run['packing'] else 'no'} | {'yes' if run['compile_step'] else 'no'} | "
                      f"{run['micro_batches']} | {run['real_tokens_per_second']:.1f} | {run['peak_memory_gb']:.3f} |")
+    if mlx.get("note"):
+        lines += ["", f"MLX note: {mlx['note']}."]
     return lines
 
 
