@@ -472,6 +472,29 @@ def test_replayed_dropout_trains_the_same_weights(tiny_model_dir, tmp_path):
 
 
 @slow
+@pytest.mark.parametrize("fused", [False, True], ids=["peft", "fused"])
+def test_an_evaluation_leaves_the_next_training_steps_gradients_alone(tiny_model_dir, fused):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights during a no-gradient eval pass
+    and then passes no input gradient through them; our CPU training models never repack."""
+    from backends.cuda.fused_lora import install_fused_lora
+
+    model = peft_tiny(tiny_model_dir)
+    if fused:
+        install_fused_lora(model)
+    ids = torch.randint(0, 32768, (2, 48), generator=torch.Generator().manual_seed(1))
+    model.train()
+    loss, grads = loss_and_lora_grads(model, ids, autocast=True)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # an evaluation
+    model.train()
+    after_loss, after_grads = loss_and_lora_grads(model, ids, autocast=True)
+    assert after_loss == pytest.approx(loss, rel=1e-6)
+    assert torch.nn.functional.cosine_similarity(grads, after_grads, dim=0) > 0.9999
+    assert (after_grads.norm() / grads.norm()).item() == pytest.approx(1, abs=1e-4)
+
+
+@slow
 def test_fused_lora_leaves_disabled_adapters_to_peft(tiny_model_dir):
     from backends.cuda.fused_lora import install_fused_lora
 
