@@ -120,13 +120,13 @@ def table(result: dict) -> str:
     stock = result.get("stock") or {}
     base = stock.get("real_tokens_per_second")
     lines[-2:-2] = side_by_side(result) + [""] if result.get("unsloth") else []
+    if result.get("ablation_note"):  # above the table's header
+        lines[-2:-2] = [f"Levers: {result['ablation_note']}", ""]
     if base:
         padding = stock.get("padding_fraction")
         lines.append(f"| stock TRL (padded batches, no packing) | sdpa | 4 x 4 | 32 | no | no | "
                      f"{f'{padding:.0%}' if padding is not None else '?'} | {base:,.0f} | 1.00x | "
                      f"{stock['peak_memory_gb']:.1f} | {base * 4 * MATMUL_PARAMS / 1e12:.0f} |")
-    if result.get("ablation_note"):
-        lines[-2:-2] = [f"Levers: {result['ablation_note']}", ""]
     for row in result.get("ablation", []):
         if "error" in row:
             lines.append(f"| {row['variant']} | | | | | | | failed: {row['error'][:60]} | | | |")
@@ -178,7 +178,7 @@ def side_by_side(result: dict) -> list[str]:
     rows += [(f"Unsloth {run.get('versions', {}).get('unsloth', '')} (packed 4 x 4096, "
               f"{run.get('attention') or '?'})", f"{run['lora_dropout']:g}", run) for run in result["unsloth"]]
     ablation = result.get("ablation", [])
-    rows += [("ours: the shipped H100 config (packed 4 x 4096, flash-attn-4; 30-step run)", "0.05", as_run(row))
+    rows += [("ours: the shipped H100 config (30-step run)", "0.05", as_run(row))
              for row in ablation if row.get("shipped")]
     overrides = " ".join(f"`--set {o}`" for o in ours.get("overrides", []))
     rows.append((f"ours: `qlora train`, {ours.get('steps', '?')} steps, H100 config{' with ' + overrides if overrides else ''}",

@@ -41,6 +41,7 @@ ANCHORS = {
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
 }
 ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 1, 2  # the H100 anchor's checkpointed layers and rows a micro-batch
+ANCHOR_REPLAYING = 31  # the H100 anchor's layers that replay their dropout masks (all kept ones)
 ANCHOR_LIGER = frozenset({"rope", "rms_norm", "swiglu"})  # the H100 anchor's cuda.liger_kernels
 ANCHOR_OPTIMIZER = "paged_adamw_32bit"  # the H100 anchor's cuda.optimizer (cuda.async_metrics on)
 
@@ -120,6 +121,13 @@ def dropout_masks(cfg: QLoraConfig) -> str:
     return "stored"
 
 
+def replaying_layers(cfg: QLoraConfig) -> int:
+    """Decoder layers that draw their LoRA dropout masks twice (forward, then replayed in the backward)."""
+    if cfg.lora.dropout > 0 and cfg.cuda.fused_lora and cfg.cuda.replay_dropout:
+        return kept_layers(cfg)
+    return 0
+
+
 def kept_layer_gb(cfg: QLoraConfig, row: int | None = None) -> float:
     """GB that one decoder layer keeping its activations costs for the whole micro-batch."""
     rows = cfg.training.batch_size * (row or cfg.data.max_seq_length) / 4096
@@ -159,13 +167,12 @@ def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
         return base
     t, kernels = cfg.training, liger_kernels(cfg)
     if ((checkpointed(cfg), t.batch_size, row or cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora,
-         cfg.cuda.async_metrics, cfg.cuda.optimizer, dropout_masks(cfg))
-            == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER, "replayed")):
+         cfg.cuda.async_metrics, cfg.cuda.optimizer, replaying_layers(cfg))
+            == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER, ANCHOR_REPLAYING)):
         return base  # the measured configuration itself
     speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
     speed *= row_speed(t.batch_size) / row_speed(ANCHOR_ROWS)
-    if dropout_masks(cfg) == "stored" and cfg.lora.dropout > 0 and cfg.cuda.fused_lora:
-        speed /= REPLAY_SPEED_PER_KEPT_LAYER ** kept_layers(cfg)
+    speed *= REPLAY_SPEED_PER_KEPT_LAYER ** (replaying_layers(cfg) - ANCHOR_REPLAYING)
     speed *= math.prod(LIGER_SPEED[k] for k in kernels) / math.prod(LIGER_SPEED[k] for k in ANCHOR_LIGER)
     if not cfg.cuda.fused_lora:
         speed /= FUSED_LORA_SPEED

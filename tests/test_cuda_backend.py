@@ -319,10 +319,10 @@ def test_a_failing_checkpoint_write_keeps_the_earlier_ones_and_says_so(tiny_mode
 
 
 # ---------------------------------------------------------------- speed levers (cuda.fused_lora, checkpointing)
-def peft_tiny(tiny_model_dir, dropout=0.0):
+def peft_tiny(tiny_model_dir, dropout=0.0, *extra):
     from peft import LoraConfig, get_peft_model
 
-    cfg = tiny_config(tiny_model_dir, "/tmp/unused")
+    cfg = tiny_config(tiny_model_dir, "/tmp/unused", *extra)
     model = get_peft_model(
         cuda_model.load_quantized_model(cfg, "sdpa", "cpu"),
         LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=list(cfg.lora.target_modules)),
@@ -355,6 +355,29 @@ def test_fused_lora_computes_what_peft_computes(tiny_model_dir, autocast):
     assert fused_loss == pytest.approx(peft_loss, rel=2**-8)  # bf16 rounding, not a different sum
     assert torch.nn.functional.cosine_similarity(peft_grads, fused_grads, dim=0) > 0.999
     assert (fused_grads.norm() / peft_grads.norm()).item() == pytest.approx(1, abs=0.01)
+
+
+@slow
+def test_fused_lora_keeps_an_fp32_models_dtypes_under_bf16_autocast(tiny_model_dir):
+    """cuda.quantization.compute_dtype float32 with bf16 autocast: the fused path returns what PEFT
+    returns (fp32) and its backward runs (the base gradient in fp32, the LoRA path in bf16)."""
+    from backends.cuda.fused_lora import install_fused_lora
+
+    model = peft_tiny(tiny_model_dir, 0.0, "cuda.quantization.compute_dtype=float32")
+    ids = torch.randint(0, 32768, (2, 48), generator=torch.Generator().manual_seed(4))
+    layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    x = torch.randn(2, 8, layer.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_out = layer(x)
+    peft_loss, peft_grads = loss_and_lora_grads(model, ids, autocast=True)
+    install_fused_lora(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == peft_out.dtype == torch.float32
+        with torch.no_grad():
+            assert layer(x).dtype == torch.float32
+    fused_loss, fused_grads = loss_and_lora_grads(model, ids, autocast=True)
+    assert fused_loss == pytest.approx(peft_loss, rel=2**-8)
+    assert torch.nn.functional.cosine_similarity(peft_grads, fused_grads, dim=0) > 0.999
 
 
 def one_lora_layer(tiny_model_dir, dropout):

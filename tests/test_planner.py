@@ -100,6 +100,12 @@ def test_anchor_follows_the_config():
     assert no_rope.tokens_per_second == pytest.approx(shipped.tokens_per_second * 9926 / 10533)  # measured pair
     assert no_rope.peak_gb == pytest.approx(shipped.peak_gb, abs=0.5) and "ESTIMATE" in no_rope.source
     assert no_rope.startup_seconds == shipped.startup_seconds  # Liger's Triton RoPE compiles once, not per length
+    no_dropout = anchor_rates(load_config(platform="h100", overrides=["lora.dropout=0"]))
+    assert no_dropout.tokens_per_second > shipped.tokens_per_second  # no masks to draw twice
+    assert "ESTIMATE" in no_dropout.source and no_dropout.peak_gb == pytest.approx(shipped.peak_gb, abs=0.1)
+    stored = anchor_rates(load_config(platform="h100", overrides=["cuda.replay_dropout=false"]))
+    assert stored.tokens_per_second == pytest.approx(no_dropout.tokens_per_second)  # masks drawn once...
+    assert stored.peak_gb > shipped.peak_gb + 10  # ...and kept: 31 layers x 2 rows x 0.25 GB
     no_liger = anchor_rates(load_config(platform="h100", overrides=["cuda.use_liger=false"]))
     assert no_liger.peak_gb > shipped.peak_gb + 5 and no_liger.tokens_per_second < shipped.tokens_per_second
 

@@ -55,25 +55,28 @@ class _LoraLinear4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, module, scaling, p, replay, lora_dtype):
         result = module.base_layer(x)  # gradients are off in here: bitsandbytes' own 4-bit matmul
+        weight = module.base_layer.weight
         x_lora = x.to(lora_dtype)
         a = weight_a.to(lora_dtype)
         rng_state, mask = None, None
-        if p > 0:
-            if replay:
-                rng_state = _generator(x.device).get_state()
-            dropped, mask = torch.native_dropout(x_lora, p, True)
-        else:
-            dropped = x_lora
-        h = torch.nn.functional.linear(dropped, a).to(result.dtype)
-        b = weight_b.to(result.dtype)
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
+        with torch.autocast(x.device.type, enabled=False):  # every dtype below is explicit, as in PEFT
+            if p > 0:
+                if replay:
+                    rng_state = _generator(x.device).get_state()
+                dropped, mask = torch.native_dropout(x_lora, p, True)
+            else:
+                dropped = x_lora
+            h = torch.nn.functional.linear(dropped, a).to(result.dtype)
+            b = weight_b.to(result.dtype)
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
         if p > 0 and replay:  # the input only: mask and dropped input come back from the generator's state
             ctx.save_for_backward(x_lora, a, b, h)
         elif p > 0:
             ctx.save_for_backward(dropped, a, b, h, mask)
         else:
             ctx.save_for_backward(x_lora, a, b, h)
-        ctx.module, ctx.scaling, ctx.p, ctx.rng_state = module, scaling, p, rng_state
+        ctx.scaling, ctx.p, ctx.rng_state = scaling, p, rng_state
+        ctx.base_weight, ctx.quant_state = weight.data, weight.quant_state  # as bitsandbytes keeps them
         ctx.x_dtype, ctx.weight_dtypes = x.dtype, (weight_a.dtype, weight_b.dtype)
         return flat.view(result.shape)
 
@@ -101,8 +104,7 @@ class _LoraLinear4bit(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_a = torch.mm(grad_h.t(), x_lora.reshape(-1, x_lora.shape[-1])).to(ctx.weight_dtypes[0])
         if ctx.needs_input_grad[0]:
-            weight = ctx.module.base_layer.weight
-            base = dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(grad_out.dtype)
+            base = dequantize_4bit(ctx.base_weight.view(-1, 1), ctx.quant_state).to(grad_out.dtype)
             grad_x = torch.mm(grad_flat, base)  # what bitsandbytes' own backward computes
             if mask is None:
                 grad_x.addmm_(grad_h.to(grad_x.dtype), a.to(grad_x.dtype))
@@ -138,12 +140,9 @@ def fused_forward(self, x, *args, **kwargs):
                                      getattr(self, REPLAY_ATTRIBUTE, False), lora_dtype)
     result = self.base_layer(x, *args, **kwargs)
     h = lora_a(self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype)))
-    weight = lora_b.weight
-    if not autocast:  # autocast casts addmm's operands itself
-        h, weight = h.to(result.dtype), weight.to(result.dtype)
-    flat = torch.addmm(
-        result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t(), alpha=self.scaling[name]
-    )
+    with torch.autocast(x.device.type, enabled=False):  # the base output's dtype, as PEFT returns
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
+                           lora_b.weight.to(result.dtype).t(), alpha=self.scaling[name])
     return flat.view(result.shape)
 
 
