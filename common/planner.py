@@ -147,13 +147,15 @@ def cuda_peak_gb(cfg: QLoraConfig, row: int | None = None) -> float:
 def row_speed(rows: int) -> float:
     """ROW_SPEED for any number of rows: linear between the measured ones, flat beyond them."""
     known = sorted(ROW_SPEED)
-    if rows <= known[0] or rows >= known[-1]:
-        return ROW_SPEED[known[0] if rows <= known[0] else known[-1]]
-    low = max(k for k in known if k <= rows)
-    high = min(k for k in known if k >= rows)
-    if low == high:
-        return ROW_SPEED[low]
+    rows = min(max(rows, known[0]), known[-1])
+    low, high = next((a, b) for a, b in zip(known, known[1:]) if a <= rows <= b)
     return ROW_SPEED[low] + (ROW_SPEED[high] - ROW_SPEED[low]) * (rows - low) / (high - low)
+
+
+def all_recomputed(cfg: QLoraConfig) -> QLoraConfig:
+    """`cfg` with every decoder layer recomputing its activations (what `recompute_everything` sets)."""
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": True}),
+                                  "cuda": cfg.cuda.model_copy(update={"checkpointed_layers": "all"})})
 
 
 def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
@@ -304,11 +306,10 @@ def make_plan(
     if device_memory_gb is not None and rates.peak_gb > 0.9 * device_memory_gb:
         fits = False
         if kept_layers(cfg):
-            saved = rates.peak_gb - cuda_peak_gb(cfg.model_copy(update={"training": cfg.training.model_copy(
-                update={"gradient_checkpointing": True})}).model_copy(update={"cuda": cfg.cuda.model_copy(
-                    update={"checkpointed_layers": "all"})}))
+            row = row_tokens(cfg, train_lengths)  # both peaks from the model, for this data's rows
+            saved = cuda_peak_gb(cfg, row) - cuda_peak_gb(all_recomputed(cfg), row)
             advice.append(
-                f"memory: each decoder layer that keeps its activations costs ~{kept_layer_gb(cfg):.1f} GB here: "
+                f"memory: each decoder layer that keeps its activations costs ~{kept_layer_gb(cfg, row):.1f} GB here: "
                 f"{recompute_everything(cfg)} saves ~{saved:.0f} GB (slower: every layer recomputes its "
                 "activations in the backward pass)"
             )
