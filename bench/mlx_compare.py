@@ -98,6 +98,16 @@ def run_mlx_lm(trainer, args) -> tuple[float, int]:
     return time.perf_counter() - started, len(dataset)
 
 
+def gpu_name() -> str:
+    """The NVIDIA GPU that MLX's CUDA build runs on, in words (empty elsewhere)."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f" ({names})" if names else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", help="Hugging Face checkpoint (default: a tiny random Mistral, built once)")
@@ -106,6 +116,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--accumulation", type=int, default=16, help="examples per optimizer step (M4 config: 16)")
     parser.add_argument("--max-seq-length", type=int, default=4096)
+    parser.add_argument("--runs", default=",".join(RUNS),
+                        help="which runs, comma-separated (default: all; `mlx_lm` and `ours` always)")
     parser.add_argument("--only", choices=list(RUNS), help="one run, printed as JSON (used by the parent)")
     parser.add_argument("--workdir")
     parser.add_argument("--out")
@@ -120,8 +132,12 @@ def main() -> None:
     if args.only:
         print("RESULT " + json.dumps(measure(args, args.only, workdir)), flush=True)
         return
+    chosen = set(args.runs.split(",")) | {"mlx_lm", "ours"}
+    unknown = chosen - set(RUNS)
+    if unknown:
+        parser.error(f"--runs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(RUNS)}")
     runs = []
-    for name in RUNS:
+    for name in (name for name in RUNS if name in chosen):
         command = [sys.executable, __file__, "--only", name, "--workdir", str(workdir), "--model-dir", args.model_dir,
                    "--data", args.data, "--steps", str(args.steps), "--accumulation", str(args.accumulation),
                    "--max-seq-length", str(args.max_seq_length)]
@@ -134,7 +150,7 @@ def main() -> None:
 
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {platform.system()}, MLX device {mx.default_device()}",
+        "machine": f"{platform.machine()} {platform.system()}, MLX device {mx.default_device()}{gpu_name()}",
         "model": args.model_dir, "data": args.data,
         "layout": f"batch 1 x accumulation {args.accumulation} (the M4 config), max length {args.max_seq_length}",
         "versions": {name: md.version(name) for name in ("mlx", "mlx-lm")},

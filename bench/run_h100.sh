@@ -15,6 +15,8 @@
 #   bash bench/run_h100.sh plan [qlora plan args...]     # the planner on the same config
 #   bash bench/run_h100.sh train [qlora train args...]   # the real `qlora train` path
 #   bash bench/run_h100.sh after-training  # generate (4-bit, bf16) and merge (bf16) times and memory (~3 min)
+#   bash bench/run_h100.sh gpus N      # the shipped config on N GPUs (`qlora train --gpus N`), 150 steps
+#   bash bench/run_h100.sh gpus-collect  # those runs into one results file, a row per GPU count
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
 set -euo pipefail
 SITE=${SITE:-/tmp/site}
@@ -142,6 +144,19 @@ PY
     $PY bench/loss_match.py --model /tmp/mistral-7b-random --data /tmp/bench-data/train.jsonl \
       --config bench/h100_bench.yaml --out "$OUT/loss-match.json"
     ;;
+  gpus)  # `bash bench/run_h100.sh gpus 1`, then `gpus 2`: the shipped config on that many GPUs through
+    # `qlora train --gpus N`, STEPS (default 150) steps with an evaluation and a checkpoint save halfway and
+    # at the end; run folder /tmp/adapters/gpus-N. ~5 min on one H100, ~3 on two.
+    n=${2:?"gpus N: how many GPUs"}; steps=${STEPS:-150}
+    $PY -m commands train --config bench/h100_bench.yaml --gpus "$n" --run-name "gpus-$n" \
+      --set training.max_steps="$steps" --set eval.eval_steps=$((steps / 2)) --set eval.save_steps=$((steps / 2)) \
+      --set eval.logging_steps=5 --set tracking.report_to=none
+    ;;
+  gpus-collect)  # the runs of `gpus N` into one results file, a row per GPU count (MACHINE: in words)
+    runs=(); for d in /tmp/adapters/gpus-*; do runs+=(--run "${d##*gpus-}=$d"); done
+    $PY bench/multi_gpu.py "${runs[@]}" --machine "${MACHINE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs)}" \
+      --out "$OUT/multi-gpu.json"
+    ;;
   curve-stock)  # ~14 min on an H100: longer than one 10-minute call of our lent machines, so there it
     # runs detached (setsid nohup bash bench/run_h100.sh curve-stock > /tmp/curve-stock.log 2>&1 &)
     # and later calls poll for the file. Half the reference configuration's examples a step (4 x 2) at max length 3072,
@@ -171,5 +186,5 @@ PY
       --out "$OUT/after-training.json"
     ;;
   *)
-    sed -n "2,18p" "$0"; exit 2 ;;
+    sed -n "2,20p" "$0"; exit 2 ;;
 esac

@@ -185,3 +185,42 @@ def test_packed_lengths_packs_with_trls_bfd():
     examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig(max_seq_length=256))
     rows = packed_row_lengths(examples, 256)
     assert sum(rows) == sum(len(e) for e in examples) and max(rows) <= 256  # every token, no row too long
+
+
+def _run_folder(path, rate: float, steps: int = 30, interrupted: bool = False):
+    """A run folder as `qlora train` writes it: an interval every 5 steps at `rate` tokens/s (8,000
+    tokens each), one evaluation at step 15, the end record; summary.json."""
+    path.mkdir()
+    records = []
+    for step in range(5, steps + 1, 5):
+        records.append({"step": step, "tokens_per_second": rate, "interval_tokens": 8000})
+        if step == 15:
+            records.append({"step": step, "eval_loss": 3.0})
+    records.append({"step": steps, "train_runtime": 8000 * steps / 5 / rate * 1.1, "train_loss": 4.0,
+                    "num_input_tokens_seen": 8000 * steps // 5})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "summary.json").write_text(json.dumps({
+        "global_step": steps, "max_steps": 30, "interrupted": interrupted, "peak_memory_gb": 38.5,
+        "train_loss": 4.0, "final_eval_loss": 3.0, "wall_seconds": 99.0}))
+    return path
+
+
+def test_multi_gpu_results_name_each_gpu_count_and_the_speed_up(tmp_path):
+    one, two = _run_folder(tmp_path / "gpus-1", 10_000), _run_folder(tmp_path / "gpus-2", 19_000)
+    out = tmp_path / "multi.json"
+    command = [sys.executable, str(REPO / "bench" / "multi_gpu.py"), "--run", f"1={one}", "--run", f"2={two}",
+               "--machine", "2x test GPU", "--date", "2026-11-27", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    rows = {row["gpus"]: row for row in result["rows"]}
+    assert result["machine"] == "2x test GPU" and set(rows) == {1, 2}
+    assert rows[1]["steady_tokens_per_second"] == pytest.approx(10_000)
+    assert rows[2]["speedup_steady"] == pytest.approx(1.9) and rows[2]["speedup_whole_loop"] == pytest.approx(1.9)
+    assert rows[2]["reached_max_steps"] and rows[2]["peak_memory_gb"] == 38.5
+    # an existing results file is kept; a stopped run says it did not reach its last step
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode != 0 and "already holds" in again.stderr
+    stopped = _run_folder(tmp_path / "stopped", 19_000, steps=20, interrupted=True)
+    from bench.multi_gpu import run_row
+
+    assert not run_row(2, stopped)["reached_max_steps"]
