@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -191,29 +192,52 @@ def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
         say.error(f"torchrun could not start the {ranks} processes: {said[-1] if said else f'exit code {code}'}")
         say.info(f"torchrun's log: {folder / 'torchrun.log'}")
         return code
-    failed = first_failure(folder)
+    silent = [r for r in range(ranks) if not any((folder / f"rank-{r}.{end}").is_file() for end in ("done", "error", "failed"))]
+    failed = first_failure(folder, silent)
     if failed:
         say.error(failed)
-    silent = [str(r) for r in range(ranks) if not any((folder / f"rank-{r}.{end}").is_file() for end in ("done", "error", "failed"))]
-    if silent:
-        say.error(f"process(es) {', '.join(silent)} ended without a report: killed (the out-of-memory killer, a "
+    root = root_cause(folder)
+    if silent and (failed is None or root is None or root in silent):
+        say.error(f"process(es) {', '.join(map(str, silent))} ended without a report: killed (the out-of-memory killer, a "
                   "signal) or crashed; the others were stopped. Continue with --resume auto.")
+    elif silent:
+        say.info(f"process(es) {', '.join(map(str, silent))} were stopped after that. Continue with --resume auto once "
+                 "the cause is fixed.")
     say.info(f"logs of every process (and torchrun's own): {folder}")
     return code
 
 
-def first_failure(folder: Path) -> str | None:
-    """The error to print once: rank 0's own (a QLoraError: every rank usually hits the same; a rank
-    prints errors on its stderr, which torchrun's log holds), else that of the process that failed
-    first."""
+def first_failure(folder: Path, silent: Sequence[int] = ()) -> str | None:
+    """The error to print once: rank 0's own (a QLoraError: every rank usually hits the same), else
+    that of the process that failed first: the one torchrun names as the root cause, or the earliest
+    report. None when that process left no report (`silent`: killed, or crashed without a word).
+
+    A rank prints its errors on its stderr, which goes to torchrun's log, not to the terminal: a crash
+    in rank 0 is printed here like any other rank's."""
     own = folder / "rank-0.error"
     if own.is_file():
         return own.read_text(encoding="utf-8").strip()
-    reports = sorted([*folder.glob("rank-*.error"), *folder.glob("rank-*.failed")], key=lambda p: p.stat().st_mtime_ns)
-    if not reports or reports[0].stem == "rank-0":
+    root = root_cause(folder)
+    if root is not None and root in silent:
         return None
-    return (f"process {reports[0].stem.removeprefix('rank-')} failed first, which stopped the others: "
-            f"{reports[0].read_text(encoding='utf-8').strip()}")
+    reports = sorted([*folder.glob("rank-*.error"), *folder.glob("rank-*.failed")], key=lambda p: p.stat().st_mtime_ns)
+    chosen = next((p for p in reports if p.stem == f"rank-{root}"), reports[0] if reports else None)
+    if chosen is None:
+        return None
+    # without torchrun's word, a process that left no report may have gone first
+    first = ", which stopped the others" if root is not None or not silent else ""
+    return (f"process {chosen.stem.removeprefix('rank-')} failed{' first' if first else ''}{first}: "
+            f"{chosen.read_text(encoding='utf-8').strip()}")
+
+
+def root_cause(folder: Path) -> int | None:
+    """The rank torchrun names under "Root Cause (first observed failure)" in its log, if any."""
+    log = folder / "torchrun.log"
+    if not log.is_file():
+        return None
+    text = log.read_text(encoding="utf-8", errors="replace")
+    found = re.search(r"Root Cause \(first observed failure\):.*?\brank\s*:\s*(\d+)", text, re.DOTALL)
+    return int(found.group(1)) if found else None
 
 
 def start(on_cpu: bool) -> None:

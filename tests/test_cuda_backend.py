@@ -591,6 +591,32 @@ def test_liger_rope_is_routed_to_its_triton_kernel_for_the_run_only(monkeypatch)
     assert os.environ["LIGER_KERNEL_BACKEND_ROPE"] == "cutedsl"
 
 
+def test_each_process_puts_its_own_gpu_back_before_a_layer_runs(tiny_model_dir, monkeypatch):
+    """--gpus N: a library that leaves the current CUDA device elsewhere would send Liger's Triton RoPE
+    (no device guard) to the wrong GPU, as on two H100s (2026-11-27). Before each decoder layer and
+    norm, the process's GPU is made current again, said once, naming where. (CPU: the CUDA calls are
+    recorded, the layers run on the CPU.)"""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from backends.cuda.patches import pin_cuda_device
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    current, calls, said = [0], [], []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: (calls.append(index), current.__setitem__(0, index)))
+    say = type("Say", (), {"warn": lambda self, text: said.append(text)})()
+    layers = model.config.num_hidden_layers
+    assert pin_cuda_device(model, 1, say) == layers + 2 * layers + 1  # layers, their 2 norms, the final norm
+    current[0] = 0  # something switched it
+    model(torch.tensor([[1, 2, 3]]))
+    assert calls == [1] and current[0] == 1  # put back once, before the first layer
+    assert len(said) == 1 and "was 0 instead of this process's GPU 1 before model.layers.0" in said[0]
+    current[0] = 0
+    model(torch.tensor([[1, 2, 3]]))
+    assert calls == [1, 1] and len(said) == 1  # again put back, said only once
+
+
 def test_only_liger_ascend_import_notices_are_dropped_during_the_run(caplog):
     """On CUDA, Liger logs that its Huawei Ascend RoPE failed to import, mid-run, worded like an error;
     the backend drops that notice and no other, and only while a run lasts."""

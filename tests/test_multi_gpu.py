@@ -74,6 +74,44 @@ def test_the_first_failure_is_reported_once(tmp_path):
     assert distributed.first_failure(tmp_path) == "data.train_file: file not found"
 
 
+TORCHRUN_ROOT_CAUSE = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+commands FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-27_20:38:57
+  rank      : {other} (local_rank: {other})
+  exitcode  : -9 (pid: 1381)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-27_20:38:27
+  host      : localhost
+  rank      : {root} (local_rank: {root})
+  exitcode  : 1 (pid: 1380)
+============================================================
+"""
+
+
+def test_a_crash_in_rank_0_is_printed_and_the_stopped_ranks_are_not_blamed(tmp_path):
+    """Seen on two H100s (2026-11-27): rank 0 crashed in a Triton kernel, torchrun then killed rank 1,
+    and the launcher printed only "process(es) 1 ended without a report" (rank 0's own message is
+    on its stderr, which is torchrun's log)."""
+    crash = "ValueError: Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)"
+    (tmp_path / "rank-0.failed").write_text(crash + "\n")
+    (tmp_path / "torchrun.log").write_text(TORCHRUN_ROOT_CAUSE.format(root=0, other=1))
+    assert distributed.root_cause(tmp_path) == 0
+    assert distributed.first_failure(tmp_path, silent=[1]) == (
+        f"process 0 failed first, which stopped the others: {crash}")
+    # a killed rank that torchrun names as the root cause: the others' errors followed from it
+    (tmp_path / "torchrun.log").write_text(TORCHRUN_ROOT_CAUSE.format(root=1, other=0))
+    assert distributed.first_failure(tmp_path, silent=[1]) is None
+    # no word from torchrun: the report is printed, without claiming it came first
+    (tmp_path / "torchrun.log").write_text("")
+    assert distributed.first_failure(tmp_path, silent=[1]) == f"process 0 failed: {crash}"
+
+
 # ------------------------------------------------------------------ training on two gloo processes
 
 

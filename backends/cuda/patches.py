@@ -6,6 +6,7 @@
 | Liger's registry logger | a filter on `liger_kernel.backends.registry`, for the run | it logs, mid-run and worded like an error, that its Huawei Ascend RoPE failed to import: always so on CUDA. Only that notice is dropped. |
 | PEFT's 4-bit LoRA forward | per layer instance (backends/cuda/fused_lora.py) | the LoRA update inside its matmul; lives and dies with the model. |
 | activation checkpointing | per decoder layer instance (backends/cuda/activation_checkpointing.py) | the first N layers only; lives and dies with the model. |
+| the current CUDA device, `--gpus N` | a forward pre-hook per decoder layer and norm (`pin_cuda_device`) | Triton launches on the *current* device (Liger's RoPE passes no device guard), and the first `--gpus 2` run on two H100s stopped in rank 0's RoPE with "Pointer argument (at 0) cannot be accessed from Triton" (2026-11-27): that rank's current device was not its GPU. The hook sets it back, and says so once. |
 
 `run_scope(cfg)` applies the first two for the duration of a run and restores what was there before,
 so a second run in the same process starts from a clean slate.
@@ -82,3 +83,33 @@ def run_scope(liger_kernels: list[str] | None) -> Iterator[None]:
     with (scoped_env(LIGER_ROPE_IMPL_VARS[0], None if user_chose or impl is None else impl),
           scoped_log_filter(LIGER_REGISTRY_LOGGER, _SkipAscendImportNotice())):
         yield
+
+
+def pin_cuda_device(model, index: int, say) -> int:
+    """Keep the current CUDA device on this process's GPU (`index`) whenever a decoder layer or a norm
+    runs. Triton kernels launch on the current device rather than their tensors' (Liger's RoPE has
+    no device guard), so a library that leaves the current device elsewhere breaks them on every GPU
+    but that one. Each hook costs one `cudaGetDevice`; the first correction is said once, naming
+    the module, so the culprit can be found. Returns how many modules were hooked."""
+    import torch
+
+    corrected: list[int] = []
+    names = {module: name for name, module in model.named_modules()}
+
+    def pin(module, args):
+        current = torch.cuda.current_device()
+        if current != index:
+            if not corrected:
+                say.warn(f"the current CUDA device was {current} instead of this process's GPU {index} before "
+                         f"{names.get(module, type(module).__name__)}; set back (a library switched it)")
+            corrected.append(current)
+            torch.cuda.set_device(index)
+
+    hooked = 0
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind.endswith("DecoderLayer") or kind.endswith("RMSNorm"):
+            module.register_forward_pre_hook(pin)
+            hooked += 1
+    return hooked
+

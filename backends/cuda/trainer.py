@@ -12,7 +12,7 @@ import time
 
 from backends.cuda.activation_checkpointing import checkpoint_limit_callback, checkpointing_args
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
-from backends.cuda.patches import liger_kernel_config, liger_rope_impl, run_scope
+from backends.cuda.patches import liger_kernel_config, liger_rope_impl, pin_cuda_device, run_scope
 from backends.cuda.progress import use_display
 from common import checkpoints as ckpt
 from common import distributed
@@ -163,6 +163,8 @@ class CudaTrainer(Stopping):
         return []
 
     def _speedups(self) -> None:
+        if self.device == "cuda" and distributed.world_size() > 1:
+            pin_cuda_device(self.trainer.model, distributed.local_rank(), self.say)
         if self.trainer.args.use_liger_kernel:  # applied by transformers' Trainer
             kernels = self.cfg.cuda.liger_kernels
             rope_impl = liger_rope_impl(kernels)

@@ -7,7 +7,7 @@ short chat examples is mostly that fixed cost.
 
 So the examples of one optimizer step are regrouped, longest first, into micro-batches of examples
 that pad to the same width (PAD_TO buckets: no more padding than one example alone gets), each at
-most as many padded tokens as the run's largest ungrouped micro-batch (`batch_size` rows of its
+most as many padded input tokens as the run's largest ungrouped micro-batch (`batch_size` rows of its
 longest example: `group_budget`): the same examples in the same optimizer step, in fewer passes, and
 no micro-batch bigger than one the run has to hold anyway, so grouping never raises peak memory
 (logits and activations grow with a micro-batch's tokens, attention with rows x width^2, which is
@@ -35,19 +35,20 @@ def padded_width(length: int) -> int:
 
 
 def group_budget(lengths: list[int], batch_size: int, max_seq_length: int) -> int:
-    """Padded tokens a grouped micro-batch may hold: those of the largest micro-batch the run has
-    without grouping (`batch_size` rows of its longest example, capped at max_seq_length)."""
+    """Model input tokens (a row's padded width less its last token, which is only a target) that a
+    grouped micro-batch may hold: those of the largest micro-batch the run has without grouping
+    (`batch_size` rows of its longest example, capped at max_seq_length)."""
     longest = min(max(lengths, default=1), max_seq_length)
-    return batch_size * padded_width(longest)
+    return batch_size * (padded_width(longest) - 1)
 
 
 def length_groups(examples: list[Example], token_budget: int) -> list[list[Example]]:
     """`examples` (one optimizer step's) as micro-batches of one padded width, longest first, each at
-    most `token_budget` padded tokens (an example longer than that is a micro-batch of its own)."""
+    most `token_budget` model input tokens (an example longer than that is a micro-batch of its own)."""
     groups: list[list[Example]] = []
     for example in sorted(examples, key=len, reverse=True):
         width = padded_width(len(example))
-        if groups and padded_width(len(groups[-1][0])) == width and (len(groups[-1]) + 1) * width <= token_budget:
+        if groups and padded_width(len(groups[-1][0])) == width and (len(groups[-1]) + 1) * (width - 1) <= token_budget:
             groups[-1].append(example)
         else:
             groups.append([example])

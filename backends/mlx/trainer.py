@@ -51,7 +51,7 @@ class MlxTrainer(Stopping):
         self.model = None
         self.step = 0
         self.after_step = []  # callables(step): hooks for tests and tools
-        self._group_budget: int | None = None  # padded tokens a length-grouped micro-batch may hold
+        self._group_budget: int | None = None  # padded input tokens a length-grouped micro-batch may hold
         self.best: list[tuple[float, int]] = []  # (eval_loss, step) of kept checkpoints
 
     # ------------------------------------------------------------------ setup
