@@ -356,17 +356,36 @@ def allreduce_seconds(cfg: QLoraConfig, ranks: int, link: str) -> float:
     return 2 * (ranks - 1) / ranks * 4 * lora_parameters(cfg) / ALLREDUCE_BYTES_PER_S[link]
 
 
+# Measured (2 NVLinked H100s, 2026-11-27, bench/results/2026-11-27-multi-gpu-h100-2.json): the shipped
+# config took 0.708 s a step on 2 GPUs (2 x 1 on each) against 1.274 s on one (2 x 2): 0.071 s a step
+# more than half the one-GPU step. What a step costs besides its micro-batches (optimizer, clipping,
+# callbacks, the stop-flag and gradient all-reduces) is paid once per micro-batch instead of once per
+# two. Taken to grow like the share of a step a GPU no longer computes, (N - 1) / N.
+MEASURED_STEP_OVERHEAD_S = 0.071
+MEASURED_OVERHEAD_RANKS = 2
+
+
+def data_parallel_step_overhead(cfg: QLoraConfig, ranks: int, link: str) -> float:
+    """Seconds a step on `ranks` GPUs takes beyond the one-GPU step / ranks: the measured 2-GPU overhead
+    (NVLink) scaled to `ranks`, plus what a slower link adds to the all-reduce (an ESTIMATE)."""
+    scale = ((ranks - 1) / ranks) / ((MEASURED_OVERHEAD_RANKS - 1) / MEASURED_OVERHEAD_RANKS)
+    slower_link = max(0.0, allreduce_seconds(cfg, ranks, link) - allreduce_seconds(cfg, ranks, "NVLink"))
+    return MEASURED_STEP_OVERHEAD_S * scale + slower_link
+
+
 def data_parallel_rates(cfg: QLoraConfig, rates: Rates, ranks: int, tokens_per_step: float,
                         link: str = "PCIe") -> Rates:
-    """`ranks` GPUs, each at the one-GPU rate of its micro-batch, plus one all-reduce a step (an
-    ESTIMATE: not measured on several GPUs). PCIe by default: the slower link, so the estimate is low
-    rather than high on NVLink machines."""
+    """`ranks` GPUs, each at the one-GPU rate of its micro-batch, plus the per-step overhead measured
+    on 2 NVLinked H100s, scaled to `ranks` and to the link (`data_parallel_step_overhead`). PCIe by
+    default: the slower link, so the figure is low rather than high on NVLink machines."""
     if ranks == 1:
         return rates
     compute = tokens_per_step / ranks / rates.tokens_per_second
-    efficiency = compute / (compute + allreduce_seconds(cfg, ranks, link))
+    efficiency = compute / (compute + data_parallel_step_overhead(cfg, ranks, link))
+    measured = "measured on 2 NVLinked H100s" if ranks == MEASURED_OVERHEAD_RANKS and link == "NVLink" else (
+        f"measured on 2 NVLinked H100s, scaled to {ranks} GPUs over {link}: ESTIMATE")
     return Rates(rates.tokens_per_second * ranks * efficiency, rates.peak_gb, rates.eval_tokens_per_second * ranks,
                  rates.save_seconds, rates.startup_seconds,
-                 f"{ranks} GPUs x ({rates.source}) x {efficiency:.3f} all-reduce efficiency over {link} "
-                 f"({4 * lora_parameters(cfg) / 1e6:.0f} MB of LoRA gradients a step; ESTIMATE, not measured)",
+                 f"{ranks} GPUs x ({rates.source}) x {efficiency:.3f} data-parallel efficiency ({measured}; "
+                 f"{4 * lora_parameters(cfg) / 1e6:.0f} MB of LoRA gradients a step)",
                  False)
