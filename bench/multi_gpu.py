@@ -20,7 +20,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.ablation import steady_rate  # noqa: E402
 from bench.report import WHOLE_WARMUP, train_summary  # noqa: E402
 
 
@@ -33,15 +32,15 @@ def run_row(gpus: int, folder: Path) -> dict:
                  f"(tracking.output_dir / run name)")
     summary = json.loads(summary_path.read_text())
     row = train_summary(folder / "metrics.jsonl", summary)
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     after_warmup = [rate for step, rate in row["interval_rates"] if step > WHOLE_WARMUP]
     return {
         "gpus": gpus,
         "run": folder.name,
         **row,
         "median_interval_tokens_per_second": round(statistics.median(after_warmup)) if after_warmup else None,
-        "seconds_per_step": round(steady_rate(records, warmup=WHOLE_WARMUP)[1], 3),
-        "reached_max_steps": summary.get("global_step") == summary.get("max_steps") and not summary.get("interrupted"),
+        "reached_max_steps": bool(summary.get("max_steps")) and summary.get("global_step") == summary.get("max_steps")
+                             and not summary.get("interrupted"),
+        "real_tokens": summary.get("real_tokens"),
         "global_step": summary.get("global_step"),
         "max_steps": summary.get("max_steps"),
         "train_loss": summary.get("train_loss"),
@@ -88,9 +87,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for row in result["rows"]:
+        speedup = f"x{row['speedup_steady']} steady, " if "speedup_steady" in row else ""
         print(f"{row['gpus']} GPU(s): {row['steady_tokens_per_second']:,.0f} real tok/s steady, "
               f"{row['whole_loop_tokens_per_second'] or 0:,.0f} whole loop, {row['peak_memory_gb']} GB, "
-              f"x{row.get('speedup_steady', 1)} steady, reached last step: {row['reached_max_steps']}")
+              f"{speedup}reached last step: {row['reached_max_steps']}")
 
 
 if __name__ == "__main__":

@@ -67,18 +67,20 @@ def train_summary(metrics: Path, summary: dict | None = None) -> dict | None:
     if not metrics.is_file():
         return None
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    steady, _ = steady_rate(records, warmup=WHOLE_WARMUP)
+    steady, step_seconds = steady_rate(records, warmup=WHOLE_WARMUP)
     end = next((r for r in reversed(records) if r.get("train_runtime") and "train_loss" in r), None)
     return {
         "steps": max((r["step"] for r in records if "step" in r), default=0),
         "real_tokens_per_second": steady,
         "peak_memory_gb": (summary or {}).get("peak_memory_gb"),
         "steady_tokens_per_second": steady,
+        "steady_seconds_per_step": step_seconds,
         "steady_definition": f"real tokens over the logged intervals after step {WHOLE_WARMUP}, without those an "
                              "evaluation ran in",
         "whole_loop_tokens_per_second": end["num_input_tokens_seen"] / end["train_runtime"] if end else None,
         "train_runtime_seconds": end["train_runtime"] if end else None,
         "eval_loss": {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r},
+        "eval_seconds": {r["step"]: r["eval_runtime"] for r in records if "eval_runtime" in r},
         "interval_rates": [[r["step"], round(r["tokens_per_second"])] for r in records if r.get("tokens_per_second")],
     }
 

@@ -196,8 +196,7 @@ def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
     failed = first_failure(folder, silent)
     if failed:
         say.error(failed)
-    root = root_cause(folder)
-    if silent and (failed is None or root is None or root in silent):
+    if silent and (failed is None or reported_root(folder) is None):
         say.error(f"process(es) {', '.join(map(str, silent))} ended without a report: killed (the out-of-memory killer, a "
                   "signal) or crashed; the others were stopped. Continue with --resume auto.")
     elif silent:
@@ -209,35 +208,53 @@ def launch(ranks: int, argv: Sequence[str], say, started_at: float) -> int:
 
 def first_failure(folder: Path, silent: Sequence[int] = ()) -> str | None:
     """The error to print once: rank 0's own (a QLoraError: every rank usually hits the same), else
-    that of the process that failed first: the one torchrun names as the root cause, or the earliest
-    report. None when that process left no report (`silent`: killed, or crashed without a word).
+    that of the process that failed first: the one torchrun saw fail first, or else the earliest
+    report. None when the first was a process that left no report (`silent`: killed, or crashed
+    without a word).
 
     A rank prints its errors on its stderr, which goes to torchrun's log, not to the terminal: a crash
     in rank 0 is printed here like any other rank's."""
     own = folder / "rank-0.error"
     if own.is_file():
         return own.read_text(encoding="utf-8").strip()
-    root = root_cause(folder)
-    if root is not None and root in silent:
+    if root_cause(folder) in silent:
         return None
+    root = reported_root(folder)
     reports = sorted([*folder.glob("rank-*.error"), *folder.glob("rank-*.failed")], key=lambda p: p.stat().st_mtime_ns)
-    chosen = next((p for p in reports if p.stem == f"rank-{root}"), reports[0] if reports else None)
+    chosen = root or (reports[0] if reports else None)
     if chosen is None:
         return None
     # without torchrun's word, a process that left no report may have gone first
-    first = ", which stopped the others" if root is not None or not silent else ""
-    return (f"process {chosen.stem.removeprefix('rank-')} failed{' first' if first else ''}{first}: "
-            f"{chosen.read_text(encoding='utf-8').strip()}")
+    first = " first, which stopped the others" if root or not silent else ""
+    return f"process {chosen.stem.removeprefix('rank-')} failed{first}: {chosen.read_text(encoding='utf-8').strip()}"
+
+
+def reported_root(folder: Path) -> Path | None:
+    """The report (rank-N.error or .failed) of the process torchrun saw fail first, if it left one."""
+    root = root_cause(folder)
+    if root is None:
+        return None
+    return next((p for p in (folder / f"rank-{root}.error", folder / f"rank-{root}.failed") if p.is_file()), None)
 
 
 def root_cause(folder: Path) -> int | None:
-    """The rank torchrun names under "Root Cause (first observed failure)" in its log, if any."""
+    """The rank torchrun names under "Root Cause (first observed failure)" in its log, when it failed
+    strictly before every other failure listed there. torchrun stamps failures in whole seconds and
+    names the lowest rank on a tie, which says nothing about which went first."""
     log = folder / "torchrun.log"
     if not log.is_file():
         return None
     text = log.read_text(encoding="utf-8", errors="replace")
-    found = re.search(r"Root Cause \(first observed failure\):.*?\brank\s*:\s*(\d+)", text, re.DOTALL)
-    return int(found.group(1)) if found else None
+    if "Root Cause (first observed failure):" not in text:
+        return None
+    failures, root_part = text.split("Root Cause (first observed failure):", 1)
+    entry = re.compile(r"time\s*:\s*(\S+)(?:(?!time\s*:).)*?\brank\s*:\s*(\d+)", re.DOTALL)
+    root = entry.search(root_part)
+    if root is None:
+        return None
+    when, rank = root.group(1), int(root.group(2))
+    others = [w for w, r in entry.findall(failures) if int(r) != rank]
+    return rank if all(w > when for w in others) else None
 
 
 def start(on_cpu: bool) -> None:

@@ -357,35 +357,38 @@ def allreduce_seconds(cfg: QLoraConfig, ranks: int, link: str) -> float:
 
 
 # Measured (2 NVLinked H100s, 2026-11-27, bench/results/2026-11-27-multi-gpu-h100-2.json): the shipped
-# config took 0.708 s a step on 2 GPUs (2 x 1 on each) against 1.274 s on one (2 x 2): 0.071 s a step
-# more than half the one-GPU step. What a step costs besides its micro-batches (optimizer, clipping,
-# callbacks, the stop-flag and gradient all-reduces) is paid once per micro-batch instead of once per
-# two. Taken to grow like the share of a step a GPU no longer computes, (N - 1) / N.
-MEASURED_STEP_OVERHEAD_S = 0.071
-MEASURED_OVERHEAD_RANKS = 2
+# config took 1.274 s a step on one GPU (2 micro-batches of 2 rows) and 0.708 s on two (1 each). A
+# step is k micro-batches of m seconds plus a fixed cost F paid once per step on every GPU (optimizer,
+# clipping, callbacks, the stop-flag and gradient all-reduces: what F holds is an inference, not
+# profiled): 2m + F = 1.274 and m + F = 0.708 give F = 0.142 s, m = 0.566 s. A one-GPU rate was
+# measured with F spread over the anchor's 2 micro-batches a step.
+STEP_FIXED_S = 0.142
+RATE_MICRO_BATCHES = 2
 
 
-def data_parallel_step_overhead(cfg: QLoraConfig, ranks: int, link: str) -> float:
-    """Seconds a step on `ranks` GPUs takes beyond the one-GPU step / ranks: the measured 2-GPU overhead
-    (NVLink) scaled to `ranks`, plus what a slower link adds to the all-reduce (an ESTIMATE)."""
-    scale = ((ranks - 1) / ranks) / ((MEASURED_OVERHEAD_RANKS - 1) / MEASURED_OVERHEAD_RANKS)
+def data_parallel_step_seconds(cfg: QLoraConfig, rates: Rates, ranks: int, tokens_per_step: float,
+                               link: str) -> float:
+    """One optimizer step on `ranks` GPUs: each GPU's micro-batches at the one-GPU rate less the fixed
+    cost that rate carries, plus the fixed cost once, plus what a link slower than NVLink adds to the
+    gradient all-reduce (an ESTIMATE). `cfg` is planned per GPU (commands/plan.py: per_gpu_batch):
+    its accumulation counts the micro-batches of all GPUs."""
+    micro_batches = max(1, cfg.training.gradient_accumulation_steps // ranks)
+    per_micro_batch = tokens_per_step / ranks / micro_batches / rates.tokens_per_second
     slower_link = max(0.0, allreduce_seconds(cfg, ranks, link) - allreduce_seconds(cfg, ranks, "NVLink"))
-    return MEASURED_STEP_OVERHEAD_S * scale + slower_link
+    return micro_batches * (per_micro_batch - STEP_FIXED_S / RATE_MICRO_BATCHES) + STEP_FIXED_S + slower_link
 
 
 def data_parallel_rates(cfg: QLoraConfig, rates: Rates, ranks: int, tokens_per_step: float,
                         link: str = "PCIe") -> Rates:
-    """`ranks` GPUs, each at the one-GPU rate of its micro-batch, plus the per-step overhead measured
-    on 2 NVLinked H100s, scaled to `ranks` and to the link (`data_parallel_step_overhead`). PCIe by
-    default: the slower link, so the figure is low rather than high on NVLink machines."""
+    """`ranks` GPUs, each at the one-GPU rate of its micro-batch, with the per-step cost measured on 2
+    NVLinked H100s (`data_parallel_step_seconds`). PCIe by default: the slower link, so the figure is
+    low rather than high on NVLink machines. Always an estimate for the run planned."""
     if ranks == 1:
         return rates
-    compute = tokens_per_step / ranks / rates.tokens_per_second
-    efficiency = compute / (compute + data_parallel_step_overhead(cfg, ranks, link))
-    measured = "measured on 2 NVLinked H100s" if ranks == MEASURED_OVERHEAD_RANKS and link == "NVLink" else (
-        f"measured on 2 NVLinked H100s, scaled to {ranks} GPUs over {link}: ESTIMATE")
-    return Rates(rates.tokens_per_second * ranks * efficiency, rates.peak_gb, rates.eval_tokens_per_second * ranks,
-                 rates.save_seconds, rates.startup_seconds,
-                 f"{ranks} GPUs x ({rates.source}) x {efficiency:.3f} data-parallel efficiency ({measured}; "
-                 f"{4 * lora_parameters(cfg) / 1e6:.0f} MB of LoRA gradients a step)",
+    step = data_parallel_step_seconds(cfg, rates, ranks, tokens_per_step, link)
+    speed = tokens_per_step / step
+    return Rates(speed, rates.peak_gb, rates.eval_tokens_per_second * ranks, rates.save_seconds, rates.startup_seconds,
+                 f"{ranks} GPUs x ({rates.source}) x {speed / ranks / rates.tokens_per_second:.3f} data-parallel "
+                 f"efficiency (a step's fixed cost measured on 2 NVLinked H100s; {link}; "
+                 f"{4 * lora_parameters(cfg) / 1e6:.0f} MB of LoRA gradients a step; ESTIMATE)",
                  False)

@@ -605,13 +605,14 @@ def test_each_process_puts_its_own_gpu_back_before_a_layer_runs(tiny_model_dir, 
     current, calls, said = [0], [], []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: (calls.append(index), current.__setitem__(0, index)))
-    say = type("Say", (), {"warn": lambda self, text: said.append(text)})()
+    say = type("Say", (), {"info": lambda self, text: said.append(text)})()
     layers = model.config.num_hidden_layers
     assert pin_cuda_device(model, 1, say) == layers + 2 * layers + 1  # layers, their 2 norms, the final norm
     current[0] = 0  # something switched it
     model(torch.tensor([[1, 2, 3]]))
     assert calls == [1] and current[0] == 1  # put back once, before the first layer
     assert len(said) == 1 and "was 0 instead of this process's GPU 1 before model.layers.0" in said[0]
+    assert "harmless" in said[0]
     current[0] = 0
     model(torch.tensor([[1, 2, 3]]))
     assert calls == [1, 1] and len(said) == 1  # again put back, said only once

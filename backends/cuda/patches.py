@@ -90,19 +90,21 @@ def pin_cuda_device(model, index: int, say) -> int:
     runs. Triton kernels launch on the current device rather than their tensors' (Liger's RoPE has
     no device guard), so a library that leaves the current device elsewhere breaks them on every GPU
     but that one. Each hook costs one `cudaGetDevice`; the first correction is said once, naming
-    the module, so the culprit can be found. Returns how many modules were hooked."""
+    the module, so the culprit can be found (an info line: nothing for the user to do). Returns how many modules were hooked."""
     import torch
 
-    corrected: list[int] = []
+    said = False
     names = {module: name for name, module in model.named_modules()}
 
     def pin(module, args):
+        nonlocal said
         current = torch.cuda.current_device()
         if current != index:
-            if not corrected:
-                say.warn(f"the current CUDA device was {current} instead of this process's GPU {index} before "
-                         f"{names.get(module, type(module).__name__)}; set back (a library switched it)")
-            corrected.append(current)
+            if not said:
+                say.info(f"the current CUDA device was {current} instead of this process's GPU {index} before "
+                         f"{names.get(module, type(module).__name__)} (a library switched it); set back before "
+                         "every layer, harmless")
+                said = True
             torch.cuda.set_device(index)
 
     hooked = 0

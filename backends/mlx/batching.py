@@ -9,9 +9,10 @@ So the examples of one optimizer step are regrouped, longest first, into micro-b
 that pad to the same width (PAD_TO buckets: no more padding than one example alone gets), each at
 most as many padded input tokens as the run's largest ungrouped micro-batch (`batch_size` rows of its
 longest example: `group_budget`): the same examples in the same optimizer step, in fewer passes, and
-no micro-batch bigger than one the run has to hold anyway, so grouping never raises peak memory
-(logits and activations grow with a micro-batch's tokens, attention with rows x width^2, which is
-no larger either). (Grouping by budget alone padded a step's short
+no micro-batch bigger in input tokens than one the run has to hold anyway (logits and activations
+grow with a micro-batch's tokens, attention with rows x width^2, which is no larger either). Measured
+at 7B on MLX's CUDA build (docs/benchmarks.md), pairs of short examples still raised the peak by
+0.11 GB (2%): something beyond tokens (perhaps the kernels MLX picks for 2-row inputs) costs memory. (Grouping by budget alone padded a step's short
 examples up to its longest: ~2x the compute on the sample data, measured on the CPU.) The
 loss stays token-weighted and unchanged: the trainer adds up summed losses and target counts over
 the step's micro-batches, and right padding is never attended to (causal) nor scored (weight 0).
