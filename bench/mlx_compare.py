@@ -6,7 +6,8 @@ example per micro-batch x 16 accumulated: the same examples per optimizer step f
 
 Each run is its own process (mlx-lm's gradient checkpointing patches the layer class for the rest of
 a process). Real tokens/s = the examples' tokens over the wall time of all steps (the compiles
-included, for both); peak memory = `mx.get_peak_memory()` over those steps.
+included, for both); warm = the same after the first optimizer step (each step's real tokens and
+seconds are in the result); peak memory = `mx.get_peak_memory()` over those steps.
 """
 
 from __future__ import annotations
@@ -61,41 +62,67 @@ def measure(args, name: str, workdir: Path) -> dict:
     trainer = MlxTrainer(cfg, RunFolder.create(cfg), data, Say())
     trainer.setup()  # the 4-bit conversion (cached) and LoRA layers: the same for both trainers
     if RUNS[name] is None:
-        seconds, micro_batches = run_mlx_lm(trainer, args)
+        seconds, micro_batches, steps = run_mlx_lm(trainer, args)
     else:
         value_and_grad = trainer.value_and_grad()
         mx.reset_peak_memory()
-        started, micro_batches = time.perf_counter(), 0
+        started, micro_batches, steps = time.perf_counter(), 0, []
         for _ in range(args.steps):
-            micro_batches += len(trainer.step_micro_batches())
+            step_started = time.perf_counter()
+            groups = trainer.step_micro_batches()
             trainer._optimizer_step(value_and_grad)
+            steps.append((sum(len(e) for group in groups for e in group), time.perf_counter() - step_started))
+            micro_batches += len(groups)
             trainer.step += 1
         seconds = time.perf_counter() - started
     tokens = sum(len(e) for e in data.train)
+    warm_tokens, warm_seconds = (sum(x) for x in zip(*steps[1:])) if len(steps) > 1 else (0, 0.0)
     return {"run": name, "packing": packing, "compile_step": compiled, "steps": args.steps,
             "examples": len(data.train), "real_tokens": tokens, "micro_batches": micro_batches,
             "seconds": seconds, "real_tokens_per_second": tokens / seconds,
+            # after the first optimizer step (most compiles are in it; mlx-lm's may go on after it)
+            "warm_real_tokens_per_second": warm_tokens / warm_seconds if warm_seconds else None,
+            "step_tokens_and_seconds": [[t, round(sec, 4)] for t, sec in steps],
             "peak_memory_gb": mx.get_peak_memory() / 1024**3}
 
 
-def run_mlx_lm(trainer, args) -> tuple[float, int]:
+def run_mlx_lm(trainer, args) -> tuple[float, int, list[tuple[int, float]]]:
     """mlx-lm's own loop on our trainer's model (4-bit, LoRA layers already in place, same AdamW
-    and schedule). Its loss trains from the first target token to the end of each example."""
+    and schedule). Its loss trains from the first target token to the end of each example. Also
+    each optimizer step's real tokens (from the batches its iterator yielded, in its own order) and
+    seconds (its report, one per step)."""
     import mlx.core as mx
-    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner import trainer as mlx_trainer
+    from mlx_lm.tuner.callbacks import TrainingCallback
 
     examples = trainer.data.train
     dataset = [(e.input_ids, e.loss_mask.index(1) if 1 in e.loss_mask else 0) for e in examples]
+    yielded: list[int] = []
+
+    def iterate_batches(*a, **kw):  # mlx-lm's own, recording the real tokens of each batch
+        for batch, lengths in mlx_trainer.iterate_batches(*a, **kw):
+            yielded.append(int(lengths[:, 1].sum().item()))
+            yield batch, lengths
+
+    step_seconds: list[float] = []
+
+    class Steps(TrainingCallback):
+        def on_train_loss_report(self, info):
+            step_seconds.append(args.accumulation / info["iterations_per_second"])
+
     # grad_checkpoint off here: our setup() already checkpoints the layer class the same way, and a
     # second wrap would recompute twice
-    targs = TrainingArgs(batch_size=1, iters=len(dataset), grad_accumulation_steps=args.accumulation,
-                         grad_checkpoint=False, max_seq_length=args.max_seq_length,
-                         steps_per_report=10**9, steps_per_eval=10**9, steps_per_save=10**9,
-                         adapter_file=str(trainer.run.root / "mlx_lm_adapters.safetensors"))
+    targs = mlx_trainer.TrainingArgs(batch_size=1, iters=len(dataset), grad_accumulation_steps=args.accumulation,
+                                     grad_checkpoint=False, max_seq_length=args.max_seq_length,
+                                     steps_per_report=args.accumulation, steps_per_eval=10**9, steps_per_save=10**9,
+                                     adapter_file=str(trainer.run.root / "mlx_lm_adapters.safetensors"))
     mx.reset_peak_memory()
     started = time.perf_counter()
-    train(trainer.model, trainer.optimizer, dataset, None, args=targs)
-    return time.perf_counter() - started, len(dataset)
+    mlx_trainer.train(trainer.model, trainer.optimizer, dataset, None, args=targs, iterate_batches=iterate_batches,
+                      training_callback=Steps())
+    seconds = time.perf_counter() - started
+    step_tokens = [sum(yielded[i:i + args.accumulation]) for i in range(0, len(yielded), args.accumulation)]
+    return seconds, len(dataset), list(zip(step_tokens, step_seconds))
 
 
 def gpu_name() -> str:

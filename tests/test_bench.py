@@ -224,3 +224,23 @@ def test_multi_gpu_results_name_each_gpu_count_and_the_speed_up(tmp_path):
     from bench.multi_gpu import run_row
 
     assert not run_row(2, stopped)["reached_max_steps"]
+
+
+@pytest.mark.slow
+def test_mlx_compare_times_each_step_of_both_trainers(tmp_path):
+    """bench/mlx_compare.py on the tiny model: each trainer's optimizer steps carry the real tokens
+    they trained on (together: every example once) and their seconds, so a warm rate (after the
+    first step, where the compiles are) is reported beside the whole run's."""
+    pytest.importorskip("mlx_lm")
+    out = tmp_path / "mlx.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "mlx_compare.py"), "--runs", "mlx_lm,ours", "--steps", "2",
+                    "--accumulation", "4", "--workdir", str(tmp_path), "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=900)
+    result = json.loads(out.read_text())
+    assert [run["run"] for run in result["runs"]] == ["mlx_lm", "ours"]
+    for run in result["runs"]:
+        steps = run["step_tokens_and_seconds"]
+        assert len(steps) == 2 and sum(tokens for tokens, _ in steps) == run["real_tokens"] > 0
+        assert all(seconds > 0 for _, seconds in steps)
+        assert run["warm_real_tokens_per_second"] == pytest.approx(steps[1][0] / steps[1][1], rel=1e-3)
+    assert result["ours"]["run"] == "ours" and result["mlx_lm"]["run"] == "mlx_lm"
