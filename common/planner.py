@@ -361,9 +361,11 @@ def allreduce_seconds(cfg: QLoraConfig, ranks: int, link: str) -> float:
 # step is k micro-batches of m seconds plus a fixed cost F paid once per step on every GPU (optimizer,
 # clipping, callbacks, the stop-flag and gradient all-reduces: what F holds is an inference, not
 # profiled): 2m + F = 1.274 and m + F = 0.708 give F = 0.142 s, m = 0.566 s. A one-GPU rate was
-# measured with F spread over the anchor's 2 micro-batches a step.
+# measured with F spread over the anchor's 2 micro-batches a step. Other platforms take F as the same
+# share of a 2-micro-batch step (an ESTIMATE: only the 7B shape on H100s was measured).
 STEP_FIXED_S = 0.142
 RATE_MICRO_BATCHES = 2
+STEP_FIXED_SHARE = STEP_FIXED_S / 1.274
 
 
 def data_parallel_step_seconds(cfg: QLoraConfig, rates: Rates, ranks: int, tokens_per_step: float,
@@ -374,8 +376,9 @@ def data_parallel_step_seconds(cfg: QLoraConfig, rates: Rates, ranks: int, token
     its accumulation counts the micro-batches of all GPUs."""
     micro_batches = max(1, cfg.training.gradient_accumulation_steps // ranks)
     per_micro_batch = tokens_per_step / ranks / micro_batches / rates.tokens_per_second
+    fixed = STEP_FIXED_S if cfg.platform == "h100" else STEP_FIXED_SHARE * RATE_MICRO_BATCHES * per_micro_batch
     slower_link = max(0.0, allreduce_seconds(cfg, ranks, link) - allreduce_seconds(cfg, ranks, "NVLink"))
-    return micro_batches * (per_micro_batch - STEP_FIXED_S / RATE_MICRO_BATCHES) + STEP_FIXED_S + slower_link
+    return micro_batches * max(0.0, per_micro_batch - fixed / RATE_MICRO_BATCHES) + fixed + slower_link
 
 
 def data_parallel_rates(cfg: QLoraConfig, rates: Rates, ranks: int, tokens_per_step: float,

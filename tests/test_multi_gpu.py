@@ -259,7 +259,7 @@ def test_an_error_on_every_process_reaches_the_user_once(tiny_model_dir, tmp_pat
 
 def test_the_allreduce_is_the_lora_gradients_and_costs_little_next_to_a_step():
     from common.config_loader import load_config
-    from common.planner import Rates, allreduce_seconds, data_parallel_rates, lora_parameters
+    from common.planner import STEP_FIXED_S, Rates, allreduce_seconds, data_parallel_rates, lora_parameters
 
     cfg = load_config(None, "h100", [])
     assert lora_parameters(cfg) == 41_943_040  # r 16 on the 7 projections of 32 layers: 168 MB in fp32
@@ -278,6 +278,14 @@ def test_the_allreduce_is_the_lora_gradients_and_costs_little_next_to_a_step():
     eight_cfg = load_config(None, "h100", ["training.gradient_accumulation_steps=16"])
     eight = data_parallel_rates(eight_cfg, one, 8, tokens_per_step=8 * 16_042, link="NVLink")
     assert 8 * 16_042 / eight.tokens_per_second == pytest.approx(16_042 / 12_805, rel=0.01)
+    # a micro-batch far shorter than the fixed cost: a step is never less than that cost
+    tiny = data_parallel_rates(two_cfg, one, 2, tokens_per_step=256, link="NVLink")
+    assert 256 / tiny.tokens_per_second >= STEP_FIXED_S
+    # another platform: the fixed cost as the same share of a step (not the H100's seconds)
+    cpu_cfg = load_config(None, "cpu", ["training.gradient_accumulation_steps=2", "training.batch_size=2"])
+    slow = Rates(500, 1.0, 1_000, 1.0, 10.0, "measured", True)
+    on_cpu = data_parallel_rates(cpu_cfg, slow, 2, tokens_per_step=4_000, link="NVLink")
+    assert on_cpu.tokens_per_second / (2 * slow.tokens_per_second) == pytest.approx(1.798 / 2, rel=0.01)
 
 
 def test_plan_for_two_gpus_splits_the_step_and_sizes_memory_per_gpu():

@@ -89,8 +89,9 @@ def pin_cuda_device(model, index: int, say) -> int:
     """Keep the current CUDA device on this process's GPU (`index`) whenever a decoder layer or a norm
     runs. Triton kernels launch on the current device rather than their tensors' (Liger's RoPE has
     no device guard), so a library that leaves the current device elsewhere breaks them on every GPU
-    but that one. Each hook costs one `cudaGetDevice`; the first correction is said once, naming
-    the module, so the culprit can be found (an info line: nothing for the user to do). Returns how many modules were hooked."""
+    but that one. Each hook costs one `cudaGetDevice`; the first correction is said once, naming the
+    module, so the culprit can be found (an info line: nothing for the user to do). Returns how many
+    modules were hooked."""
     import torch
 
     said = False

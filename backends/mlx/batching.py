@@ -12,8 +12,9 @@ longest example: `group_budget`): the same examples in the same optimizer step, 
 no micro-batch bigger in input tokens than one the run has to hold anyway (logits and activations
 grow with a micro-batch's tokens, attention with rows x width^2, which is no larger either). Measured
 at 7B on MLX's CUDA build (docs/benchmarks.md), pairs of short examples still raised the peak by
-0.11 GB (2%): something beyond tokens (perhaps the kernels MLX picks for 2-row inputs) costs memory. (Grouping by budget alone padded a step's short
-examples up to its longest: ~2x the compute on the sample data, measured on the CPU.) The
+0.11 GB (2%): something beyond tokens (perhaps the kernels MLX picks for 2-row inputs) costs memory.
+(Grouping by budget alone padded a step's short examples up to its longest: ~2x the compute on the
+sample data, measured on the CPU.) The
 loss stays token-weighted and unchanged: the trainer adds up summed losses and target counts over
 the step's micro-batches, and right padding is never attended to (causal) nor scored (weight 0).
 Real packing (several examples in one row) would need per-segment attention masks and position
