@@ -18,6 +18,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory):
+    """Temporary files of the tests and the processes they start (the --gpus launcher's rank folders,
+    which it keeps after a failure on purpose; torchrun's own) go under pytest's temporary folder,
+    not the machine's /tmp, where they would pile up run after run."""
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("tmpdir"))
+    before, cached = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, None
+    yield folder
+    tempfile.tempdir = cached
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+
+
 @pytest.fixture(scope="session")
 def chat_tokenizer():
     from common.data import ChatTokenizer
