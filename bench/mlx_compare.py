@@ -6,8 +6,12 @@ example per micro-batch x 16 accumulated: the same examples per optimizer step f
 
 Each run is its own process (mlx-lm's gradient checkpointing patches the layer class for the rest of
 a process). Real tokens/s = the examples' tokens over the wall time of all steps (the compiles
-included, for both); warm = the same after the first optimizer step (each step's real tokens and
-seconds are in the result); peak memory = `mx.get_peak_memory()` over those steps.
+included, for both); warm = the same after the first optimizer step, late = over the second half
+of the steps (each step's real tokens and seconds are in the result); peak memory =
+`mx.get_peak_memory()` over those steps. MLX's allocator may serve a request from a cached buffer up
+to twice its size (or 2 pages over it) and counts the whole buffer, so with its buffer cache on
+(the default) a peak depends on what ran before by a few percent; `--no-buffer-cache` measures
+the buffers alive at once.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ def measure(args, name: str, workdir: Path) -> dict:
     from common.data import ChatTokenizer, prepare_data
     from common.run_folder import RunFolder
 
+    if args.no_buffer_cache:
+        mx.set_cache_limit(0)  # every freed buffer goes back to CUDA/Metal at once: the peak counts live buffers only
     packing, compiled = RUNS[name] or (False, True)  # mlx-lm compiles its step; batch 1: nothing to group
     cfg = config(args, workdir, packing, compiled)
     cfg.tracking.run_name = name
@@ -77,13 +83,17 @@ def measure(args, name: str, workdir: Path) -> dict:
         seconds = time.perf_counter() - started
     tokens = sum(len(e) for e in data.train)
     warm_tokens, warm_seconds = (sum(x) for x in zip(*steps[1:])) if len(steps) > 1 else (0, 0.0)
+    late_tokens, late_seconds = (sum(x) for x in zip(*steps[len(steps) // 2:])) if len(steps) > 1 else (0, 0.0)
     return {"run": name, "packing": packing, "compile_step": compiled, "steps": args.steps,
             "examples": len(data.train), "real_tokens": tokens, "micro_batches": micro_batches,
             "seconds": seconds, "real_tokens_per_second": tokens / seconds,
             # after the first optimizer step (most compiles are in it; mlx-lm's may go on after it)
             "warm_real_tokens_per_second": warm_tokens / warm_seconds if warm_seconds else None,
+            # the second half of the steps: past the compiles of the shapes the data brings early
+            "late_real_tokens_per_second": late_tokens / late_seconds if late_seconds else None,
             "step_tokens_and_seconds": [[t, round(sec, 4)] for t, sec in steps],
-            "peak_memory_gb": mx.get_peak_memory() / 1024**3}
+            "peak_memory_gb": mx.get_peak_memory() / 1024**3, "buffer_cache": not args.no_buffer_cache,
+            "cache_memory_gb_at_end": mx.get_cache_memory() / 1024**3}
 
 
 def run_mlx_lm(trainer, args) -> tuple[float, int, list[tuple[int, float]]]:
@@ -152,6 +162,10 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=4096)
     parser.add_argument("--runs", default=",".join(RUNS), help="which runs, comma-separated (default: all)")
     parser.add_argument("--only", choices=list(RUNS), help="one run, printed as JSON (used by the parent)")
+    parser.add_argument("--no-buffer-cache", action="store_true",
+                        help="MLX's buffer cache off in every run (mx.set_cache_limit(0)): the peak then counts the "
+                        "buffers alive at once; with the cache on, a freed buffer up to twice a request's size (or 2 "
+                        "pages over it) may serve it and count whole, so peaks depend on what ran before")
     parser.add_argument("--workdir")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -173,7 +187,7 @@ def main() -> None:
     for name in (name for name in RUNS if name in chosen):
         command = [sys.executable, __file__, "--only", name, "--workdir", str(workdir), "--model-dir", args.model_dir,
                    "--data", args.data, "--steps", str(args.steps), "--accumulation", str(args.accumulation),
-                   "--max-seq-length", str(args.max_seq_length)]
+                   "--max-seq-length", str(args.max_seq_length)] + ["--no-buffer-cache"] * args.no_buffer_cache
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         runs.append(json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:]))
         print(json.dumps(runs[-1]), flush=True)
@@ -186,6 +200,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.system()}, MLX device {mx.default_device()}{gpu_name()}",
         "model": args.model_dir, "data": args.data,
         "layout": f"batch 1 x accumulation {args.accumulation} (the M4 config), max length {args.max_seq_length}",
+        "buffer_cache": "off (mx.set_cache_limit(0)): peaks count live buffers" if args.no_buffer_cache else "on (MLX's default)",
         "versions": {name: md.version(name) for name in ("mlx", "mlx-lm")},
         "runs": runs,
         "ours": next((r for r in runs if r["run"] == "ours"), None),

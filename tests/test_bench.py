@@ -230,11 +230,12 @@ def test_multi_gpu_results_name_each_gpu_count_and_the_speed_up(tmp_path):
 def test_mlx_compare_times_each_step_of_both_trainers(tmp_path):
     """bench/mlx_compare.py on the tiny model: each trainer's optimizer steps carry the real tokens
     they trained on (together: every example once) and their seconds, so a warm rate (after the
-    first step, where the compiles are) is reported beside the whole run's."""
+    first step, where the compiles are) is reported beside the whole run's; with --no-buffer-cache
+    MLX keeps no freed buffers, so the peaks count live buffers only."""
     pytest.importorskip("mlx_lm")
     out = tmp_path / "mlx.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "mlx_compare.py"), "--runs", "mlx_lm,ours", "--steps", "2",
-                    "--accumulation", "4", "--workdir", str(tmp_path), "--out", str(out)],
+                    "--accumulation", "4", "--no-buffer-cache", "--workdir", str(tmp_path), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=900)
     result = json.loads(out.read_text())
     assert [run["run"] for run in result["runs"]] == ["mlx_lm", "ours"]
@@ -243,4 +244,7 @@ def test_mlx_compare_times_each_step_of_both_trainers(tmp_path):
         assert len(steps) == 2 and sum(tokens for tokens, _ in steps) == run["real_tokens"] > 0
         assert all(seconds > 0 for _, seconds in steps)
         assert run["warm_real_tokens_per_second"] == pytest.approx(steps[1][0] / steps[1][1], rel=1e-3)
+        assert run["late_real_tokens_per_second"] == run["warm_real_tokens_per_second"]  # 2 steps: the second half is step 2
+        assert run["buffer_cache"] is False and run["cache_memory_gb_at_end"] == 0
+    assert result["buffer_cache"].startswith("off")
     assert result["ours"]["run"] == "ours" and result["mlx_lm"]["run"] == "mlx_lm"
