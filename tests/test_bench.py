@@ -248,3 +248,23 @@ def test_mlx_compare_times_each_step_of_both_trainers(tmp_path):
         assert run["buffer_cache"] is False and run["cache_memory_gb_at_end"] == 0
     assert result["buffer_cache"].startswith("off")
     assert result["ours"]["run"] == "ours" and result["mlx_lm"]["run"] == "mlx_lm"
+
+
+@pytest.mark.slow
+def test_mlx_shape_memory_reports_where_each_runs_peak_came(tmp_path, tiny_model_dir):
+    """bench/mlx_shape_memory.py on the tiny model, data part: the grouped run makes fewer passes over
+    the same examples, and each run's peak is one of its passes' peaks at a shape it really ran."""
+    pytest.importorskip("mlx.core")
+    out = tmp_path / "shape.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "mlx_shape_memory.py"), "--skip-shapes", "--steps", "1",
+                    "--workdir", str(tmp_path), "--out", str(out), "--model-dir", str(tiny_model_dir)],
+                   check=True, capture_output=True, text=True, timeout=900)
+    result = json.loads(out.read_text())
+    assert result["shapes"] == []
+    plain, grouped = result["data"]
+    assert (plain["packing"], grouped["packing"]) == (False, True)
+    assert grouped["passes"] < plain["passes"] == 16
+    assert any(shape.startswith("2 x ") for shape in grouped["peak_by_shape_mb"])  # short examples in pairs
+    for run in (plain, grouped):
+        rows, width = run["peak_at_shape"]
+        assert run["peak_over_model_mb"] == run["peak_by_shape_mb"][f"{rows} x {width}"] > 0
