@@ -7,11 +7,12 @@ example per micro-batch x 16 accumulated: the same examples per optimizer step f
 Each run is its own process (mlx-lm's gradient checkpointing patches the layer class for the rest of
 a process). Real tokens/s = the examples' tokens over the wall time of all steps (the compiles
 included, for both); warm = the same after the first optimizer step, late = over the second half
-of the steps (each step's real tokens and seconds are in the result); peak memory =
-`mx.get_peak_memory()` over those steps. MLX's allocator may serve a request from a cached buffer up
-to twice its size (or 2 pages over it) and counts the whole buffer, so with its buffer cache on
-(the default) a peak depends on what ran before by a few percent; `--no-buffer-cache` measures
-the buffers alive at once.
+of the steps (the middle step included when their number is odd; each step's real tokens and
+seconds are in the result). Ours are timed by wall clock around each step, mlx-lm's by its own step
+reports (which leave out its batch building). Peak memory = `mx.get_peak_memory()` over those steps:
+buffers allocated and not yet freed, which includes those the GPU still uses. `--no-buffer-cache`
+turns MLX's buffer cache off in every run (measured at 7B, peaks then fell by 0.09-0.25 GiB and
+agreed between trainers within 2 MB; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def measure(args, name: str, workdir: Path) -> dict:
     from common.run_folder import RunFolder
 
     if args.no_buffer_cache:
-        mx.set_cache_limit(0)  # every freed buffer goes back to CUDA/Metal at once: the peak counts live buffers only
+        mx.set_cache_limit(0)  # a freed buffer is released, never kept for reuse: the peak counts buffers not yet freed
     packing, compiled = RUNS[name] or (False, True)  # mlx-lm compiles its step; batch 1: nothing to group
     cfg = config(args, workdir, packing, compiled)
     cfg.tracking.run_name = name
@@ -163,9 +164,8 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(RUNS), help="which runs, comma-separated (default: all)")
     parser.add_argument("--only", choices=list(RUNS), help="one run, printed as JSON (used by the parent)")
     parser.add_argument("--no-buffer-cache", action="store_true",
-                        help="MLX's buffer cache off in every run (mx.set_cache_limit(0)): the peak then counts the "
-                        "buffers alive at once; with the cache on, a freed buffer up to twice a request's size (or 2 "
-                        "pages over it) may serve it and count whole, so peaks depend on what ran before")
+                        help="MLX's buffer cache off in every run (mx.set_cache_limit(0)): freed buffers are released "
+                        "at once instead of kept for reuse")
     parser.add_argument("--workdir")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -200,7 +200,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.system()}, MLX device {mx.default_device()}{gpu_name()}",
         "model": args.model_dir, "data": args.data,
         "layout": f"batch 1 x accumulation {args.accumulation} (the M4 config), max length {args.max_seq_length}",
-        "buffer_cache": "off (mx.set_cache_limit(0)): peaks count live buffers" if args.no_buffer_cache else "on (MLX's default)",
+        "buffer_cache": "off (mx.set_cache_limit(0))" if args.no_buffer_cache else "on (MLX's default)",
         "versions": {name: md.version(name) for name in ("mlx", "mlx-lm")},
         "runs": runs,
         "ours": next((r for r in runs if r["run"] == "ours"), None),

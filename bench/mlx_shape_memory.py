@@ -8,9 +8,13 @@ Two parts, one process, the 4-bit model and LoRA of `MlxTrainer.setup()` (the M4
    cleared before each: 1 x 65 against 2 x 33 (64 input positions each), 1 x 129 against 2 x 65 and
    4 x 33, 1 x 257 against 2 x 129, then the first two again (the same shape a second time shows
    how much a peak depends on what ran before).
-2. The sample data's first steps as `bench/mlx_compare.py` runs them, ungrouped then length-grouped
-   (`training.packing`): the peak of each micro-batch, and at which shape the run's peak came.
-Peaks are `mx.get_peak_memory()` over the memory alive before the pass (the model), in MB.
+2. The micro-batches of the sample data's first steps (those of `bench/mlx_compare.py` at the same
+   --steps), ungrouped then length-grouped (`training.packing`): one value-and-gradient pass each
+   (no accumulation, no optimizer update), the peak of each, and at which shape the run's peak came.
+Peaks are `mx.get_peak_memory()` over the memory alive before the pass (the model), in MB (1e6
+bytes). `--no-buffer-cache` turns MLX's buffer cache off (`mx.set_cache_limit(0)`).
+
+Measured 2026-11-27 on an H100 with a first form of this script (docs/benchmarks.md, MLX at 7B).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps of the data part (16 examples each)")
     parser.add_argument("--workdir", required=True, help="run folders and the converted 4-bit model (cached)")
     parser.add_argument("--skip-shapes", action="store_true", help="only the data part")
+    parser.add_argument("--no-buffer-cache", action="store_true", help="MLX's buffer cache off (mx.set_cache_limit(0))")
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -45,6 +50,8 @@ def main() -> None:
     from common.data import ChatTokenizer, prepare_data
     from common.run_folder import RunFolder
 
+    if args.no_buffer_cache:
+        mx.set_cache_limit(0)
     args.max_seq_length, args.accumulation = 4096, 16
     cfg = config(args, Path(args.workdir), packing=False, compiled=False)
     cfg.tracking.run_name = "shape-memory"
@@ -60,8 +67,8 @@ def main() -> None:
         mx.eval(loss, n, grads)
         return round((mx.get_peak_memory() - base) / 1e6, 1), round(time.perf_counter() - started, 3)
 
-    result: dict = {"model": args.model_dir, "device": str(mx.default_device()),
-                    "model_gb": mx.get_active_memory() / 1e9, "shapes": [], "data": []}
+    result: dict = {"model": args.model_dir, "device": str(mx.default_device()), "buffer_cache": not args.no_buffer_cache,
+                    "model_mb": round(mx.get_active_memory() / 1e6, 1), "shapes": [], "data": []}
     for rows, width in [] if args.skip_shapes else SHAPES:
         ids = mx.random.randint(3, 30000, (rows, width)).astype(mx.int32)
         mask = mx.ones((rows, width), dtype=mx.int32)
@@ -82,12 +89,13 @@ def main() -> None:
             trainer.step = step
             for batch in trainer.step_micro_batches():
                 ids, mask = trainer.to_arrays(batch)
-                passes.append((list(ids.shape), pass_peak_mb(ids, mask, base)[0]))
+                passes.append((list(ids.shape), pass_peak_mb(ids, mask, base)[0], len(batch)))
         by_shape: dict[str, float] = {}
-        for shape, peak in passes:
+        for shape, peak, _ in passes:
             by_shape[f"{shape[0]} x {shape[1]}"] = max(peak, by_shape.get(f"{shape[0]} x {shape[1]}", 0.0))
         top = max(passes, key=lambda p: p[1])
-        result["data"].append({"packing": packing, "passes": len(passes), "peak_over_model_mb": top[1],
+        result["data"].append({"packing": packing, "passes": len(passes), "examples": sum(p[2] for p in passes),
+                               "peak_over_model_mb": top[1],
                                "peak_at_shape": top[0], "peak_by_shape_mb": by_shape})
         print(json.dumps(result["data"][-1]), flush=True)
     if args.out:
