@@ -198,7 +198,8 @@ class TrainingConfig(Section):
         "needs a varlen attention kernel). MLX: regroup each optimizer step's examples by length into "
         "fewer, fuller micro-batches, none with more padded input tokens than batch_size rows of the data's "
         "longest example (measured at 7B on MLX's CUDA build: 1.1-1.6x faster than ungrouped; peak 0.11-0.23 "
-        "GiB higher with MLX's default buffer cache, the same with it off; mlx-lm's models take no per-segment masks). Either way the same examples per optimizer step and the same token-weighted loss.",
+        "GiB higher with MLX's default buffer cache, the same with it off; mlx-lm's models take no "
+        "per-segment masks). Either way the same examples per optimizer step and the same token-weighted loss.",
     )
 
 
@@ -336,8 +337,8 @@ class MlxConfig(Section):
         description="Compile the forward + backward of a micro-batch with mx.compile (as mlx-lm's own "
         "trainer does). It traces once per micro-batch shape (rows x width; widths are multiples of 32), "
         "and length-grouped micro-batches (training.packing) change shape nearly every step. Off by default: "
-        "at 7B on MLX's CUDA build it made ungrouped steps 1.5-1.8x faster but peaked ~0.32 GiB higher (MLX's default buffer cache), and "
-        "with length grouping (the default) it was no faster; on the CPU it was slower (docs/benchmarks.md). "
+        "at 7B on MLX's CUDA build it made ungrouped steps 1.5-1.8x faster but peaked ~0.32 GiB higher "
+        "(MLX's default buffer cache), and with length grouping (the default) it was no faster; on the CPU it was slower (docs/benchmarks.md). "
         "Not yet measured on an M4.",
     )
 
