@@ -91,12 +91,12 @@ def main() -> None:
                 ids, mask = trainer.to_arrays(batch)
                 passes.append((list(ids.shape), pass_peak_mb(ids, mask, base)[0], len(batch)))
         by_shape: dict[str, float] = {}
-        for shape, peak, _ in passes:
-            by_shape[f"{shape[0]} x {shape[1]}"] = max(peak, by_shape.get(f"{shape[0]} x {shape[1]}", 0.0))
+        for (rows, width), peak, _ in passes:
+            key = f"{rows} x {width}"
+            by_shape[key] = max(peak, by_shape.get(key, 0.0))
         top = max(passes, key=lambda p: p[1])
         result["data"].append({"packing": packing, "passes": len(passes), "examples": sum(p[2] for p in passes),
-                               "peak_over_model_mb": top[1],
-                               "peak_at_shape": top[0], "peak_by_shape_mb": by_shape})
+                               "peak_over_model_mb": top[1], "peak_at_shape": top[0], "peak_by_shape_mb": by_shape})
         print(json.dumps(result["data"][-1]), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -14,12 +14,12 @@ grow with a micro-batch's tokens, attention with rows x width^2, which is no lar
 Measured at 7B on MLX's CUDA build (docs/benchmarks.md): with MLX's buffer cache off, grouped,
 ungrouped and mlx-lm's trainer peaked within 2 MB of each other; with the cache on (the default),
 grouped peaked 0.11-0.23 GiB above ungrouped and 0.7-2% above mlx-lm's trainer, for a cause not
-established (a pass of 2 rows x 32 positions peaked within 3% of 1 row x 64, above or below it). (Grouping
-by budget alone padded a step's short examples up to its longest: ~2x the compute on the sample
-data, measured on the CPU.) The loss stays token-weighted and unchanged: the trainer adds up summed
-losses and target counts over the step's micro-batches, and right padding is never attended to
-(causal) nor scored (weight 0). Real packing (several examples in one row) would need per-segment attention masks and position
-resets that mlx-lm's models do not take.
+established (a pass of 2 rows x 32 positions peaked within 3% of 1 row x 64, above or below it).
+(Grouping by budget alone padded a step's short examples up to its longest: ~2x the compute on
+the sample data, measured on the CPU.) The loss stays token-weighted and unchanged: the trainer
+adds up summed losses and target counts over the step's micro-batches, and right padding is never
+attended to (causal) nor scored (weight 0). Real packing (several examples in one row) would need
+per-segment attention masks and position resets that mlx-lm's models do not take.
 
 Rows are padded so that the model's input width is a multiple of PAD_TO, as mlx-lm's own trainer
 does: `mx.compile` traces one graph per input shape, and this bounds the number of shapes.
