@@ -29,17 +29,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# name -> (training.packing, mlx.compile_step) for ours; None = mlx-lm's trainer
+# name -> (training.packing, mlx.compile_step, mlx.clear_cache_threshold_gb) for ours; None = mlx-lm's
+# trainer (which clears MLX's buffer cache after every micro-batch: its clear_cache_threshold 0)
 RUNS = {
     "mlx_lm": None,
-    "ours_plain": (False, False),
-    "ours_compiled": (False, True),
-    "ours": (True, False),  # the shipped MLX settings: length-grouped micro-batches, not compiled
-    "ours_grouped_compiled": (True, True),
+    "ours_plain": (False, False, 0.0),
+    "ours_compiled": (False, True, 0.0),
+    "ours": (True, False, 0.0),  # the shipped MLX settings: length-grouped micro-batches, not compiled
+    "ours_grouped_compiled": (True, True, 0.0),
+    "ours_cache_kept": (True, False, None),  # shipped, but the buffer cache kept across micro-batches
 }
 
 
-def config(args, workdir: Path, packing: bool = True, compiled: bool = True):
+def config(args, workdir: Path, packing: bool = True, compiled: bool = True, clear_cache: float | None = 0.0):
     from common.config_loader import load_config
 
     return load_config(platform="cpu", overrides=[
@@ -47,6 +49,7 @@ def config(args, workdir: Path, packing: bool = True, compiled: bool = True):
         f"data.val_file={Path(args.data).with_name('val.jsonl')}", f"data.max_seq_length={args.max_seq_length}", "training.batch_size=1",
         f"training.gradient_accumulation_steps={args.accumulation}", f"training.max_steps={args.steps}",
         f"training.packing={str(packing).lower()}", f"mlx.compile_step={str(compiled).lower()}",
+        f"mlx.clear_cache_threshold_gb={'null' if clear_cache is None else clear_cache}",
         f"mlx.model_cache_dir={workdir / 'models'}", f"tracking.output_dir={workdir / 'runs'}", "tracking.report_to=none",
     ])
 
@@ -61,8 +64,8 @@ def measure(args, name: str, workdir: Path) -> dict:
 
     if args.no_buffer_cache:
         mx.set_cache_limit(0)  # a freed buffer is released, never kept for reuse: the peak counts buffers not yet freed
-    packing, compiled = RUNS[name] or (False, True)  # mlx-lm compiles its step; batch 1: nothing to group
-    cfg = config(args, workdir, packing, compiled)
+    packing, compiled, clear_cache = RUNS[name] or (False, True, 0.0)  # mlx-lm compiles its step; batch 1: nothing to group
+    cfg = config(args, workdir, packing, compiled, clear_cache)
     cfg.tracking.run_name = name
     data = prepare_data(cfg.data, ChatTokenizer())
     data.train = data.train[: args.steps * args.accumulation]
@@ -85,7 +88,8 @@ def measure(args, name: str, workdir: Path) -> dict:
     tokens = sum(len(e) for e in data.train)
     warm_tokens, warm_seconds = (sum(x) for x in zip(*steps[1:])) if len(steps) > 1 else (0, 0.0)
     late_tokens, late_seconds = (sum(x) for x in zip(*steps[len(steps) // 2:])) if len(steps) > 1 else (0, 0.0)
-    return {"run": name, "packing": packing, "compile_step": compiled, "steps": args.steps,
+    return {"run": name, "packing": packing, "compile_step": compiled, "clear_cache_threshold_gb": clear_cache,
+            "steps": args.steps,
             "examples": len(data.train), "real_tokens": tokens, "micro_batches": micro_batches,
             "seconds": seconds, "real_tokens_per_second": tokens / seconds,
             # after the first optimizer step (most compiles are in it; mlx-lm's may go on after it)

@@ -201,6 +201,7 @@ class MlxTrainer(Stopping):
             loss, n = self.loss_sum(self.model, *self.to_arrays(self.data.val[start : start + size]))
             mx.eval(loss, n)
             total, count = total + loss.item(), count + n.item()
+            self._trim_cache()
         self.model.train()
         return total / max(count, 1.0)
 
@@ -310,11 +311,25 @@ class MlxTrainer(Stopping):
             mx.eval(loss, n, grads_sum)
             loss_sum, targets = loss_sum + loss.item(), targets + n.item()
             real += sum(len(x) for x in batch)
+            del grads  # in grads_sum now: freed before the cache is trimmed
+            self._trim_cache()
         grads = tree_map(lambda g: g / max(targets, 1.0), grads_sum)  # noqa: B023 (used at once)
         grads, grad_norm = optim.clip_grad_norm(grads, t.max_grad_norm)
         self.optimizer.update(self.model, grads)
-        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state, grad_norm)
+        del grads, grads_sum
+        self._trim_cache()
         return loss_sum, targets, real, grad_norm
+
+    def _trim_cache(self) -> None:
+        """MLX's buffer cache handed back past `mlx.clear_cache_threshold_gb`, as mlx-lm's trainer
+        does after each micro-batch: on an M4 it is memory the run holds, and a cached buffer reused
+        for a smaller request counts at its own size."""
+        import mlx.core as mx
+
+        threshold = self.cfg.mlx.clear_cache_threshold_gb
+        if threshold is not None and mx.get_cache_memory() > threshold * 1e9:
+            mx.clear_cache()
 
     def _log(self, interval: dict, grad_norm: float) -> None:
         seconds = max(time.time() - interval["start"], 1e-9)
