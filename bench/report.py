@@ -103,7 +103,7 @@ def slug(gpu: str) -> str:
 def steps_run(result: dict) -> list[str]:
     keys = [("prepare", "data"), ("stock", "stock"), ("unsloth", "unsloth"), ("ablation", "ablation"), ("liger", "liger"),
             ("loss-match", "loss_match"), ("whole", "qlora_train"), ("versions", "versions")]
-    return [step for step, key in keys if result.get(key) and (key != "data" or any(result["data"].values()))]
+    return [step for step, key in keys if result.get(key) and (key != "data" or any(getattr(result["data"], "values", list)()))]
 
 
 def table(result: dict) -> str:
@@ -215,10 +215,12 @@ def mlx_table(mlx: dict | None) -> list[str]:
         return []
     lines = ["", f"MLX, our step beside mlx-lm's trainer ({mlx['machine']}; {mlx['layout']}; "
              f"mlx {mlx['versions'].get('mlx')}, mlx-lm {mlx['versions'].get('mlx-lm')}; `bench/mlx_compare.py`):", "",
-             "| run | length-grouped | compiled | micro-batches | real tokens/s | peak GB |", "|---|---|---|---|---|---|"]
+             "| run | length-grouped | compiled | micro-batches | real tokens/s | warm | late | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for run in mlx["runs"]:
+        warm, late = (f"{run[k]:.1f}" if run.get(k) else "" for k in ("warm_real_tokens_per_second", "late_real_tokens_per_second"))
         lines.append(f"| {run['run']} | {'yes' if run['packing'] else 'no'} | {'yes' if run['compile_step'] else 'no'} | "
-                     f"{run['micro_batches']} | {run['real_tokens_per_second']:.1f} | {run['peak_memory_gb']:.3f} |")
+                     f"{run['micro_batches']} | {run['real_tokens_per_second']:.1f} | {warm} | {late} | {run['peak_memory_gb']:.3f} |")
     if mlx.get("note"):
         lines += ["", f"MLX note: {mlx['note']}."]
     return lines

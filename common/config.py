@@ -197,9 +197,8 @@ class TrainingConfig(Section):
         description="CUDA: pack examples into rows of max_seq_length without padding (padding-free; "
         "needs a varlen attention kernel). MLX: regroup each optimizer step's examples by length into "
         "fewer, fuller micro-batches, none with more padded input tokens than batch_size rows of the data's "
-        "longest example (measured at 7B on MLX's CUDA build: 1.1-1.6x faster than ungrouped; peak 0.11-0.23 "
-        "GiB higher with MLX's default buffer cache, the same with it off; mlx-lm's models take no "
-        "per-segment masks). Either way the same examples per optimizer step and the same token-weighted loss.",
+        "longest example (measured at 7B on MLX's CUDA build, short examples: 1.1-1.5x mlx-lm's trainer's "
+        "rate at a peak within 0.5% of its, docs/benchmarks.md; mlx-lm's models take no per-segment masks). Either way the same examples per optimizer step and the same token-weighted loss.",
     )
 
 
@@ -335,11 +334,10 @@ class MlxConfig(Section):
     compile_step: bool = Field(
         False,
         description="Compile the forward + backward of a micro-batch with mx.compile (as mlx-lm's own "
-        "trainer does). It traces once per micro-batch shape (rows x width; widths are multiples of 32), "
-        "and length-grouped micro-batches (training.packing) change shape nearly every step. Off by default: "
-        "at 7B on MLX's CUDA build it made ungrouped steps 1.5-1.8x faster but peaked ~0.32 GiB higher "
-        "(MLX's default buffer cache), and with length grouping (the default) it was no faster; on the CPU it was slower (docs/benchmarks.md). "
-        "Not yet measured on an M4.",
+        "trainer does). It traces once per micro-batch shape (rows x width; widths are multiples of 32). "
+        "At 7B on MLX's CUDA build, with length grouping, it was the fastest setting (1.5-1.7x mlx-lm's "
+        "trainer's warm rate, 1.1-1.6x ours uncompiled) at peaks 0.4-2% above mlx-lm's; off by default for "
+        "that memory, and on the CPU it was slower (docs/benchmarks.md). Not yet measured on an M4.",
     )
     clear_cache_threshold_gb: float | None = Field(
         0.0,
@@ -347,8 +345,8 @@ class MlxConfig(Section):
         description="After each micro-batch, evaluation batch and optimizer update, hand MLX's buffer cache (freed "
         "buffers kept for reuse) back when it holds more than this many GB, as mlx-lm's own trainer does "
         "(its clear_cache_threshold, default 0: after every micro-batch). On an M4 the cache is unified memory "
-        "the run holds on top of its live buffers; kept across micro-batches it grew to 1.3-4.1 GiB at 7B on "
-        "MLX's CUDA build, and buffers reused from it count larger than asked for. null: never clear "
+        "the run holds on top of its live buffers; kept for the whole run (null) it held 1.3-4.1 GiB at 7B on "
+        "MLX's CUDA build and peaked up to 2.8% above mlx-lm's trainer, sometimes faster, sometimes not "
         "(docs/benchmarks.md).",
     )
 

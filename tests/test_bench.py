@@ -57,8 +57,11 @@ def test_the_report_table_holds_every_lever_and_the_loss_match():
     assert "| 0.05 | 13,011 | 5.14x | 1.66x | 38.5 |" in shipped  # the shipped config, against Unsloth at 0.05
     assert "| 2 x 2, none checkpointed | flash_attention_4 | 2 x 2 | 0 | RoPE + RMSNorm + SwiGLU | yes, masks replayed |" in shipped
     assert "Levers: measured on machine F" in shipped  # the levers ran on another machine: the table says so
-    assert "| mlx_lm | no | yes | 96 | 32.7 | 0.019 |" in shipped  # the MLX comparison
-    assert "| ours_plain | no | no | 96 | 33.4 | 0.019 |" in shipped and "MLX note: after this round" in shipped
+    assert "| mlx_lm | no | yes | 96 | 32.7 |  |  | 0.019 |" in shipped  # the MLX comparison (no warm/late rates then)
+    assert "| ours_plain | no | no | 96 | 33.4 |  |  | 0.019 |" in shipped and "MLX note: after this round" in shipped
+    mlx = table(json.loads((REPO / "bench" / "results" / "2026-11-28-mlx-compare-h100.json").read_text()))
+    assert "| ours | yes | no | 68 | 243.8 | 284.4 | 310.6 | 5.305 |" in mlx  # whole, warm and late rates; GiB
+    assert "| mlx_lm | no | yes | 96 | 176.5 | 231.4 | 260.6 | 5.329 |" in mlx
 
 
 def test_make_bench_collects_the_liger_kernels_one_at_a_time(tmp_path):

@@ -11,10 +11,9 @@ most as many padded input tokens as the run's largest ungrouped micro-batch (`ba
 longest example: `group_budget`): the same examples in the same optimizer step, in fewer passes, and
 no micro-batch bigger in input tokens than one the run has to hold anyway (logits and activations
 grow with a micro-batch's tokens, attention with rows x width^2, which is no larger either).
-Measured at 7B on MLX's CUDA build (docs/benchmarks.md): with MLX's buffer cache off, grouped,
-ungrouped and mlx-lm's trainer peaked within 2 MB of each other; with the cache on (the default),
-grouped peaked 0.11-0.23 GiB above ungrouped and 0.7-2% above mlx-lm's trainer, for a cause not
-established (a pass of 2 rows x 32 positions peaked within 3% of 1 row x 64, above or below it).
+Measured at 7B on MLX's CUDA build on short examples (docs/benchmarks.md, 2026-11-28): grouped, with
+MLX's buffer cache handed back after each micro-batch as mlx-lm's trainer does, ran 1.1-1.5x mlx-lm's
+trainer's rate at a peak within 0.5% of its (below it in three rounds of four).
 (Grouping by budget alone padded a step's short examples up to its longest: ~2x the compute on
 the sample data, measured on the CPU.) The loss stays token-weighted and unchanged: the trainer
 adds up summed losses and target counts over the step's micro-batches, and right padding is never

@@ -308,16 +308,17 @@ class MlxTrainer(Stopping):
             mx.random.seed(t.seed * 1_000_003 + self.step * 1009 + k)  # dropout: a function of the step
             (loss, n), grads = value_and_grad(self.model, *self.to_arrays(batch))
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            del grads  # a micro-batch's gradients are freed as soon as they are added, not held to the end
             mx.eval(loss, n, grads_sum)
             loss_sum, targets = loss_sum + loss.item(), targets + n.item()
             real += sum(len(x) for x in batch)
-            del grads  # in grads_sum now: freed before the cache is trimmed
             self._trim_cache()
         grads = tree_map(lambda g: g / max(targets, 1.0), grads_sum)  # noqa: B023 (used at once)
+        del grads_sum  # likewise each tree below, once the next one is built from it
         grads, grad_norm = optim.clip_grad_norm(grads, t.max_grad_norm)
         self.optimizer.update(self.model, grads)
+        del grads
         mx.eval(self.model.trainable_parameters(), self.optimizer.state, grad_norm)
-        del grads, grads_sum
         self._trim_cache()
         return loss_sum, targets, real, grad_norm
 
