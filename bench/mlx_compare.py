@@ -13,8 +13,8 @@ reports (which leave out its batch building). Peak memory = `mx.get_peak_memory(
 buffers allocated and not yet freed, which includes those the GPU still uses. Both trainers hand
 MLX's buffer cache back after each micro-batch by default (mlx-lm: clear_cache_threshold 0; ours:
 mlx.clear_cache_threshold_gb 0); `ours_cache_kept` keeps it for the whole run. `--no-buffer-cache`
-turns MLX's buffer cache off in every run (measured at 7B, peaks then fell by 0.09-0.25 GiB and
-agreed between trainers within 2 MB; docs/benchmarks.md).
+turns MLX's buffer cache off in every run (measured at 7B on 2026-11-27, when ours still kept it:
+peaks then agreed between trainers within 2 MB; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -207,7 +207,8 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.system()}, MLX device {mx.default_device()}{gpu_name()}",
         "model": args.model_dir, "data": args.data,
         "layout": f"batch 1 x accumulation {args.accumulation} (the M4 config), max length {args.max_seq_length}",
-        "buffer_cache": "off (mx.set_cache_limit(0))" if args.no_buffer_cache else "on (MLX's default)",
+        "buffer_cache": "off (mx.set_cache_limit(0))" if args.no_buffer_cache
+        else "on (MLX's default), handed back after each micro-batch unless the run keeps it (ours_cache_kept)",
         "versions": {name: md.version(name) for name in ("mlx", "mlx-lm")},
         "runs": runs,
         "ours": next((r for r in runs if r["run"] == "ours"), None),

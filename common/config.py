@@ -197,8 +197,8 @@ class TrainingConfig(Section):
         description="CUDA: pack examples into rows of max_seq_length without padding (padding-free; "
         "needs a varlen attention kernel). MLX: regroup each optimizer step's examples by length into "
         "fewer, fuller micro-batches, none with more padded input tokens than batch_size rows of the data's "
-        "longest example (measured at 7B on MLX's CUDA build, short examples: 1.1-1.5x mlx-lm's trainer's "
-        "rate at a peak within 0.5% of its, docs/benchmarks.md; mlx-lm's models take no per-segment masks). Either way the same examples per optimizer step and the same token-weighted loss.",
+        "longest example (measured at 7B on MLX's CUDA build, short examples: 1.4x ungrouped after the "
+        "first step at a peak 0.07% higher, docs/benchmarks.md; mlx-lm's models take no per-segment masks). Either way the same examples per optimizer step and the same token-weighted loss.",
     )
 
 
@@ -334,10 +334,12 @@ class MlxConfig(Section):
     compile_step: bool = Field(
         False,
         description="Compile the forward + backward of a micro-batch with mx.compile (as mlx-lm's own "
-        "trainer does). It traces once per micro-batch shape (rows x width; widths are multiples of 32). "
-        "At 7B on MLX's CUDA build, with length grouping, it was the fastest setting (1.5-1.7x mlx-lm's "
-        "trainer's warm rate, 1.1-1.6x ours uncompiled) at peaks 0.4-2% above mlx-lm's; off by default for "
-        "that memory, and on the CPU it was slower (docs/benchmarks.md). Not yet measured on an M4.",
+        "trainer does). It traces once per micro-batch shape (rows x width; widths are multiples of 32), and "
+        "length-grouped micro-batches (training.packing) bring a new shape whenever the data's lengths do. "
+        "At 7B on MLX's CUDA build on short, few-shaped examples, with length grouping, it had the highest "
+        "rate after the first step (1.5-1.7x mlx-lm's trainer's, 1.1-1.6x ours uncompiled) at peaks 0.4-2% "
+        "above mlx-lm's; off by default for that memory, and on the CPU it was slower (docs/benchmarks.md). "
+        "Not yet measured on an M4.",
     )
     clear_cache_threshold_gb: float | None = Field(
         0.0,
@@ -345,9 +347,9 @@ class MlxConfig(Section):
         description="After each micro-batch, evaluation batch and optimizer update, hand MLX's buffer cache (freed "
         "buffers kept for reuse) back when it holds more than this many GB, as mlx-lm's own trainer does "
         "(its clear_cache_threshold, default 0: after every micro-batch). On an M4 the cache is unified memory "
-        "the run holds on top of its live buffers; kept for the whole run (null) it held 1.3-4.1 GiB at 7B on "
-        "MLX's CUDA build and peaked up to 2.8% above mlx-lm's trainer, sometimes faster, sometimes not "
-        "(docs/benchmarks.md).",
+        "the run holds on top of its live buffers. Kept for the whole run (null), at 7B on MLX's CUDA build, "
+        "it held 1.3-1.5 GiB and peaked up to 2.8% above mlx-lm's trainer; it was 1.1-1.6x faster in four "
+        "rounds on earlier code and 0.88x in the one on the shipped code (docs/benchmarks.md).",
     )
 
 

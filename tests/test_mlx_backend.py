@@ -221,23 +221,32 @@ def test_grouped_and_compiled_steps_compute_the_plain_step(tiny_model_dir, tmp_p
             np.testing.assert_allclose(weights[name], weight, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_buffer_cache_is_handed_back_after_each_micro_batch_by_default(tiny_model_dir, tmp_path):
-    """mlx.clear_cache_threshold_gb (default 0, as mlx-lm's trainer): after an optimizer step and an
-    evaluation, MLX holds no freed buffers for reuse; null keeps them (memory an M4 run holds on
-    top of its live buffers). Either way the step computes the same update."""
+def test_buffer_cache_is_handed_back_after_each_micro_batch_by_default(tiny_model_dir, tmp_path, monkeypatch):
+    """mlx.clear_cache_threshold_gb (default 0, as mlx-lm's trainer): after each micro-batch, the
+    optimizer update and each evaluation batch MLX's freed buffers are handed back, so none are held
+    between them; null keeps them (memory an M4 run holds on top of its live buffers). Either way the
+    step computes the same update."""
+    clear_cache = mx.clear_cache
+    handed_back = []  # the cache's size each time it is handed back
+    monkeypatch.setattr(mx, "clear_cache", lambda: (handed_back.append(mx.get_cache_memory()), clear_cache()))
     weights = {}
     for threshold in ("0", "null"):
         trainer = mlx_trainer(tiny_model_dir, tmp_path, f"cache-{threshold}", "training.max_steps=1",
-                              "training.gradient_accumulation_steps=2", "lora.dropout=0",
+                              "training.gradient_accumulation_steps=2", "training.packing=false", "lora.dropout=0",
                               f"mlx.clear_cache_threshold_gb={threshold}")
-        mx.clear_cache()
+        clear_cache()
+        handed_back.clear()
+        assert len(trainer.step_micro_batches()) == 2
         trainer._optimizer_step(trainer.value_and_grad())
-        after_step = mx.get_cache_memory()
-        trainer.evaluate()
+        after_step, step_clears = mx.get_cache_memory(), len(handed_back)
+        trainer.evaluate()  # 16 validation examples: one batch of eval_batch_size 16
         after_eval = mx.get_cache_memory()
         if threshold == "0":
+            assert step_clears == 3 and len(handed_back) == 4  # 2 micro-batches + the update; 1 evaluation batch
+            assert all(size > 1e5 for size in handed_back)  # each pass left its freed activations to hand back
             assert after_step < 1024 and after_eval < 1024, (after_step, after_eval)  # a few scalars freed on return
         else:
+            assert not handed_back
             assert after_step > 1e6 and after_eval > 1e6, (after_step, after_eval)  # freed activations kept
         weights[threshold] = lora(trainer)
     for name, weight in weights["0"].items():

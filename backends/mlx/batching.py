@@ -11,9 +11,10 @@ most as many padded input tokens as the run's largest ungrouped micro-batch (`ba
 longest example: `group_budget`): the same examples in the same optimizer step, in fewer passes, and
 no micro-batch bigger in input tokens than one the run has to hold anyway (logits and activations
 grow with a micro-batch's tokens, attention with rows x width^2, which is no larger either).
-Measured at 7B on MLX's CUDA build on short examples (docs/benchmarks.md, 2026-11-28): grouped, with
-MLX's buffer cache handed back after each micro-batch as mlx-lm's trainer does, ran 1.1-1.5x mlx-lm's
-trainer's rate at a peak within 0.5% of its (below it in three rounds of four).
+Measured at 7B on MLX's CUDA build on short examples (docs/benchmarks.md, 2026-11-28): grouped ran
+1.40x ungrouped after the first step at a peak 0.07% higher (one round), and 1.1-1.4x mlx-lm's
+trainer's rates at a peak within 0.5% of its (four rounds; MLX's buffer cache handed back after each
+micro-batch, as mlx-lm's trainer does).
 (Grouping by budget alone padded a step's short examples up to its longest: ~2x the compute on
 the sample data, measured on the CPU.) The loss stays token-weighted and unchanged: the trainer
 adds up summed losses and target counts over the step's micro-batches, and right padding is never
