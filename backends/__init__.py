@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from common.config import QLoraConfig
-from common.data import PreparedData
-from common.run_folder import RunFolder
-from common.time_budget import TimeBudget
+from common.config.schema import QLoraConfig
+from common.data.prepare import PreparedData
+from common.run.folder import RunFolder
+from common.run.time_budget import TimeBudget
 from common.trainer import Trainer
 
 

@@ -136,10 +136,10 @@ def run_variant(config: str, name: str, overrides: list[str], data, args, result
     import torch
 
     from backends.cuda.trainer import CudaTrainer
-    from common.config_loader import load_config
+    from common.config.loader import load_config
     from common.console import Say
-    from common.planner import DECODER_LAYERS, checkpointed
-    from common.run_folder import RunFolder
+    from common.plan.planner import DECODER_LAYERS, checkpointed
+    from common.run.folder import RunFolder
 
     compile_layers = "bench.compile_layers=true" in overrides  # not a config key: torch.compile per layer
     overrides = [o for o in overrides if o != "bench.compile_layers=true"]
@@ -220,8 +220,9 @@ def main() -> None:
 
     import torch
 
-    from common.config_loader import load_config
-    from common.data import ChatTokenizer, prepare_data
+    from common.config.loader import load_config
+    from common.data.prepare import prepare_data
+    from common.data.tokenize import ChatTokenizer
 
     cfg = load_config(args.config, overrides=data_overrides(args))
     data = prepare_data(cfg.data, ChatTokenizer())

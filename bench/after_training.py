@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from common.adapters import Adapter, base_shapes, write_adapter  # noqa: E402
+from common.adapters.conversion import Adapter, base_shapes, write_adapter  # noqa: E402
 from common.console import Say  # noqa: E402
 
 PROMPT = "Write a short paragraph about the sea."
@@ -40,8 +40,9 @@ def time_generate(adapter: Path, model: Path, dtype: str, new_tokens: int, say: 
     import torch
 
     from backends.cuda.inference import CudaInference
-    from common.data import ChatTokenizer, find_tokenizer_file
-    from common.inference import ChatSession, find_adapter
+    from common.after_training.lookup import find_adapter
+    from common.after_training.prompting import ChatSession
+    from common.data.tokenize import ChatTokenizer, find_tokenizer_file
 
     torch.cuda.reset_peak_memory_stats()
     engine = CudaInference(find_adapter(adapter), str(model), dtype, say)

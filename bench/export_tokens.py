@@ -22,8 +22,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from common.config_loader import load_config
-    from common.data import ChatTokenizer, prepare_data
+    from common.config.loader import load_config
+    from common.data.prepare import prepare_data
+    from common.data.tokenize import ChatTokenizer
 
     cfg = load_config(args.config)
     examples = prepare_data(cfg.data, ChatTokenizer()).train[: args.train_subset]

@@ -77,10 +77,11 @@ def main() -> None:
     from backends.cuda.fused_lora import install_fused_lora
     from backends.cuda.model import choose_attention, load_quantized_model
     from backends.cuda.patches import liger_kernel_config, run_scope
-    from common.config_loader import load_config
+    from common.config.loader import load_config
     from common.console import Say
-    from common.data import ChatTokenizer, read_conversations, tokenize_all
-    from common.planner import checkpointed
+    from common.data.prepare import read_conversations
+    from common.data.tokenize import ChatTokenizer, tokenize_all
+    from common.plan.planner import checkpointed
 
     cfg = load_config(args.config, overrides=[f"model.name_or_path={args.model}", *args.overrides])
     conversations, _ = read_conversations(args.data)

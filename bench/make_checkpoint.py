@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.tiny_mistral import MISTRAL_7B_SHAPE, build_random_mistral  # noqa: E402
+from common.model.tiny import MISTRAL_7B_SHAPE, build_random_mistral  # noqa: E402
 
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/mistral-7b-random")

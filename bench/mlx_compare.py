@@ -45,7 +45,7 @@ RUNS = {
 
 
 def config(args, workdir: Path, packing: bool = True, compiled: bool = True, clear_cache: float | None = 0.0):
-    from common.config_loader import load_config
+    from common.config.loader import load_config
 
     return load_config(platform="cpu", overrides=[
         "backend=mlx", f"model.name_or_path={args.model_dir}", f"data.train_file={args.data}",
@@ -62,8 +62,9 @@ def measure(args, name: str, workdir: Path) -> dict:
 
     from backends.mlx.trainer import MlxTrainer
     from common.console import Say
-    from common.data import ChatTokenizer, prepare_data
-    from common.run_folder import RunFolder
+    from common.data.prepare import prepare_data
+    from common.data.tokenize import ChatTokenizer
+    from common.run.folder import RunFolder
 
     if args.no_buffer_cache:
         mx.set_cache_limit(0)  # a freed buffer is released, never kept for reuse: the peak counts buffers not yet freed
@@ -178,7 +179,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mlx-compare-"))
     if args.model_dir is None:
-        from common.tiny_mistral import build_random_mistral
+        from common.model.tiny import build_random_mistral
 
         args.model_dir = str(workdir / "tiny-mistral")
         if not (workdir / "tiny-mistral" / "config.json").is_file():

@@ -33,10 +33,11 @@ def one_case(model: str, seq: int, batch: int, ckpt: bool, layers: int, mode: st
     import mlx.nn as nn
 
     from backends.mlx.trainer import MlxTrainer
-    from common.config_loader import load_config
+    from common.config.loader import load_config
     from common.console import Say
-    from common.data import DataReport, Example, PreparedData
-    from common.run_folder import RunFolder
+    from common.data.prepare import DataReport, PreparedData
+    from common.data.tokenize import Example
+    from common.run.folder import RunFolder
 
     cfg = load_config(platform="m4", overrides=[
         f"model.name_or_path={model}", "mlx.model_cache_dir=/tmp/mlx-models", "tracking.output_dir=/tmp/mlx-runs",

@@ -47,8 +47,9 @@ def main() -> None:
     from backends.mlx.trainer import MlxTrainer
     from bench.mlx_compare import config
     from common.console import Say
-    from common.data import ChatTokenizer, prepare_data
-    from common.run_folder import RunFolder
+    from common.data.prepare import prepare_data
+    from common.data.tokenize import ChatTokenizer
+    from common.run.folder import RunFolder
 
     if args.no_buffer_cache:
         mx.set_cache_limit(0)

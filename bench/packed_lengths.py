@@ -55,8 +55,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
 
-    from common.config import DataConfig
-    from common.data import ChatTokenizer, read_conversations, tokenize_all
+    from common.config.schema import DataConfig
+    from common.data.prepare import read_conversations
+    from common.data.tokenize import ChatTokenizer, tokenize_all
 
     conversations, _ = read_conversations(args.data)
     examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig(max_seq_length=args.max_length))

@@ -107,7 +107,7 @@ PY
     ;;
   liger)  # the Liger kernels one at a time at the shipped checkpointing; in each process every variant
     # is a superset of the one before (Liger patches model classes and functions for the rest of a process).
-    # RoPE runs on Liger's Triton kernel (the backend sets LIGER_KERNEL_IMPL_ROPE; common/config.py says why)
+    # RoPE runs on Liger's Triton kernel (the backend sets LIGER_KERNEL_IMPL_ROPE; common/config/schema.py says why)
     $PY bench/ablation.py --config bench/h100_bench.yaml --out "$OUT/ablation-liger-a.json" \
       --variant "no-liger=cuda.use_liger=false" \
       --variant "rms_norm=cuda.liger_kernels=[rms_norm]" \

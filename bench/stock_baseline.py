@@ -36,9 +36,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from common.config import DataConfig
-    from common.data import ChatTokenizer, read_conversations, tokenize_all
-    from common.planner import padded_tokens
+    from common.config.schema import DataConfig
+    from common.data.prepare import read_conversations
+    from common.data.tokenize import ChatTokenizer, tokenize_all
+    from common.plan.planner import padded_tokens
 
     def as_dataset(name: str):
         conversations, _ = read_conversations(Path(args.data) / name)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 
 from commands.generate import answer, inference_options, load
+from common.after_training.prompting import ChatSession, TextStream
 from common.console import Say
-from common.inference import ChatSession, TextStream
 
 HELP = "type a message; /reset clears the conversation, /system TEXT sets the system prompt, Ctrl-D leaves"
 

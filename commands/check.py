@@ -22,7 +22,7 @@ def show_checks(rows, say: Say, problems_only: bool = False) -> None:
 
 
 def run(args, say: Say) -> int:
-    from common.preflight import as_json, blocked, run_checks
+    from common.plan.preflight import as_json, blocked, run_checks
 
     cfg = resolve(args, say, detect_platform=True)
     apply_data_options(args, cfg)

@@ -21,14 +21,14 @@ def add_parser(sub) -> None:
 
 
 def run(args, say: Say) -> int:
-    from common.adapters import convert
+    from common.adapters.conversion import convert
 
     if args.verify and not args.base_model:
         raise UsageError("--verify needs --base-model DIR (the unquantized base model folder)")
     target = convert(args.src, args.dst, to=args.to, base_model=args.base_model)
     say.ok(f"wrote a {target} adapter to {args.dst}")
     if args.verify:
-        from common.adapter_verify import max_logit_difference
+        from common.adapters.verify import max_logit_difference
 
         peft_dir, mlx_dir = (args.dst, args.src) if target == "peft" else (args.src, args.dst)
         diff = max_logit_difference(args.base_model, peft_dir, mlx_dir)

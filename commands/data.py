@@ -31,15 +31,16 @@ def add_parser(sub) -> None:
 
 
 def _sources(args, cfg):
-    from common.config import DataSource
-    from common.sources import train_sources
+    from common.config.schema import DataSource
+    from common.data.sources import train_sources
 
     return [DataSource(path=f) for f in args.files] if args.files else train_sources(cfg.data)
 
 
 def stats(args, say: Say) -> int:
-    from common.data import fit_length, length_stats
-    from common.sources import read_source
+    from common.data.prepare import length_stats
+    from common.data.sources import read_source
+    from common.data.tokenize import fit_length
 
     cfg = config_or_default(args, say)
     tokenizer = tokenizer_for(cfg)
@@ -115,7 +116,7 @@ def _write_lines(out: Path, lines) -> int:
 
 
 def convert(args, say: Say) -> int:
-    from common.data import read_conversations
+    from common.data.prepare import read_conversations
 
     _refuse_folder(args.out)
     cfg = config_or_default(args, say)
@@ -126,7 +127,8 @@ def convert(args, say: Say) -> int:
 
 
 def tokenize(args, say: Say) -> int:
-    from common.data import fit_length, read_conversations
+    from common.data.prepare import read_conversations
+    from common.data.tokenize import fit_length
 
     _refuse_folder(args.out)
     cfg = config_or_default(args, say)

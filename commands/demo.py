@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 from commands import train
-from common.config_loader import load_config
+from common.config.loader import load_config
 from common.console import Say
 
 
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
 
 def run(args, say: Say) -> int:
-    from common.run_folder import RunFolder, RunLock
+    from common.run.folder import RunFolder, RunLock
 
     if args.backend == "mlx" and not any(o.startswith("training.max_steps=") for o in args.overrides):
         # MLX's CPU backend (Linux) runs this tiny model at ~40 tokens/s: 40 steps, a few minutes

@@ -1,16 +1,17 @@
 """`qlora export`: base + adapter as one GGUF file (llama.cpp, Ollama, LM Studio) and an Ollama
 Modelfile with Mistral v0.3's prompt format. The adapter is merged first (PEFT or mlx-lm, float16, in a
-temporary folder beside the output), then written by the `gguf` package (common/gguf_export.py)."""
+temporary folder beside the output), then written by the `gguf` package (common/after_training/gguf.py)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+from common.after_training.gguf import QUANTS
+from common.after_training.lookup import base_model_for, find_adapter
+from common.after_training.staging import GB, Staged, check_free_disk, parameter_count
 from common.console import Say
 from common.errors import UsageError
-from common.gguf_export import QUANTS
-from common.inference import GB, Staged, base_model_for, check_free_disk, find_adapter, parameter_count
 
 GGUF_BYTES_PER_PARAM = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 weights in 32 bytes + a 2-byte scale
 
@@ -27,9 +28,9 @@ def add_parser(sub) -> None:
 
 def run(args, say: Say) -> int:
     from commands.merge import merge_run
-    from common import machine
-    from common.data import find_tokenizer_file
-    from common.gguf_export import write_gguf, write_modelfile
+    from common.after_training.gguf import write_gguf, write_modelfile
+    from common.data.tokenize import find_tokenizer_file
+    from common.plan import machine
 
     out = Path(args.out)
     if out.suffix != ".gguf":

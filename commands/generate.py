@@ -7,9 +7,10 @@ import argparse
 import sys
 import time
 
+from common.after_training.lookup import DTYPES
+from common.after_training.prompting import Answer, ChatSession, read_answer, read_tools
 from common.console import Say
 from common.errors import UsageError
-from common.inference import DTYPES, Answer, ChatSession, read_answer, read_tools
 
 
 def inference_options() -> argparse.ArgumentParser:
@@ -38,9 +39,9 @@ def add_parser(sub) -> None:
 def load(args, say: Say):
     """(model, chat tokenizer) for RUN on the chosen backend."""
     from backends import make_inference
-    from common import machine
-    from common.data import ChatTokenizer, find_tokenizer_file
-    from common.inference import base_model_for, find_adapter
+    from common.after_training.lookup import base_model_for, find_adapter
+    from common.data.tokenize import ChatTokenizer, find_tokenizer_file
+    from common.plan import machine
 
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise UsageError("--max-new-tokens must be at least 1 and --temperature at least 0")

@@ -6,16 +6,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.console import Say
-from common.inference import (
+from common.after_training.lookup import base_model_for, find_adapter
+from common.after_training.staging import (
     BYTES_PER_PARAM,
     Staged,
-    base_model_for,
     check_free_disk,
-    find_adapter,
     parameter_count,
     refuse_non_empty,
 )
+from common.console import Say
 
 MERGE_DTYPES = ("bf16", "fp16", "fp32")
 
@@ -40,8 +39,8 @@ def run(args, say: Say) -> int:
 def merge_run(run: str, out: Path, dtype: str, to: str, base_override: str | None, say: Say) -> Path:
     """Merge RUN's adapter into `out`; disk checked first, `out` whole or untouched."""
     from backends import merge_into
-    from common.data import find_tokenizer_file
-    from common.model_card import merged_card
+    from common.after_training.model_card import merged_card
+    from common.data.tokenize import find_tokenizer_file
 
     ref = find_adapter(run, prefer="mlx" if to == "mlx" else "peft")
     base = base_model_for(ref, base_override)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from common.config import QLoraConfig
-from common.config_loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config, load_defaults
+from common.config.loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config, load_defaults
+from common.config.schema import QLoraConfig
 from common.console import Say
 
 
@@ -46,7 +46,7 @@ def apply_data_options(args, cfg: QLoraConfig) -> None:
 
 def resolve(args, say: Say, detect_platform: bool = False) -> QLoraConfig:
     """Config from --config / --platform / env, else (for train) from platform detection."""
-    from common import machine
+    from common.plan import machine
 
     platform = args.platform
     chosen_by_env = os.environ.get(ENV_CONFIG) or os.environ.get(ENV_PLATFORM)
@@ -71,6 +71,6 @@ def config_or_default(args, say: Say) -> QLoraConfig:
 
 
 def tokenizer_for(cfg: QLoraConfig):
-    from common.data import ChatTokenizer, find_tokenizer_file
+    from common.data.tokenize import ChatTokenizer, find_tokenizer_file
 
     return ChatTokenizer(find_tokenizer_file(cfg.model.name_or_path))

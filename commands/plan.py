@@ -9,7 +9,7 @@ from pathlib import Path
 from commands.options import apply_data_options, config_options, data_options, resolve, tokenizer_for
 from common.console import Say
 from common.errors import UsageError
-from common.time_budget import parse_duration
+from common.run.time_budget import parse_duration
 
 
 def add_parser(sub) -> None:
@@ -25,12 +25,12 @@ def add_parser(sub) -> None:
 
 def run(args, say: Say) -> int:
     from backends import make_trainer
-    from common import calibrate as cal
-    from common import machine as mach
-    from common.data import prepare_data
-    from common.mistral import cached_on_hub
-    from common.planner import anchor_rates, data_parallel_rates, make_plan, row_tokens, tokens_per_step
-    from common.preflight import disk_needed_gb
+    from common.data.prepare import prepare_data
+    from common.model.mistral import cached_on_hub
+    from common.plan import calibrate as cal
+    from common.plan import machine as mach
+    from common.plan.planner import anchor_rates, data_parallel_rates, make_plan, row_tokens, tokens_per_step
+    from common.plan.preflight import disk_needed_gb
 
     if args.json:  # stdout carries only the JSON; progress and warnings go to stderr
         say = Say(sys.stderr)
@@ -71,8 +71,8 @@ def run(args, say: Say) -> int:
 
 def per_gpu_batch(gpus: int, cfg, say: Say):
     """Plans for N GPUs are made for one process with the micro-batch each GPU runs and the same
-    global batch: memory, padding and steps are then each GPU's (common/distributed.py splits it)."""
-    from common.distributed import split_batch
+    global batch: memory, padding and steps are then each GPU's (common/run/distributed.py splits it)."""
+    from common.run.distributed import split_batch
 
     if gpus < 1:
         raise UsageError(f"--gpus {gpus}: give 1 or more")

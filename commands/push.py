@@ -50,7 +50,7 @@ def hub_login() -> str:
 
 
 def run(args, say: Say) -> int:
-    from common.inference import find_adapter
+    from common.after_training.lookup import find_adapter
 
     if args.repo_id.count("/") != 1:
         raise UsageError(f"{args.repo_id}: REPO_ID is owner/name")

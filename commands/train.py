@@ -7,13 +7,13 @@ import os
 
 from commands.check import show_checks
 from commands.options import apply_data_options, config_options, data_options, resolve, tokenizer_for
-from common import checkpoints as ckpt
-from common import distributed
-from common.checkpoints import CheckpointSaveError, SaveAborted, intact
-from common.config import QLoraConfig, run_name_problem
+from common.config.schema import QLoraConfig, run_name_problem
 from common.console import Say
 from common.errors import QLoraError, UsageError
-from common.time_budget import TimeBudget, parse_duration
+from common.run import checkpoints as ckpt
+from common.run import distributed
+from common.run.checkpoints import CheckpointSaveError, SaveAborted, intact
+from common.run.time_budget import TimeBudget, parse_duration
 
 
 def add_parser(sub) -> None:
@@ -36,8 +36,8 @@ def add_verbose(p) -> None:
 
 
 def run(args, say: Say, cfg: QLoraConfig | None = None) -> int:
-    from common.preflight import blocked, check_run_folder
-    from common.run_folder import default_run_name
+    from common.plan.preflight import blocked, check_run_folder
+    from common.run.folder import default_run_name
 
     budget = (TimeBudget(parse_duration(args.time_budget), started=distributed.started(args.started))
               if getattr(args, "time_budget", None) is not None else None)
@@ -72,7 +72,7 @@ def _one_gpu(cfg: QLoraConfig, say: Say):
     transformers' Trainer would wrap the model in nn.DataParallel, which TRL refuses ("does not support
     nn.DataParallel": seen on two H100s, 2026-11-27); DDP is --gpus N. A CUDA_VISIBLE_DEVICES the user
     set is left alone; ours is set before CUDA starts and removed when the run ends."""
-    from common.machine import gpu_count
+    from common.plan.machine import gpu_count
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if cfg.backend != "cuda" or cfg.cuda.device == "cpu" or visible is not None or gpu_count() < 2:
@@ -87,7 +87,7 @@ def _one_gpu(cfg: QLoraConfig, say: Say):
 
 
 def _locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
-    from common.run_folder import RunFolder, RunLock
+    from common.run.folder import RunFolder, RunLock
 
     root = RunFolder.root_for(cfg)
     try:
@@ -145,8 +145,8 @@ def _as_rank(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int
 
 
 def _run_locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> int:
-    from common.run_folder import RunFolder
-    from common.run_log import library_output
+    from common.run.folder import RunFolder
+    from common.run.library_log import library_output
 
     run_folder = RunFolder.for_config(cfg)
     root = run_folder.root
@@ -176,9 +176,9 @@ def _run_locked(args, say: Say, cfg: QLoraConfig, budget: TimeBudget | None) -> 
 
 def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_folder, again: str):
     from backends import make_trainer
-    from common.data import prepare_data
-    from common.preflight import blocked, run_checks
-    from common.tiny_mistral import ensure_demo_model
+    from common.data.prepare import prepare_data
+    from common.model.tiny import ensure_demo_model
+    from common.plan.preflight import blocked, run_checks
 
     root = run_folder.root
     with distributed.main_first():  # the demo model is built once
@@ -216,7 +216,7 @@ def _train(args, cfg: QLoraConfig, say: Say, budget: TimeBudget | None, run_fold
 def _preflight_refusal(rows) -> str:
     """Rank 0's blocking rows are printed above; another rank's go into the message, the one line
     of it that reaches the terminal."""
-    from common.preflight import BLOCK
+    from common.plan.preflight import BLOCK
 
     message = "preflight found blocking problems (above); nothing was loaded. `qlora check` re-runs it."
     if distributed.is_main():
@@ -228,8 +228,8 @@ def _preflight_refusal(rows) -> str:
 def describe_run(run_folder, cfg: QLoraConfig, data, summary) -> None:
     """What makes the run folder usable from anywhere: the base model recorded so that it loads from
     any working directory, and the model card (README.md) in place of PEFT's blank template."""
-    from common.inference import record_base_model
-    from common.model_card import write_run_card
+    from common.after_training.lookup import record_base_model
+    from common.after_training.model_card import write_run_card
 
     record_base_model(run_folder.root, cfg.model.name_or_path)
     write_run_card(run_folder.root, cfg, data, summary)
@@ -237,8 +237,8 @@ def describe_run(run_folder, cfg: QLoraConfig, data, summary) -> None:
 
 def _nothing_to_resume(args, say: Say, run_folder) -> bool:
     """Before any file is written or model loaded: True (said) for a run that already finished;
-    raises for a new run over an earlier one or a resume of a different run (common/checkpoints.py)."""
-    from common.run_folder import RunFolder
+    raises for a new run over an earlier one or a resume of a different run (common/run/checkpoints.py)."""
+    from common.run.folder import RunFolder
 
     root = run_folder.root
     if not args.resume:

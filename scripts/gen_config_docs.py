@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pydantic import BaseModel  # noqa: E402
 
-from common.config import QLoraConfig  # noqa: E402
+from common.config.schema import QLoraConfig  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
@@ -38,7 +38,7 @@ def _type(annotation) -> str:
         bounds = _bounds(type("F", (), {"metadata": [m for info in meta for m in getattr(info, "metadata", [info])]}))
         return f"{_type(base)} ({bounds})" if bounds else _type(base)
     text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return text.replace("Literal", "one of ").replace("|", "or").replace("common.config.", "")
+    return text.replace("Literal", "one of ").replace("|", "or").replace("common.config.schema.", "")
 
 
 def _list_item_model(annotation):
@@ -65,7 +65,7 @@ def render() -> str:
     lines = [
         "# Config reference",
         "",
-        "Generated from `common/config.py` by `python scripts/gen_config_docs.py`; do not edit by hand.",
+        "Generated from `common/config/schema.py` by `python scripts/gen_config_docs.py`; do not edit by hand.",
         "Defaults are the schema's; `configs/training_config*.yaml` and `--set key=value` change them.",
         "Unknown keys are errors (with the nearest valid key suggested).",
         "",

@@ -38,7 +38,7 @@ def session_tmpdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def chat_tokenizer():
-    from common.data import ChatTokenizer
+    from common.data.tokenize import ChatTokenizer
 
     return ChatTokenizer()
 
@@ -46,7 +46,7 @@ def chat_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
-    from common.tiny_mistral import build_random_mistral
+    from common.model.tiny import build_random_mistral
 
     return build_random_mistral(tmp_path_factory.mktemp("tiny") / "tiny-mistral")
 

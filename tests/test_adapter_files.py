@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from common.adapters import Adapter, AdapterError, convert, read_adapter, write_adapter
-from common.mistral import PROJECTIONS, projection_shapes
+from common.adapters.conversion import Adapter, AdapterError, convert, read_adapter, write_adapter
+from common.model.mistral import PROJECTIONS, projection_shapes
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16)

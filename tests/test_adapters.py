@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.adapters import AdapterError, convert, read_adapter, read_safetensors, write_safetensors
+from common.adapters.conversion import (
+    AdapterError,
+    convert,
+    read_adapter,
+    read_safetensors,
+    write_safetensors,
+)
 
 torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
@@ -27,7 +33,7 @@ SHAPES = {
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    from common.tiny_mistral import build_random_mistral
+    from common.model.tiny import build_random_mistral
 
     root = tmp_path_factory.mktemp("bases")
     return {name: build_random_mistral(root / name, shape=shape, seed=1) for name, shape in SHAPES.items()}
@@ -70,7 +76,7 @@ def make_mlx(base: Path, out: Path, r=8, num_layers=-1, scale=2.0, seed=0) -> Pa
 
 
 def difference(base, peft_dir, mlx_dir) -> float:
-    from common.adapter_verify import max_logit_difference
+    from common.adapters.verify import max_logit_difference
 
     return max_logit_difference(base, peft_dir, mlx_dir)
 
@@ -79,7 +85,7 @@ def effect(base, peft_dir) -> float:
     """How far the adapter moves the logits: a wrong conversion misses by about this much."""
     from transformers import AutoModelForCausalLM
 
-    from common.adapter_verify import peft_logits, probe_ids
+    from common.adapters.verify import peft_logits, probe_ids
 
     ids = probe_ids(base)
     plain = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)

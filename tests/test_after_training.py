@@ -15,10 +15,12 @@ import pytest
 from conftest import SAMPLE
 
 from commands import main
-from common.adapters import Adapter, base_shapes, write_adapter
-from common.conversation import Conversation, Message
+from common.adapters.conversion import Adapter, base_shapes, write_adapter
+from common.after_training.lookup import find_adapter
+from common.after_training.prompting import ChatSession, read_answer
+from common.after_training.staging import Staged, check_free_disk
+from common.data.conversation import Conversation, Message
 from common.errors import QLoraError, UsageError
-from common.inference import ChatSession, Staged, check_free_disk, find_adapter, read_answer
 
 PROMPT = "Say something about the sea."
 
@@ -42,7 +44,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture
 def light_adapter(tmp_path) -> Path:
     """The same adapter over a base that is only its config.json: for checks that load no model."""
-    from common.tiny_mistral import TINY_SHAPE
+    from common.model.tiny import TINY_SHAPE
 
     base = tmp_path / "base"
     base.mkdir()
@@ -122,7 +124,7 @@ def test_disk_check_refuses_before_writing(tmp_path):
 def test_a_run_folder_gives_each_backend_its_own_format(tmp_path, light_adapter):
     """An MLX run keeps the PEFT adapter at its root and the mlx-lm one in mlx/: each backend takes
     its own without converting; an adapter folder alone is converted on demand."""
-    from common.adapters import read_peft
+    from common.adapters.conversion import read_peft
 
     run = tmp_path / "run"
     (run / "mlx").mkdir(parents=True)
@@ -146,7 +148,7 @@ def test_missing_base_is_named(tmp_path, light_adapter):
     for name in ("adapter_model.safetensors",):
         (moved / name).write_bytes((light_adapter / name).read_bytes())
     (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/nowhere/base"}))
-    from common.inference import base_model_for
+    from common.after_training.lookup import base_model_for
 
     with pytest.raises(QLoraError, match="/nowhere/base.*--base-model"):
         base_model_for(find_adapter(moved), None)
@@ -257,7 +259,7 @@ def test_merge_to_mlx_matches_mlx_with_adapter(tmp_path, capsys, adapter_dir, ti
     import mlx.core as mx
     from mlx_lm.utils import load
 
-    from common.inference import find_adapter as find
+    from common.after_training.lookup import find_adapter as find
 
     out = tmp_path / "merged-mlx"
     code, _, err = run_cli(capsys, "merge", adapter_dir, out, "--to", "mlx", "--dtype", "fp32")
@@ -279,7 +281,7 @@ def test_gguf_reads_back_with_every_mistral_tensor(tmp_path, capsys, adapter_dir
     import gguf
     from safetensors.numpy import load_file
 
-    from common.gguf_export import permute
+    from common.after_training.gguf import permute
 
     out = tmp_path / "tiny.gguf"
     code, _, err = run_cli(capsys, "export", adapter_dir, out, "--quant", "q8_0")

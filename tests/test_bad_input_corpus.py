@@ -355,7 +355,7 @@ def test_usage_errors_exit_2(capsys, argv, expected):
 
 def peft_adapter(folder, rank=4):
     """A real PEFT-format adapter (2 layers, q_proj and down_proj) written by our own writer."""
-    from common.adapters import Adapter, write_adapter
+    from common.adapters.conversion import Adapter, write_adapter
 
     rng = np.random.default_rng(0)
     shapes = {"q_proj": (64, 64), "down_proj": (128, 64)}

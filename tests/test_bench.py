@@ -181,8 +181,9 @@ def test_packed_lengths_counts_each_new_length_once():
 def test_packed_lengths_packs_with_trls_bfd():
     pytest.importorskip("trl")
     from bench.packed_lengths import packed_row_lengths
-    from common.config import DataConfig
-    from common.data import ChatTokenizer, read_conversations, tokenize_all
+    from common.config.schema import DataConfig
+    from common.data.prepare import read_conversations
+    from common.data.tokenize import ChatTokenizer, tokenize_all
 
     conversations, _ = read_conversations(SAMPLE / "train.jsonl")
     examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig(max_seq_length=256))

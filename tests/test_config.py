@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ALL_PROJECTIONS, QLoraConfig
-from common.config_loader import CONFIG_DIR, PLATFORM_FILES, load_config, parse_override, suggest_key
+from common.config.loader import CONFIG_DIR, PLATFORM_FILES, load_config, parse_override, suggest_key
+from common.config.schema import ALL_PROJECTIONS, QLoraConfig
 from common.errors import ConfigError, UsageError
 
 SEED = {

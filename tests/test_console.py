@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SAMPLE
 
-from common.config_loader import load_config
+from common.config.loader import load_config
 from common.console import Say
-from common.data import PreparedData
-from common.planner import events_after
-from common.progress import TrainingDisplay, duration
-from common.run_log import library_output
+from common.data.prepare import PreparedData
+from common.plan.planner import events_after
+from common.run.library_log import library_output
+from common.run.progress import TrainingDisplay, duration
 
 RAW_DICT = re.compile(r"\{'\w+': ")
 ESCAPE = "\x1b"
@@ -45,7 +45,7 @@ def test_durations_read_as_clocks():
 
 
 def display_for(tmp_path, *overrides) -> tuple[TrainingDisplay, io.StringIO]:
-    from common.data import Example
+    from common.data.tokenize import Example
 
     cfg = load_config(platform="cpu", overrides=["eval.eval_steps=5", "eval.save_steps=10", *overrides])
     train = [Example([1] * 100, [1] * 100) for _ in range(40)]  # 10 steps an epoch at batch 4

@@ -19,12 +19,13 @@ import torch  # noqa: E402
 
 from backends.cuda import model as cuda_model  # noqa: E402
 from backends.cuda.trainer import CudaTrainer  # noqa: E402
-from common.checkpoints import problem  # noqa: E402
-from common.config_loader import load_config  # noqa: E402
+from common.config.loader import load_config  # noqa: E402
 from common.console import Say  # noqa: E402
-from common.data import ChatTokenizer, prepare_data  # noqa: E402
+from common.data.prepare import prepare_data  # noqa: E402
+from common.data.tokenize import ChatTokenizer
 from common.errors import QLoraError  # noqa: E402
-from common.run_folder import RunFolder  # noqa: E402
+from common.run.checkpoints import problem  # noqa: E402
+from common.run.folder import RunFolder  # noqa: E402
 
 slow = pytest.mark.slow  # the tests that load or train the tiny model
 
@@ -273,7 +274,7 @@ def test_gated_model_error_says_how_to_log_in():
 def test_resume_auto_skips_a_checkpoint_cut_off_mid_save(tmp_path):
     """Our manifest comes last; a folder without it (or with a file it does not match) is never resumed."""
     from backends.cuda.trainer import CHECKPOINT_FILES
-    from common.checkpoints import write_manifest
+    from common.run.checkpoints import write_manifest
 
     cfg = tiny_config("unused", tmp_path)
     cfg.tracking.run_name = "cut"

@@ -6,18 +6,12 @@ from __future__ import annotations
 import pytest
 from conftest import SAMPLE, chat, write_jsonl
 
-from common.config import DataConfig
-from common.data import (
-    Conversation,
-    Message,
-    fit_length,
-    load_conversations,
-    prepare_data,
-    read_conversations,
-    split_train_val,
-)
+from common.config.schema import DataConfig
+from common.data.conversation import Conversation, Message
+from common.data.formats import normalize
+from common.data.prepare import load_conversations, prepare_data, read_conversations, split_train_val
+from common.data.tokenize import fit_length
 from common.errors import DataError
-from common.formats import normalize
 
 
 def parse(record: dict) -> Conversation:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from common.formats import detect, normalize
+from common.data.formats import detect, normalize
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",

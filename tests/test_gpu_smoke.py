@@ -14,7 +14,7 @@ def _peft_tiny_on_gpu(model_dir, attn: str):
     from peft import LoraConfig, get_peft_model
 
     from backends.cuda.model import load_quantized_model
-    from common.config_loader import load_config
+    from common.config.loader import load_config
 
     cfg = load_config(platform="h100", overrides=[f"model.name_or_path={model_dir}"])
     model = get_peft_model(load_quantized_model(cfg, attn, "cuda"),

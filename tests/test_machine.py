@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from common import machine as plat
-from common.config_loader import load_config
+from common.config.loader import load_config
 from common.errors import PlatformError
-from common.preflight import require_platform
+from common.plan import machine as plat
+from common.plan.preflight import require_platform
 
 SMI_QUERY = "NVIDIA H100 80GB HBM3, 81559, 80000, 9.0, 580.159.04\n"
 SMI_HEADER = "| NVIDIA-SMI 580.159.04   Driver Version: 580.159.04   CUDA Version: 13.0 |\n"

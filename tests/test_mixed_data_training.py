@@ -12,10 +12,11 @@ import math
 import pytest
 from conftest import write_jsonl
 
-from common.config_loader import load_config
+from common.config.loader import load_config
 from common.console import Say
-from common.data import ChatTokenizer, prepare_data
-from common.run_folder import RunFolder
+from common.data.prepare import prepare_data
+from common.data.tokenize import ChatTokenizer
+from common.run.folder import RunFolder
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,11 @@ from conftest import SAMPLE
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from common.config_loader import load_config  # noqa: E402
+from common.config.loader import load_config  # noqa: E402
 from common.console import Say  # noqa: E402
-from common.data import ChatTokenizer, Example, prepare_data  # noqa: E402
-from common.run_folder import RunFolder  # noqa: E402
+from common.data.prepare import prepare_data  # noqa: E402
+from common.data.tokenize import ChatTokenizer, Example  # noqa: E402
+from common.run.folder import RunFolder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,7 @@ def test_run_folder_has_native_and_peft_adapters(trained):
 def test_peft_export_gives_pytorch_the_mlx_logits(trained, tiny_model_dir):
     """The exported PEFT adapter on the unquantized base in PyTorch vs the native adapter on the
     same base in MLX, both float32."""
-    from common.adapter_verify import max_logit_difference
+    from common.adapters.verify import max_logit_difference
 
     trainer, _, _ = trained
     assert max_logit_difference(tiny_model_dir, trainer.run.root, trainer.run.root / "mlx") <= 1e-4
@@ -149,8 +150,8 @@ def test_a_stop_checkpoint_survives_a_second_signal_and_resume_refuses_a_differe
     """The issue's cases on MLX's own checkpoints: a second SIGTERM while the stop checkpoint is written
     only says so; a changed lora.r (which once loaded into the wrong shapes with exit 0) or learning rate is
     refused with both values; a changed logging frequency is allowed; each step is logged once."""
-    from common.checkpoints import problem
     from common.errors import ConfigError
+    from common.run.checkpoints import problem
 
     steps = ["training.max_steps=3", "eval.eval_steps=100", "eval.save_steps=100", "eval.logging_steps=1",
              "eval.load_best_model_at_end=false"]

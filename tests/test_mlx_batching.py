@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from backends.mlx.batching import PAD_TO, group_budget, length_groups, padded_width
-from common.data import Example
+from common.data.tokenize import Example
 
 
 def example(length: int, tag: int) -> Example:

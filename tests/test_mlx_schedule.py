@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import TrainingConfig
+from common.config.schema import TrainingConfig
 
 mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")

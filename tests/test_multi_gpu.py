@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from common import distributed
-from common.checkpoints import numbered, problem
 from common.errors import UsageError
+from common.run import distributed
+from common.run.checkpoints import numbered, problem
 from tests.conftest import REPO, qlora, write_jsonl
 
 
@@ -258,8 +258,14 @@ def test_an_error_on_every_process_reaches_the_user_once(tiny_model_dir, tmp_pat
 
 
 def test_the_allreduce_is_the_lora_gradients_and_costs_little_next_to_a_step():
-    from common.config_loader import load_config
-    from common.planner import STEP_FIXED_S, Rates, allreduce_seconds, data_parallel_rates, lora_parameters
+    from common.config.loader import load_config
+    from common.plan.planner import (
+        STEP_FIXED_S,
+        Rates,
+        allreduce_seconds,
+        data_parallel_rates,
+        lora_parameters,
+    )
 
     cfg = load_config(None, "h100", [])
     assert lora_parameters(cfg) == 41_943_040  # r 16 on the 7 projections of 32 layers: 168 MB in fp32
@@ -340,7 +346,7 @@ def test_a_killed_process_stops_the_other_with_a_clear_message(tiny_model_dir, t
 
 
 def test_each_process_checks_its_own_gpu(monkeypatch):
-    from common import machine
+    from common.plan import machine
 
     asked = []
 
@@ -386,8 +392,8 @@ def test_torchrun_failing_to_start_is_said_in_its_own_words(monkeypatch, tmp_pat
 def test_one_process_on_a_machine_with_several_gpus_uses_the_first(monkeypatch):
     """Otherwise transformers wraps the model in nn.DataParallel, which TRL refuses (seen on two H100s)."""
     from commands.train import _one_gpu
-    from common import machine
-    from common.config_loader import load_config
+    from common.config.loader import load_config
+    from common.plan import machine
     from tests.conftest import Recorder
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

@@ -10,8 +10,8 @@ import sys
 import pytest
 from conftest import REPO, SAMPLE
 
-from common.config_loader import load_config
-from common.planner import Rates, anchor_rates, cuda_peak_gb, make_plan, padded_tokens, steps_per_epoch
+from common.config.loader import load_config
+from common.plan.planner import Rates, anchor_rates, cuda_peak_gb, make_plan, padded_tokens, steps_per_epoch
 
 RATES = Rates(tokens_per_second=10_000, peak_gb=12.5, eval_tokens_per_second=20_000, save_seconds=5,
               startup_seconds=60, source="fixed", measured=True)
@@ -164,7 +164,7 @@ def test_calibrate_on_the_cpu_then_reuse_the_cached_rates(tiny_model_dir, tmp_pa
 
 
 def test_a_calibration_is_reused_only_for_the_same_speed_settings(tmp_path):
-    from common.calibrate import cached_rates, store
+    from common.plan.calibrate import cached_rates, store
 
     cache = tmp_path / "calibration.json"
     shipped = load_config(platform="h100")
@@ -178,7 +178,7 @@ def test_a_calibration_is_reused_only_for_the_same_speed_settings(tmp_path):
 
 
 def test_memory_is_sized_from_the_datas_rows_not_max_seq_length():
-    from common.planner import row_tokens
+    from common.plan.planner import row_tokens
 
     padded = load_config(platform="h100", overrides=["training.packing=false"])
     assert row_tokens(padded, [63, 40, 12]) == 63  # the sample's longest conversation

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SAMPLE, chat, write_jsonl
 
-from common import machine as plat
-from common import mistral
-from common import preflight as pf
-from common.config_loader import load_config
+from common.config.loader import load_config
 from common.errors import QLoraError
+from common.model import mistral
+from common.plan import machine as plat
+from common.plan import preflight as pf
 
 H100 = plat.GpuInfo("NVIDIA H100 80GB HBM3", 79.6, 78.0, (9, 0), "580", "13.0")
 VERSIONS = {"torch": "2.11.0+cu130", "transformers": "5.24.0", "peft": "0.21.2", "trl": "1.16.0",

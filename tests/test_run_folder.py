@@ -16,12 +16,13 @@ import pytest
 from conftest import REPO, SAMPLE, Recorder, shown
 
 from commands import main
-from common import checkpoints as ckpt
-from common.config_loader import load_config
+from common.config.loader import load_config
 from common.errors import ConfigError, QLoraError
-from common.preflight import BLOCK, OK, check_run_folder
-from common.run_folder import RunFolder, RunLock
-from common.trainer import RunSummary, Stopping
+from common.plan.preflight import BLOCK, OK, check_run_folder
+from common.run import checkpoints as ckpt
+from common.run.folder import RunFolder, RunLock
+from common.run.stopping import Stopping
+from common.run.summary import RunSummary
 
 FILES = ("adapter.safetensors", "optimizer.pt", "trainer_state.json")
 
@@ -229,7 +230,7 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from common.console import Say
-from common.run_folder import RunLock
+from common.run.folder import RunLock
 lock = RunLock(Path(sys.argv[1])).acquire(Say())
 print("locked", flush=True)
 time.sleep(120)

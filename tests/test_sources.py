@@ -16,10 +16,10 @@ import time
 import pytest
 from conftest import REPO, chat, write_jsonl
 
-from common.config import DataConfig, DataSource
-from common.data import load_conversations, prepare_data, read_conversations
+from common.config.schema import DataConfig, DataSource
+from common.data.prepare import load_conversations, prepare_data, read_conversations
+from common.data.sources import read_source
 from common.errors import DataError
-from common.sources import read_source
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Find a word",
                                             "parameters": {"type": "object", "properties": {"word": {"type": "string"}}}}}]

@@ -3,7 +3,7 @@
 import pytest
 
 from common.errors import UsageError
-from common.time_budget import TimeBudget, parse_duration
+from common.run.time_budget import TimeBudget, parse_duration
 
 
 @pytest.mark.parametrize("text, seconds", [("3h30m", 12600), ("90m", 5400), ("45s", 45), ("1.5h", 5400),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from common.tracking import resolve_tracker
+from common.run.tracking import resolve_tracker
 
 
 def test_tracking_never_prompts():
@@ -25,7 +25,7 @@ def test_metric_sink_writes_tensorboard_and_wandb(tmp_path, monkeypatch):
     """The MLX backend's tracker: TensorBoard event files, or wandb.log with namespaced keys."""
     import types
 
-    from common.tracking import MetricSink
+    from common.run.tracking import MetricSink
 
     sink = MetricSink("tensorboard", tmp_path, "p", "run")
     sink.log({"step": 3, "time": 1.0, "loss": 2.5, "eval_loss": 2.0})

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from backends.cuda.model import check_local_model, explain_load_error
+from common.after_training.lookup import AdapterRef
 from common.errors import QLoraError
-from common.inference import AdapterRef
-from common.tiny_mistral import add_legacy_rope_theta
+from common.model.tiny import add_legacy_rope_theta
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

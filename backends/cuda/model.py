@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.config import QLoraConfig
-from common.distributed import local_rank
+from common.config.schema import QLoraConfig
 from common.errors import QLoraError
-from common.machine import FLASH_KERNELS
-from common.mistral import HUB_ID, cached_on_hub, check_local_model, require_model_source
+from common.model.mistral import HUB_ID, cached_on_hub, check_local_model, require_model_source
+from common.plan.machine import FLASH_KERNELS
+from common.run.distributed import local_rank
 
 INSTALL_HINT = (
     "install a FlashAttention kernel for the H100 (`make setup-h100` tries flash-attn-4, "

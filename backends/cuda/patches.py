@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Iterator
 
-from common.config import LIGER_KERNELS, LIGER_ROPE_IMPL, LIGER_ROPE_IMPL_VARS
+from common.config.schema import LIGER_KERNELS, LIGER_ROPE_IMPL, LIGER_ROPE_IMPL_VARS
 
 LIGER_REGISTRY_LOGGER = "liger_kernel.backends.registry"
 

@@ -1,4 +1,4 @@
-"""The shared training display (common/progress.py) on the CUDA path: one TrainerCallback in place
+"""The shared training display (common/run/progress.py) on the CUDA path: one TrainerCallback in place
 of transformers' own progress bars and printed metric dicts."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from common.progress import TrainingDisplay
+from common.run.progress import TrainingDisplay
 
 
 def use_display(trainer, display: TrainingDisplay, peak_memory: Callable[[], float]) -> None:

@@ -14,16 +14,18 @@ from backends.cuda.activation_checkpointing import checkpoint_limit_callback, ch
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
 from backends.cuda.patches import liger_kernel_config, liger_rope_impl, pin_cuda_device, run_scope
 from backends.cuda.progress import use_display
-from common import checkpoints as ckpt
-from common import distributed
-from common.config import QLoraConfig
-from common.data import Example, PreparedData
+from common.config.schema import QLoraConfig
+from common.data.prepare import PreparedData
+from common.data.tokenize import Example
 from common.errors import PlatformError, QLoraError
-from common.progress import TrainingDisplay
-from common.run_folder import RunFolder
-from common.time_budget import TimeBudget
-from common.tracking import resolve_tracker, start_wandb
-from common.trainer import RunSummary, Stopping
+from common.run import checkpoints as ckpt
+from common.run import distributed
+from common.run.folder import RunFolder
+from common.run.progress import TrainingDisplay
+from common.run.stopping import Stopping
+from common.run.summary import RunSummary
+from common.run.time_budget import TimeBudget
+from common.run.tracking import resolve_tracker, start_wandb
 
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
 # What Hugging Face's Trainer needs to continue exactly: without optimizer.pt or scheduler.pt it
@@ -180,7 +182,7 @@ class CudaTrainer(Stopping):
 
     def _guard_checkpoint_saves(self) -> None:
         """Each Trainer checkpoint ends with our manifest; a failed or aborted write removes the
-        folder and says what is intact (common.checkpoints.writing). Wrapped on this instance: the
+        folder and says what is intact (common.run.checkpoints.writing). Wrapped on this instance: the
         Trainer has no hook that runs after a save and can still undo it."""
         save, trainer = self.trainer._save_checkpoint, self.trainer
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -225,7 +227,7 @@ class CudaTrainer(Stopping):
         """(micro-batch, accumulation) of each process. Packed rows are concatenated padding-free; SDPA then builds
         a dense block mask over the whole micro-batch, so with SDPA one row per micro-batch and
         more accumulation trains on the same tokens per optimizer step, faster (measured: docs/benchmarks.md).
-        On several processes the same global batch is split over them (common/distributed.py)."""
+        On several processes the same global batch is split over them (common/run/distributed.py)."""
         t = self.cfg.training
         micro, accumulation = t.batch_size, t.gradient_accumulation_steps
         if t.packing and self.attn == "sdpa" and self.device == "cuda" and t.batch_size > 1:

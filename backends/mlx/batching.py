@@ -27,7 +27,7 @@ does: `mx.compile` traces one graph per input shape, and this bounds the number 
 
 from __future__ import annotations
 
-from common.data import Example
+from common.data.tokenize import Example
 
 PAD_TO = 32
 

@@ -8,8 +8,8 @@ import json
 import time
 from pathlib import Path
 
+from common.after_training.lookup import AdapterRef
 from common.errors import QLoraError
-from common.inference import AdapterRef
 
 
 def trained_base(ref: AdapterRef, base: str, dtype: str, say) -> str:

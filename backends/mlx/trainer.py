@@ -22,18 +22,20 @@ import time
 from pathlib import Path
 
 from backends.mlx.batching import compiled_value_and_grad, group_budget, length_groups, padded_width
-from common import checkpoints as ckpt
-from common.adapters import Adapter, mlx_factors, write_adapter
-from common.config import QLoraConfig
-from common.data import Example, PreparedData
+from common.adapters.conversion import Adapter, mlx_factors, write_adapter
+from common.config.schema import QLoraConfig
+from common.data.prepare import PreparedData
+from common.data.tokenize import Example
 from common.errors import QLoraError
-from common.mistral import PARENT, cached_on_hub, require_model_source
-from common.planner import steps_in_epoch, total_steps
-from common.progress import TrainingDisplay
-from common.run_folder import RunFolder
-from common.time_budget import TimeBudget
-from common.tracking import MetricSink, resolve_tracker
-from common.trainer import RunSummary, Stopping
+from common.model.mistral import PARENT, cached_on_hub, require_model_source
+from common.plan.planner import steps_in_epoch, total_steps
+from common.run import checkpoints as ckpt
+from common.run.folder import RunFolder
+from common.run.progress import TrainingDisplay
+from common.run.stopping import Stopping
+from common.run.summary import RunSummary
+from common.run.time_budget import TimeBudget
+from common.run.tracking import MetricSink, resolve_tracker
 
 PAD_ID = 0  # <unk>: never a real token, and masked out of the loss anyway
 CHECKPOINT_FILES = ("adapters.safetensors", "optimizer.safetensors", "trainer_state.json")  # to continue
@@ -361,7 +363,7 @@ class MlxTrainer(Stopping):
         return self.run.checkpoints / f"checkpoint-{step}"
 
     def save_checkpoint(self, eval_loss: float | None) -> None:
-        """Adapter, optimizer state and progress, then the manifest (common/checkpoints.py), written
+        """Adapter, optimizer state and progress, then the manifest (common/run/checkpoints.py), written
         to a temporary folder and renamed, so a half-written checkpoint is never picked up."""
         import mlx.core as mx
 

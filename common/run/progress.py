@@ -5,7 +5,7 @@ elapsed and time left, peak memory) with one line above it per evaluation and pe
 Elsewhere (a log file, CI, nohup): plain timestamped lines with the same fields, one per logging
 step, and no escape codes. The backends report events; this module owns every word and number.
 
-The time left counts the evaluations and checkpoint saves still to come (common.planner), each at
+The time left counts the evaluations and checkpoint saves still to come (common.plan.planner), each at
 its measured duration; before the first evaluation has been timed, at the time_budget guess.
 """
 
@@ -20,10 +20,10 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 from rich.text import Text
 
-from common.config import QLoraConfig
-from common.data import PreparedData
-from common.planner import events_after, steps_per_epoch, tokens_per_step
-from common.time_budget import eval_steps_guess
+from common.config.schema import QLoraConfig
+from common.data.prepare import PreparedData
+from common.plan.planner import events_after, steps_per_epoch, tokens_per_step
+from common.run.time_budget import eval_steps_guess
 
 STEP_WINDOW = 50  # recent steps whose median paces the time left (the first, compiling ones age out)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from common.errors import QLoraError
 
 HUB_ID = "mistralai/Mistral-7B-Instruct-v0.3"
-# The demo config's base model (configs/training_config_cpu.yaml): built by common/tiny_mistral.py on
+# The demo config's base model (configs/training_config_cpu.yaml): built by common/model/tiny.py on
 # first use, by `qlora demo` or any `qlora train` that names it, never fetched from a hub.
 DEMO_MODEL_DIR = "models/tiny-mistral-v0.3"
 VOCAB_SIZE = 32768

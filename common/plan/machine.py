@@ -142,7 +142,7 @@ def probe_nvidia(run: Callable[[list[str]], str | None] = _run) -> GpuInfo | Non
 def process_gpu() -> str | None:
     """The GPU this torchrun process trains on, as nvidia-smi names it (index or UUID): the
     LOCAL_RANK-th of CUDA_VISIBLE_DEVICES when that is set. None outside a multi-process run."""
-    from common.distributed import local_rank, world_size
+    from common.run.ranks import local_rank, world_size
 
     if world_size() == 1:
         return None

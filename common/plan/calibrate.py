@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.config import QLoraConfig
-from common.data import PreparedData
-from common.planner import Rates
+from common.config.schema import QLoraConfig
+from common.data.prepare import PreparedData
+from common.plan.planner import Rates
 
 CACHE = Path.home() / ".cache" / "mistral-qlora" / "calibration.json"
 # On the H100 the first ~6 steps run slow (kernel compilation for new packed-row shapes, allocator
@@ -57,7 +57,7 @@ def store(cfg: QLoraConfig, machine: str, rates: Rates, cache: Path = CACHE) -> 
 def calibrate(cfg: QLoraConfig, data: PreparedData, machine: str, say, make_trainer) -> Rates:
     """`make_trainer(cfg, run, data, say)` builds the backend's Trainer (the command layer passes
     `backends.make_trainer`): this module stays free of any backend."""
-    from common.run_folder import RunFolder
+    from common.run.folder import RunFolder
 
     trial = cfg.model_copy(deep=True)
     scratch = Path(tempfile.mkdtemp(prefix="qlora-calibrate-"))

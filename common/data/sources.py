@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import DataConfig, DataSource
-from common.conversation import Conversation
+from common.config.schema import DataConfig, DataSource
+from common.data.conversation import Conversation
+from common.data.formats import EXPECTED, FORMATS, Problem, detect, normalize
 from common.errors import DataError
-from common.formats import EXPECTED, FORMATS, Problem, detect, normalize
 
 MAX_REPORTED = 20
 MAX_LINE_CHARS = 10_000_000

@@ -13,7 +13,7 @@ PROBE = "[INST] Explain in one sentence why the sky is blue. [/INST] Because"
 
 
 def probe_ids(base_dir: str | Path) -> list[int]:
-    from common.data import ChatTokenizer, find_tokenizer_file
+    from common.data.tokenize import ChatTokenizer, find_tokenizer_file
 
     tokenizer = ChatTokenizer(find_tokenizer_file(base_dir))
     return [tokenizer.bos_id, *tokenizer._instruct.tokenizer.encode(PROBE, bos=False, eos=False)]

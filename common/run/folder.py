@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from common import checkpoints as ckpt
-from common.config import QLoraConfig
+from common.config.schema import QLoraConfig
 from common.errors import QLoraError
+from common.run import checkpoints as ckpt
 
 LOCK = ".lock"
 
@@ -26,7 +26,7 @@ def default_run_name(cfg: QLoraConfig) -> str:
 @dataclass
 class RunFolder:
     root: Path
-    identity: dict = field(default_factory=dict)  # what every checkpoint records (common/checkpoints.py)
+    identity: dict = field(default_factory=dict)  # what every checkpoint records (common/run/checkpoints.py)
     resume_choice: tuple | None = field(default=None, repr=False)  # (--resume value, verified folder)
 
     @classmethod
@@ -86,7 +86,7 @@ class RunFolder:
         return [r for r in map(_record, self.metrics.read_text(encoding="utf-8").splitlines()) if r is not None]
 
     def resume_from(self, resume: str | None, say) -> Path | None:
-        """The verified checkpoint to continue from (common.checkpoints.choose); metrics.jsonl then
+        """The verified checkpoint to continue from (common.run.checkpoints.choose); metrics.jsonl then
         keeps only the steps that checkpoint holds, so the steps run again are logged once."""
         folder = self.check_resume(resume, say)
         if folder is not None and ckpt.is_last_step(folder):  # a Trainer resumed there would take one more step
@@ -115,7 +115,7 @@ class RunFolder:
     @staticmethod
     def finished(root: Path):
         """The summary of a run that ended normally in `root` (None when it has not)."""
-        from common.trainer import RunSummary
+        from common.run.summary import RunSummary
 
         try:
             summary = RunSummary.read(root / "summary.json")

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from common.config import QLoraConfig
+from common.config.schema import QLoraConfig
 from common.errors import ConfigError, QLoraError
 
 MANIFEST = "manifest.json"

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UsageError
+from common.run.ranks import is_main, launched, local_rank, rank, world_size
+
+__all__ = ["is_main", "launched", "local_rank", "rank", "world_size"]  # callers say distributed.rank()
 
 RANK_DIR = "QLORA_RANK_DIR"  # where each rank's log and error go (made by the launcher)
 STARTED = "QLORA_STARTED"  # the launcher's time.monotonic() at start: a --time-budget counts from there
@@ -31,28 +34,6 @@ STARTED = "QLORA_STARTED"  # the launcher's time.monotonic() at start: a --time-
 # torchrun's default, 30 s, can cut off an evaluation in flight plus a save on a 7B; longer would
 # keep the survivors of a crashed rank waiting (NCCL does not notice a dead peer by itself)
 SHUTDOWN_SECONDS = 120
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main() -> bool:
-    """The one process that writes the run folder and prints (every process when not distributed)."""
-    return rank() == 0
-
-
-def launched() -> bool:
-    """True inside a torchrun rank (which must not launch torchrun again)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or world_size() > 1
 
 
 @dataclass(frozen=True)
@@ -98,7 +79,7 @@ def requested_ranks(value: str | None, on_cpu: bool, count_gpus=None) -> int:
         if on_cpu:
             raise UsageError("--gpus all counts GPUs, but this config trains on the CPU (cuda.device: cpu); "
                              "give a number of processes, e.g. --gpus 2")
-        from common.machine import gpu_count
+        from common.plan.machine import gpu_count
 
         found = (count_gpus or gpu_count)()
         if not found:
@@ -108,7 +89,7 @@ def requested_ranks(value: str | None, on_cpu: bool, count_gpus=None) -> int:
         raise UsageError(f"--gpus {value!r}: give a number of GPUs (1 or more) or 'all'")
     wanted = int(value)
     if not on_cpu and wanted > 1:
-        from common.machine import gpu_count
+        from common.plan.machine import gpu_count
 
         found = (count_gpus or gpu_count)()
         if wanted > found:

@@ -9,10 +9,11 @@ import platform
 import time
 from pathlib import Path
 
-from common.config import QLoraConfig
-from common.data import DataReport, Example
-from common.inference import LOCAL_BASE_NOTE, looks_like_path, recorded_base
-from common.trainer import RunSummary
+from common.after_training.lookup import LOCAL_BASE_NOTE, looks_like_path, recorded_base
+from common.config.schema import QLoraConfig
+from common.data.prepare import DataReport
+from common.data.tokenize import Example
+from common.run.summary import RunSummary
 
 FILES = {
     "adapter_model.safetensors": "the LoRA adapter (PEFT format)",

@@ -1,6 +1,6 @@
 """The one typed config schema: every default and every bound of mistral-qlora lives here.
 
-YAML files and `--set` overrides only change values; the loader (`common/config_loader.py`)
+YAML files and `--set` overrides only change values; the loader (`common/config/loader.py`)
 merges them and validates the result against these models. Unknown keys are errors.
 """
 
@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from common.mistral import HUB_ID, PROJECTIONS
+from common.model.mistral import HUB_ID, PROJECTIONS
 
 ALL_PROJECTIONS = list(PROJECTIONS)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.data import default_tokenizer_file
-from common.mistral import SHAPE_7B, VOCAB_SIZE, is_demo_model
+from common.data.tokenize import default_tokenizer_file
+from common.model.mistral import SHAPE_7B, VOCAB_SIZE, is_demo_model
 
 TINY_SHAPE = dict(
     hidden_size=64,
@@ -24,7 +24,7 @@ TINY_SHAPE = dict(
 )
 
 
-MISTRAL_7B_SHAPE = SHAPE_7B  # the real model's shape (common/mistral.py)
+MISTRAL_7B_SHAPE = SHAPE_7B  # the real model's shape (common/model/mistral.py)
 
 
 def build_random_mistral(

@@ -18,8 +18,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from common.config import DATA_COLUMNS
-from common.conversation import CALL_ID, FUNCTION_NAME, Conversation, Message, ToolCall, order_problem
+from common.config.schema import DATA_COLUMNS
+from common.data.conversation import CALL_ID, FUNCTION_NAME, Conversation, Message, ToolCall, order_problem
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 # mistral-common's normalizer joins the text parts of one message with this (tested against it)
@@ -395,7 +395,7 @@ def _mistral_common_accepts(conversation: Conversation) -> None:
     from mistral_common.exceptions import MistralCommonException
     from pydantic import ValidationError
 
-    from common.conversation import mistral_validator, to_mistral_request
+    from common.data.conversation import mistral_validator, to_mistral_request
 
     try:
         mistral_validator().validate_request(to_mistral_request(conversation))

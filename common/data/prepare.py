@@ -1,7 +1,7 @@
 """The one data layer: data sources -> validated conversations -> token ids and loss masks.
 
-Reading, formats and mixing live in `common/sources.py` and `common/formats.py`; every format
-becomes one `Conversation` (`common/conversation.py`), tokenized here. Both backends train on exactly the `Example`s made here. Tokenization is mistral-common's own
+Reading, formats and mixing live in `common/data/sources.py` and `common/data/formats.py`; every format
+becomes one `Conversation` (`common/data/conversation.py`), tokenized here. Both backends train on exactly the `Example`s made here. Tokenization is mistral-common's own
 v3 instruct encoding (the reference for Mistral-7B-Instruct-v0.3), so training sees the same
 tokens as inference: the system prompt goes on the last user message, as mistral-common puts it
 (the Hugging Face chat template drops it from conversations that end with an assistant turn).
@@ -12,15 +12,13 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import DataConfig, DataSource
-from common.conversation import Conversation, Message, ToolCall, to_mistral_request
-from common.errors import DataError
-from common.sources import (
-    DataIssue,
+from common.config.schema import DataConfig, DataSource
+from common.data.conversation import Conversation
+from common.data.sources import (
     SourceReport,
     apply_weights,
     read_source,
@@ -30,21 +28,8 @@ from common.sources import (
     train_sources,
     val_sources,
 )
-
-__all__ = ["Conversation", "DataIssue", "Message", "ToolCall"]  # the data layer's types, in one import
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    loss_mask: list[int]  # 1 where the token is a training target (assistant text and its </s>)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def n_targets(self) -> int:
-        return sum(self.loss_mask)
+from common.data.tokenize import ChatTokenizer, Example, tokenize_all
+from common.errors import DataError
 
 
 @dataclass
@@ -61,9 +46,6 @@ class DataReport:
     sources: list[SourceReport] = field(default_factory=list)  # training sources, then the validation file
 
 
-# ---------------------------------------------------------------------------- reading
-
-
 def read_conversations(path: str | Path, cfg: DataConfig | None = None) -> tuple[list[Conversation], int]:
     """Read and validate one data file (any format). Returns (conversations, blank lines skipped).
 
@@ -71,9 +53,6 @@ def read_conversations(path: str | Path, cfg: DataConfig | None = None) -> tuple
     """
     conversations, report = read_source(DataSource(path=str(path)), cfg or DataConfig(), "data.train_file")
     return conversations, report.blank_lines
-
-
-# ---------------------------------------------------------------------------- splitting
 
 
 def split_train_val(
@@ -93,133 +72,6 @@ def split_train_val(
     train = [c for i, c in enumerate(conversations) if i not in val_idx]
     val = [c for i, c in enumerate(conversations) if i in val_idx]
     return train, val
-
-
-# ---------------------------------------------------------------------------- tokenizing
-
-
-def default_tokenizer_file() -> Path:
-    import mistral_common
-
-    return Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
-
-
-def find_tokenizer_file(model_dir: str | Path | None) -> Path:
-    """The v3 SentencePiece model: the model folder's own copy, else mistral-common's."""
-    if model_dir and Path(model_dir).is_dir():
-        for name in ("tokenizer.model.v3", "tokenizer.model"):
-            candidate = Path(model_dir) / name
-            if candidate.is_file():
-                return candidate
-    return default_tokenizer_file()
-
-
-class ChatTokenizer:
-    """mistral-common's v3 instruct encoding, one message at a time so the loss mask is exact.
-
-    The loss covers the assistant's answers, its tool calls ([TOOL_CALLS] and the JSON) and their
-    </s>; never the prompt, the [AVAILABLE_TOOLS] list nor [TOOL_RESULTS], and no assistant turn of
-    weight 0. The ids equal mistral-common's `encode_instruct` of the same request (tested): its
-    `encode_chat_completion` refuses a request that ends with an assistant turn (that is for serving).
-    """
-
-    def __init__(self, tokenizer_file: str | Path | None = None):
-        from mistral_common.protocol.instruct.validator import ValidationMode
-        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-        self.path = Path(tokenizer_file) if tokenizer_file else default_tokenizer_file()
-        self._mistral = MistralTokenizer.from_file(str(self.path), mode=ValidationMode.finetuning)
-        self._instruct = self._mistral.instruct_tokenizer
-        self.vocab_size = self._instruct.tokenizer.n_words
-        self.bos_id = self._instruct.tokenizer.bos_id
-        self.eos_id = self._instruct.tokenizer.eos_id
-
-    def instruct_request(self, conversation: Conversation):
-        """The validated, normalized request mistral-common encodes (system prompt moved, turns merged)."""
-        from common.conversation import to_mistral_request
-
-        request = self._mistral._chat_completion_request_validator.validate_request(to_mistral_request(conversation))
-        return self._mistral._instruct_request_normalizer.from_chat_completion_request(request)
-
-    def encode(self, conversation: Conversation) -> Example:
-        from mistral_common.protocol.instruct.messages import AssistantMessage, ToolMessage, UserMessage
-
-        instruct = self.instruct_request(conversation)
-        # mistral-common's normalizer drops the weight; our checked order never merges two assistant
-        # turns, so they map one to one
-        weights = iter([m.weight for m in conversation.messages if m.role == "assistant"])
-        users = [i for i, m in enumerate(instruct.messages) if isinstance(m, UserMessage)]
-        ids = list(self._instruct.start())
-        mask = [0] * len(ids)
-        for index, message in enumerate(instruct.messages):
-            if isinstance(message, UserMessage):
-                tokens, _, _ = self._instruct.encode_user_message(
-                    message,
-                    instruct.available_tools,
-                    is_last=index == users[-1],
-                    is_first=index == users[0],
-                    system_prompt=instruct.system_prompt,
-                )
-                target = 0
-            elif isinstance(message, ToolMessage):
-                tokens, _, _ = self._instruct.encode_tool_message(message, index < users[-1])
-                target = 0
-            else:
-                assert isinstance(message, AssistantMessage)
-                tokens = self._instruct.encode_assistant_message(message, index < users[-1])
-                target = 0 if next(weights) == 0 else 1
-            ids.extend(tokens)
-            mask.extend([target] * len(tokens))
-        return Example(ids, mask)
-
-    def encode_prompt(self, messages: Sequence[tuple[str, str]], tools: list[dict] | None = None) -> list[int]:
-        """A conversation that ends with a user turn, encoded for the model to answer (`qlora generate`,
-        `qlora chat`): mistral-common's own serving encoding, the reference `encode` is tested against
-        token for token, so the system prompt lands where training put it. `tools`: an OpenAI-style
-        list, rendered as [AVAILABLE_TOOLS] before the last user turn."""
-        from mistral_common.protocol.instruct.validator import ValidationMode
-        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-        if not hasattr(self, "_serving"):  # the finetuning validator refuses a request ending with a user turn
-            self._serving = MistralTokenizer.from_file(str(self.path), mode=ValidationMode.test)
-        conversation = Conversation(tuple(Message(role, content) for role, content in messages), "prompt",
-                                    tuple(tools or ()))
-        return self._serving.encode_chat_completion(to_mistral_request(conversation)).tokens
-
-    def special_id(self, token: str) -> int:
-        """The id of a control token such as "[TOOL_CALLS]"."""
-        return self._instruct.tokenizer.get_special_token(token)
-
-    def reference_ids(self, conversation: Conversation) -> list[int]:
-        """mistral-common's whole-conversation encoding, for checking `encode`."""
-        return self._instruct.encode_instruct(self.instruct_request(conversation)).tokens
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._mistral.decode(list(ids))
-
-
-def fit_length(example: Example, max_len: int, policy: str) -> tuple[Example | None, str]:
-    """Apply the overlong policy. Returns (example or None, "kept" | "truncated" | "dropped")."""
-    if len(example) <= max_len:
-        return example, "kept"
-    if policy == "drop":
-        return None, "dropped"
-    cut = Example(example.input_ids[:max_len], example.loss_mask[:max_len])
-    # A cut that leaves no target tokens teaches nothing: drop it instead.
-    return (cut, "truncated") if cut.n_targets else (None, "dropped")
-
-
-def tokenize_all(
-    conversations: Sequence[Conversation], tokenizer: ChatTokenizer, cfg: DataConfig
-) -> tuple[list[Example], int, int]:
-    examples, truncated, dropped = [], 0, 0
-    for conversation in conversations:
-        example, outcome = fit_length(tokenizer.encode(conversation), cfg.max_seq_length, cfg.overlong)
-        truncated += outcome == "truncated"
-        dropped += outcome == "dropped"
-        if example is not None:
-            examples.append(example)
-    return examples, truncated, dropped
 
 
 @dataclass

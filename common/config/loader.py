@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from common.config import MOVED_KEYS, QLoraConfig
+from common.config.schema import MOVED_KEYS, QLoraConfig
 from common.errors import ConfigError, UsageError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 PLATFORM_FILES = {
     "h100": "training_config_h100.yaml",
@@ -299,7 +299,7 @@ def all_keys(model: type[BaseModel] = QLoraConfig, prefix: str = "") -> list[str
 
 
 def moved_to(key: str) -> str | None:
-    """The new place of a key that moved (common.config.MOVED_KEYS), or None."""
+    """The new place of a key that moved (common.config.schema.MOVED_KEYS), or None."""
     for old, new in MOVED_KEYS.items():
         if key == old or key.startswith(f"{old}."):
             return new + key.removeprefix(old)

@@ -13,7 +13,7 @@ is stored:
 | layers | num_layers: the last N blocks (-1 = all) | layers_to_transform (null = all) |
 
 An `Adapter` holds the PEFT orientation; readers and writers translate. Nothing heavier than numpy
-and safetensors is imported here; `verify` (framework-heavy) lives in `common/adapter_verify.py`.
+and safetensors is imported here; `verify` (framework-heavy) lives in `common/adapters/verify.py`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import QLoraError
-from common.mistral import PARENT, PROJECTIONS, projection_shapes
+from common.model.mistral import PARENT, PROJECTIONS, projection_shapes
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 MLX_FILES = ("adapters.safetensors", "adapter_config.json")

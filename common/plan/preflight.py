@@ -16,10 +16,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common import machine as plat
-from common.config import LIGER_ROPE_IMPL_VARS, QLoraConfig
+from common.config.schema import LIGER_ROPE_IMPL_VARS, QLoraConfig
 from common.errors import PlatformError, QLoraError
-from common.mistral import (
+from common.model.mistral import (
     DOWNLOAD_GB,
     SHAPE_7B,
     cached_on_hub,
@@ -32,6 +31,7 @@ from common.mistral import (
     projection_shapes,
     unreachable_hub_message,
 )
+from common.plan import machine as plat
 
 OK, WARN, BLOCK = "ok", "warning", "blocking"
 
@@ -195,8 +195,8 @@ def check_kernels(cfg, env) -> list[Check]:
 
 def check_data(cfg, env) -> list[Check]:
     """Every record of every source, one row per file naming the format detected."""
-    from common.data import overlap_warning, refuse_same_source
-    from common.sources import read_source, train_sources, val_sources
+    from common.data.prepare import overlap_warning, refuse_same_source
+    from common.data.sources import read_source, train_sources, val_sources
 
     rows, train = [], []
     for index, spec in enumerate(train_sources(cfg.data)):
@@ -320,7 +320,7 @@ def check_run_folder(cfg, env=None) -> list[Check]:
 
 
 def check_tracking(cfg, env) -> list[Check]:
-    from common.tracking import resolve_tracker
+    from common.run.tracking import resolve_tracker
 
     tracker, notice = resolve_tracker(cfg.tracking.report_to, env=env.env)
     return [Check("tracking", WARN if notice else OK, notice or tracker)]
@@ -329,7 +329,7 @@ def check_tracking(cfg, env) -> list[Check]:
 def check_memory(cfg, env) -> list[Check]:
     """The planner's peak for this config (measured anchors, adjusted to its micro-batch and
     checkpointing on CUDA) against this machine's accelerator memory."""
-    from common.planner import anchor_rates, kept_layers, recompute_everything
+    from common.plan.planner import anchor_rates, kept_layers, recompute_everything
 
     rates = anchor_rates(cfg)
     if rates is None:

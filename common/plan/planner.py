@@ -11,8 +11,8 @@ import math
 import random
 from dataclasses import asdict, dataclass, field
 
-from common.config import QLoraConfig
-from common.mistral import SHAPE_7B
+from common.config.schema import QLoraConfig
+from common.model.mistral import SHAPE_7B
 
 
 @dataclass
@@ -345,7 +345,7 @@ ALLREDUCE_BYTES_PER_S = {"NVLink": 300e9, "PCIe": 20e9, "100 Gb/s network": 10e9
 
 def lora_parameters(cfg: QLoraConfig) -> int:
     """Trainable LoRA parameters on the 7B shape: r x (in + out) for each targeted projection and layer."""
-    from common.mistral import projection_shapes
+    from common.model.mistral import projection_shapes
 
     shapes = projection_shapes(SHAPE_7B)
     return DECODER_LAYERS * cfg.lora.r * sum(sum(shapes[m]) for m in cfg.lora.target_modules)

@@ -1,0 +1,137 @@
+"""What `qlora generate`, `chat`, `merge`, `export` and `push` share, free of any framework: which
+adapter a RUN argument names, which base model it was trained on, the prompt as training encoded it,
+and the tool calls in an answer. The backends (backends/*/inference.py) load and run the model.
+
+RUN is a run folder (the PEFT adapter at its root; MLX runs also keep the mlx-lm adapter in mlx/) or
+any adapter folder, PEFT or mlx-lm format (a checkpoint, a converted adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.adapters.conversion import AdapterError, convert, detect_format
+from common.errors import QLoraError, UsageError
+from common.model.mistral import looks_like_path
+
+DTYPES = ("4bit", "bf16", "fp16", "fp32")
+# A local base is recorded as an absolute path; the model card says so (it breaks when the folder moves).
+LOCAL_BASE_NOTE = "a local folder, recorded as an absolute path: pass --base-model if it has moved"
+
+
+@dataclass
+class AdapterRef:
+    """The adapter a RUN argument names, in the format it was found in."""
+
+    folder: Path
+    fmt: str  # "peft" | "mlx"
+    run_root: Path | None  # the run folder it belongs to (config.yaml, summary.json), when there is one
+    recorded_base: str | None
+    _temps: list = field(default_factory=list, repr=False)
+
+    def as_format(self, fmt: str, base_model: str | None = None) -> Path:
+        """A folder holding this adapter in `fmt`: its own, a sibling the run already wrote, or a
+        temporary conversion through the shared converter (kept until the process ends)."""
+        if fmt == self.fmt:
+            return self.folder
+        sibling = _sibling(self.folder, fmt)
+        if sibling:
+            return sibling
+        temp = tempfile.TemporaryDirectory(prefix=f"qlora-{fmt}-adapter-")
+        self._temps.append(temp)
+        local_base = base_model if base_model and Path(base_model).is_dir() else None
+        convert(self.folder, Path(temp.name) / "adapter", to=fmt, base_model=local_base)
+        return Path(temp.name) / "adapter"
+
+
+def _sibling(folder: Path, fmt: str) -> Path | None:
+    """A run folder holds the PEFT adapter at its root and (MLX runs) the mlx-lm one in mlx/."""
+    candidate = folder / "mlx" if fmt == "mlx" else folder.parent if folder.name == "mlx" else None
+    if candidate is None:
+        return None
+    try:
+        return candidate if detect_format(candidate) == fmt else None
+    except AdapterError:
+        return None
+
+
+def find_adapter(run: str | Path, prefer: str | None = None) -> AdapterRef:
+    """The adapter in `run` (a run folder or an adapter folder). With `prefer`, a run folder's copy in
+    that format is taken when it has one (an MLX run's mlx/ for the MLX backend: no conversion)."""
+    folder = Path(run)
+    if not folder.is_dir():
+        raise UsageError(f"{run}: no such folder; give a run folder (adapters/<run-name>) or an adapter folder")
+    try:
+        fmt = detect_format(folder)
+    except AdapterError as exc:
+        if (folder / "mlx").is_dir():
+            fmt, folder = detect_format(folder / "mlx"), folder / "mlx"
+        else:
+            raise QLoraError(f"{exc}. Is {run} a finished run? (`qlora train` writes the adapter at the end)") from None
+    ref = AdapterRef(folder, fmt, _run_root(folder), recorded_base(folder))
+    if prefer and prefer != fmt and _sibling(folder, prefer):
+        ref = AdapterRef(_sibling(folder, prefer), prefer, ref.run_root, ref.recorded_base)
+    return ref
+
+
+def _run_root(folder: Path) -> Path | None:
+    """The run folder an adapter belongs to: itself, its parent (mlx/) or two up (checkpoints/checkpoint-N)."""
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / "config.yaml").is_file() and (candidate / "adapter_config.json").is_file():
+            return candidate
+    return None
+
+
+def recorded_base(folder: Path) -> str | None:
+    """The base model an adapter folder names (PEFT's key, or mlx-lm's `model`)."""
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return config.get("base_model_name_or_path") or config.get("model")
+
+
+def base_model_for(ref: AdapterRef, override: str | None) -> str:
+    """The base model to load: --base-model, else the one the adapter records. A recorded local path
+    must still exist; a hub id is passed on (the loader explains a missing cache)."""
+    if override:
+        return override
+    base = ref.recorded_base
+    if ref.run_root and not (base and Path(base).is_absolute()):
+        # a checkpoint records the base as the config named it (maybe relative to where training ran);
+        # the run folder's own adapter config has it as recorded after training: absolute, or a hub id
+        base = recorded_base(ref.run_root) or _run_config(ref.run_root).get("model", {}).get("name_or_path") or base
+    if not base:
+        raise UsageError(f"{ref.folder}/adapter_config.json names no base model: pass --base-model (folder or hub id)")
+    if Path(base).exists() or not looks_like_path(base):
+        return base
+    raise QLoraError(
+        f"the base model recorded in {ref.folder}/adapter_config.json, {base}, does not exist from here "
+        f"({Path.cwd()}); pass --base-model with its folder or hub id"
+    )
+
+
+def record_base_model(run_root: Path, name_or_path: str) -> str:
+    """Write the base model into every adapter config of a run folder as something that loads from any
+    working directory: a hub id as is, a local folder as an absolute path. Returns what was written."""
+    local = Path(name_or_path)
+    recorded = str(local.resolve()) if local.exists() else name_or_path
+    for config_path in (run_root / "adapter_config.json", run_root / "mlx" / "adapter_config.json"):
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            config["base_model_name_or_path"] = recorded
+            model = config.get("model")
+            if model and Path(model).exists():  # the MLX run's 4-bit base
+                config["model"] = str(Path(model).resolve())
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return recorded
+
+
+def _run_config(run_root: Path) -> dict:
+    import yaml
+
+    path = run_root / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}

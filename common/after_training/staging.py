@@ -1,0 +1,86 @@
+"""Writing what merge and export produce: the disk it needs, a refusal to overwrite, and a staging
+folder that becomes the output only once it is whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.errors import QLoraError, UsageError
+
+BYTES_PER_PARAM = {"bf16": 2, "fp16": 2, "fp32": 4, "4bit": 0.56}
+GB = 1024**3
+
+
+def parameter_count(base: str) -> int | None:
+    """Parameters of a Mistral/llama base from its config.json (a local folder or the hub cache)."""
+    path = Path(base) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base, "config.json")
+        except Exception:  # not a valid repo id: nothing to estimate from
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    c = json.loads(path.read_text())
+    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    head_dim = c.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, c.get("num_key_value_heads", heads) * head_dim
+    layer = hidden * (2 * q + 2 * kv) + 3 * hidden * c["intermediate_size"] + 2 * hidden
+    heads_out = 1 if c.get("tie_word_embeddings") else 2
+    return c["num_hidden_layers"] * layer + heads_out * c["vocab_size"] * hidden + hidden
+
+
+def check_free_disk(where: Path, needed_bytes: float, what: str, free=None) -> None:
+    """Refuse before writing anything when `where`'s disk cannot hold `needed_bytes` (+5%)."""
+    import shutil
+
+    folder = where
+    while not folder.exists():
+        folder = folder.parent
+    available = (free or (lambda p: shutil.disk_usage(p).free))(folder)
+    if available < needed_bytes * 1.05:
+        raise QLoraError(
+            f"{what} needs about {needed_bytes / GB:.1f} GB (estimate: parameters x bytes per weight) but "
+            f"{folder} has {available / GB:.1f} GB free; free space or choose an output on a larger disk"
+        )
+
+
+def refuse_non_empty(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out}: already exists and is not empty; choose another output or remove it")
+
+
+class Staged:
+    """Write into `<out>.partial`, then rename to `out`: a failure (or Ctrl-C) at any point removes
+    the partial output and leaves `out` as it was."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+
+    def __enter__(self) -> Path:
+        import shutil
+
+        refuse_non_empty(self.out)
+        if self.partial.exists():  # left by a process that was killed outright
+            shutil.rmtree(self.partial) if self.partial.is_dir() else self.partial.unlink()
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        return self.partial
+
+    def __exit__(self, kind, value, traceback) -> None:
+        import os
+        import shutil
+
+        if kind is None:
+            if self.out.is_dir():
+                self.out.rmdir()  # refuse_non_empty let only an empty folder through
+            os.replace(self.partial, self.out)
+        elif self.partial.is_dir():
+            shutil.rmtree(self.partial, ignore_errors=True)
+        elif self.partial.exists():
+            self.partial.unlink()

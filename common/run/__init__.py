@@ -1,0 +1,1 @@
+"""During a run: the run folder, checkpoints, summary, stopping, time budget, progress, tracking, ranks."""
