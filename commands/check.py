@@ -12,17 +12,8 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def show_checks(rows, say: Say, problems_only: bool = False) -> None:
-    """One line a check (never a table: paths and file:line stay whole, copyable and greppable)."""
-    for row in rows:
-        if problems_only and row.status == "ok":
-            continue
-        text = f"{row.name}: {row.message}" + (f"\n    → {row.fix}" if row.fix else "")
-        {"ok": say.ok, "warning": say.warn, "blocking": say.error}[row.status](text)
-
-
 def run(args, say: Say) -> int:
-    from common.plan.preflight import as_json, blocked, run_checks
+    from common.plan.preflight import as_json, blocked, run_checks, show_checks
 
     cfg = resolve(args, say, detect_platform=True)
     apply_data_options(args, cfg)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from commands.options import config_options, config_or_default, tokenizer_for
+from commands.options import config_options, config_or_default
 from common.console import Say
+from common.data.tokenize import tokenizer_for
 from common.errors import QLoraError, UsageError
 
 

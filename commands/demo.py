@@ -7,6 +7,7 @@ import shutil
 from commands import train
 from common.config.loader import load_config
 from common.console import Say
+from common.run.training import ConfigChoice, TrainRequest, run_training
 
 
 def add_parser(sub) -> None:
@@ -24,17 +25,18 @@ def add_parser(sub) -> None:
 def run(args, say: Say) -> int:
     from common.run.folder import RunFolder, RunLock
 
-    if args.backend == "mlx" and not any(o.startswith("training.max_steps=") for o in args.overrides):
+    overrides = list(args.overrides)
+    if args.backend == "mlx" and not any(o.startswith("training.max_steps=") for o in overrides):
         # MLX's CPU backend (Linux) runs this tiny model at ~40 tokens/s: 40 steps, a few minutes
         say.info("MLX on the CPU is slow: the demo runs 40 steps (--set training.max_steps=N to change)")
-        args.overrides = [*args.overrides, "training.max_steps=40"]  # also in the command that resumes it
-    cfg = load_config(platform="cpu", overrides=[*args.overrides, *([f"backend={args.backend}"] if args.backend else [])])
-    args.platform, args.config, args.resume = "cpu", None, None
+        overrides.append("training.max_steps=40")  # also in the command that resumes it
+    cfg = load_config(platform="cpu", overrides=[*overrides, *([f"backend={args.backend}"] if args.backend else [])])
+    cfg.tracking.run_name = args.run_name or f"demo-{cfg.backend}"
     if not args.run_name:  # the demo's own folder: a new demo replaces the last one (a run you named is kept)
-        args.run_name = cfg.tracking.run_name = f"demo-{cfg.backend}"
         folder = RunFolder.root_for(cfg)
         if RunFolder.earlier_run(folder):
             with RunLock(folder).acquire(say):  # never delete a demo that is still running
                 say.info(f"replacing the previous demo run in {folder}")
                 shutil.rmtree(folder)
-    return train.run(args, say, cfg)
+    choice = ConfigChoice(platform="cpu", backend=args.backend, overrides=overrides)
+    return run_training(TrainRequest(cfg, choice, started=args.started, verbose=args.verbose, argv=args.argv), say)

@@ -68,9 +68,3 @@ def config_or_default(args, say: Say) -> QLoraConfig:
     if args.platform or args.config:
         return resolve(args, say)
     return load_defaults(args.overrides)
-
-
-def tokenizer_for(cfg: QLoraConfig):
-    from common.data.tokenize import ChatTokenizer, find_tokenizer_file
-
-    return ChatTokenizer(find_tokenizer_file(cfg.model.name_or_path))

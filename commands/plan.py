@@ -6,8 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from commands.options import apply_data_options, config_options, data_options, resolve, tokenizer_for
+from commands.options import apply_data_options, config_options, data_options, resolve
 from common.console import Say
+from common.data.tokenize import tokenizer_for
 from common.errors import UsageError
 from common.run.time_budget import parse_duration
 

@@ -391,17 +391,17 @@ def test_torchrun_failing_to_start_is_said_in_its_own_words(monkeypatch, tmp_pat
 
 def test_one_process_on_a_machine_with_several_gpus_uses_the_first(monkeypatch):
     """Otherwise transformers wraps the model in nn.DataParallel, which TRL refuses (seen on two H100s)."""
-    from commands.train import _one_gpu
     from common.config.loader import load_config
     from common.plan import machine
+    from common.run.distributed import one_gpu
     from tests.conftest import Recorder
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(machine, "gpu_count", lambda: 2)
     say = Recorder()
-    with _one_gpu(load_config(platform="h100"), say):
+    with one_gpu(load_config(platform="h100"), say):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
     assert "CUDA_VISIBLE_DEVICES" not in os.environ and "training on GPU 0" in say.text()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the user's choice stands
-    with _one_gpu(load_config(platform="h100"), say):
+    with one_gpu(load_config(platform="h100"), say):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"

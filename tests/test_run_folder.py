@@ -357,10 +357,7 @@ def test_resume_identity_holds_what_the_backend_uses_and_data_by_content(tmp_pat
 
 
 def test_the_resume_command_names_the_backend():
-    from argparse import Namespace
+    from common.run.training import ConfigChoice
 
-    from commands.train import replay
-
-    args = Namespace(platform="cpu", config=None, backend="mlx", data=None, val_data=None,
-                     overrides=["training.max_steps=40"])
-    assert replay(args) == "--platform cpu --backend mlx --set training.max_steps=40"
+    choice = ConfigChoice(platform="cpu", backend="mlx", overrides=["training.max_steps=40"])
+    assert choice.replay() == "--platform cpu --backend mlx --set training.max_steps=40"

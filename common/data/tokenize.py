@@ -152,3 +152,8 @@ def tokenize_all(
         if example is not None:
             examples.append(example)
     return examples, truncated, dropped
+
+
+def tokenizer_for(cfg) -> ChatTokenizer:
+    """The tokenizer of the config's model: its own tokenizer.model, else mistral-common's v3."""
+    return ChatTokenizer(find_tokenizer_file(cfg.model.name_or_path))

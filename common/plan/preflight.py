@@ -384,3 +384,12 @@ def require_platform(cfg: QLoraConfig, info: plat.PlatformInfo | None = None) ->
             "Use --platform h100 on an NVIDIA GPU, or `qlora demo --backend mlx` to try MLX on the CPU."
         )
     return info
+
+
+def show_checks(rows, say, problems_only: bool = False) -> None:
+    """One line a check (never a table: paths and file:line stay whole, copyable and greppable)."""
+    for row in rows:
+        if problems_only and row.status == "ok":
+            continue
+        text = f"{row.name}: {row.message}" + (f"\n    → {row.fix}" if row.fix else "")
+        {"ok": say.ok, "warning": say.warn, "blocking": say.error}[row.status](text)

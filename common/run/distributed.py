@@ -328,3 +328,69 @@ def any_rank(flag: bool) -> bool:
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
+
+def planned_ranks(gpus: str | None, cfg) -> int:
+    """Processes to launch: 1 when --gpus is absent, or inside a torchrun rank already. The batch
+    split is checked here, before anything starts."""
+    if gpus is None or launched():
+        return 1
+    if cfg.backend == "mlx":
+        raise UsageError("--gpus is for the CUDA backend (torchrun + DDP); MLX trains on one Apple GPU. "
+                         "Drop --gpus, or train on an NVIDIA machine.")
+    ranks = requested_ranks(gpus, on_cpu=cfg.cuda.device == "cpu")
+    split_batch(cfg.training.batch_size, cfg.training.gradient_accumulation_steps, ranks)
+    return ranks
+
+
+@contextmanager
+def one_gpu(cfg, say) -> Iterator[None]:
+    """A one-process run on a machine with several GPUs trains on the first one. Left to see them all,
+    transformers' Trainer would wrap the model in nn.DataParallel, which TRL refuses ("does not support
+    nn.DataParallel": seen on two H100s, 2026-11-27); DDP is --gpus N. A CUDA_VISIBLE_DEVICES the user
+    set is left alone; ours is set before CUDA starts and removed when the run ends."""
+    from common.plan.machine import gpu_count
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cfg.backend != "cuda" or cfg.cuda.device == "cpu" or visible is not None or gpu_count() < 2:
+        yield
+        return
+    say.info(f"{gpu_count()} GPUs here: training on GPU 0 (--gpus N trains data-parallel on N)")
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+
+
+def as_rank(body, on_cpu: bool) -> int:
+    """Run `body()` as one torchrun process. Rank 0 holds the lock, writes the run folder and prints;
+    the others keep their output in their log. Any error is recorded for the launcher, which reports
+    the one that came first (the others usually follow from it)."""
+    import traceback
+
+    from common.errors import QLoraError
+
+    def stopped(signum, frame):  # outside training (which saves first): also what torchrun sends when another process failed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stopped)
+    record_pid()  # a second Ctrl-C reaches the ranks directly (launch)
+    start(on_cpu=on_cpu)
+    if not is_main():
+        quiet_rank()
+    try:
+        code = body()
+        record_success()
+        return code
+    except QLoraError as exc:
+        record_failure(str(exc), ours=True)
+        raise
+    except KeyboardInterrupt:
+        record_failure("stopped by a signal", ours=False)
+        raise
+    except Exception as exc:  # a traceback stays in this process's log; the user gets one line
+        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        record_failure(message, ours=False)
+        traceback.print_exc()
+        raise QLoraError(f"{message} (process {rank()}; full traceback in its log)") from None
+
