@@ -1,7 +1,8 @@
 """Write the built-in sample chat data (data/sample/*.jsonl): a small, learnable task.
 
 Answers follow fixed templates, so even a tiny random model's validation loss falls within a
-few hundred steps. Deterministic: python scripts/make_sample_data.py rewrites the same files.
+few hundred steps. Deterministic: python scripts/make_sample_data.py rewrites the same files. The 64 validation
+conversations are none of the 320 training ones (data.min_val_examples is 50).
 """
 
 import json
@@ -47,8 +48,14 @@ def main():
     rng = random.Random(1234)
     out = Path(__file__).resolve().parent.parent / "data" / "sample"
     out.mkdir(parents=True, exist_ok=True)
-    for name, count in (("train.jsonl", 320), ("val.jsonl", 48)):
-        lines = [json.dumps(conversation(rng), ensure_ascii=False) for _ in range(count)]
+    train = [json.dumps(conversation(rng), ensure_ascii=False) for _ in range(320)]
+    seen, val = set(train), []
+    while len(val) < 64:  # held out for real: no validation conversation also in training
+        line = json.dumps(conversation(rng), ensure_ascii=False)
+        if line not in seen:
+            seen.add(line)
+            val.append(line)
+    for name, lines in (("train.jsonl", train), ("val.jsonl", val)):
         (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -168,29 +168,6 @@ def test_curves_that_match_follow_and_curves_that_drift_do_not(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
-def test_packed_lengths_counts_each_new_length_once():
-    from bench.packed_lengths import new_lengths
-
-    full = new_lengths([4096] * 8, rows=4, epochs=3, per=2)  # every micro-batch 16,384 tokens
-    assert full == {"steps": 6, "distinct_lengths": 1, "new_lengths_per_2_steps": [1, 0, 0]}
-    mixed = new_lengths([4096, 4000, 3900, 3800], rows=1, epochs=2, per=4)  # one row a step
-    assert mixed == {"steps": 8, "distinct_lengths": 4, "new_lengths_per_4_steps": [4, 0]}
-
-
-@pytest.mark.slow
-def test_packed_lengths_packs_with_trls_bfd():
-    pytest.importorskip("trl")
-    from bench.packed_lengths import packed_row_lengths
-    from common.config.schema import DataConfig
-    from common.data.prepare import read_conversations
-    from common.data.tokenize import ChatTokenizer, tokenize_all
-
-    conversations, _ = read_conversations(SAMPLE / "train.jsonl")
-    examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig(max_seq_length=256))
-    rows = packed_row_lengths(examples, 256)
-    assert sum(rows) == sum(len(e) for e in examples) and max(rows) <= 256  # every token, no row too long
-
-
 def _run_folder(path, rate: float, steps: int = 30, interrupted: bool = False):
     """A run folder as `qlora train` writes it: an interval every 5 steps at `rate` tokens/s (8,000
     tokens each), one evaluation at step 15, the end record; summary.json."""
@@ -253,24 +230,3 @@ def test_mlx_compare_times_each_step_of_both_trainers(tmp_path):
         assert run["buffer_cache"] is False and run["cache_memory_gb_at_end"] == 0
     assert result["buffer_cache"].startswith("off")
     assert result["ours"]["run"] == "ours" and result["mlx_lm"]["run"] == "mlx_lm"
-
-
-@pytest.mark.slow
-def test_mlx_shape_memory_reports_where_each_runs_peak_came(tmp_path, tiny_model_dir):
-    """bench/mlx_shape_memory.py on the tiny model, data part: the grouped run makes fewer passes over
-    the same 16 examples, pairing short ones, and reports where each run's peak came; a pass holds
-    memory for its tokens (the peak is above zero and no pass is free)."""
-    pytest.importorskip("mlx.core")
-    out = tmp_path / "shape.json"
-    subprocess.run([sys.executable, str(REPO / "bench" / "mlx_shape_memory.py"), "--skip-shapes", "--steps", "1",
-                    "--workdir", str(tmp_path), "--out", str(out), "--model-dir", str(tiny_model_dir)],
-                   check=True, capture_output=True, text=True, timeout=900)
-    result = json.loads(out.read_text())
-    assert result["shapes"] == []
-    plain, grouped = result["data"]
-    assert (plain["packing"], grouped["packing"]) == (False, True)
-    assert grouped["passes"] < plain["passes"] == 16 == plain["examples"] == grouped["examples"]
-    assert any(shape.startswith("2 x ") for shape in grouped["peak_by_shape_mb"])  # short examples in pairs
-    for run in (plain, grouped):
-        assert min(run["peak_by_shape_mb"].values()) > 0
-        assert run["peak_over_model_mb"] == max(run["peak_by_shape_mb"].values())

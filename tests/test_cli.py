@@ -83,7 +83,7 @@ def test_data_stats_and_tokenize(tmp_path):
     code, out = qlora("data", "tokenize", str(SAMPLE / "val.jsonl"), "--out", str(target))
     assert code == 0, out
     rows = [json.loads(line) for line in target.read_text().splitlines()]
-    assert len(rows) == 48
+    assert len(rows) == 64
     assert all(len(r["input_ids"]) == len(r["loss_mask"]) and set(r["loss_mask"]) == {0, 1} for r in rows)
 
 
@@ -104,6 +104,10 @@ def test_demo_runs_end_to_end_and_replaces_the_previous_demo(tmp_path):
     assert (run / "adapter_model.safetensors").is_file() and (run / "loss.png").is_file()
     assert json.loads((run / "summary.json").read_text())["global_step"] == 10
     assert "replacing the previous demo run" in out
+    warnings = [line for line in out.splitlines() if line.startswith("! ")]
+    assert warnings == [], warnings  # the first screen of a fresh clone: the sample data raises no warning
+    done = next(line for line in out.splitlines() if line.startswith("✔ done:"))
+    assert re.search(r"eval_loss \d+\.\d{4},", done), done  # rounded like every other line
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert 99 not in steps and max(steps) == 10  # this demo's metrics only
 

@@ -163,8 +163,10 @@ def _train(request: TrainRequest, say: Say, budget: TimeBudget | None, run_folde
     for source in report.sources:
         say.info(source.line())
     say.ok(f"data: {report.n_train} training and {report.n_val} validation examples")
+    said = " ".join(row.message for row in rows)
     for warning in report.warnings:
-        say.warn(warning)
+        if warning not in said:  # the preflight's rows (above) may have said it already
+            say.warn(warning)
     if distributed.is_main():
         run_folder.open(cfg)
     say.info(f"run folder: {root}")
