@@ -15,7 +15,7 @@
 #   bash bench/run_h100.sh plan [qlora plan args...]     # the planner on the same config
 #   bash bench/run_h100.sh train [qlora train args...]   # the real `qlora train` path
 #   bash bench/run_h100.sh after-training  # generate (4-bit, bf16) and merge (bf16) times and memory (~3 min)
-#   bash bench/run_h100.sh gpus N      # the shipped config on N GPUs (`qlora train --gpus N`), 150 steps
+#   bash bench/run_h100.sh gpus N [--set k=v ...]  # the shipped config on N GPUs (`qlora train --gpus N`), 150 steps
 #   bash bench/run_h100.sh gpus-collect  # those runs into one results file, a row per GPU count
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
 set -euo pipefail
@@ -150,7 +150,7 @@ PY
     n=${2:?"gpus N: how many GPUs"}; steps=${STEPS:-150}
     $PY -m commands train --config bench/h100_bench.yaml --gpus "$n" --run-name "gpus-$n" \
       --set training.max_steps="$steps" --set eval.eval_steps=$((steps / 2)) --set eval.save_steps=$((steps / 2)) \
-      --set eval.logging_steps=5 --set tracking.report_to=none
+      --set eval.logging_steps=5 --set tracking.report_to=none "${@:3}"  # more --set after N: every count alike
     ;;
   gpus-collect)  # the runs of `gpus N` into one results file, a row per GPU count (MACHINE: in words)
     runs=(); for d in /tmp/adapters/gpus-*; do runs+=(--run "${d##*gpus-}=$d"); done

@@ -246,6 +246,67 @@ def test_sigterm_stops_both_processes_with_one_checkpoint_and_one_process_contin
     assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
 
 
+STOP_DECISION = """
+import json
+import torch.distributed as dist
+from common.run import distributed
+
+distributed.start(on_cpu=True)
+group = distributed._stop_group
+print(json.dumps({"own_gloo_group": group is not None and group != dist.group.WORLD and dist.get_backend(group) == "gloo",
+                  "one_of_two": distributed.any_rank(dist.get_rank() == 1), "neither": distributed.any_rank(False)}))
+"""
+
+
+def test_the_stop_decision_goes_through_a_gloo_group_of_its_own(tmp_path):
+    """Beside NCCL the stop flag must not be a GPU tensor (reading it back waits for the whole step's
+    kernels, every step): start() makes a gloo group for it, on the CPU as on GPUs, so this is the
+    path a GPU host runs. Two real processes; rank 1 alone asks to stop."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    base = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", STOP_DECISION], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    outs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), outs
+    answers = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    assert answers == [{"own_gloo_group": True, "one_of_two": True, "neither": False}] * 2, outs
+
+
+def pid_of_rank(proc, wanted: str) -> int:
+    return next(p for p in descendants(proc.pid) if rank_of(p) == wanted)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the ranks through /proc (Linux)")
+def test_a_signal_to_one_process_stops_both_after_the_same_step_and_the_run_resumes(
+        tiny_model_dir, tiny_data, tmp_path):
+    """The time budget or a signal can reach one rank alone (each measures its own budget): the
+    others learn it from the stop decision after that step, and all save one checkpoint together."""
+    steps = ["--set", "training.max_steps=8", "--set", "eval.eval_steps=8", "--set", "eval.save_steps=8"]
+    args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "one-stops", *steps)
+    proc, out = two_processes_until(args, " step 2/8", lambda proc: os.kill(pid_of_rank(proc, "1"), signal.SIGTERM))
+    assert proc.wait(timeout=300) == 0, out
+    checkpoints = numbered(tmp_path / "one-stops" / "checkpoints")
+    assert len(checkpoints) == 1 and problem(checkpoints[0]) is None, out
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoints[0].iterdir()}
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= stopped_at < 8
+    assert f"stopped early at step {stopped_at} (another process stopped)" in out, out  # rank 0 got no signal
+    summary = json.loads((tmp_path / "one-stops" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["global_step"] == stopped_at
+
+    code, out = qlora(*args, "--gpus", "2", "--resume", "auto")
+    assert code == 0 and "done: 8 steps" in out, out
+    summary = json.loads((tmp_path / "one-stops" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(checkpoints[0].name) and summary["global_step"] == 8
+
+
 @pytest.mark.slow
 def test_an_error_on_every_process_reaches_the_user_once(tiny_model_dir, tmp_path):
     code, out = qlora("train", "--platform", "cpu", "--gpus", "2", "--data", str(tmp_path / "missing.jsonl"),
@@ -337,7 +398,7 @@ def test_a_killed_process_stops_the_other_with_a_clear_message(tiny_model_dir, t
                     "--set", "eval.eval_steps=200", "--set", "eval.save_steps=200")
 
     def kill_rank_1(proc):  # as the out-of-memory killer would
-        os.kill(next(p for p in descendants(proc.pid) if rank_of(p) == "1"), signal.SIGKILL)
+        os.kill(pid_of_rank(proc, "1"), signal.SIGKILL)
 
     proc, out = two_processes_until(args, " step 2/200", kill_rank_1)
     assert proc.wait(timeout=150) != 0, out

@@ -360,7 +360,8 @@ def allreduce_seconds(cfg: QLoraConfig, ranks: int, link: str) -> float:
 # config took 1.274 s a step on one GPU (2 micro-batches of 2 rows) and 0.708 s on two (1 each). A
 # step is k micro-batches of m seconds plus a fixed cost F paid once per step on every GPU (optimizer,
 # clipping, callbacks, the stop-flag and gradient all-reduces: what F holds is an inference, not
-# profiled): 2m + F = 1.274 and m + F = 0.708 give F = 0.142 s, m = 0.566 s. A one-GPU rate was
+# profiled; the stop flag was then read back from the GPU every step, since moved to gloo, effect
+# unmeasured): 2m + F = 1.274 and m + F = 0.708 give F = 0.142 s, m = 0.566 s. A one-GPU rate was
 # measured with F spread over the anchor's 2 micro-batches a step. Other platforms take F as the same
 # share of a 2-micro-batch step (an ESTIMATE: only the 7B shape on H100s was measured).
 STEP_FIXED_S = 0.142

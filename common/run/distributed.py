@@ -238,17 +238,23 @@ def root_cause(folder: Path) -> int | None:
     return rank if all(w > when for w in others) else None
 
 
+_stop_group = None  # the gloo group of any_rank, made by start() on every rank
+
+
 def start(on_cpu: bool) -> None:
     """Join the process group now (accelerate reuses it), so that the command can order its own
-    file work (main_first) before the Trainer exists."""
+    file work (main_first) before the Trainer exists; and a gloo group beside it for the stop
+    decision (any_rank), made here while every rank is at the same point."""
+    global _stop_group
     import torch
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
-    if not on_cpu:
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group("gloo" if on_cpu else "nccl")
+    if not dist.is_initialized():
+        if not on_cpu:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group("gloo" if on_cpu else "nccl")
+    if _stop_group is None:
+        _stop_group = dist.new_group(backend="gloo")
 
 
 @contextmanager
@@ -317,15 +323,19 @@ def quiet_rank() -> None:
 
 
 def any_rank(flag: bool) -> bool:
-    """True on every rank when it is True on one (one stop decision for all)."""
+    """True on every rank when it is True on one (one stop decision for all), asked after every step.
+
+    The flag goes through a gloo group on a CPU tensor: an NCCL all-reduce of a GPU tensor read
+    with `.item()` would make the CPU wait for every kernel of the step queued so far, once a step,
+    and grow with the GPU count. Over gloo the ranks' CPUs meet (a local round trip) and the GPUs
+    keep running; every rank still gets the same answer after the same step."""
     if world_size() == 1:
         return flag
     import torch
     import torch.distributed as dist
 
-    device = f"cuda:{local_rank()}" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_stop_group)
     return bool(value.item())
 
 
