@@ -7,7 +7,14 @@ import argparse
 import os
 from pathlib import Path
 
-from common.config.loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, anchored, load_config, load_defaults
+from common.config.loader import (
+    ENV_CONFIG,
+    ENV_PLATFORM,
+    PLATFORM_FILES,
+    anchored,
+    load_config,
+    load_defaults,
+)
 from common.config.schema import DataSource, QLoraConfig
 from common.console import Say
 from common.errors import UsageError

@@ -21,6 +21,7 @@ from common import REPO_ROOT
 from common.config.schema import MOVED_KEYS, PATH_KEYS, QLoraConfig
 from common.errors import ConfigError, UsageError
 from common.model.mistral import looks_like_path
+
 CONFIG_DIR = REPO_ROOT / "configs"
 PLATFORM_FILES = {
     "h100": "training_config_h100.yaml",
