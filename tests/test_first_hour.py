@@ -143,7 +143,7 @@ def test_a_resumed_runs_card_and_summary_agree_with_the_console(resumed):
     assert summary["global_step"] == 4 and summary["resumed_from"]
     results = card.split("## Results", 1)[1].split("\n- machine:", 1)[0]
     lines = [line.removeprefix("- ").replace("`", "") for line in results.strip().splitlines()]
-    assert lines[0].startswith("finished at step 4 of 4, resumed from checkpoint-2")
+    assert re.match(r"finished at step 4 of 4, resumed from checkpoint-[23]$", lines[0])  # the stop saves its step
     for line in lines:  # the console shows each of the card's figures, word for word
         assert f"  {line}\n" in out, line
     assert f"final train loss {summary['train_loss']:.4g}" in out
