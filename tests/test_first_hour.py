@@ -184,8 +184,6 @@ def test_ctrl_c_stops_the_answer_not_the_chat(resumed):
     child.stdin.flush()
     assert child.stdout.read(1)  # the answer has started streaming
     child.send_signal(signal.SIGINT)
-    child.stdin.write("/reset\n")
-    child.stdin.close()
-    out, err = child.communicate(timeout=300)
+    out, err = child.communicate("/reset\n", timeout=300)
     assert child.returncode == 0, err[-2000:]
     assert "answer stopped (Ctrl-C)" in err and "conversation cleared" in err and "Traceback" not in err
