@@ -50,7 +50,7 @@ def test_data_alone_holds_out_part_of_it_the_same_from_any_folder(mine):
     code, out = qlora("plan", "--platform", "cpu", "--data", "mine.jsonl", "--val-data", str(SAMPLE / "val.jsonl"),
                       cwd=mine, env_extra=home)
     assert code == 0 and "holding out" not in out
-    assert f"{SAMPLE / 'val.jsonl'}: 48 conversations" in out and "training examples: 16" in out
+    assert f"{SAMPLE / 'val.jsonl'}: 64 conversations" in out and "training examples: 16" in out
 
 
 def test_repeated_data_mixes_the_files_with_their_weights(mine):
