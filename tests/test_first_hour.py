@@ -160,12 +160,14 @@ def test_every_after_training_command_takes_the_run_name(resumed, tmp_path, monk
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("Hello\n"))
     for argv in (["generate", RUN, "--prompt", "Hi", "--max-new-tokens", "2", "--backend", "cuda"],
                  ["chat", RUN, "--max-new-tokens", "2", "--backend", "cuda"],
-                 ["convert", RUN, "as-mlx"],
+                 ["convert", RUN, "as-mlx", "--verify"],  # on the base the adapter records
                  ["merge", RUN, "merged", "--dtype", "fp32"],
                  ["export", RUN, "out.gguf", "--quant", "f16", "--backend", "cuda"]):
         code = main(argv)
         seen = capsys.readouterr()
         assert code == 0, (argv, seen.err[-2000:])
+        if argv[0] == "convert":
+            assert "verified: PyTorch/PEFT and MLX logits agree" in seen.out and "the adapter records" in seen.out
     assert "MB)" in seen.out and "0.00 GB" not in seen.out  # export's size of a tiny model
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["push", RUN, "me/tiny"]) == 1
