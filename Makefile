@@ -14,8 +14,11 @@ ARGS ?=
 
 .PHONY: help setup setup-cpu setup-h100 setup-m4 flash-attn demo test lint check plan train train-h100 train-m4 convert bench chat merge gguf
 
-help:
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  $(GREEN)%-12s$(NC) %s\n", $$1, $$2}'
+help:  # colours only on a terminal: `make help | less` or a file gets plain text
+	@if [ -t 1 ] && [ -z "$$NO_COLOR" ]; then on='\033[32m' off='\033[0m'; fi; \
+	grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) \
+	  | awk -F':.*## ' -v on="$$on" -v off="$$off" '{printf "  %s%-12s%s %s\n", on, $$1, off, $$2}'
+	@echo "  (qlora itself: source $(VENV)/bin/activate, or $(QLORA) without it; make targets use it directly)"
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo -e "$(RED)Python >= 3.10 is needed (found $$($(PY) --version))$(NC)"; exit 1; }

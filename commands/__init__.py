@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import re
 import sys
@@ -17,8 +18,27 @@ COMMANDS = ("config", "train", "check", "plan", "demo", "data", "convert", "gene
             "export", "push")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a "did you mean" for a mistyped command, choice or option."""
+
+    def error(self, message: str):
+        super().error(message + _did_you_mean(message, self))
+
+
+def _did_you_mean(message: str, parser: argparse.ArgumentParser) -> str:
+    choice = re.search(r"invalid choice: '?([^' ]+)'? \(choose from (.+)\)", message)
+    if choice:
+        typed, known = choice.group(1), [c.strip(" '") for c in choice.group(2).split(",")]
+    else:
+        unknown = re.search(r"unrecognized arguments: (.+)", message)
+        typed = next((word for word in (unknown.group(1).split() if unknown else []) if word.startswith("-")), "")
+        known = [flag for action in parser._actions for flag in action.option_strings]
+    close = difflib.get_close_matches(typed.split("=")[0], known, n=1, cutoff=0.6) if typed else []
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qlora",
         description="QLoRA fine-tuning of Mistral-7B-Instruct-v0.3 on an H100 (CUDA) or an Apple M4 (MLX).",
     )
@@ -46,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.errors import QLoraError
 
     say = Say()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # told by the command's own parser: its usage, its options to suggest
+        parser._subparsers._group_actions[0].choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.started = started
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `qlora train --gpus N` re-runs under torchrun
     try:

@@ -1,6 +1,7 @@
 """`qlora chat`: a multi-turn conversation with base + adapter in the terminal, tokens streamed as
-they come. One line is one user message; /reset, /system TEXT; Ctrl-D (end of input) leaves. Works
-the same from a script (`printf 'hi\\n/reset\\n' | qlora chat RUN`): prompts go to stderr."""
+they come. One line is one user message; /reset, /system TEXT; Ctrl-C stops an answer; Ctrl-D (end of
+input) or Ctrl-C at the prompt leaves. Works the same from a script (`printf 'hi\\n/reset\\n' | qlora
+chat RUN`): prompts go to stderr."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from commands.generate import answer, inference_options, load
 from common.after_training.prompting import ChatSession, TextStream
 from common.console import Say
 
-HELP = "type a message; /reset clears the conversation, /system TEXT sets the system prompt, Ctrl-D leaves"
+HELP = ("type a message; /reset clears the conversation, /system TEXT sets the system prompt, Ctrl-C stops an "
+        "answer, Ctrl-D leaves")
 
 
 def add_parser(sub) -> None:
@@ -42,16 +44,25 @@ def run(args, say: Say) -> int:
         elif text.startswith("/"):
             note.warn(f"unknown command {text.split()[0]}; {HELP}")
         else:
-            session.add(text, reply(model, tokenizer, session, text, args))
+            said = reply(model, tokenizer, session, text, args)
+            if said is None:
+                note.warn("answer stopped (Ctrl-C); that exchange is left out of the conversation. "
+                          "Ctrl-C at the prompt or Ctrl-D leaves.")
+            else:
+                session.add(text, said)
 
 
-def reply(model, tokenizer, session: ChatSession, text: str, args) -> str:
+def reply(model, tokenizer, session: ChatSession, text: str, args) -> str | None:
+    """The streamed answer, or None when Ctrl-C stopped it: that stops the answer, not the chat."""
     sys.stderr.write("model> ")
     sys.stderr.flush()
     stream = TextStream(tokenizer, _write)
-    result = answer(model, tokenizer, session.prompt_ids(text), args, on_token=stream)
+    try:
+        result = answer(model, tokenizer, session.prompt_ids(text), args, on_token=stream)
+    except KeyboardInterrupt:
+        result = None
     _write("\n")
-    return result.text
+    return result.text if result else None
 
 
 def _write(piece: str) -> None:

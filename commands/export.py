@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 from common.after_training.gguf import QUANTS
-from common.after_training.lookup import base_model_for, find_adapter
-from common.after_training.staging import GB, Staged, check_free_disk, parameter_count
+from common.after_training.lookup import RUN_HELP, base_model_for, find_adapter
+from common.after_training.staging import Staged, check_free_disk, file_size, parameter_count
 from common.console import Say
 from common.errors import UsageError
 
@@ -18,7 +18,7 @@ GGUF_BYTES_PER_PARAM = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 weights in 32 b
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write base + adapter as a GGUF file and an Ollama Modelfile")
-    p.add_argument("run", metavar="RUN", help="run folder or adapter folder (PEFT or mlx-lm)")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (a Modelfile goes beside it)")
     p.add_argument("--quant", choices=QUANTS, default="q8_0", help="tensor type (default q8_0: ~7.7 GB for 7B)")
     p.add_argument("--base-model", metavar="DIR|ID", help="base model (default: the one the adapter records)")
@@ -53,6 +53,6 @@ def run(args, say: Say) -> int:
     finally:
         shutil.rmtree(merged, ignore_errors=True)
     write_modelfile(out)
-    say.ok(f"wrote {out} ({count} tensors, {args.quant}, {out.stat().st_size / GB:.2f} GB) and {modelfile}")
+    say.ok(f"wrote {out} ({count} tensors, {args.quant}, {file_size(out.stat().st_size)}) and {modelfile}")
     say.info(f"Ollama: cd {out.parent} && ollama create {out.stem} -f Modelfile && ollama run {out.stem}")
     return 0

@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from common.after_training.lookup import DTYPES
+from common.after_training.lookup import DTYPES, RUN_HELP
 from common.after_training.prompting import Answer, ChatSession, read_answer, read_tools
 from common.console import Say
 from common.errors import UsageError
@@ -16,7 +16,7 @@ from common.errors import UsageError
 def inference_options() -> argparse.ArgumentParser:
     """What generate and chat share: which adapter, which base, which backend, how to sample."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("run", metavar="RUN", help="run folder (adapters/<run-name>) or adapter folder (PEFT or mlx-lm)")
+    parent.add_argument("run", metavar="RUN", help=RUN_HELP)
     parent.add_argument("--base-model", metavar="DIR|ID", help="base model (default: the one the adapter records)")
     parent.add_argument("--backend", choices=["cuda", "mlx"], help="default: this machine's (MLX on Apple silicon)")
     parent.add_argument("--dtype", choices=DTYPES, default="4bit",

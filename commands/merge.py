@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.after_training.lookup import base_model_for, find_adapter
+from common.after_training.lookup import RUN_HELP, base_model_for, find_adapter
 from common.after_training.staging import (
     BYTES_PER_PARAM,
     Staged,
@@ -21,7 +21,7 @@ MERGE_DTYPES = ("bf16", "fp16", "fp32")
 
 def add_parser(sub) -> None:
     p = sub.add_parser("merge", help="merge an adapter into its full-precision base: a plain model folder")
-    p.add_argument("run", metavar="RUN", help="run folder or adapter folder (PEFT or mlx-lm)")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("out", metavar="OUT", help="new folder for the merged model (must not exist or be empty)")
     p.add_argument("--dtype", choices=MERGE_DTYPES, default="bf16", help="weights' precision (default bf16)")
     p.add_argument("--to", choices=["transformers", "mlx"], default="transformers",

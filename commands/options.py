@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
-from common.config.loader import ENV_CONFIG, ENV_PLATFORM, PLATFORM_FILES, load_config, load_defaults
-from common.config.schema import QLoraConfig
+from common.config.loader import (
+    ENV_CONFIG,
+    ENV_PLATFORM,
+    PLATFORM_FILES,
+    anchored,
+    load_config,
+    load_defaults,
+)
+from common.config.schema import DataSource, QLoraConfig
 from common.console import Say
+from common.errors import UsageError
 
 
 def config_options() -> argparse.ArgumentParser:
@@ -29,19 +38,41 @@ def config_options() -> argparse.ArgumentParser:
 def data_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("data")
-    group.add_argument("--data", metavar="FILE", help="training file, any supported format (replaces "
-                       "data.train_file and data.sources)")
+    group.add_argument("--data", metavar="FILE[:WEIGHT]", action="append",
+                       help="your training data, any supported format (replaces the config's data.train_file and "
+                       "data.sources); without --val-data, data.val_fraction of it is held out for validation. "
+                       "Repeat it to mix files, each with an optional weight: --data a.jsonl --data b.json:2")
     group.add_argument("--val-data", metavar="FILE", help="validation file (replaces data.val_file)")
     return parent
 
 
 def apply_data_options(args, cfg: QLoraConfig) -> None:
-    if getattr(args, "data", None):
-        cfg.data.train_file = args.data
-        cfg.data.sources = []
-    if getattr(args, "val_data", None):
-        cfg.data.val_file = args.val_data
+    """--data means the user's data only: the config's training and validation data both give way (a
+    validation set of other data would score, and pick the best checkpoint, against the wrong task)."""
+    files = getattr(args, "data", None) or []
+    if len(files) == 1 and _weighted(files[0])[1] == 1:
+        cfg.data.train_file, cfg.data.sources = anchored(files[0], Path.cwd()), []
+    elif files:
+        cfg.data.sources = [DataSource(path=anchored(path, Path.cwd()), weight=weight)
+                            for path, weight in map(_weighted, files)]
+    if files or getattr(args, "val_data", None):
+        cfg.data.val_file = anchored(args.val_data, Path.cwd()) if getattr(args, "val_data", None) else None
         cfg.data.val_sources = []
+
+
+def _weighted(text: str) -> tuple[str, float]:
+    """FILE[:WEIGHT] -> (FILE, WEIGHT); a name that itself ends in ':<number>' and exists is a file."""
+    path, sep, weight = text.rpartition(":")
+    if not sep or Path(text).exists():
+        return text, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        return text, 1.0
+    if not 0 < value <= 100:
+        raise UsageError(f"--data {text}: the weight must be more than 0 and at most 100 (2 = each example twice, "
+                         "0.5 = a random half)")
+    return path, value
 
 
 def resolve(args, say: Say, detect_platform: bool = False) -> QLoraConfig:

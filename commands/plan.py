@@ -42,15 +42,18 @@ def run(args, say: Say) -> int:
     data = prepare_data(cfg.data, tokenizer_for(cfg))
     for source in data.report.sources:
         say.info(source.line())
+    for warning in data.report.warnings:  # the validation split among them: which data scores the run
+        say.warn(warning)
     info = mach.detect()
     machine = info.label()
     rates = None
     if args.calibrate:
+        from common.model.tiny import ensure_demo_model
+
+        ensure_demo_model(cfg.model.name_or_path, say)
         rates = cal.calibrate(cfg, data, machine, say, make_trainer)
         cal.store(cfg, machine, rates)
     rates = rates or cal.cached_rates(cfg, machine) or anchor_rates(cfg, row_tokens(cfg, [len(e) for e in data.train]))
-    if rates is None:
-        raise UsageError(f"no measured rates for platform {cfg.platform}: run `qlora plan --calibrate` here first")
     memory_source = rates.source  # memory is each GPU's: the one-GPU figure of its micro-batch
     rates = data_parallel_rates(cfg, rates, split.ranks, tokens_per_step(cfg, data.train))
     memory, where = mach.training_memory_gb(info, cfg.platform)
@@ -62,8 +65,10 @@ def run(args, say: Say) -> int:
         return 0 if plan.fits else 1
     gpus = f" x {split.ranks} GPUs, memory per GPU" if split.ranks > 1 else ""
     say.info(f"plan for the {cfg.platform} config ({cfg.backend} backend) on {where}{gpus}:")
+    shared = dict.fromkeys([rates.source, memory_source])  # long provenance, said once below the numbers
     for figure in plan.figures:
-        say.info("  " + figure.text())
+        say.info("  " + figure.text(source=figure.source not in shared))
+    say.info("  source: " + (rates.source if len(shared) == 1 else f"{rates.source}; memory: {memory_source}"))
     for line in plan.advice:
         say.warn(line)
     say.ok("fits") if plan.fits else say.error("does not fit: see the changes proposed above")

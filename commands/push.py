@@ -8,6 +8,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from common.after_training.lookup import RUN_HELP
 from common.console import Say
 from common.errors import QLoraError, UsageError
 
@@ -19,7 +20,7 @@ REACH_TIMEOUT_S = 10
 
 def add_parser(sub) -> None:
     p = sub.add_parser("push", help="upload an adapter (or the merged model) and its card to the Hugging Face Hub")
-    p.add_argument("run", metavar="RUN", help="run folder or adapter folder")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("repo_id", metavar="REPO_ID", help="e.g. your-name/mistral-7b-support-lora")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--merged", action="store_true", help="merge first (bf16) and upload the merged model")
@@ -62,7 +63,7 @@ def run(args, say: Say) -> int:
     else:
         from commands.merge import merge_run
 
-        with tempfile.TemporaryDirectory(prefix=".qlora-push-", dir=Path(args.run).resolve().parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".qlora-push-", dir=(ref.run_root or ref.folder).resolve().parent) as tmp:
             merged = merge_run(args.run, Path(tmp) / "merged", "bf16", "transformers", args.base_model, say)
             upload(merged, args.repo_id, args.private, token, allow=None)
     say.ok(f"uploaded to https://huggingface.co/{args.repo_id} ({'private' if args.private else 'public'})")

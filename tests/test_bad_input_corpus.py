@@ -339,7 +339,7 @@ USAGE_CASES = [
     (["data", "tokenize", str(REPO / "data" / "sample" / "val.jsonl"), "--out", str(REPO / "data")],
      "is a folder; give a file path"),
     (["train", "--platform", "cpu", "--resume", "auto"], "--resume needs --run-name"),
-    (["convert", "a", "b", "--verify"], "--verify needs --base-model"),
+    (["convert", "a", "b", "--verify"], "a: no such run or folder"),
 ]
 
 

@@ -30,8 +30,8 @@ SEED = {
     "eval.save_steps": 500,
     "eval.save_total_limit": 3,
     "eval.metric_for_best_model": "eval_loss",
-    "data.train_file": "data/processed/train.jsonl",
-    "data.val_file": "data/processed/val.jsonl",
+    "data.train_file": str(CONFIG_DIR.parent / "data/processed/train.jsonl"),  # the checkout's, from any folder
+    "data.val_file": str(CONFIG_DIR.parent / "data/processed/val.jsonl"),
     "data.val_fraction": 0.1,
     "tracking.report_to": "wandb",
 }
@@ -93,7 +93,9 @@ def test_every_shipped_yaml_validates_and_opens_with_its_command(name):
 
 
 def test_schema_defaults_are_the_seed_values():
-    cfg = QLoraConfig()
+    from common.config.loader import load_defaults
+
+    cfg = load_defaults()  # the schema's defaults, relative paths anchored in the checkout as loaded
     for key, value in SEED.items():
         assert cfg.get(key) == value, key
 

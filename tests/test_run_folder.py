@@ -18,6 +18,7 @@ from conftest import REPO, SAMPLE, Recorder, shown
 from commands import main
 from common.config.loader import load_config
 from common.errors import ConfigError, QLoraError
+from common.model.mistral import DEMO_MODEL_DIR
 from common.plan.preflight import BLOCK, OK, check_run_folder
 from common.run import checkpoints as ckpt
 from common.run.folder import RunFolder, RunLock
@@ -123,7 +124,7 @@ def test_a_checkpoint_of_a_different_run_is_refused_naming_each_key_and_both_val
     for line in ("lora.r: 16 in the checkpoint, now 8", "training.learning_rate: 0.002 in the checkpoint, now 0.001",
                  "training.seed: 42 in the checkpoint, now 7", "training.batch_size: 4 in the checkpoint, now 2",
                  'training.lr_scheduler: "cosine" in the checkpoint, now "linear"',
-                 'model.name_or_path: "models/tiny-mistral-v0.3" in the checkpoint, now "other/model"'):
+                 f'model.name_or_path: "{DEMO_MODEL_DIR}" in the checkpoint, now "other/model"'):
         assert line in message
     assert "nothing was changed" in message
 

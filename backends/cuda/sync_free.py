@@ -16,10 +16,11 @@ custom loss, no MoE aux loss, one process) is restated here; every other case go
 from __future__ import annotations
 
 import torch
-from trl import SFTTrainer
+
+from backends.cuda.sft_trainer import RunSFTTrainer
 
 
-class SyncFreeSFTTrainer(SFTTrainer):
+class SyncFreeSFTTrainer(RunSFTTrainer):
     """SFTTrainer whose training steps never wait for the GPU to report a metric."""
 
     def __init__(self, *args, **kwargs):

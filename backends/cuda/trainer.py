@@ -75,9 +75,9 @@ def sft_trainer_class(async_metrics: bool):
         from backends.cuda.sync_free import SyncFreeSFTTrainer
 
         return SyncFreeSFTTrainer
-    from trl import SFTTrainer
+    from backends.cuda.sft_trainer import RunSFTTrainer
 
-    return SFTTrainer
+    return RunSFTTrainer
 
 
 class CudaTrainer(Stopping):

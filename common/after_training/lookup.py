@@ -2,22 +2,26 @@
 adapter a RUN argument names, which base model it was trained on, the prompt as training encoded it,
 and the tool calls in an answer. The backends (backends/*/inference.py) load and run the model.
 
-RUN is a run folder (the PEFT adapter at its root; MLX runs also keep the mlx-lm adapter in mlx/) or
-any adapter folder, PEFT or mlx-lm format (a checkpoint, a converted adapter).
+RUN is a run name (a folder of tracking.output_dir's default: adapters/ in this checkout), a run folder
+(the PEFT adapter at its root; MLX runs also keep the mlx-lm adapter in mlx/) or any adapter folder,
+PEFT or mlx-lm format (a checkpoint, a converted adapter).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.adapters.conversion import AdapterError, convert, detect_format
+from common.config.schema import run_name_problem
 from common.errors import QLoraError, UsageError
 from common.model.mistral import looks_like_path
 
 DTYPES = ("4bit", "bf16", "fp16", "fp32")
+RUN_HELP = "run name (as `train --run-name` named it), run folder or adapter folder (PEFT or mlx-lm)"
 # A local base is recorded as an absolute path; the model card says so (it breaks when the folder moves).
 LOCAL_BASE_NOTE = "a local folder, recorded as an absolute path: pass --base-model if it has moved"
 
@@ -58,12 +62,50 @@ def _sibling(folder: Path, fmt: str) -> Path | None:
         return None
 
 
-def find_adapter(run: str | Path, prefer: str | None = None) -> AdapterRef:
-    """The adapter in `run` (a run folder or an adapter folder). With `prefer`, a run folder's copy in
-    that format is taken when it has one (an MLX run's mlx/ for the MLX backend: no conversion)."""
+def runs_root() -> Path:
+    """Where `qlora train` writes runs unless a config moves them: tracking.output_dir's default, in this
+    checkout (common/config/loader.py anchors it there)."""
+    from common.config.loader import load_defaults
+
+    return Path(load_defaults().tracking.output_dir)
+
+
+def run_folder(run: str | Path) -> Path:
+    """The folder RUN names: a path as given, else a run name (`train --run-name NAME`) in runs_root()."""
     folder = Path(run)
-    if not folder.is_dir():
-        raise UsageError(f"{run}: no such folder; give a run folder (adapters/<run-name>) or an adapter folder")
+    if folder.is_dir():
+        return folder
+    named = runs_root() / str(run)
+    if not run_name_problem(str(run)) and named.is_dir():
+        return named
+    runs = sorted(p.name for p in runs_root().glob("*") if p.is_dir()) if runs_root().is_dir() else []
+    close = difflib.get_close_matches(str(run), runs, n=1)
+    hint = (f"did you mean {close[0]}? " if close else "") + (
+        f"Runs in {runs_root()}: {', '.join(runs[:10])}{', ...' if len(runs) > 10 else ''}" if runs
+        else f"no runs in {runs_root()} yet")
+    raise UsageError(f"{run}: no such run or folder. Give a run name (as `qlora train --run-name` named it), a run "
+                     f"folder or an adapter folder. {hint}")
+
+
+def name_or_path(root: Path) -> str:
+    """How a printed command names a run folder: its name when run_folder() finds it by that name."""
+    try:
+        return root.name if run_folder(root.name).resolve() == root.resolve() else str(root)
+    except UsageError:
+        return str(root)
+
+
+def next_commands(root: Path) -> list[str]:
+    """What to do with a finished run, as commands to copy."""
+    run = name_or_path(root)
+    return [f'qlora generate {run} --prompt "Hello"', f"qlora chat {run}",
+            f"qlora merge {run} {root.name}-merged", f"qlora export {run} {root.name}.gguf"]
+
+
+def find_adapter(run: str | Path, prefer: str | None = None) -> AdapterRef:
+    """The adapter in `run` (a run name, a run folder or an adapter folder). With `prefer`, a run folder's
+    copy in that format is taken when it has one (an MLX run's mlx/ for the MLX backend: no conversion)."""
+    folder = run_folder(run)
     try:
         fmt = detect_format(folder)
     except AdapterError as exc:

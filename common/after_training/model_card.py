@@ -62,9 +62,6 @@ def run_card(root: Path, cfg: QLoraConfig, report: DataReport, train: list[Examp
     lora, t = cfg.lora, cfg.training
     name = root.name
     files = [f"- `{f}`: {why}" for f, why in FILES.items() if (root / f.rstrip("/")).exists()]
-    best = (f"{_fmt(summary.best_eval_loss)} at `{Path(summary.best_checkpoint).name}`"
-            if summary.best_checkpoint else _fmt(summary.best_eval_loss))
-    stopped = f"stopped early ({summary.stop_reason}) at step" if summary.interrupted else "finished at step"
     plot = "![training and evaluation loss](loss.png)\n" if (root / "loss.png").exists() else ""
     q = cfg.cuda.quantization
     quant = (f"4-bit {q.quant_type.upper()}{' with double quantization' if q.double_quant else ''} "
@@ -105,11 +102,7 @@ def run_card(root: Path, cfg: QLoraConfig, report: DataReport, train: list[Examp
         "",
         "## Results",
         "",
-        f"- {stopped} {summary.global_step} of {summary.max_steps}",
-        f"- final train loss {_fmt(summary.train_loss)}, eval loss {_fmt(summary.final_eval_loss)}, best eval loss {best}",
-        f"- {summary.real_tokens:,} tokens in {_duration(summary.wall_seconds)}"
-        + (f" ({summary.tokens_per_second:,.0f} tokens/s)" if summary.tokens_per_second else "")
-        + f", peak memory {summary.peak_memory_gb:.1f} GB",
+        *(f"- {line}" for line in result_lines(summary, markdown=True)),
         f"- machine: {summary.device} ({platform.system()} {platform.machine()}), finished "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
@@ -122,6 +115,22 @@ def run_card(root: Path, cfg: QLoraConfig, report: DataReport, train: list[Examp
         "",
         usage(root, base),
     ])
+
+
+def result_lines(summary: RunSummary, markdown: bool = False) -> list[str]:
+    """What a run did, as the console's last lines and the card's Results both say it: each figure is a
+    summary.json field as recorded (common/run/summary.py defines what each counts across resumes), never
+    recomputed here, so the three agree."""
+    code = "`" if markdown else ""
+    best = (f"{_fmt(summary.best_eval_loss)} at {code}{Path(summary.best_checkpoint).name}{code}"
+            if summary.best_checkpoint else _fmt(summary.best_eval_loss))
+    stopped = f"stopped early ({summary.stop_reason}) at step" if summary.interrupted else "finished at step"
+    resumed = f", resumed from {code}{Path(summary.resumed_from).name}{code}" if summary.resumed_from else ""
+    rate = f"{summary.tokens_per_second:,.0f} tokens/s" if summary.tokens_per_second else "tokens/s n/a"
+    return [f"{stopped} {summary.global_step} of {summary.max_steps}{resumed}",
+            f"final train loss {_fmt(summary.train_loss)}, eval loss {_fmt(summary.final_eval_loss)}, best eval loss {best}",
+            f"tokens trained {summary.real_tokens:,}; speed {rate}; wall time {_duration(summary.wall_seconds)}; "
+            f"peak memory {summary.peak_memory_gb:.1f} GB"]
 
 
 def usage(root: Path, base: str) -> str:

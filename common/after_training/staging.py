@@ -13,6 +13,11 @@ BYTES_PER_PARAM = {"bf16": 2, "fp16": 2, "fp32": 4, "4bit": 0.56}
 GB = 1024**3
 
 
+def file_size(size: float) -> str:
+    """Bytes as a person reads them: GB from 1 GB up, else MB (a tiny model's export is a few MB)."""
+    return f"{size / GB:.2f} GB" if size >= GB else f"{size / 1024**2:.1f} MB"
+
+
 def parameter_count(base: str) -> int | None:
     """Parameters of a Mistral/llama base from its config.json (a local folder or the hub cache)."""
     path = Path(base) / "config.json"

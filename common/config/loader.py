@@ -17,10 +17,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from common.config.schema import MOVED_KEYS, QLoraConfig
+from common import REPO_ROOT
+from common.config.schema import MOVED_KEYS, PATH_KEYS, QLoraConfig
 from common.errors import ConfigError, UsageError
+from common.model.mistral import looks_like_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 PLATFORM_FILES = {
     "h100": "training_config_h100.yaml",
@@ -176,7 +177,33 @@ def validate(data: dict, sources: Mapping[str, str], default_origin: str) -> QLo
         lines = [_describe(err, sources, default_origin) for err in _merge_union_errors(exc.errors())]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
     cfg.notes.extend(unused_settings(cfg, sources))
+    anchor_paths(cfg, sources)
     return cfg
+
+
+def anchor_paths(cfg: QLoraConfig, sources: Mapping[str, str]) -> None:
+    """Make every relative path of `cfg` absolute (common.config.schema.PATH_KEYS says against what)."""
+    for key in PATH_KEYS:
+        section, leaf = key.split(".")
+        root = REPO_ROOT if _ours(sources.get(key)) else Path.cwd()
+        value = getattr(getattr(cfg, section), leaf)
+        if isinstance(value, list):
+            for source in value:
+                if source.path:
+                    source.path = anchored(source.path, root)
+        elif value and (key != "model.name_or_path" or looks_like_path(value, root)):
+            setattr(getattr(cfg, section), leaf, anchored(value, root))
+
+
+def _ours(origin: str | None) -> bool:
+    """Was this value set by the schema's defaults or a shipped config (not by the user)?"""
+    return origin is None or (not origin.startswith("--set") and Path(origin).resolve().is_relative_to(CONFIG_DIR))
+
+
+def anchored(path: str, root: Path) -> str:
+    if path == "-":  # standard input: refused later with its own message
+        return path
+    return str(root / Path(path).expanduser())
 
 
 def unused_settings(cfg: QLoraConfig, sources: Mapping[str, str]) -> list[str]:

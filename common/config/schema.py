@@ -359,6 +359,12 @@ UNUSED_BY_BACKEND: dict[str, tuple[str, ...]] = {
     "cuda": ("mlx",),
     "mlx": ("cuda",),
 }
+# Keys that name a file or folder (model.name_or_path: when it is not a hub id). The loader anchors a
+# relative one once: in this checkout when our own files set it (configs/*.yaml, these defaults), in the
+# working directory when the user did (--config FILE, --set, --data), so a command finds the same files
+# from any folder. Lists of sources: each item's path.
+PATH_KEYS = ("model.name_or_path", "data.train_file", "data.val_file", "data.sources", "data.val_sources",
+             "tracking.output_dir", "mlx.model_cache_dir")
 # Keys that moved, for configs written before they did.
 MOVED_KEYS = {
     "quantization": "cuda.quantization",

@@ -105,7 +105,8 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
         report.warnings.append(
             f"no validation file{f' at {cfg.val_file}' if cfg.val_file else ''}: holding out "
             f"{len(val)} of {len(train) + len(val)} training conversations "
-            f"({cfg.val_fraction:.0%}, seed {cfg.split_seed})"
+            f"({cfg.val_fraction:.0%}, seed {cfg.split_seed}) for validation; --val-data FILE (data.val_file) "
+            "validates on a file of your own"
         )
     train = apply_weights(train, {r.label: r.weight for r in loaded.reports}, cfg.split_seed)
     if len(val) < cfg.min_val_examples:

@@ -8,12 +8,14 @@ import json
 import os
 from pathlib import Path
 
+from common import REPO_ROOT
 from common.errors import QLoraError
 
 HUB_ID = "mistralai/Mistral-7B-Instruct-v0.3"
 # The demo config's base model (configs/training_config_cpu.yaml): built by common/model/tiny.py on
-# first use, by `qlora demo` or any `qlora train` that names it, never fetched from a hub.
-DEMO_MODEL_DIR = "models/tiny-mistral-v0.3"
+# first use, by `qlora demo` or any `qlora train` that names it, never fetched from a hub. It lives in
+# this checkout (as the config's other relative paths do), not in the folder a command runs from.
+DEMO_MODEL_DIR = str(REPO_ROOT / "models" / "tiny-mistral-v0.3")
 VOCAB_SIZE = 32768
 # Mistral-7B-v0.3's exact shape (its config.json): for planning without the files, and for
 # random-weight checkpoints that measure speed and memory on a GPU.
@@ -80,11 +82,13 @@ def is_demo_model(name_or_path: str) -> bool:
     return Path(name_or_path).resolve() == Path(DEMO_MODEL_DIR).resolve()
 
 
-def looks_like_path(name: str) -> bool:
+def looks_like_path(name: str, root: Path | None = None) -> bool:
     """A hub id is ORG/NAME; anything else (absolute, ./ or ~, more or fewer slashes, or under a folder
-    that exists here, like models/...) is a local path and is never sent to the hub."""
-    return (is_demo_model(name) or name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") != 1
-            or Path(name.split("/")[0]).is_dir())
+    that exists in `root`, like models/...; root: the working directory) is a local path and is never
+    sent to the hub."""
+    root = root or Path()
+    return (is_demo_model(str(root / name)) or name.startswith(("/", ".", "~")) or "\\" in name
+            or name.count("/") != 1 or (root / name.split("/")[0]).is_dir())
 
 
 def missing_local_model(name: str) -> str | None:

@@ -221,6 +221,8 @@ def gpu_fit_note(gpu: GpuInfo) -> str:
 def training_memory_gb(info: PlatformInfo, platform: str) -> tuple[float | None, str]:
     """Memory a run can use on this machine (or, off it, on the platform's reference machine), and
     where that figure comes from."""
+    if platform == "cpu":  # the CPU config trains on this machine's CPU, whatever else it has
+        return None, "this machine's CPU"
     if info.gpu:
         return info.gpu.total_gb, info.gpu_name()
     if info.apple:

@@ -39,6 +39,11 @@ ANCHORS = {
                   "async metrics", True),
     "m4": Rates(35, 11.0, 100, 5.0, 120.0,
                 "ESTIMATE for a base M4 (docs/m4.md: 25-40 tok/s, 8-11 GB at 4096 x 1); not measured on an M4", False),
+    # The CPU config's tiny demo model: `qlora plan --calibrate` on the project's shared 2-core machine
+    # under load (2026-12-07), 11-31 real tokens/s a step, peak 1.0 GB. Any other CPU differs.
+    "cpu": Rates(15, 1.0, 100, 2.0, 60.0,
+                 "ESTIMATE for the tiny demo model on a busy 2-core CPU (measured there 2026-12-07), not here",
+                 False),
 }
 ANCHOR_CHECKPOINTED, ANCHOR_ROWS = 1, 2  # the H100 anchor's checkpointed layers and rows a micro-batch
 ANCHOR_REPLAYING = 31  # the H100 anchor's layers that replay their dropout masks (all kept ones)
@@ -196,10 +201,23 @@ class Figure:
     unit: str
     source: str
 
-    def text(self) -> str:
-        whole = abs(self.value) >= 100 or float(self.value).is_integer()
-        value = f"{self.value:,.0f}" if whole else f"{self.value:,.2f}"
-        return f"{self.name}: {value} {self.unit}  [{self.source}]"
+    def text(self, source: bool = True) -> str:
+        """One line; `source=False` leaves the source out (a plan names a shared one once)."""
+        if self.unit.startswith("h"):  # hours as a person reads a duration, not "0.00 h"
+            shown = f"{duration(self.value * 3600)}{self.unit[1:]}"
+        else:
+            whole = abs(self.value) >= 100 or float(self.value).is_integer()
+            shown = f"{self.value:,.0f} {self.unit}" if whole else f"{self.value:,.2f} {self.unit}"
+        return f"{self.name}: {shown.rstrip()}" + (f"  [{self.source}]" if source else "")
+
+
+def duration(seconds: float) -> str:
+    """'2 h 05 min', '3 min 20 s', '12 s', '0.4 s'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 @dataclass

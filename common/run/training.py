@@ -138,10 +138,21 @@ def _locked(request: TrainRequest, say: Say, budget: TimeBudget | None) -> int:
                  "checkpoint and adapter saved.")
         say.info(f"continue with: {again}")
         return 0
-    eval_loss = summary.best_eval_loss if summary.best_eval_loss is not None else summary.final_eval_loss
-    shown = f", eval_loss {eval_loss:.4f}" if eval_loss is not None else ""
-    say.ok(f"done: {summary.global_step} steps{shown}, adapter in {root}")
+    say.ok(f"done: {summary.global_step} steps, adapter in {root}")
+    show_results(summary, root, say)
     return 0
+
+
+def show_results(summary, root, say: Say) -> None:
+    """The run's figures as its model card gives them (summary.json's fields), then what to do next."""
+    from common.after_training.lookup import next_commands
+    from common.after_training.model_card import result_lines
+
+    for line in result_lines(summary):
+        say.info(f"  {line}")
+    say.info("next:")
+    for command in next_commands(root):
+        say.info(f"  {command}")
 
 
 def _train(request: TrainRequest, say: Say, budget: TimeBudget | None, run_folder, again: str):
