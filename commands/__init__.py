@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 # the --time-budget clock: what they import counts against the budget as the rest of the run does.
 COMMANDS = ("config", "train", "check", "plan", "demo", "data", "convert", "generate", "chat", "merge",
             "export", "push")
+TRAINING = ("train", "demo", "plan")  # commands that train (plan --calibrate) and handle SIGTERM themselves
 
 
 class Parser(argparse.ArgumentParser):
@@ -73,10 +75,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.started = started
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `qlora train --gpus N` re-runs under torchrun
     try:
-        return args.handler(args, say)
+        with _sigterm_as_interrupt(args.command not in TRAINING):
+            return args.handler(args, say)
     except QLoraError as exc:  # errors go to stderr: stdout may be a result (generate's answer, --json)
         Say(sys.stderr).error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         Say(sys.stderr).error("interrupted")
         return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(active: bool):
+    """SIGTERM (`kill`, `timeout`, a scheduler) stops a command as Ctrl-C does: its cleanup runs (a
+    merge's partial output is removed) and it says so, instead of dying in silence with half a file.
+    Training commands handle SIGTERM themselves (a checkpoint is saved)."""
+    import signal
+    import threading
+
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    from common.errors import Terminated
+
+    def interrupt(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from commands.generate import answer, inference_options, load
+from commands.generate import answer, inference_options, load, stdin
 from common.after_training.prompting import ChatSession, TextStream
 from common.console import Say
+from common.errors import Terminated, UsageError
 
 HELP = ("type a message; /reset clears the conversation, /system TEXT sets the system prompt, Ctrl-C stops an "
         "answer, Ctrl-D leaves")
@@ -22,13 +23,14 @@ def add_parser(sub) -> None:
 
 def run(args, say: Say) -> int:
     note = Say(sys.stderr)
+    lines = stdin("chat")
     model, tokenizer = load(args, note)
     session = ChatSession(tokenizer, args.system)
     note.info(HELP)
     while True:
         sys.stderr.write("you> ")
         sys.stderr.flush()
-        line = sys.stdin.readline()
+        line = lines.readline()
         if not line:  # Ctrl-D or the end of a script
             sys.stderr.write("\n")
             return 0
@@ -44,7 +46,11 @@ def run(args, say: Say) -> int:
         elif text.startswith("/"):
             note.warn(f"unknown command {text.split()[0]}; {HELP}")
         else:
-            said = reply(model, tokenizer, session, text, args)
+            try:
+                said = reply(model, tokenizer, session, text, args)
+            except UsageError as exc:  # this message cannot be answered (too long, not encodable); the chat goes on
+                note.warn(str(exc))
+                continue
             if said is None:
                 note.warn("answer stopped (Ctrl-C); that exchange is left out of the conversation. "
                           "Ctrl-C at the prompt or Ctrl-D leaves.")
@@ -59,6 +65,8 @@ def reply(model, tokenizer, session: ChatSession, text: str, args) -> str | None
     stream = TextStream(tokenizer, _write)
     try:
         result = answer(model, tokenizer, session.prompt_ids(text), args, on_token=stream)
+    except Terminated:
+        raise
     except KeyboardInterrupt:
         result = None
     _write("\n")

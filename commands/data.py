@@ -94,9 +94,16 @@ def _summary(conversations, examples) -> dict[str, int]:
     }
 
 
-def _refuse_folder(out: str) -> None:
-    if Path(out).is_dir():
-        raise UsageError(f"--out {out}: is a folder; give a file path, e.g. --out {Path(out) / 'out.jsonl'}")
+def _refuse_out(out: str, source: str) -> None:
+    """--out must be a new file: never the input (it would be replaced by its own conversion) and never
+    an existing file (a finished file the user may still need)."""
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out}: is a folder; give a file path, e.g. --out {path / 'out.jsonl'}")
+    if path.exists() and Path(source).exists() and path.samefile(source):
+        raise UsageError(f"--out {out}: is the input file itself; write to a new file")
+    if path.exists() or path.is_symlink():
+        raise UsageError(f"--out {out}: already exists; choose another file or remove it first")
 
 
 def _write_lines(out: Path, lines) -> int:
@@ -119,7 +126,7 @@ def _write_lines(out: Path, lines) -> int:
 def convert(args, say: Say) -> int:
     from common.data.prepare import read_conversations
 
-    _refuse_folder(args.out)
+    _refuse_out(args.out, args.file)
     cfg = config_or_default(args, say)
     conversations, _ = read_conversations(args.file, cfg.data)
     written = _write_lines(Path(args.out), (json.dumps(c.to_openai(), ensure_ascii=False) for c in conversations))
@@ -131,7 +138,7 @@ def tokenize(args, say: Say) -> int:
     from common.data.prepare import read_conversations
     from common.data.tokenize import fit_length
 
-    _refuse_folder(args.out)
+    _refuse_out(args.out, args.file)
     cfg = config_or_default(args, say)
     conversations, _ = read_conversations(args.file, cfg.data)
     tokenizer = tokenizer_for(cfg)

@@ -46,6 +46,7 @@ def run(args, say: Say) -> int:
         check_free_disk(out.parent, params * (2 + GGUF_BYTES_PER_PARAM[args.quant]),
                         "the export (a float16 merge, removed afterwards, and the GGUF file)")
     merged = out.parent / f".{out.stem}.merged"
+    shutil.rmtree(merged, ignore_errors=True)  # ours, left by an export that was killed outright
     try:
         merge_run(args.run, merged, "fp16", "mlx" if backend == "mlx" else "transformers", args.base_model, say)
         with Staged(out) as partial:

@@ -4,6 +4,7 @@ stdout carries only the answer; notes go to stderr."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -39,29 +40,55 @@ def add_parser(sub) -> None:
 def load(args, say: Say):
     """(model, chat tokenizer) for RUN on the chosen backend."""
     from backends import make_inference
-    from common.after_training.lookup import base_model_for, find_adapter
+    from common.after_training.lookup import base_model_for, context_length, find_adapter
     from common.data.tokenize import ChatTokenizer, find_tokenizer_file
     from common.plan import machine
 
-    if args.max_new_tokens < 1 or args.temperature < 0:
-        raise UsageError("--max-new-tokens must be at least 1 and --temperature at least 0")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature {args.temperature}: must be a finite number, 0 (greedy) or more")
     backend = args.backend or machine.choose(machine.detect()).backend
     ref = find_adapter(args.run, prefer="mlx" if backend == "mlx" else "peft")
     base = base_model_for(ref, args.base_model)
+    args.context = context_length(base)
+    if args.context and args.max_new_tokens >= args.context:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: the model's context holds {args.context} tokens, "
+                         "prompt included; ask for fewer")
     tokenizer = ChatTokenizer(find_tokenizer_file(base))
     return make_inference(backend, ref, base, args.dtype, say), tokenizer
 
 
 def answer(model, tokenizer, prompt_ids: list[int], args, on_token=None, adapter: bool = True) -> Answer:
+    room = args.context - len(prompt_ids) if getattr(args, "context", None) else args.max_new_tokens
+    if room < 1:
+        raise UsageError(f"the prompt is {len(prompt_ids)} tokens and the model's context holds {args.context}: "
+                         "shorten it (in chat, /reset drops the turns so far)")
+    if args.max_new_tokens > room:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: the prompt ({len(prompt_ids)} tokens) leaves "
+                         f"room for {room} in the model's {args.context}-token context; use at most {room}")
     started = time.monotonic()
     ids = model.generate(prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          seed=args.seed, eos_id=tokenizer.eos_id, on_token=on_token, adapter=adapter)
     return read_answer(tokenizer, ids, time.monotonic() - started)
 
 
+def stdin(what: str):
+    """Standard input, or a message when it is closed (`<&-`, some schedulers and services)."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise UsageError(f"{what} reads standard input, which is closed here; {STDIN_FIX[what]}")
+    return sys.stdin
+
+
+STDIN_FIX = {"--prompt -": "give the prompt as text (--prompt 'TEXT') or pipe it in",
+             "chat": "run it in a terminal, or pipe messages in (printf 'hi\\n' | qlora chat RUN)"}
+
+
 def run(args, say: Say) -> int:
     note = Say(sys.stderr)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = stdin("--prompt -").read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UsageError("--prompt is empty: give the user message to answer")
     tools = read_tools(args.tools)
     model, tokenizer = load(args, note)
     prompt_ids = ChatSession(tokenizer, args.system, tools).prompt_ids(prompt)

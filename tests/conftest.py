@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -49,6 +50,40 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from common.model.tiny import build_random_mistral
 
     return build_random_mistral(tmp_path_factory.mktemp("tiny") / "tiny-mistral")
+
+
+# ---------------------------------------------------------------- adapters for the after-training commands
+
+
+def make_adapter(base: Path, folder: Path) -> Path:
+    """A PEFT adapter on every projection of `base`, recording the base's absolute path."""
+    import numpy as np
+
+    from common.adapters.conversion import Adapter, base_shapes, write_adapter
+
+    layers, shapes = base_shapes(base)
+    rng = np.random.default_rng(0)
+    a = {(i, p): rng.normal(0, 0.5, (4, n_in)).astype(np.float32) for i in range(layers) for p, (n_in, _) in shapes.items()}
+    b = {(i, p): rng.normal(0, 0.5, (n_out, 4)).astype(np.float32) for i in range(layers) for p, (_, n_out) in shapes.items()}
+    folder.mkdir(parents=True)
+    write_adapter(Adapter(4, 2.0, 0.0, list(shapes), a, b, str(base.resolve())), folder, "peft", layers)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "peft")
+
+
+@pytest.fixture
+def light_adapter(tmp_path) -> Path:
+    """The same adapter over a base that is only its config.json: for checks that load no model."""
+    from common.model.tiny import TINY_SHAPE
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({**TINY_SHAPE, "vocab_size": 32768, "model_type": "mistral"}))
+    return make_adapter(base, tmp_path / "adapter")
 
 
 def qlora(*args, cwd=REPO, env_extra=None) -> tuple[int, str]:
@@ -119,3 +154,18 @@ def pytest_collection_modifyitems(config, items):
     if not available:
         for item in gpu_tests:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@contextlib.contextmanager
+def file_size_limit(max_bytes: int):
+    """A full disk, for this process only: writes past `max_bytes` in one file fail with EFBIG ("File too
+    large"; Python ignores the SIGXFSZ signal that goes with it), as they would with ENOSPC on a full disk.
+    Nothing is filled and the limit is lifted afterwards."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

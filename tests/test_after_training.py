@@ -15,7 +15,7 @@ import pytest
 from conftest import SAMPLE
 
 from commands import main
-from common.adapters.conversion import Adapter, base_shapes, write_adapter
+from common.adapters.conversion import write_adapter
 from common.after_training.lookup import find_adapter
 from common.after_training.prompting import ChatSession, read_answer
 from common.after_training.staging import Staged, check_free_disk
@@ -23,33 +23,6 @@ from common.data.conversation import Conversation, Message
 from common.errors import QLoraError, UsageError
 
 PROMPT = "Say something about the sea."
-
-
-def make_adapter(base: Path, folder: Path) -> Path:
-    """A PEFT adapter on every projection of `base`, recording the base's absolute path."""
-    layers, shapes = base_shapes(base)
-    rng = np.random.default_rng(0)
-    a = {(i, p): rng.normal(0, 0.5, (4, n_in)).astype(np.float32) for i in range(layers) for p, (n_in, _) in shapes.items()}
-    b = {(i, p): rng.normal(0, 0.5, (n_out, 4)).astype(np.float32) for i in range(layers) for p, (_, n_out) in shapes.items()}
-    folder.mkdir(parents=True)
-    write_adapter(Adapter(4, 2.0, 0.0, list(shapes), a, b, str(base.resolve())), folder, "peft", layers)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "peft")
-
-
-@pytest.fixture
-def light_adapter(tmp_path) -> Path:
-    """The same adapter over a base that is only its config.json: for checks that load no model."""
-    from common.model.tiny import TINY_SHAPE
-
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps({**TINY_SHAPE, "vocab_size": 32768, "model_type": "mistral"}))
-    return make_adapter(base, tmp_path / "adapter")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

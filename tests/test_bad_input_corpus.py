@@ -5,12 +5,15 @@ Environment cases (missing package, little disk or memory, no GPU) are in test_p
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, shown
+import yaml
+from conftest import REPO, file_size_limit, shown
 
 from commands import main
 
@@ -126,6 +129,22 @@ DATA_CASES = [
     ("alpaca-input-not-text", json.dumps({"instruction": "q", "input": 3, "output": "a"}), "'input' must be a string, got int"),
     ("prompt-completion-missing", json.dumps({"prompt": "q", "completion": "a"}) + "\n" + json.dumps({"prompt": "q"}),
      "{f}:2: missing key 'completion' (keys present: prompt); prompt/completion records need 'prompt' and 'completion'"),
+    # round 3: what a file can be instead of UTF-8 JSON Lines, and records that change format midway
+    ("gzip-compressed", gzip.compress(f"{GOOD}\n".encode()),
+     "{f}: is gzip-compressed, not UTF-8 text; decompress it first (gunzip -k FILE)"),
+    ("zip-archive", b"PK\x03\x04" + b"\x00" * 40, "{f}: is a zip archive, not UTF-8 text"),
+    ("parquet-named-jsonl", b"PAR1" + b"\x00" * 40 + b"PAR1", "{f}: is a parquet file, not UTF-8 text; give it the .parquet suffix"),
+    ("utf16-with-bom", f"{GOOD}\n".encode("utf-16"), "{f}: is UTF-16 text, not UTF-8 text; save it as UTF-8"),
+    ("latin1", '{"messages": [{"role": "user", "content": "caf\xe9"}]}'.encode("latin-1"),
+     "{f}:1: not valid UTF-8 (byte 47); save the file as UTF-8"),
+    ("nul-bytes", f"{GOOD}\n\x00\x00\x00\n", "{f}:2: holds NUL bytes: binary data, or text not saved as UTF-8"),
+    ("sharegpt-then-messages", json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
+     + f"\n{GOOD}", "{f}:2: missing key 'conversations' (keys present: messages)"),
+    ("sharegpt-nested-too-deep", '{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}", "{f}:1: JSON nested too deep"),
+    ("sharegpt-duplicate-key", '{"conversations": [{"from": "human", "from": "gpt", "value": "q"}]}',
+     "{f}:1: the key 'from' appears twice"),
+    ("unknown-role-ipython", msgs(("user", "q"), ("ipython", "a")), "{f}:1: message 2: unknown role 'ipython'"),
+    ("alpaca-output-not-text", json.dumps({"instruction": "q", "output": {"text": "a"}}), "{f}:1: 'output': 'content' must be a string or a list of text parts, got dict"),
 ]
 
 
@@ -199,7 +218,56 @@ FILE_KIND_CASES = [
      "give exactly one of path (a file) or hub (a dataset name)"),
     ("unknown-column", None, None, lambda f: check("--set", "data.columns={answer: out}"), 1,
      "--set data.columns={{answer: out}}: data.columns: unknown column name(s) ['answer']"),
+    # round 3: empty, truncated and mismatched files of each kind, Hub names, column maps, mixing
+    ("json-empty-file", "train.json", lambda p: p.write_text(""), lambda f: check("--data", f), 1,
+     "{f}: no conversations (the file is empty or holds an empty array). Give it a JSON array of records."),
+    ("json-empty-array", "train.json", lambda p: p.write_text("[ ]\n"), lambda f: check("--data", f), 1,
+     "{f}: no conversations (the file is empty or holds an empty array)"),
+    ("csv-empty-file", "train.csv", lambda p: p.write_text(""), lambda f: check("--data", f), 1,
+     "{f}: no conversations (no rows below the header). Give it a header line and one record a row."),
+    ("csv-header-only", "train.csv", lambda p: p.write_text("prompt,completion\r\n"), lambda f: check("--data", f), 1,
+     "{f}: no conversations (no rows below the header)"),
+    ("csv-unclosed-quote", "train.csv", lambda p: p.write_text('prompt,completion\nq,a\n"q,a\n'),
+     lambda f: check("--data", f), 1, "{f}:3: not valid CSV (unexpected end of data; a quote opened in this record"),
+    ("csv-latin1", "train.csv", lambda p: p.write_bytes("prompt,completion\ncaf\xe9,a\n".encode("latin-1")),
+     lambda f: check("--data", f), 1, "{f}: not valid UTF-8 (byte 22)"),
+    ("csv-gzip", "train.csv", lambda p: p.write_bytes(gzip.compress(b"prompt,completion\nq,a\n")),
+     lambda f: check("--data", f), 1, "{f}: is gzip-compressed, not UTF-8 text"),
+    ("csv-wrong-columns", "train.csv", lambda p: p.write_text("question,answer\nq,a\n"), lambda f: check("--data", f), 1,
+     "{f}:2: missing key 'messages' (keys present: answer, question)"),
+    ("parquet-empty", "train.parquet", lambda p: _parquet(p, {"prompt": [], "completion": []}),
+     lambda f: check("--data", f), 1, "{f}: no conversations (no rows)."),
+    ("parquet-truncated", "train.parquet", lambda p: _parquet(p, {"prompt": ["q"] * 3, "completion": ["a"] * 3}, cut=True),
+     lambda f: check("--data", f), 1, "{f}: not a readable parquet file"),
+    ("parquet-wrong-schema", "train.parquet", lambda p: _parquet(p, {"x": [1, 2], "y": ["a", "b"]}),
+     lambda f: check("--data", f), 1, "{f} row 1: missing key 'messages' (keys present: x, y)"),
+    ("parquet-wrong-types", "train.parquet", lambda p: _parquet(p, {"prompt": [1, 2], "completion": [3, 4]}),
+     lambda f: check("--data", f), 1, "{f} row 1: 'prompt' must be a list, got int"),
+    ("column-map-names-a-missing-column", "train.jsonl", lambda p: p.write_text(GOOD + "\n"),
+     lambda f: check("--data", f, "--set", "data.columns={messages: conversation}"), 1,
+     "{f}:1: missing key 'conversation' (keys present: messages)"),
+    ("format-forced-wrong", "train.jsonl", lambda p: p.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n"),
+     lambda f: check("--data", f, "--set", "data.format=sharegpt"), 1,
+     "{f}:1: missing key 'conversations' (keys present: instruction, output)"),
+    ("hub-name-mistyped", None, None, lambda f: check("--set", "data.sources=[{hub: 'no such/name!'}]"), 1,
+     "hub dataset no such/name!, split train: not in the local datasets cache"),
+    ("hub-private-or-missing", None, None, lambda f: check("--set", "data.sources=[{hub: someone/private-set, split: test}]"),
+     1, "hub dataset someone/private-set, split test: not in the local datasets cache"),
+    ("source-weight-keeps-nothing", "a.jsonl", lambda p: p.write_text("".join(msgs(("user", f"q{i}"), ("assistant", "a")) + "\n"
+                                                                          for i in range(10))),
+     lambda f: ["plan", "--platform", "h100", "--set", f"data.sources=[{{path: {f}}}, {{path: {f}, weight: 0.01}}]"], 1,
+     "{f} (data.sources[1]): weight 0.01 keeps none of its 9 training conversation(s) (after the validation split); "
+     "raise its weight to at least 0.056, or remove the source."),
 ]
+
+
+def _parquet(path, columns, cut=False):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({k: pa.array(v, pa.string() if not v else None) for k, v in columns.items()}), path)
+    if cut:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 @pytest.mark.parametrize("case, name, make, argv, code, expected", FILE_KIND_CASES, ids=[c[0] for c in FILE_KIND_CASES])
@@ -290,7 +358,54 @@ CONFIG_CASES = [
      "--set tracking.run_name=../elsewhere: tracking.run_name: is a path, not a name"),
     # a --set that replaces a value with a section is the --set's fault, not the base file's
     ("set-below-a-value", ["--set", "lora.r.x=5"], 1, "--set lora.r.x=5: lora.r: Input should be a valid integer"),
+    # round 3: the keys added since round 2, past their bounds
+    ("source-weight-nan", ["--set", "data.sources=[{path: a.jsonl, weight: .nan}]"], 1,
+     "data.sources[0].weight: Input should be a finite number (got nan)"),
+    ("source-weight-negative", ["--set", "data.sources=[{path: a.jsonl, weight: -1}]"], 1,
+     "data.sources[0].weight: Input should be greater than 0 (got -1)"),
+    ("source-weight-over-100", ["--set", "data.sources=[{path: a.jsonl, weight: 100.5}]"], 1,
+     "data.sources[0].weight: Input should be less than or equal to 100 (got 100.5)"),
+    ("source-max-examples-zero", ["--set", "data.sources=[{path: a.jsonl, max_examples: 0}]"], 1,
+     "data.sources[0].max_examples: Input should be greater than or equal to 1 (got 0)"),
+    ("source-split-on-a-file", ["--set", "data.sources=[{path: a.jsonl, split: test}]"], 1,
+     "split and config are for hub datasets; a file is read whole"),
+    ("source-empty-path", ["--set", "data.sources=[{path: ''}]"], 1, "give exactly one of path (a file) or hub"),
+    ("sources-not-a-list", ["--set", "data.sources={path: a.jsonl}"], 1, "data.sources: Input should be a valid list"),
+    ("val-source-weighted", ["--set", "data.val_sources=[{path: v.jsonl, weight: 2}]"], 1,
+     "data.val_sources: weight mixes training sources"),
+    ("max-examples-fraction", ["--set", "data.max_examples=1.5"], 1, "data.max_examples: Input should be a valid integer"),
+    ("column-mapped-to-nothing", ["--set", "data.columns={messages: ''}"], 1,
+     "data.columns: maps messages to an empty column name"),
+    ("column-name-not-text", ["--set", "data.columns={messages: 5}"], 1, "data.columns: Input should be a valid string"),
+    ("checkpointed-layers-fraction", ["--set", "cuda.checkpointed_layers=2.5"], 1,
+     "cuda.checkpointed_layers: should be a valid integer, got a number with a fractional part, or 'all'"),
+    ("checkpointed-layers-negative", ["--set", "cuda.checkpointed_layers=-1"], 1,
+     "cuda.checkpointed_layers: should be greater than or equal to 1, or 'all' (got -1)"),
+    ("fused-lora-not-a-bool", ["--set", "cuda.fused_lora=2"], 1, "cuda.fused_lora: Input should be a valid boolean"),
+    ("async-metrics-null", ["--set", "cuda.async_metrics=null"], 1, "cuda.async_metrics: Input should be a valid boolean"),
+    ("clear-cache-negative", ["--set", "mlx.clear_cache_threshold_gb=-1"], 1,
+     "mlx.clear_cache_threshold_gb: Input should be greater than or equal to 0"),
+    ("clear-cache-nan", ["--set", "mlx.clear_cache_threshold_gb=.nan"], 1,
+     "mlx.clear_cache_threshold_gb: Input should be a finite number"),
+    ("quant-bits-3", ["--set", "mlx.quant_bits=3"], 1, "mlx.quant_bits: Input should be 4 or 8 (got 3)"),
+    ("quant-group-16", ["--set", "mlx.quant_group_size=16"], 1, "mlx.quant_group_size: Input should be 32, 64 or 128"),
+    ("max-seq-length-below", ["--set", "data.max_seq_length=15"], 1, "data.max_seq_length: Input should be greater than or equal to 16"),
+    ("max-seq-length-above", ["--set", "data.max_seq_length=32769"], 1, "data.max_seq_length: Input should be less than or equal to 32768"),
+    ("batch-size-above", ["--set", "training.batch_size=513"], 1, "training.batch_size: Input should be less than or equal to 512"),
+    ("rank-above", ["--set", "lora.r=1025"], 1, "lora.r: Input should be less than or equal to 1024"),
+    ("alpha-infinite", ["--set", "lora.alpha=.inf"], 1, "lora.alpha: should be a finite number"),
 ]
+
+# each key at its bound is accepted (the bound is inclusive where the message says "or equal")
+AT_BOUNDS = ["data.sources=[{path: a.jsonl, weight: 100, max_examples: 1}]", "data.max_examples=1",
+             "cuda.checkpointed_layers=1", "mlx.clear_cache_threshold_gb=0", "mlx.clear_cache_threshold_gb=null",
+             "data.max_seq_length=16", "data.max_seq_length=32768", "training.batch_size=512", "lora.r=1024",
+             "mlx.quant_bits=8", "mlx.quant_group_size=128"]
+
+
+@pytest.mark.parametrize("setting", AT_BOUNDS)
+def test_config_values_at_their_bounds_are_accepted(capsys, setting):
+    assert main(["config", "--platform", "h100", "--set", setting]) == 0, shown(capsys)
 
 
 @pytest.mark.parametrize("case, extra, code, expected", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
@@ -312,6 +427,25 @@ FILE_CASES = [
     ("duplicate-key", "lora:\n  r: 8\n  alpha: 16\n  r: 32\n", "line 4, column 3: invalid YAML (duplicate key 'r' (first set on line 2))"),
     ("duplicate-section", "lora:\n  r: 8\ntraining:\n  seed: 1\nlora:\n  alpha: 4\n", "line 5, column 1: invalid YAML (duplicate key 'lora' (first set on line 1))"),
 ]
+
+
+def test_a_config_path_that_is_a_folder_is_named_as_one(tmp_path, capsys):
+    code = main(["config", "--config", str(tmp_path)])
+    out = " ".join(shown(capsys).split())
+    assert code == 1 and f"{tmp_path}: is a folder; give a config YAML file" in out
+
+
+def test_yaml_merge_keys_and_anchors_are_read_as_yaml_says(tmp_path, capsys):
+    """`<<: *common` copies a mapping and the keys after it override it (refused as invalid YAML before)."""
+    path = tmp_path / "mix.yaml"
+    path.write_text("data:\n  sources:\n    - &common {path: a.jsonl, weight: 2, max_examples: 5}\n"
+                    "    - <<: *common\n      path: b.jsonl\n      weight: 3\n")
+    assert main(["config", "--config", str(path)]) == 0
+    sources = yaml.safe_load(shown(capsys))["data"]["sources"]
+    assert [(Path(s["path"]).name, s["weight"], s["max_examples"]) for s in sources] == [("a.jsonl", 2, 5), ("b.jsonl", 3, 5)]
+    path.write_text("lora:\n  r: 8\n  <<: {alpha: 4}\n  r: 16\n")  # a key set twice next to a merge is still refused
+    assert main(["config", "--config", str(path)]) == 1
+    assert "duplicate key 'r' (first set on line 2)" in " ".join(shown(capsys).split())
 
 
 @pytest.mark.parametrize("case, content, expected", FILE_CASES, ids=[c[0] for c in FILE_CASES])
@@ -340,7 +474,25 @@ USAGE_CASES = [
      "is a folder; give a file path"),
     (["train", "--platform", "cpu", "--resume", "auto"], "--resume needs --run-name"),
     (["convert", "a", "b", "--verify"], "a: no such run or folder"),
+    # round 3: --gpus
+    (["train", "--platform", "cpu", "--gpus", "0"], "--gpus '0': give a number of GPUs (1 or more) or 'all'"),
+    (["train", "--platform", "cpu", "--gpus", "-1"], "--gpus '-1': give a number of GPUs (1 or more) or 'all'"),
+    (["train", "--platform", "cpu", "--gpus", "1.5"], "--gpus '1.5': give a number of GPUs"),
+    (["train", "--platform", "cpu", "--gpus", "all"], "--gpus all counts GPUs, but this config trains on the CPU"),
+    (["plan", "--platform", "h100", "--gpus", "3"], "cannot be split evenly over 3 GPUs"),
+    (["plan", "--platform", "h100", "--gpus", "0"], "--gpus 0: give 1 or more"),
 ]
+
+
+@pytest.mark.parametrize("gpus, expected", [("4", "--gpus 4: nvidia-smi lists 0 GPU(s) on this machine; drop --gpus"),
+                                             ("all", "--gpus all: nvidia-smi lists no GPU on this machine")])
+def test_gpus_on_a_machine_without_gpus(monkeypatch, tmp_path, capsys, gpus, expected):
+    from common.plan import machine
+
+    monkeypatch.setattr(machine, "gpu_count", lambda: 0)
+    code = main(["train", "--platform", "h100", "--gpus", gpus, "--set", f"tracking.output_dir={tmp_path}"])
+    out = " ".join(shown(capsys).split())
+    assert code == 2 and expected in out and "Traceback" not in out and not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("argv, expected", USAGE_CASES, ids=[a[0] + "-" + a[-1] for a, _ in USAGE_CASES])
@@ -454,3 +606,74 @@ def test_data_convert_into_a_folder_is_refused(tmp_path, capsys):
     out = " ".join(shown(capsys).split())
     assert code == 2 and "is a folder; give a file path" in out and "Traceback" not in out
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _lines(n: int) -> str:
+    return "".join(msgs(("user", f"question {i}"), ("assistant", "answer")) + "\n" for i in range(n))
+
+
+@pytest.mark.parametrize("target", ["its-own-input", "an-existing-file"])
+def test_data_convert_never_replaces_a_file(tmp_path, capsys, target):
+    source = tmp_path / "in.jsonl"
+    source.write_text(_lines(3))
+    out = source if target == "its-own-input" else tmp_path / "done.jsonl"
+    if out != source:
+        out.write_text("a finished file\n")
+    before = out.read_bytes()
+    code = main(["data", "convert", str(source), "--out", str(out)])
+    said = " ".join(shown(capsys).split())
+    assert code == 2 and out.read_bytes() == before and "Traceback" not in said
+    assert (f"--out {out}: is the input file itself" if out == source else f"--out {out}: already exists") in said
+
+
+def test_data_convert_onto_a_full_disk_leaves_nothing(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text(_lines(500))
+    with file_size_limit(4096):
+        code = main(["data", "convert", str(source), "--out", str(tmp_path / "out.jsonl")])
+    said = " ".join(shown(capsys).split())
+    assert code == 1 and f"--out {tmp_path / 'out.jsonl'}: could not write it (File too large); nothing was written" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("how", ["a-source-listed-twice", "duplicate-lines"])
+def test_copies_of_a_conversation_never_straddle_the_validation_split(tmp_path, how):
+    """A copy held out while another is trained on would make eval_loss measure memorization."""
+    from common.config.schema import DataConfig, DataSource
+    from common.data.prepare import load_conversations
+
+    path = tmp_path / "a.jsonl"
+    path.write_text(_lines(20) if how == "a-source-listed-twice" else _lines(20) * 2)
+    sources = [DataSource(path=str(path))] * (2 if how == "a-source-listed-twice" else 1)
+    train, val, report = load_conversations(DataConfig(sources=sources, val_file=None))
+    assert len(val) >= 2 and len(train) + len(val) == 40
+    assert not {c.key() for c in train} & {c.key() for c in val}
+    assert not [w for w in report.warnings if "also appear in the training data" in w]
+
+
+def test_without_copies_the_split_is_the_one_it_always_was(tmp_path):
+    """Splitting by content must not move anyone's existing held-out set (same file, same seed)."""
+    import math
+    import random
+
+    from common.data.prepare import read_conversations, split_train_val
+
+    path = tmp_path / "a.jsonl"
+    path.write_text(_lines(37))
+    conversations, _ = read_conversations(path)
+    order = list(range(37))
+    random.Random(42).shuffle(order)
+    expected = sorted(order[: math.ceil(37 * 0.1)])
+    _, val = split_train_val(conversations, 0.1, 42)
+    assert [conversations.index(c) for c in val] == expected
+
+
+def test_a_split_of_one_conversation_in_copies_is_refused(tmp_path):
+    from common.data.prepare import read_conversations, split_train_val
+    from common.errors import DataError
+
+    path = tmp_path / "a.jsonl"
+    path.write_text(_lines(1) * 5)
+    conversations, _ = read_conversations(path)
+    with pytest.raises(DataError, match="all 5 conversations are copies of one"):
+        split_train_val(conversations, 0.1, 42)

@@ -15,7 +15,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.adapters.conversion import AdapterError, convert, detect_format
+from common.adapters.conversion import (
+    Adapter,
+    AdapterError,
+    check_against_base,
+    convert,
+    detect_format,
+    read_adapter,
+)
 from common.config.schema import run_name_problem
 from common.errors import QLoraError, UsageError
 from common.model.mistral import looks_like_path
@@ -34,6 +41,7 @@ class AdapterRef:
     fmt: str  # "peft" | "mlx"
     run_root: Path | None  # the run folder it belongs to (config.yaml, summary.json), when there is one
     recorded_base: str | None
+    adapter: Adapter | None = field(default=None, repr=False)  # its factors, read (and so checked) once
     _temps: list = field(default_factory=list, repr=False)
 
     def as_format(self, fmt: str, base_model: str | None = None) -> Path:
@@ -105,18 +113,45 @@ def next_commands(root: Path) -> list[str]:
 def find_adapter(run: str | Path, prefer: str | None = None) -> AdapterRef:
     """The adapter in `run` (a run name, a run folder or an adapter folder). With `prefer`, a run folder's
     copy in that format is taken when it has one (an MLX run's mlx/ for the MLX backend: no conversion)."""
+    from common.run.folder import RunLock
+
     folder = run_folder(run)
+    holder = RunLock.holder(folder)
+    if holder:
+        raise QLoraError(f"{run}: still being trained (process {holder}); its adapter is written at the end. "
+                         f"Wait for it, or use a checkpoint{_newest_checkpoint(folder)}.")
     try:
         fmt = detect_format(folder)
     except AdapterError as exc:
         if (folder / "mlx").is_dir():
             fmt, folder = detect_format(folder / "mlx"), folder / "mlx"
+        elif _newest_checkpoint(folder):
+            raise QLoraError(f"{exc}: the run stopped before its end. Continue it with `qlora train --run-name "
+                             f"{folder.name} --resume auto`, or use its newest checkpoint{_newest_checkpoint(folder)}"
+                             ) from None
         else:
             raise QLoraError(f"{exc}. Is {run} a finished run? (`qlora train` writes the adapter at the end)") from None
-    ref = AdapterRef(folder, fmt, _run_root(folder), recorded_base(folder))
+    adapter = _checked(folder)
+    ref = AdapterRef(folder, fmt, _run_root(folder), recorded_base(folder), adapter)
     if prefer and prefer != fmt and _sibling(folder, prefer):
-        ref = AdapterRef(_sibling(folder, prefer), prefer, ref.run_root, ref.recorded_base)
+        sibling = _sibling(folder, prefer)
+        ref = AdapterRef(sibling, prefer, ref.run_root, ref.recorded_base, _checked(sibling))
     return ref
+
+
+def _checked(folder: Path) -> Adapter:
+    """The adapter's factors, read whole: a truncated or garbled file is named here, not by a library."""
+    try:
+        return read_adapter(folder)[1]
+    except AdapterError as exc:
+        raise AdapterError(f"{exc}. The adapter in {folder} is damaged: copy it again, or use a checkpoint") from None
+
+
+def _newest_checkpoint(run_root: Path) -> str:
+    from common.run.checkpoints import newest_good
+
+    newest, _ = newest_good(run_root / "checkpoints")
+    return f": {newest}" if newest else ""
 
 
 def _run_root(folder: Path) -> Path | None:
@@ -148,12 +183,42 @@ def base_model_for(ref: AdapterRef, override: str | None) -> str:
         base = recorded_base(ref.run_root) or _run_config(ref.run_root).get("model", {}).get("name_or_path") or base
     if not base:
         raise UsageError(f"{ref.folder}/adapter_config.json names no base model: pass --base-model (folder or hub id)")
-    if Path(base).exists() or not looks_like_path(base):
-        return base
-    raise QLoraError(
-        f"the base model recorded in {ref.folder}/adapter_config.json, {base}, does not exist from here "
-        f"({Path.cwd()}); pass --base-model with its folder or hub id"
-    )
+    if not (Path(base).exists() or not looks_like_path(base)):
+        raise QLoraError(
+            f"the base model recorded in {ref.folder}/adapter_config.json, {base}, does not exist from here "
+            f"({Path.cwd()}); pass --base-model with its folder or hub id"
+        )
+    config = base_config_path(base)
+    if ref.adapter and config:
+        try:
+            check_against_base(ref.adapter, config.parent)
+        except AdapterError as exc:
+            raise AdapterError(f"{ref.folder}: {exc}. Pass --base-model with the base it was trained on") from None
+    return base
+
+
+def context_length(base: str) -> int | None:
+    """Tokens the base model attends over (prompt + answer), from its config.json."""
+    path = base_config_path(base)
+    try:
+        value = json.loads(path.read_text()).get("max_position_embeddings") if path else None
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def base_config_path(base: str) -> Path | None:
+    """The config.json of a base model: in its folder, or in the hub cache; None when neither has it."""
+    path = Path(base) / "config.json"
+    if path.is_file():
+        return path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base, "config.json")
+    except Exception:  # not a valid repo id: nothing to read
+        return None
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def record_base_model(run_root: Path, name_or_path: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.errors import QLoraError, UsageError
+from common.errors import Interrupted, QLoraError, UsageError, write_failure
 
 BYTES_PER_PARAM = {"bf16": 2, "fp16": 2, "fp32": 4, "4bit": 0.56}
 GB = 1024**3
@@ -20,17 +20,11 @@ def file_size(size: float) -> str:
 
 def parameter_count(base: str) -> int | None:
     """Parameters of a Mistral/llama base from its config.json (a local folder or the hub cache)."""
-    path = Path(base) / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
+    from common.after_training.lookup import base_config_path
 
-            cached = try_to_load_from_cache(base, "config.json")
-        except Exception:  # not a valid repo id: nothing to estimate from
-            cached = None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
+    path = base_config_path(base)
+    if path is None:
+        return None
     c = json.loads(path.read_text())
     hidden, heads = c["hidden_size"], c["num_attention_heads"]
     head_dim = c.get("head_dim") or hidden // heads
@@ -61,8 +55,9 @@ def refuse_non_empty(out: Path) -> None:
 
 
 class Staged:
-    """Write into `<out>.partial`, then rename to `out`: a failure (or Ctrl-C) at any point removes
-    the partial output and leaves `out` as it was."""
+    """Write into `<out>.partial`, then rename to `out`: a failure (or Ctrl-C, or SIGTERM: see
+    commands/__init__.py) at any point removes the partial output and leaves `out` as it was. A
+    failed write (disk full, read-only, not a folder) is said as such, with nothing left behind."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
@@ -72,9 +67,12 @@ class Staged:
         import shutil
 
         refuse_non_empty(self.out)
-        if self.partial.exists():  # left by a process that was killed outright
-            shutil.rmtree(self.partial) if self.partial.is_dir() else self.partial.unlink()
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.partial.exists():  # left by a process that was killed outright
+                shutil.rmtree(self.partial) if self.partial.is_dir() else self.partial.unlink()
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._failed(exc) from None
         return self.partial
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -82,10 +80,23 @@ class Staged:
         import shutil
 
         if kind is None:
-            if self.out.is_dir():
-                self.out.rmdir()  # refuse_non_empty let only an empty folder through
-            os.replace(self.partial, self.out)
-        elif self.partial.is_dir():
+            try:
+                if self.out.is_dir():
+                    self.out.rmdir()  # refuse_non_empty let only an empty folder through
+                os.replace(self.partial, self.out)
+                return
+            except OSError as exc:
+                value = exc
+        if self.partial.is_dir():
             shutil.rmtree(self.partial, ignore_errors=True)
         elif self.partial.exists():
             self.partial.unlink()
+        if isinstance(value, KeyboardInterrupt):
+            raise Interrupted(f"interrupted: {self.out} was not written (its partial output was removed)") from None
+        if not isinstance(value, QLoraError) and write_failure(value):
+            raise self._failed(value) from None
+
+    def _failed(self, exc: BaseException) -> QLoraError:
+        what, full = write_failure(exc) or (str(exc), False)
+        fix = "free disk space, or choose an output on a larger disk" if full else "choose a writable folder"
+        return QLoraError(f"{self.out}: cannot write there: {what}; nothing was written. To retry, {fix}.")

@@ -48,8 +48,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         first: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: later keys override it, as YAML says
+                continue
             key = self.construct_object(key_node, deep=True)
-            if key in first and key != "<<":
+            if key in first:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key '{key}' (first set on line {first[key] + 1})", key_node.start_mark)
             first.setdefault(key, key_node.start_mark.line)
@@ -57,6 +59,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give a config YAML file (e.g. {path / 'my.yaml'}), or use --platform.")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found. Check the path, or use --platform.")
     try:

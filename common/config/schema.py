@@ -98,6 +98,9 @@ DATA_COLUMNS = ("messages", "tools", "conversations", "system", "instruction", "
 
 
 def _known_columns(columns: dict[str, str]) -> dict[str, str]:
+    empty = sorted(ours for ours, theirs in columns.items() if not theirs.strip())
+    if empty:
+        raise ValueError(f"maps {', '.join(empty)} to an empty column name; give the column's name in your data")
     unknown = sorted(set(columns) - set(DATA_COLUMNS))
     if unknown:
         raise ValueError(f"unknown column name(s) {unknown}; map any of: {', '.join(DATA_COLUMNS)} "

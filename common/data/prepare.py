@@ -9,6 +9,7 @@ tokens as inference: the system prompt goes on the last user message, as mistral
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
@@ -65,12 +66,24 @@ def split_train_val(
             f"{len(conversations)} conversation(s); a validation split needs at least 2. "
             "Add data or give data.val_file."
         )
-    order = list(range(len(conversations)))
+    # copies of one conversation (a file listed twice, duplicate lines) stay on one side: a copy held out
+    # while another is trained on would make eval_loss measure memorization
+    per_conversation = [c.key() for c in conversations]
+    copies = collections.Counter(per_conversation)
+    keys = list(copies)  # first-seen order: without copies, the same split as one index per conversation
+    order = list(range(len(keys)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, math.ceil(len(conversations) * fraction))
-    val_idx = set(order[:n_val])
-    train = [c for i, c in enumerate(conversations) if i not in val_idx]
-    val = [c for i, c in enumerate(conversations) if i in val_idx]
+    n_val, held, val_keys = max(1, math.ceil(len(conversations) * fraction)), 0, set()
+    for i in order:
+        if held >= n_val:
+            break
+        val_keys.add(keys[i])
+        held += copies[keys[i]]
+    if len(val_keys) == len(keys):
+        raise DataError(f"{conversations[0].source}: all {len(conversations)} conversations are copies of one; a validation split "
+                        "needs at least 2 different conversations. Add data or give data.val_file.")
+    train = [c for c, key in zip(conversations, per_conversation) if key not in val_keys]
+    val = [c for c, key in zip(conversations, per_conversation) if key in val_keys]
     return train, val
 
 

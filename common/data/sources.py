@@ -83,11 +83,28 @@ def regular_file(path: Path, key: str = "data.train_file") -> Path:
     return path
 
 
+# What a text data file may not be: compressed, or text in an encoding the readers would misread line by line
+_NOT_UTF8_TEXT = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip -k FILE)"),
+    (b"BZh", "bzip2-compressed", "decompress it first (bunzip2 -k FILE)"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz -k FILE)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd FILE)"),
+    (b"PK\x03\x04", "a zip archive", "extract the data file from it (unzip FILE)"),
+    (b"PAR1", "a parquet file", "give it the .parquet suffix"),
+    (b"\xff\xfe\x00\x00", "UTF-32 text", "save it as UTF-8 (iconv -f UTF-32 -t UTF-8 FILE)"),
+    (b"\xff\xfe", "UTF-16 text", "save it as UTF-8 (iconv -f UTF-16 -t UTF-8 FILE)"),
+    (b"\xfe\xff", "UTF-16 text", "save it as UTF-8 (iconv -f UTF-16 -t UTF-8 FILE)"),
+)
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror}).") from None
+    for magic, what, fix in _NOT_UTF8_TEXT:
+        if raw.startswith(magic):
+            raise DataError(f"{path}: is {what}, not UTF-8 text; {fix}.")
     return raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte-order mark is harmless
 
 
@@ -135,10 +152,13 @@ def _jsonl(raw: bytes) -> tuple[list[_Located], int]:
         if not line.strip():
             blank += 1
             continue
+        if b"\x00" in line:
+            records.append(_Located(number, problem="holds NUL bytes: binary data, or text not saved as UTF-8"))
+            continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            records.append(_Located(number, problem=f"not valid UTF-8 (byte {exc.start + 1})"))
+            records.append(_Located(number, problem=f"not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8"))
             continue
         if len(text) > MAX_LINE_CHARS:
             records.append(_Located(number, problem=f"line is {len(text):,} characters; split it "
@@ -155,6 +175,8 @@ def _json_array(path: Path, raw: bytes) -> list[_Located]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 (byte {exc.start + 1})") from None
+    if not text.strip():
+        return []
     value, problem = parse_json(text)
     if problem:
         line = 1
@@ -200,7 +222,7 @@ def _csv(path: Path, raw: bytes) -> list[_Located]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 (byte {exc.start + 1})") from None
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)  # strict: an unclosed quote is an error
     records, end = [], 1  # a record starts on the line after the previous one ended (quoted newlines)
     # the csv module refuses fields over 128 KiB (a long conversation in one cell is normal here); its
     # limit is process-wide, so it is raised for this read only
@@ -212,9 +234,10 @@ def _csv(path: Path, raw: bytes) -> list[_Located]:
                 records.append(_Located(start, problem="more fields than the header has columns"))
                 continue
             # an empty cell is an absent value (CSV cannot say null): optional columns stay optional
-            records.append(_Located(start, {k: v for k, v in row.items() if v != ""}))
+            records.append(_Located(start, {k: v for k, v in row.items() if v not in ("", None)}))
     except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+        raise DataError(f"{path}:{end + 1}: not valid CSV ({exc}; a quote opened in this record and never closed?)"
+                        if "end of data" in str(exc) else f"{path}:{end + 1}: not valid CSV ({exc})") from None
     finally:
         csv.field_size_limit(previous)
     return records
@@ -294,13 +317,21 @@ def read_source(spec: DataSource, cfg: DataConfig, key: str = "data.sources") ->
     if issues:
         raise DataError(format_issues(label, issues, fmt))
     if not conversations:
-        raise DataError(f"{label}: no conversations (the file is empty). Add one JSON object a line.")
+        raise DataError(f"{label}: {_EMPTY.get(unit or Path(label).suffix.lower(), _EMPTY['.jsonl'])}")
     report = SourceReport(label, fmt, read=len(conversations), weight=spec.weight, blank_lines=blank)
     conversations = [_tagged(c, label) for c in conversations]
     if spec.max_examples and spec.max_examples < len(conversations):
         conversations = _subset(conversations, spec.max_examples, cfg.split_seed)
     report.used = len(conversations)
     return conversations, report
+
+
+_EMPTY = {
+    ".jsonl": "no conversations (the file is empty). Add one JSON object a line.",
+    ".json": "no conversations (the file is empty or holds an empty array). Give it a JSON array of records.",
+    ".csv": "no conversations (no rows below the header). Give it a header line and one record a row.",
+    "row": "no conversations (no rows). Point it at a file or dataset split that has records.",
+}
 
 
 def _tagged(conversation: Conversation, origin: str) -> Conversation:
@@ -365,13 +396,16 @@ def apply_weights(conversations: list[Conversation], weights: Mapping[str, float
     """A source of weight w appears w times as often: whole copies, plus a seeded random share for the
     fraction (weight 0.5 keeps a random half, 2.5 two copies and a half). Applied to the training
     side only, after the validation split, so no copy of a validation example is trained on."""
-    if all(w == 1 for w in weights.values()):
-        return conversations
     rng, out = random.Random(seed), []
     for origin, weight in weights.items():
         group = [c for c in conversations if c.origin == origin]
         whole, fraction = divmod(weight, 1)
-        out += group * int(whole)
         extra = round(len(group) * fraction)
+        if not whole and not extra:  # a configured source must not vanish in silence
+            raise DataError(
+                f"{origin}: weight {weight:g} keeps none of its {len(group)} training conversation(s) "
+                "(after the validation split); raise its weight"
+                + (f" to at least {0.5 / len(group):.2g}" if group else "") + ", or remove the source.")
+        out += group * int(whole)
         out += [group[i] for i in sorted(rng.sample(range(len(group)), extra))]
-    return out
+    return out if any(w != 1 for w in weights.values()) else conversations

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config.schema import QLoraConfig
-from common.errors import ConfigError, QLoraError
+from common.errors import ConfigError, QLoraError, write_failure
 
 MANIFEST = "manifest.json"
 PREFIX = "checkpoint-"
@@ -311,9 +311,10 @@ def intact(checkpoints: Path) -> str:
 
 def save_failed(step: int, exc: BaseException, checkpoints: Path, needed_bytes: int) -> str:
     """What failed, how much space a checkpoint needs, what is intact, and what to do."""
-    if isinstance(exc, OSError):
-        what = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
-    else:  # torch's "PytorchStreamWriter failed writing file" and safetensors' errors are not OSErrors
+    failure = write_failure(exc)  # torch's and safetensors' write errors, in plain words
+    if failure:
+        what = failure[0]
+    else:
         what = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc.__class__.__name__
     try:
         free = f"{shutil.disk_usage(_existing(checkpoints)).free / 1e9:.2f} GB free"

@@ -94,7 +94,7 @@ def requested_ranks(value: str | None, on_cpu: bool, count_gpus=None) -> int:
         found = (count_gpus or gpu_count)()
         if wanted > found:
             raise UsageError(f"--gpus {wanted}: nvidia-smi lists {found} GPU(s) on this machine; "
-                             f"use --gpus {found or 1} or --gpus all")
+                             + (f"use --gpus {found} or fewer" if found else "drop --gpus (or train with --platform cpu)"))
     return wanted
 
 

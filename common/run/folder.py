@@ -203,6 +203,22 @@ class RunLock:
         self.handle = handle
         return self
 
+    @staticmethod
+    def holder(root: Path) -> str | None:
+        """The process training in `root` (its id as the lock file says), or None when none holds it."""
+        import fcntl
+
+        try:
+            handle = open(root / LOCK, encoding="utf-8")
+        except OSError:
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "unknown"
+        return None  # closing the file released the shared lock taken to look
+
     def release(self) -> None:
         if self.handle is None:
             return
