@@ -188,3 +188,16 @@ def test_memory_is_sized_from_the_datas_rows_not_max_seq_length():
     assert short.peak_gb < 6 < full.peak_gb
     plan = make_plan(padded, [63, 40, 12], [30], short, 80, "m", (1.0, "x"))
     assert any(f.name == "longest row" and f.value == 63 for f in plan.figures)
+
+
+def test_disk_for_the_demo_model_is_its_own_adapters_size_not_a_7b_one(tmp_path):
+    """`qlora plan` on a fresh clone (demo model not built yet) said 2.19 GB of checkpoints for a
+    tiny model whose adapter is a few hundred KB."""
+    from common.config.loader import load_config
+    from common.plan.preflight import disk_needed_gb
+
+    demo = load_config(platform="cpu")
+    total, parts = disk_needed_gb(demo, model_cached_or_local=True)
+    assert total < 0.05, parts
+    seven_b = load_config(platform="h100", overrides=[f"model.name_or_path={tmp_path / 'not-there'}"])
+    assert disk_needed_gb(seven_b, model_cached_or_local=True)[0] > 1  # 7B-shaped adapters and Adam state

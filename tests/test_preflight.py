@@ -106,7 +106,9 @@ def test_too_little_disk_blocks_and_says_what_it_counted(tmp_path):
 
 def test_lora_size_matches_mlx_measurement():
     # 41,943,040 trainable parameters were counted by MLX on the 7B shape (docs/m4.md)
-    assert pf.lora_parameters(load_config(platform="h100")) == 41_943_040
+    from common.plan.planner import lora_parameters
+
+    assert lora_parameters(load_config(platform="h100")) == 41_943_040
 
 
 def test_bad_data_blocks_with_file_and_line(tmp_path):

@@ -361,12 +361,24 @@ def make_plan(
 ALLREDUCE_BYTES_PER_S = {"NVLink": 300e9, "PCIe": 20e9, "100 Gb/s network": 10e9}
 
 
-def lora_parameters(cfg: QLoraConfig) -> int:
-    """Trainable LoRA parameters on the 7B shape: r x (in + out) for each targeted projection and layer."""
+def model_shape(cfg: QLoraConfig) -> dict:
+    """The base's shape: its local config.json, the demo model's (built on first use), else Mistral-7B's."""
+    from common.model.mistral import is_demo_model, local_config
+    from common.model.tiny import TINY_SHAPE
+
+    found = local_config(cfg.model.name_or_path)
+    if found:
+        return found
+    return {**SHAPE_7B, **TINY_SHAPE} if is_demo_model(cfg.model.name_or_path) else SHAPE_7B
+
+
+def lora_parameters(cfg: QLoraConfig, shape: dict | None = None) -> int:
+    """Trainable LoRA parameters: r x (in + out) for each targeted projection and layer."""
     from common.model.mistral import projection_shapes
 
-    shapes = projection_shapes(SHAPE_7B)
-    return DECODER_LAYERS * cfg.lora.r * sum(sum(shapes[m]) for m in cfg.lora.target_modules)
+    shape = shape or SHAPE_7B
+    dims = projection_shapes(shape)
+    return shape["num_hidden_layers"] * cfg.lora.r * sum(sum(dims[m]) for m in cfg.lora.target_modules)
 
 
 def allreduce_seconds(cfg: QLoraConfig, ranks: int, link: str) -> float:

@@ -20,7 +20,6 @@ from common.config.schema import LIGER_ROPE_IMPL_VARS, QLoraConfig
 from common.errors import PlatformError, QLoraError
 from common.model.mistral import (
     DOWNLOAD_GB,
-    SHAPE_7B,
     cached_on_hub,
     hub_unreachable,
     is_demo_model,
@@ -28,7 +27,6 @@ from common.model.mistral import (
     looks_like_path,
     missing_local_files,
     missing_local_model,
-    projection_shapes,
     unreachable_hub_message,
 )
 from common.plan import machine as plat
@@ -264,16 +262,11 @@ def check_model(cfg, env, cached: Callable[[str], bool] = cached_on_hub) -> list
     return [Check("model", WARN, f"{name} will be downloaded on first use (about {DOWNLOAD_GB} GB)")]
 
 
-def lora_parameters(cfg: QLoraConfig, model_config: dict | None = None) -> int:
-    config = model_config or SHAPE_7B
-    dims = projection_shapes(config)
-    per_layer = sum(cfg.lora.r * sum(dims[t]) for t in cfg.lora.target_modules)
-    return per_layer * config["num_hidden_layers"]
-
-
 def disk_needed_gb(cfg: QLoraConfig, model_cached_or_local: bool) -> tuple[float, str]:
+    from common.plan.planner import lora_parameters, model_shape
+
     model_config = local_config(cfg.model.name_or_path)
-    adapter = lora_parameters(cfg, model_config) * 4  # fp32 master weights
+    adapter = lora_parameters(cfg, model_shape(cfg)) * 4  # fp32 master weights
     checkpoint = adapter * 3  # adapter + Adam's two moments
     keep = cfg.eval.save_total_limit + 1  # the best N and the newest
     parts = {"checkpoints": keep * checkpoint, "final adapter (PEFT + native)": 2 * adapter}
