@@ -117,6 +117,13 @@ def exported(adapter, tmp_path_factory) -> dict[str, Path]:
     for quant in ("f16", "q8_0"):
         out[quant] = folder / quant / f"tiny-{quant}.gguf"
         assert main(["export", str(adapter), str(out[quant]), "--quant", quant, "--backend", "cuda"]) == 0
+    try:
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        pass
+    else:  # the MLX backend's merge (mlx-lm's fuse), through the same writer
+        out["mlx-f16"] = folder / "mlx" / "tiny-mlx.gguf"
+        assert main(["export", str(adapter), str(out["mlx-f16"]), "--quant", "f16", "--backend", "mlx"]) == 0
     out["merged"] = folder / "merged-fp16"
     assert main(["merge", str(adapter), str(out["merged"]), "--dtype", "fp16"]) == 0
     return out
@@ -213,14 +220,17 @@ Q8_TOLERANCE = 0.05  # q8_0: max |logit difference| from the float16 weights, ov
 
 
 @pytest.mark.slow
+@pytest.mark.llama_cpp
 def test_llama_cpp_runs_the_gguf_like_transformers(llama_cpp, exported, chat_tokenizer):
-    """f16: the same greedy tokens as transformers on the merged weights; q8_0: logits within
-    Q8_TOLERANCE of them and the same first tokens."""
+    """f16 (merged by PEFT, and by mlx-lm): the same greedy tokens as transformers on the merged
+    weights; q8_0: logits within Q8_TOLERANCE of them and the same first tokens."""
     prompt = chat_tokenizer.encode_prompt([("system", "Be kind."), ("user", PROMPT)])
     want, want_logits = _reference(exported["merged"], prompt, N_TOKENS)
     got, logits = _greedy(_load(llama_cpp, exported["f16"]), prompt, N_TOKENS)
     print(f"f16: max |logit diff| {np.abs(logits - want_logits).max():.4f}")
     assert got == want
+    if "mlx-f16" in exported:
+        assert _greedy(_load(llama_cpp, exported["mlx-f16"]), prompt, N_TOKENS)[0] == want
     got, logits = _greedy(_load(llama_cpp, exported["q8_0"]), prompt, N_TOKENS)
     diff = np.abs(logits - want_logits).max()
     print(f"q8_0: max |logit diff| {diff:.4f}, logits span {np.ptp(want_logits):.2f}")
@@ -229,6 +239,7 @@ def test_llama_cpp_runs_the_gguf_like_transformers(llama_cpp, exported, chat_tok
 
 
 @pytest.mark.slow
+@pytest.mark.llama_cpp
 @pytest.mark.parametrize("name", CONVERSATIONS)
 def test_llama_cpp_renders_and_tokenizes_like_mistral_common(name, llama_cpp, exported, chat_tokenizer):
     """The template inside the GGUF, rendered by llama-cpp-python's own formatter and tokenized by
@@ -245,6 +256,7 @@ def test_llama_cpp_renders_and_tokenizes_like_mistral_common(name, llama_cpp, ex
 
 
 @pytest.mark.slow
+@pytest.mark.llama_cpp
 def test_llama_cpp_chat_completion_answers_as_qlora_generate(llama_cpp, exported, adapter, capsys):
     """OpenAI-style chat through llama-cpp-python (template from the GGUF) = `qlora generate`."""
     code, answer, err = run_cli(capsys, "generate", adapter, "--prompt", PROMPT, "--system", "Be kind.",
