@@ -260,7 +260,7 @@ def test_llama_cpp_renders_and_tokenizes_like_mistral_common(name, llama_cpp, ex
 def test_llama_cpp_chat_completion_answers_as_qlora_generate(llama_cpp, exported, adapter, capsys):
     """OpenAI-style chat through llama-cpp-python (template from the GGUF) = `qlora generate`."""
     code, answer, err = run_cli(capsys, "generate", adapter, "--prompt", PROMPT, "--system", "Be kind.",
-                                "--max-new-tokens", "8", "--dtype", "fp16", "--backend", "cuda")
+                                "--max-new-tokens", "8", "--dtype", "fp32", "--backend", "cuda")
     assert code == 0, err
     llm = _load(llama_cpp, exported["f16"])
     reply = llm.create_chat_completion(
