@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
-from test_after_training import PROMPT, light_adapter, make_adapter, run_cli  # noqa: F401 (a fixture)
+from test_after_training import PROMPT, run_cli
 
 from commands import main
 from common.adapters.consumers import vllm_problems
@@ -105,27 +105,22 @@ def test_chat_template_takes_arguments_as_objects_and_refuses_unknown_roles():
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serving") / "peft")
-
-
-@pytest.fixture(scope="module")
-def exported(adapter, tmp_path_factory) -> dict[str, Path]:
+def exported(adapter_dir, tmp_path_factory) -> dict[str, Path]:
     """The tiny adapter exported as f16 and q8_0, and its merge in float16 (the weights f16 holds)."""
     folder = tmp_path_factory.mktemp("exported")
     out = {}
     for quant in ("f16", "q8_0"):
         out[quant] = folder / quant / f"tiny-{quant}.gguf"
-        assert main(["export", str(adapter), str(out[quant]), "--quant", quant, "--backend", "cuda"]) == 0
+        assert main(["export", str(adapter_dir), str(out[quant]), "--quant", quant, "--backend", "cuda"]) == 0
     try:
         import mlx_lm  # noqa: F401
     except ImportError:
         pass
     else:  # the MLX backend's merge (mlx-lm's fuse), through the same writer
         out["mlx-f16"] = folder / "mlx" / "tiny-mlx.gguf"
-        assert main(["export", str(adapter), str(out["mlx-f16"]), "--quant", "f16", "--backend", "mlx"]) == 0
+        assert main(["export", str(adapter_dir), str(out["mlx-f16"]), "--quant", "f16", "--backend", "mlx"]) == 0
     out["merged"] = folder / "merged-fp16"
-    assert main(["merge", str(adapter), str(out["merged"]), "--dtype", "fp16"]) == 0
+    assert main(["merge", str(adapter_dir), str(out["merged"]), "--dtype", "fp16"]) == 0
     return out
 
 
@@ -150,7 +145,7 @@ def test_gguf_carries_the_template_and_no_space_prefix(exported):
 
 
 @pytest.mark.slow
-def test_export_refuses_what_llama_cpp_would_refuse(adapter, tiny_model_dir, tmp_path, capsys):
+def test_export_refuses_what_llama_cpp_would_refuse(adapter_dir, tiny_model_dir, tmp_path, capsys):
     """A base folder whose tokenizer does not match its embedding (llama.cpp refuses to load such a
     file): refused at export with the reason, and nothing left behind."""
     import shutil
@@ -166,7 +161,7 @@ def test_export_refuses_what_llama_cpp_would_refuse(adapter, tiny_model_dir, tmp
     for name in ("tokenizer.model", "tokenizer.model.v3"):
         shutil.copyfile(tmp_path / "small.model", base / name)
     out = tmp_path / "out" / "bad.gguf"
-    code, _, err = run_cli(capsys, "export", adapter, out, "--quant", "f16", "--base-model", base, "--backend", "cuda")
+    code, _, err = run_cli(capsys, "export", adapter_dir, out, "--quant", "f16", "--base-model", base, "--backend", "cuda")
     assert code != 0
     assert "tokenizer has 40 tokens" in err and "llama.cpp" in err and "Traceback" not in err
     assert not out.exists() and not list(out.parent.glob("*.partial")) and not list(out.parent.glob(".bad*"))
@@ -285,9 +280,9 @@ def test_llama_cpp_renders_and_tokenizes_like_mistral_common(name, llama_cpp, ex
 
 @pytest.mark.slow
 @pytest.mark.llama_cpp
-def test_llama_cpp_chat_completion_answers_as_qlora_generate(llama_cpp, exported, adapter, capsys):
+def test_llama_cpp_chat_completion_answers_as_qlora_generate(llama_cpp, exported, adapter_dir, capsys):
     """OpenAI-style chat through llama-cpp-python (template from the GGUF) = `qlora generate`."""
-    code, answer, err = run_cli(capsys, "generate", adapter, "--prompt", PROMPT, "--system", "Be kind.",
+    code, answer, err = run_cli(capsys, "generate", adapter_dir, "--prompt", PROMPT, "--system", "Be kind.",
                                 "--max-new-tokens", "8", "--dtype", "fp32", "--backend", "cuda")
     assert code == 0, err
     llm = _load(llama_cpp, exported["f16"])
@@ -301,7 +296,7 @@ def test_llama_cpp_chat_completion_answers_as_qlora_generate(llama_cpp, exported
 
 
 @pytest.mark.slow
-def test_mlx_lm_runs_the_merged_folder_as_qlora_generate(adapter, tmp_path, capsys):
+def test_mlx_lm_runs_the_merged_folder_as_qlora_generate(adapter_dir, tmp_path, capsys):
     pytest.importorskip("mlx_lm")
     import mlx.core as mx
     from mlx_lm import load, stream_generate
@@ -311,9 +306,9 @@ def test_mlx_lm_runs_the_merged_folder_as_qlora_generate(adapter, tmp_path, caps
     from common.data.tokenize import ChatTokenizer
 
     merged = tmp_path / "merged-mlx"
-    code, _, err = run_cli(capsys, "merge", adapter, merged, "--to", "mlx", "--dtype", "fp32")
+    code, _, err = run_cli(capsys, "merge", adapter_dir, merged, "--to", "mlx", "--dtype", "fp32")
     assert code == 0, err
-    code, answer, err = run_cli(capsys, "generate", adapter, "--prompt", PROMPT, "--system", "Be kind.",
+    code, answer, err = run_cli(capsys, "generate", adapter_dir, "--prompt", PROMPT, "--system", "Be kind.",
                                 "--max-new-tokens", "8", "--dtype", "fp32", "--backend", "mlx")
     assert code == 0, err
     model, tokenizer = load(str(merged))  # as an mlx-lm user loads it
@@ -396,7 +391,7 @@ def test_peft_loads_a_hub_base_run_from_another_directory(tiny_model_dir, tmp_pa
     assert _peft_load_elsewhere(run, tmp_path, env).startswith("PeftModelForCausalLM 32768")
 
 
-def test_vllm_rules_accept_our_adapter_and_name_what_vllm_refuses(tmp_path, light_adapter):  # noqa: F811
+def test_vllm_rules_accept_our_adapter_and_name_what_vllm_refuses(tmp_path, light_adapter):
     assert vllm_problems(light_adapter) == []
     config_path = light_adapter / "adapter_config.json"
     config = json.loads(config_path.read_text())
@@ -409,7 +404,7 @@ def test_vllm_rules_accept_our_adapter_and_name_what_vllm_refuses(tmp_path, ligh
     assert "lora_alpha" in " ".join(vllm_problems(light_adapter))
 
 
-def test_vllm_rules_check_tensor_names(tmp_path, light_adapter):  # noqa: F811
+def test_vllm_rules_check_tensor_names(tmp_path, light_adapter):
     from safetensors.numpy import load_file, save_file
 
     weights_path = light_adapter / "adapter_model.safetensors"
@@ -428,14 +423,14 @@ def test_vllm_rules_check_tensor_names(tmp_path, light_adapter):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_after_training_commands_print_only_our_lines(adapter, tmp_path):
+def test_after_training_commands_print_only_our_lines(adapter_dir, tmp_path):
     """generate, merge and export in a fresh process, as a user runs them: no progress bars, warnings
     or library messages on the terminal."""
     from conftest import qlora
 
-    runs = [("generate", adapter, "--prompt", PROMPT, "--max-new-tokens", "4", "--backend", "cuda"),
-            ("merge", adapter, tmp_path / "merged"),
-            ("export", adapter, tmp_path / "gguf" / "m.gguf", "--quant", "q8_0", "--backend", "cuda")]
+    runs = [("generate", adapter_dir, "--prompt", PROMPT, "--max-new-tokens", "4", "--backend", "cuda"),
+            ("merge", adapter_dir, tmp_path / "merged"),
+            ("export", adapter_dir, tmp_path / "gguf" / "m.gguf", "--quant", "q8_0", "--backend", "cuda")]
     for args in runs:
         code, out = qlora(*map(str, args))
         assert code == 0, out
