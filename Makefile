@@ -1,6 +1,7 @@
 # mistral-qlora: one Makefile for the H100 (CUDA), the Apple M4 (MLX) and the CPU demo/tests.
 #   make demo    set up (CPU) and train the tiny built-in model on the sample data
 #   make test    set up (CPU) and run the test suite
+#   make test-serving  build llama.cpp's Python binding (~30 min the first time) and run the llama.cpp tests
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ YELLOW := \033[33m
 NC := \033[0m
 ARGS ?=
 
-.PHONY: help setup setup-cpu setup-h100 setup-m4 flash-attn demo test lint check plan train train-h100 train-m4 convert bench chat merge gguf
+.PHONY: help setup setup-cpu setup-h100 setup-m4 flash-attn demo test test-serving lint check plan train train-h100 train-m4 convert bench chat merge gguf
 
 help:  # colours only on a terminal: `make help | less` or a file gets plain text
 	@if [ -t 1 ] && [ -z "$$NO_COLOR" ]; then on='\033[32m' off='\033[0m'; fi; \
@@ -65,6 +66,12 @@ demo: setup-cpu ## set up and train the tiny built-in model on the CPU (ARGS="--
 
 test: setup-cpu ## set up and run the tests
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-serving: setup-cpu ## llama.cpp runs our GGUF: builds llama-cpp-python (~30 min once, cached by pip), runs its tests
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || { \
+	  echo -e "$(YELLOW)building llama-cpp-python from source (compiles llama.cpp: ~30 min on 2 cores, once per machine)$(NC)"; \
+	  time CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install -q -r configs/constraints/serving.txt; }
+	QLORA_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -m llama_cpp tests/test_serving.py $(ARGS)
 
 lint: setup-cpu ## ruff
 	$(BIN)/ruff check common backends commands tests scripts bench

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from commands.generate import answer, inference_options, load, stdin
+from commands.options import library_log
 from common.after_training.prompting import ChatSession, TextStream
 from common.console import Say
 from common.errors import Terminated, UsageError
@@ -24,16 +25,23 @@ def add_parser(sub) -> None:
 def run(args, say: Say) -> int:
     note = Say(sys.stderr)
     lines = stdin("chat")
-    model, tokenizer = load(args, note)
-    session = ChatSession(tokenizer, args.system)
+    streams = (sys.stdout, sys.stderr)  # the conversation's; library output goes to the log meanwhile
+    with library_log(args, "chat", note):
+        model, tokenizer = load(args, note)
+        converse(model, tokenizer, ChatSession(tokenizer, args.system), args, note, (lines, *streams))
+    return 0
+
+
+def converse(model, tokenizer, session: ChatSession, args, note: Say, streams) -> None:
+    lines, out, err = streams
     note.info(HELP)
     while True:
-        sys.stderr.write("you> ")
-        sys.stderr.flush()
+        err.write("you> ")
+        err.flush()
         line = lines.readline()
         if not line:  # Ctrl-D or the end of a script
-            sys.stderr.write("\n")
-            return 0
+            err.write("\n")
+            return
         text = line.rstrip("\n")
         if not text.strip():
             continue
@@ -47,7 +55,7 @@ def run(args, say: Say) -> int:
             note.warn(f"unknown command {text.split()[0]}; {HELP}")
         else:
             try:
-                said = reply(model, tokenizer, session, text, args)
+                said = reply(model, tokenizer, session, text, args, (out, err))
             except UsageError as exc:  # this message cannot be answered (too long, not encodable); the chat goes on
                 note.warn(str(exc))
                 continue
@@ -58,21 +66,21 @@ def run(args, say: Say) -> int:
                 session.add(text, said)
 
 
-def reply(model, tokenizer, session: ChatSession, text: str, args) -> str | None:
+def reply(model, tokenizer, session: ChatSession, text: str, args, streams) -> str | None:
     """The streamed answer, or None when Ctrl-C stopped it: that stops the answer, not the chat."""
-    sys.stderr.write("model> ")
-    sys.stderr.flush()
-    stream = TextStream(tokenizer, _write)
+    out, err = streams
+    err.write("model> ")
+    err.flush()
+
+    def write(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
     try:
-        result = answer(model, tokenizer, session.prompt_ids(text), args, on_token=stream)
+        result = answer(model, tokenizer, session.prompt_ids(text), args, on_token=TextStream(tokenizer, write))
     except Terminated:
         raise
     except KeyboardInterrupt:
         result = None
-    _write("\n")
+    write("\n")
     return result.text if result else None
-
-
-def _write(piece: str) -> None:
-    sys.stdout.write(piece)
-    sys.stdout.flush()

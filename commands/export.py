@@ -7,6 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from commands.options import library_log
+from commands.train import add_verbose
 from common.after_training.gguf import QUANTS
 from common.after_training.lookup import RUN_HELP, base_model_for, find_adapter
 from common.after_training.staging import Staged, check_free_disk, file_size, parameter_count
@@ -23,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--quant", choices=QUANTS, default="q8_0", help="tensor type (default q8_0: ~7.7 GB for 7B)")
     p.add_argument("--base-model", metavar="DIR|ID", help="base model (default: the one the adapter records)")
     p.add_argument("--backend", choices=["cuda", "mlx"], help="which library merges (default: this machine's)")
+    add_verbose(p)
     p.set_defaults(handler=run)
 
 
@@ -48,9 +51,10 @@ def run(args, say: Say) -> int:
     merged = out.parent / f".{out.stem}.merged"
     shutil.rmtree(merged, ignore_errors=True)  # ours, left by an export that was killed outright
     try:
-        merge_run(args.run, merged, "fp16", "mlx" if backend == "mlx" else "transformers", args.base_model, say)
-        with Staged(out) as partial:
-            count = write_gguf(merged, partial, find_tokenizer_file(base), args.quant, name=out.stem)
+        with library_log(args, "export", say):
+            merge_run(args.run, merged, "fp16", "mlx" if backend == "mlx" else "transformers", args.base_model, say)
+            with Staged(out) as partial:
+                count = write_gguf(merged, partial, find_tokenizer_file(base), args.quant, name=out.stem)
     finally:
         shutil.rmtree(merged, ignore_errors=True)
     write_modelfile(out)

@@ -8,6 +8,8 @@ import math
 import sys
 import time
 
+from commands.options import library_log
+from commands.train import add_verbose
 from common.after_training.lookup import DTYPES, RUN_HELP
 from common.after_training.prompting import Answer, ChatSession, read_answer, read_tools
 from common.console import Say
@@ -26,6 +28,7 @@ def inference_options() -> argparse.ArgumentParser:
     parent.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     parent.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default, reproducible)")
     parent.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    add_verbose(parent)
     return parent
 
 
@@ -85,18 +88,19 @@ STDIN_FIX = {"--prompt -": "give the prompt as text (--prompt 'TEXT') or pipe it
 
 
 def run(args, say: Say) -> int:
-    note = Say(sys.stderr)
+    note, out = Say(sys.stderr), sys.stdout  # the answer goes to stdout, library output to the log
     prompt = stdin("--prompt -").read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UsageError("--prompt is empty: give the user message to answer")
     tools = read_tools(args.tools)
-    model, tokenizer = load(args, note)
-    prompt_ids = ChatSession(tokenizer, args.system, tools).prompt_ids(prompt)
-    tuned = answer(model, tokenizer, prompt_ids, args)
+    with library_log(args, "generate", note):
+        model, tokenizer = load(args, note)
+        prompt_ids = ChatSession(tokenizer, args.system, tools).prompt_ids(prompt)
+        tuned = answer(model, tokenizer, prompt_ids, args)
+        plain = answer(model, tokenizer, prompt_ids, args, adapter=False) if args.compare else None
     note.info(f"{len(tuned.ids)} tokens in {tuned.seconds:.1f} s ({len(prompt_ids)} prompt tokens)")
-    if not args.compare:
-        print(tuned.shown())
+    if plain is None:
+        print(tuned.shown(), file=out)
         return 0
-    plain = answer(model, tokenizer, prompt_ids, args, adapter=False)
-    print(f"=== with the adapter ===\n{tuned.shown()}\n=== base model ===\n{plain.shown()}")
+    print(f"=== with the adapter ===\n{tuned.shown()}\n=== base model ===\n{plain.shown()}", file=out)
     return 0

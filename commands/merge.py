@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from commands.options import library_log
+from commands.train import add_verbose
 from common.after_training.lookup import RUN_HELP, base_model_for, find_adapter
 from common.after_training.staging import (
     BYTES_PER_PARAM,
@@ -27,11 +29,13 @@ def add_parser(sub) -> None:
     p.add_argument("--to", choices=["transformers", "mlx"], default="transformers",
                    help="transformers (PyTorch + PEFT, default) or mlx (mlx-lm's fuse)")
     p.add_argument("--base-model", metavar="DIR|ID", help="base model (default: the one the adapter records)")
+    add_verbose(p)
     p.set_defaults(handler=run)
 
 
 def run(args, say: Say) -> int:
-    out = merge_run(args.run, Path(args.out), args.dtype, args.to, args.base_model, say)
+    with library_log(args, "merge", say):
+        out = merge_run(args.run, Path(args.out), args.dtype, args.to, args.base_model, say)
     say.ok(f"merged model in {out} ({args.dtype}, {args.to})")
     return 0
 

@@ -99,3 +99,12 @@ def config_or_default(args, say: Say) -> QLoraConfig:
     if args.platform or args.config:
         return resolve(args, say)
     return load_defaults(args.overrides)
+
+
+def library_log(args, command: str, say: Say):
+    """Library output of an after-training command (model loading bars, warnings) kept in a log file,
+    as training keeps it: `<run folder>/<command>.log`; -v also shows it."""
+    from common.after_training.lookup import find_adapter
+    from common.run.library_log import log_beside, quiet_libraries
+
+    return quiet_libraries(log_beside(find_adapter(args.run).run_root, command), say, getattr(args, "verbose", False))

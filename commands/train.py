@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 def add_verbose(p) -> None:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show library output (warnings, progress bars of datasets and model loading) live; "
-                        "it is always kept in the run folder's train.log")
+                        "it is always kept in the run folder's log (train.log; <command>.log after training)")
 
 
 def request_from(args, say: Say) -> TrainRequest:

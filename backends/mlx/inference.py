@@ -92,6 +92,9 @@ def fuse(ref: AdapterRef, base: str, out: Path, dtype: str, say) -> None:
     fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
     model.update_modules(tree_unflatten(fused))
     config["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    if "rope_theta" not in config and (config.get("rope_parameters") or {}).get("rope_theta"):
+        # a base re-saved by transformers 5: mlx-lm reads only the top-level key (else 10000, silently)
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
     save(out, base, model, tokenizer, config, donate_model=False)
     say.info(f"fused with mlx-lm in {dtype}")
 

@@ -5,6 +5,12 @@ does for LlamaModel and cannot be imported from a package: the rotary permutatio
 SentencePiece vocabulary as GGUF keys, and the per-tensor type choice. Tensors stream one at a time
 (the header first, then each tensor's data), so memory holds one tensor, not the model.
 
+The file carries the chat template of chat_template.py and `add_space_prefix = false`, so that
+llama.cpp and LM Studio render and tokenize a conversation to the ids mistral-common (and so training)
+gives. What llama.cpp would refuse to load (a vocabulary that does not match the embedding, a missing
+tensor) or could only run as garbage (weights that are not finite) is refused here, before or while
+writing, and the caller's staging file is then removed: a GGUF is written whole or not at all.
+
 Also the Ollama Modelfile with Mistral v0.3's prompt format.
 """
 
@@ -15,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.after_training.chat_template import CHAT_TEMPLATE
 from common.errors import QLoraError
 
 QUANTS = ("f16", "q8_0")
@@ -72,8 +79,8 @@ def _encode(array: np.ndarray, kind) -> np.ndarray:
     return array.astype(np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16)
 
 
-def _add_vocab(writer, tokenizer_file: Path) -> None:
-    """The SentencePiece model as llama.cpp's `_set_vocab_sentencepiece` writes it."""
+def _add_vocab(writer, tokenizer_file: Path) -> int:
+    """The SentencePiece model as llama.cpp's `_set_vocab_sentencepiece` writes it; returns its size."""
     import gguf
     from sentencepiece import SentencePieceProcessor
 
@@ -102,6 +109,9 @@ def _add_vocab(writer, tokenizer_file: Path) -> None:
     writer.add_unk_token_id(sp.unk_id())
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)  # text after a control token already starts with its space
+    writer.add_chat_template(CHAT_TEMPLATE)
+    return sp.vocab_size()
 
 
 def _add_hparams(writer, config: dict, name: str, quant: str) -> None:
@@ -140,7 +150,7 @@ def write_gguf(merged: Path, out: Path, tokenizer_file: Path, quant: str = "f16"
     plan = _plan(merged, config, quant)
     writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_hparams(writer, config, name, quant)
-    _add_vocab(writer, tokenizer_file)
+    _check_for_llama_cpp(merged, config, plan, _add_vocab(writer, tokenizer_file))
     for gguf_name, _, _, shape, kind in plan:
         _declare(writer, gguf_name, shape, kind)
     writer.write_header_to_file()
@@ -151,6 +161,9 @@ def write_gguf(merged: Path, out: Path, tokenizer_file: Path, quant: str = "f16"
     for _, hf_name, path, _, kind in plan:
         with safe_open_numpy(path) as handle:
             array = handle.get_tensor(hf_name)
+        if not np.isfinite(array).all():
+            raise QLoraError(f"{merged}: {hf_name} holds NaN or infinite values; llama.cpp would run it as garbage "
+                             "(was the adapter trained to a NaN loss? check its run's train.log)")
         if hf_name.endswith("q_proj.weight"):
             array = permute(array, heads)
         elif hf_name.endswith("k_proj.weight"):
@@ -158,6 +171,24 @@ def write_gguf(merged: Path, out: Path, tokenizer_file: Path, quant: str = "f16"
         writer.write_tensor_data(_encode(array, kind))
     writer.close()
     return len(plan)
+
+
+def _check_for_llama_cpp(merged: Path, config: dict, plan: list, vocab_size: int) -> None:
+    """What llama.cpp checks when it loads the file, checked before a byte of weights is written."""
+    shapes = {name: shape for name, _, _, shape, _ in plan}
+    layers = config["num_hidden_layers"]
+    wanted = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{part}.weight" for i in range(layers) for part in
+        ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+    missing = [name for name in wanted if name not in shapes]
+    if missing:
+        raise QLoraError(f"{merged}: no weights for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+                         "llama.cpp refuses a model with missing tensors (is the merge complete?)")
+    rows = shapes["token_embd.weight"][0]
+    if not rows == config["vocab_size"] == vocab_size:
+        raise QLoraError(f"{merged}: the embedding has {rows} rows, config.json says vocab_size "
+                         f"{config['vocab_size']} and the tokenizer has {vocab_size} tokens; llama.cpp needs all "
+                         "three equal (pass --base-model with the base this adapter was trained on)")
 
 
 def _declare(writer, name: str, shape: tuple, kind) -> None:

@@ -54,6 +54,19 @@ def refuse_non_empty(out: Path) -> None:
         raise UsageError(f"{out}: already exists and is not empty; choose another output or remove it")
 
 
+def usual_permissions(path: Path) -> None:
+    """Files 0666 and folders 0777 less the user's umask, as `open` and `mkdir` make them. Libraries
+    that write through temporary files leave 0600 shards, which a server running as another user or
+    in a container cannot read."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for target in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not target.is_symlink():
+            os.chmod(target, (0o777 if target.is_dir() else 0o666) & ~mask)
+
+
 class Staged:
     """Write into `<out>.partial`, then rename to `out`: a failure (or Ctrl-C, or SIGTERM: see
     commands/__init__.py) at any point removes the partial output and leaves `out` as it was. A
@@ -81,6 +94,7 @@ class Staged:
 
         if kind is None:
             try:
+                usual_permissions(self.partial)
                 if self.out.is_dir():
                     self.out.rmdir()  # refuse_non_empty let only an empty folder through
                 os.replace(self.partial, self.out)

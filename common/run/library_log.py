@@ -126,3 +126,26 @@ def library_output(path: Path, say, verbose: bool = False) -> Iterator[LineLog]:
             if handler.stream is log:
                 handler.setStream(moved.get(handler, sys.stderr))
         log.close()
+
+
+def log_beside(run_root: Path | None, command: str) -> Path:
+    """Where an after-training command keeps library output: `<run folder>/<command>.log` when the
+    adapter is in a run folder this user can write, else a file in the temporary folder."""
+    import os
+    import tempfile
+
+    if run_root is not None and os.access(run_root, os.W_OK):
+        return run_root / f"{command}.log"
+    return Path(tempfile.gettempdir()) / f"qlora-{command}-{os.getpid()}.log"
+
+
+@contextlib.contextmanager
+def quiet_libraries(path: Path, say, verbose: bool = False) -> Iterator[LineLog]:
+    """`library_output`, then one line saying where the library output went (if there was any)."""
+    with library_output(path, say, verbose) as chatter:
+        try:
+            yield chatter
+        finally:
+            if chatter.lines and not verbose:
+                say.info(f"library output ({chatter.lines} lines: warnings, progress bars) is in {path}; "
+                         "-v shows it live")

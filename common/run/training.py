@@ -115,7 +115,7 @@ def _train_here(request: TrainRequest, say: Say, budget: TimeBudget | None) -> i
 
 def _locked(request: TrainRequest, say: Say, budget: TimeBudget | None) -> int:
     from common.run.folder import RunFolder
-    from common.run.library_log import library_output
+    from common.run.library_log import quiet_libraries
 
     run_folder = RunFolder.for_config(request.cfg)
     root = run_folder.root
@@ -126,13 +126,8 @@ def _locked(request: TrainRequest, say: Say, budget: TimeBudget | None) -> int:
     log, verbose = root / "train.log", request.verbose
     if not distributed.is_main():
         log = distributed.rank_log()
-    with library_output(log, say, verbose) as chatter:
-        try:
-            summary = _train(request, say, budget, run_folder, again)
-        finally:
-            if chatter.lines and not verbose:
-                say.info(f"library output ({chatter.lines} lines: warnings, progress bars) is in {log}; "
-                         "-v shows it live")
+    with quiet_libraries(log, say, verbose):
+        summary = _train(request, say, budget, run_folder, again)
     if summary.interrupted:
         say.warn(f"stopped early at step {summary.global_step} ({summary.stop_reason}); "
                  "checkpoint and adapter saved.")
