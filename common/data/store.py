@@ -91,6 +91,11 @@ class TokenStore:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @cached_property
+    def targets(self) -> np.ndarray:
+        """Target tokens of each conversation."""
+        return np.add.reduceat(self.mask, self.offsets[:-1], dtype=np.int64) if len(self) else np.zeros(0, np.int64)
+
     def example(self, index: int) -> StoredExample:
         start = int(self.offsets[index])
         return StoredExample(self, start, int(self.offsets[index + 1]) - start)
