@@ -189,7 +189,7 @@ def _cached(folder: Path, label: str, say) -> TokenStore | None:
         return None
     try:
         store = TokenStore(folder)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         _say(say, "warn", f"{label}: the cached prepared data in {folder} is damaged ({exc}); rebuilding it")
         shutil.rmtree(folder, ignore_errors=True)
         return None
