@@ -9,6 +9,11 @@ Distributions (words; about 1.3 Mistral tokens a word):
         About 650-750 tokens an example, like common instruction-tuning sets.
   long: long-tailed documents: 1 turn; user lognormal(median 400, sigma 0.7), assistant
         lognormal(median 1400, sigma 0.6): many examples near or past 4096 tokens.
+  short: chat at half the length (user median 30, assistant 110 words): ~1.8 KB and ~370 tokens an
+        example, so 1,000,000 of them make the ~1.8 GB file of docs/data-at-scale.md.
+  document: long-context fine-tuning: a user turn holding a document (lognormal median 5,000 words,
+        sigma 0.8, capped at 24,000 ~ 31K tokens) and an answer of ~300 words: examples from ~1K to
+        past 32K tokens, for data.max_seq_length 8192-32768 (configs/long_context.md).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ WORDS = (
 DISTRIBUTIONS = {
     "chat": dict(system=0.3, turns=(1, 1, 1, 1, 1, 1, 1, 2, 2, 3), user=(60, 0.9), assistant=(220, 0.8)),
     "long": dict(system=0.2, turns=(1,), user=(400, 0.7), assistant=(1400, 0.6)),
+    "short": dict(system=0.3, turns=(1, 1, 1, 1, 1, 1, 1, 2, 2, 3), user=(30, 0.9), assistant=(110, 0.8)),
+    "document": dict(system=0.2, turns=(1,), user=(5000, 0.8, 24000), assistant=(300, 0.5)),
 }
 
 

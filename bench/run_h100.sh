@@ -17,6 +17,8 @@
 #   bash bench/run_h100.sh after-training  # generate (4-bit, bf16) and merge (bf16) times and memory (~3 min)
 #   bash bench/run_h100.sh gpus N [--set k=v ...]  # the shipped config on N GPUs (`qlora train --gpus N`), 150 steps
 #   bash bench/run_h100.sh gpus-collect  # those runs into one results file, a row per GPU count
+#   bash bench/run_h100.sh long-prepare  # synthetic long documents (1K to 32K tokens) in /tmp/bench-doc
+#   bash bench/run_h100.sh long 32768    # at that length: `qlora plan`, then STEPS (20) steps of `qlora train`
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
 set -euo pipefail
 SITE=${SITE:-/tmp/site}
@@ -172,6 +174,22 @@ PY
   curve-compare)
     $PY bench/compare_curves.py --stock "$OUT/stock-300.json" --ours "$OUT/curve-ours-metrics.jsonl" \
       --out "$OUT/curve.json" --plot "$OUT/curve-vs-stock.png"
+    ;;
+  long-prepare)
+    [ -f /tmp/bench-doc/train.jsonl ] || $PY bench/make_chat_data.py --kind document --train 1200 --val 8 --out /tmp/bench-doc
+    ;;
+  long)  # configs/training_config_h100_{8k,16k,32k}.yaml on the random checkpoint and the documents;
+    # $OUT/long-N.json: the plan's prediction, the run's summary, steady rate and time to the first step
+    n=${2:?"long N: 8192, 16384 or 32768"}
+    args=(--config "configs/training_config_h100_$((n / 1024))k.yaml" --set model.name_or_path=/tmp/mistral-7b-random
+          --set data.train_file=/tmp/bench-doc/train.jsonl --set data.val_file=/tmp/bench-doc/val.jsonl
+          --set tracking.output_dir=/tmp/adapters --set tracking.report_to=none)
+    $PY -m commands plan "${args[@]}" --json > "/tmp/long-$n-plan.json" || echo "plan at $n failed"
+    start=$(date +%s.%N)
+    $PY -m commands train "${args[@]}" --set training.max_steps="${STEPS:-20}" --set eval.logging_steps=1 \
+      --set eval.eval_steps=100000 --set eval.save_steps=100000 --run-name "long-$n" || echo "train at $n failed"
+    $PY bench/long_context.py --length "$n" --start "$start" --plan "/tmp/long-$n-plan.json" \
+      --run "/tmp/adapters/long-$n" --out "$OUT/long-$n.json"
     ;;
   plan)
     shift

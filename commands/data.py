@@ -39,24 +39,27 @@ def _sources(args, cfg):
 
 
 def stats(args, say: Say) -> int:
+    import numpy as np
+
     from common.data.prepare import length_stats
-    from common.data.sources import read_source
+    from common.data.store import stored_source
     from common.data.tokenize import fit_length
 
     cfg = config_or_default(args, say)
+    told = None if args.json else say  # with --json, stdout carries only the JSON
     tokenizer = tokenizer_for(cfg)
-    per_source, examples, conversations, blank = [], [], [], 0
-    for spec in _sources(args, cfg):
-        convs, report = read_source(spec, cfg.data)
-        encoded = [tokenizer.encode(c) for c in convs]
-        per_source.append({"source": report.label, "format": report.format, "count": len(convs),
-                           **_summary(convs, encoded)})
-        conversations += convs
-        examples += encoded
+    per_source, examples, turns, blank = [], [], 0, 0
+    for spec in _sources(args, cfg):  # tokenized once and cached: `qlora plan` and `train` then read the cache
+        records, report = stored_source(spec, cfg.data, "data.train_file", tokenizer, told)
+        store, index = records[0].store, np.fromiter((r.index for r in records), np.int64, len(records))
+        per_source.append({"source": report.label, "format": report.format, "count": len(records),
+                           **_summary(store, index)})
+        examples += [r.example() for r in records]
+        turns += int(store.turns[index].sum())
         blank += report.blank_lines
     out = length_stats([len(e) for e in examples], cfg.data.max_seq_length)
-    out.update(_summary(conversations, examples))
-    out["turns_mean"] = sum(len(c.messages) for c in conversations) / len(conversations)
+    out.update({name: sum(row[name] for row in per_source) for name in SUMMED})
+    out["turns_mean"] = turns / len(examples)
     outcomes = [fit_length(e, cfg.data.max_seq_length, cfg.data.overlong)[1] for e in examples]
     out["would_truncate"] = outcomes.count("truncated")
     out["would_drop"] = outcomes.count("dropped")
@@ -84,14 +87,16 @@ def stats(args, say: Say) -> int:
     return 0
 
 
-def _summary(conversations, examples) -> dict[str, int]:
-    return {
-        "tokens": sum(len(e) for e in examples),
-        "target_tokens": sum(e.n_targets for e in examples),
-        "with_system_prompt": sum(c.has_system_prompt for c in conversations),
-        "with_tools": sum(bool(c.tools) for c in conversations),
-        "tool_calls": sum(c.n_tool_calls for c in conversations),
-    }
+SUMMED = ("tokens", "target_tokens", "with_system_prompt", "with_tools", "tool_calls")
+
+
+def _summary(store, index) -> dict[str, int]:
+    from common.data.store import SYSTEM, TOOLS
+
+    flags = store.flags[index]
+    return dict(zip(SUMMED, (int(store.lengths[index].sum()), int(store.targets[index].sum()),
+                             int((flags & SYSTEM).astype(bool).sum()), int((flags & TOOLS).astype(bool).sum()),
+                             int(store.calls[index].sum()))))
 
 
 def _refuse_out(out: str, source: str) -> None:

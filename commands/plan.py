@@ -39,7 +39,7 @@ def run(args, say: Say) -> int:
     cfg = resolve(args, say, detect_platform=True)
     apply_data_options(args, cfg)
     split = per_gpu_batch(args.gpus, cfg, say)
-    data = prepare_data(cfg.data, tokenizer_for(cfg))
+    data = prepare_data(cfg.data, tokenizer_for(cfg), say)
     for source in data.report.sources:
         say.info(source.line())
     for warning in data.report.warnings:  # the validation split among them: which data scores the run

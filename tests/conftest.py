@@ -29,6 +29,7 @@ def session_tmpdir(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tmpdir"))
     before, cached = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = folder, None
+    os.environ["QLORA_CACHE_DIR"] = str(Path(folder) / "data-cache")  # prepared data, not in ~/.cache
     yield folder
     tempfile.tempdir = cached
     if before is None:

@@ -169,6 +169,11 @@ class DataConfig(Section):
     min_val_examples: int = Field(
         50, ge=1, description="Warn when the validation set is smaller than this."
     )
+    workers: int = Field(
+        0, ge=0, le=1024, description="Processes that tokenize a large JSONL file (over 8 MB); 0 = one a CPU core.")
+    cache_dir: str | None = Field(
+        None, description="Where prepared (tokenized) data is cached, keyed by each file's content and the "
+        "settings that shape its tokens; default $QLORA_CACHE_DIR, else ~/.cache/mistral-qlora/data.")
 
     @field_validator("columns")
     @classmethod

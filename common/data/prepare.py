@@ -13,8 +13,9 @@ import collections
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from common.config.schema import DataConfig, DataSource
@@ -29,7 +30,8 @@ from common.data.sources import (
     train_sources,
     val_sources,
 )
-from common.data.tokenize import ChatTokenizer, Example, tokenize_all
+from common.data.store import stored_source
+from common.data.tokenize import ChatTokenizer, Example, fit_all
 from common.errors import DataError
 
 
@@ -94,9 +96,10 @@ class PreparedData:
     report: DataReport
 
 
-def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conversation], DataReport]:
-    """Read and validate every configured source, split, mix; nothing is tokenized yet."""
-    loaded = read_sources(train_sources(cfg), cfg, "data.sources" if cfg.sources else "data.train_file")
+def load_conversations(cfg: DataConfig, read: Callable = read_source) -> tuple[list, list, DataReport]:
+    """Read and validate every configured source, split, mix. With `read=read_source` nothing is
+    tokenized yet (conversations); prepare_data reads tokenized, cached records (common/data/store.py)."""
+    loaded = read_sources(train_sources(cfg), cfg, "data.sources" if cfg.sources else "data.train_file", read=read)
     train = loaded.conversations
     report = DataReport(cfg.train_file if not cfg.sources else ", ".join(r.label for r in loaded.reports),
                         cfg.val_file, skipped_blank_lines=sum(r.blank_lines for r in loaded.reports),
@@ -105,9 +108,9 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
     if specs:
         for spec in specs:
             refuse_same_source(cfg, spec)
-        read = read_sources(specs, cfg, val_key(cfg), training=False)
-        val = read.conversations
-        report.sources += read.reports
+        held = read_sources(specs, cfg, val_key(cfg), training=False, read=read)
+        val = held.conversations
+        report.sources += held.reports
         overlap = overlap_warning(train, val)
         if overlap:
             report.warnings.append(overlap)
@@ -162,11 +165,12 @@ def overlap_warning(train: Sequence[Conversation], val: Sequence[Conversation]) 
             f"{shared[0].source}): eval_loss on them measures memorization. Remove them from one side.")
 
 
-def prepare_data(cfg: DataConfig, tokenizer: ChatTokenizer) -> PreparedData:
-    """Everything a backend needs: validated, split, tokenized, length-checked examples."""
-    train_c, val_c, report = load_conversations(cfg)
-    train, t_trunc, t_drop = tokenize_all(train_c, tokenizer, cfg)
-    val, v_trunc, v_drop = tokenize_all(val_c, tokenizer, cfg)
+def prepare_data(cfg: DataConfig, tokenizer: ChatTokenizer, say=None) -> PreparedData:
+    """Everything a backend needs: validated, split, tokenized, length-checked examples. Each source is
+    tokenized once and cached (common/data/store.py); `say` hears whether the cache served it."""
+    train_c, val_c, report = load_conversations(cfg, partial(stored_source, tokenizer=tokenizer, say=say))
+    train, t_trunc, t_drop = fit_all((r.example() for r in train_c), cfg)
+    val, v_trunc, v_drop = fit_all((r.example() for r in val_c), cfg)
     report.truncated, report.dropped = t_trunc + v_trunc, t_drop + v_drop
     report.n_train, report.n_val = len(train), len(val)
     if report.truncated or report.dropped:

@@ -5,11 +5,12 @@ row) so that every bad one can be named before any model loads."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,24 +150,28 @@ def parse_json(text: str) -> tuple[Any, str | None]:
 def _jsonl(raw: bytes) -> tuple[list[_Located], int]:
     records, blank = [], 0
     for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
+        record = jsonl_record(number, line)
+        if record is None:
             blank += 1
-            continue
-        if b"\x00" in line:
-            records.append(_Located(number, problem="holds NUL bytes: binary data, or text not saved as UTF-8"))
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            records.append(_Located(number, problem=f"not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8"))
-            continue
-        if len(text) > MAX_LINE_CHARS:
-            records.append(_Located(number, problem=f"line is {len(text):,} characters; split it "
-                                                    f"(limit {MAX_LINE_CHARS:,})"))
-            continue
-        value, problem = parse_json(text)
-        records.append(_Located(number, value, problem))
+        else:
+            records.append(record)
     return records, max(0, blank - 1 if raw.endswith(b"\n") else blank)
+
+
+def jsonl_record(number: int, line: bytes) -> _Located | None:
+    """One JSONL line, parsed; None for a blank line."""
+    if not line.strip():
+        return None
+    if b"\x00" in line:
+        return _Located(number, problem="holds NUL bytes: binary data, or text not saved as UTF-8")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _Located(number, problem=f"not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8")
+    if len(text) > MAX_LINE_CHARS:
+        return _Located(number, problem=f"line is {len(text):,} characters; split it (limit {MAX_LINE_CHARS:,})")
+    value, problem = parse_json(text)
+    return _Located(number, value, problem)
 
 
 def _json_array(path: Path, raw: bytes) -> list[_Located]:
@@ -295,35 +300,63 @@ def source_label(spec: DataSource) -> str:
 def read_source(spec: DataSource, cfg: DataConfig, key: str = "data.sources") -> tuple[list[Conversation], SourceReport]:
     """Read, detect the format of and validate one source: every bad record is reported at once."""
     label = source_label(spec)
-    if spec.path:
-        records, blank, unit = _read_file(Path(spec.path), key)
-    else:
-        records, blank, unit = _hub(spec.hub, spec.split, spec.config), 0, "row"
-    columns = {**cfg.columns, **spec.columns}
-    fmt = spec.format if spec.format != "auto" else cfg.format
-    if fmt == "auto":
-        fmt = next((f for r in records if r.value is not None for f in [detect(r.value, columns)] if f), "messages")
+    records, blank, unit = read_records(spec, key)
+    columns = source_columns(spec, cfg)
+    fmt = source_format(spec, cfg, (r.value for r in records), columns)
     conversations, issues = [], []
     for record in records:
-        problem = record.problem
-        if problem is None:
-            where = f"{label} {unit} {record.line}" if unit else f"{label}:{record.line}"
-            try:
-                conversations.append(normalize(record.value, fmt, columns, where))
-            except Problem as exc:
-                problem = str(exc)
+        conversation, problem = normalized(record, fmt, columns, label, unit)
         if problem:
             issues.append(DataIssue(label, record.line, problem, unit))
+        else:
+            conversations.append(conversation)
     if issues:
         raise DataError(format_issues(label, issues, fmt))
-    if not conversations:
-        raise DataError(f"{label}: {_EMPTY.get(unit or Path(label).suffix.lower(), _EMPTY['.jsonl'])}")
-    report = SourceReport(label, fmt, read=len(conversations), weight=spec.weight, blank_lines=blank)
-    conversations = [_tagged(c, label) for c in conversations]
-    if spec.max_examples and spec.max_examples < len(conversations):
-        conversations = _subset(conversations, spec.max_examples, cfg.split_seed)
-    report.used = len(conversations)
-    return conversations, report
+    return finish_source(conversations, SourceReport(label, fmt, weight=spec.weight, blank_lines=blank), spec, cfg,
+                         unit)
+
+
+def read_records(spec: DataSource, key: str) -> tuple[list[_Located], int, str]:
+    """(records, blank lines, unit) of a file or a Hub dataset."""
+    if spec.path:
+        return _read_file(Path(spec.path), key)
+    return _hub(spec.hub, spec.split, spec.config), 0, "row"
+
+
+def source_columns(spec: DataSource, cfg: DataConfig) -> dict[str, str]:
+    return {**cfg.columns, **spec.columns}
+
+
+def source_format(spec: DataSource, cfg: DataConfig, values: Iterable[Any], columns: Mapping[str, str]) -> str:
+    """The configured format, or the first record's that names one (messages when none does)."""
+    fmt = spec.format if spec.format != "auto" else cfg.format
+    if fmt != "auto":
+        return fmt
+    return next((f for v in values if v is not None for f in [detect(v, columns)] if f), "messages")
+
+
+def normalized(record: _Located, fmt: str, columns: Mapping[str, str], label: str,
+               unit: str) -> tuple[Conversation | None, str | None]:
+    """(the record as a Conversation tagged with its source, None) or (None, what is wrong)."""
+    if record.problem:
+        return None, record.problem
+    where = f"{label} {unit} {record.line}" if unit else f"{label}:{record.line}"
+    try:
+        return _tagged(normalize(record.value, fmt, columns, where), label), None
+    except Problem as exc:
+        return None, str(exc)
+
+
+def finish_source(items: list, report: SourceReport, spec: DataSource, cfg: DataConfig,
+                  unit: str = "") -> tuple[list, SourceReport]:
+    """Count what was read and apply the source's max_examples cap (conversations or stored records)."""
+    if not items:
+        raise DataError(f"{report.label}: {_EMPTY.get(unit or Path(report.label).suffix.lower(), _EMPTY['.jsonl'])}")
+    report.read = len(items)
+    if spec.max_examples and spec.max_examples < len(items):
+        items = _subset(items, spec.max_examples, cfg.split_seed)
+    report.used = len(items)
+    return items, report
 
 
 _EMPTY = {
@@ -334,21 +367,24 @@ _EMPTY = {
 }
 
 
-def _tagged(conversation: Conversation, origin: str) -> Conversation:
-    return Conversation(conversation.messages, conversation.source, conversation.tools, origin, conversation.format)
+def _tagged(item, origin: str):
+    """A conversation (or stored record) marked with the configured source it came from."""
+    return dataclasses.replace(item, origin=origin)
 
 
-def format_issues(label: str, issues: Sequence[DataIssue], fmt: str = "messages") -> str:
+def format_issues(label: str, issues: Sequence[DataIssue], fmt: str = "messages", total: int | None = None) -> str:
+    """The first MAX_REPORTED issues, then a count (`total`: how many there were, when only the first were kept)."""
     shown = "\n  ".join(str(issue) for issue in issues[:MAX_REPORTED])
-    more = len(issues) - MAX_REPORTED
+    total = len(issues) if total is None else total
+    more = total - min(len(issues), MAX_REPORTED)
     tail = f"\n  ... and {more} more bad line(s)" if more > 0 else ""
     others = ", ".join(f for f in FORMATS if f != fmt)
-    return (f"{label}: {len(issues)} bad line(s) (read as format {fmt}); nothing was loaded.\n  {shown}{tail}\n"
+    return (f"{label}: {total} bad line(s) (read as format {fmt}); nothing was loaded.\n  {shown}{tail}\n"
             f"Each record must be {EXPECTED[fmt]}. Other formats ({others}) are detected from the first "
             "record's keys, or chosen with data.format; data.columns maps other column names.")
 
 
-def _subset(conversations: list[Conversation], n: int, seed: int) -> list[Conversation]:
+def _subset(conversations: list, n: int, seed: int) -> list:
     """A seeded random subset, kept in file order (the same config always picks the same examples)."""
     keep = sorted(random.Random(seed).sample(range(len(conversations)), n))
     return [conversations[i] for i in keep]
@@ -377,11 +413,13 @@ class Loaded:
     reports: list[SourceReport] = field(default_factory=list)
 
 
-def read_sources(specs: Sequence[DataSource], cfg: DataConfig, key: str, training: bool = True) -> Loaded:
+def read_sources(specs: Sequence[DataSource], cfg: DataConfig, key: str, training: bool = True,
+                 read: Callable = read_source) -> Loaded:
+    """Every source through `read` (read_source: conversations; common/data/store.py: tokenized records)."""
     loaded = Loaded([])
     labels = [source_label(spec) for spec in specs]
     for index, spec in enumerate(specs):
-        conversations, report = read_source(spec, cfg, key)
+        conversations, report = read(spec, cfg, key)
         if labels.count(report.label) > 1:  # the same file or dataset twice: each keeps its own weight and cap
             report.label = f"{report.label} ({key}[{index}])"
             conversations = [_tagged(c, report.label) for c in conversations]

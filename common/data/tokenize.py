@@ -5,7 +5,6 @@ time so that the loss mask is exact. Both backends train on exactly the `Example
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from common.config.schema import DataConfig
@@ -17,10 +16,15 @@ from common.data.sources import (
 __all__ = ["Conversation", "DataIssue", "Message", "ToolCall"]  # the data layer's types, in one import
 
 
-@dataclass
 class Example:
-    input_ids: list[int]
-    loss_mask: list[int]  # 1 where the token is a training target (assistant text and its </s>)
+    """One training example: token ids and its loss mask (1 where the token is a training target:
+    assistant text and its </s>). Prepared data holds `StoredExample`s (common/data/store.py), views
+    into one token store that read as the same lists."""
+
+    __slots__ = ("input_ids", "loss_mask")
+
+    def __init__(self, input_ids: list[int], loss_mask: list[int]):
+        self.input_ids, self.loss_mask = input_ids, loss_mask
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -28,6 +32,16 @@ class Example:
     @property
     def n_targets(self) -> int:
         return sum(self.loss_mask)
+
+    def head(self, n: int) -> Example:
+        """The first n tokens."""
+        return Example(self.input_ids[:n], self.loss_mask[:n])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Example) and (self.input_ids, self.loss_mask) == (other.input_ids, other.loss_mask)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} tokens, {self.n_targets} targets)"
 
 
 def default_tokenizer_file() -> Path:
@@ -136,7 +150,7 @@ def fit_length(example: Example, max_len: int, policy: str) -> tuple[Example | N
         return example, "kept"
     if policy == "drop":
         return None, "dropped"
-    cut = Example(example.input_ids[:max_len], example.loss_mask[:max_len])
+    cut = example.head(max_len)
     # A cut that leaves no target tokens teaches nothing: drop it instead.
     return (cut, "truncated") if cut.n_targets else (None, "dropped")
 
@@ -144,14 +158,19 @@ def fit_length(example: Example, max_len: int, policy: str) -> tuple[Example | N
 def tokenize_all(
     conversations: Sequence[Conversation], tokenizer: ChatTokenizer, cfg: DataConfig
 ) -> tuple[list[Example], int, int]:
-    examples, truncated, dropped = [], 0, 0
-    for conversation in conversations:
-        example, outcome = fit_length(tokenizer.encode(conversation), cfg.max_seq_length, cfg.overlong)
+    return fit_all((tokenizer.encode(c) for c in conversations), cfg)
+
+
+def fit_all(examples: Iterable[Example], cfg: DataConfig) -> tuple[list[Example], int, int]:
+    """Apply data.overlong to each: (kept examples, how many were truncated, how many dropped)."""
+    kept, truncated, dropped = [], 0, 0
+    for example in examples:
+        example, outcome = fit_length(example, cfg.max_seq_length, cfg.overlong)
         truncated += outcome == "truncated"
         dropped += outcome == "dropped"
         if example is not None:
-            examples.append(example)
-    return examples, truncated, dropped
+            kept.append(example)
+    return kept, truncated, dropped
 
 
 def tokenizer_for(cfg) -> ChatTokenizer:

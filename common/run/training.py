@@ -164,7 +164,8 @@ def _train(request: TrainRequest, say: Say, budget: TimeBudget | None, run_folde
     show_checks(rows, say, problems_only=True)
     if blocked(rows):
         raise QLoraError(_preflight_refusal(rows))
-    data = prepare_data(cfg.data, tokenizer_for(cfg))
+    with distributed.main_first():  # rank 0 tokenizes and caches; the others read its cache
+        data = prepare_data(cfg.data, tokenizer_for(cfg), say)
     report = data.report
     for source in report.sources:
         say.info(source.line())

@@ -1,0 +1,51 @@
+"""One long-context point of `bash bench/run_h100.sh long N`: the plan made before the run against the
+run itself (peak memory, steady real tokens/s) and the time from the command's start to its first
+optimizer step (model loading, 4-bit quantization, data, kernel compilation, the first step itself).
+
+  python bench/long_context.py --length 32768 --start EPOCH --plan plan.json --run RUN_FOLDER --out long-32768.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+WARMUP = 5  # steps left out of the steady rate (kernel compilation, allocator growth)
+
+
+def collect(length: int, start: float, plan_file: Path, run: Path) -> dict:
+    plan = json.loads(plan_file.read_text()) if plan_file.is_file() and plan_file.stat().st_size else {}
+    predicted = next((f["value"] for f in plan.get("figures", []) if f["name"] == "peak memory"), None)
+    out: dict = {"max_seq_length": length, "plan_peak_gb": predicted, "plan": plan}
+    summary = run / "summary.json"
+    if not summary.is_file():
+        return {**out, "failed": "no summary.json (see the log)"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    steady = [r for r in steps if r["step"] > WARMUP and r.get("tokens_per_second")]
+    seconds = sum(r["interval_tokens"] / r["tokens_per_second"] for r in steady)
+    result = json.loads(summary.read_text())
+    return {**out, "summary": result, "peak_memory_gb": result["peak_memory_gb"],
+            "steady_tokens_per_second": sum(r["interval_tokens"] for r in steady) / seconds if seconds else None,
+            "steady_definition": f"real tokens over the logged steps after step {WARMUP}",
+            "seconds_to_first_step": steps[0]["time"] - start if steps else None,
+            "first_step_definition": "from the shell's start of `qlora train` to the first logged step (that step included)"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, required=True)
+    parser.add_argument("--start", type=float, required=True)
+    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    result = collect(args.length, args.start, args.plan, args.run)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("plan", "summary")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Prepared data at scale (common/data/store.py): the on-disk cache keyed by content and settings,
+the pool of tokenizing processes, and that both give exactly the examples of the plain path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SAMPLE, Recorder, chat, write_jsonl
+
+from common.config.schema import DataConfig
+from common.data import store
+from common.data.prepare import prepare_data, read_conversations
+from common.errors import DataError
+
+
+def config(tmp_path, train, **extra) -> DataConfig:
+    return DataConfig(train_file=str(train), val_file=None, cache_dir=str(tmp_path / "cache"), **extra)
+
+
+def prepared(cfg: DataConfig, tokenizer):
+    say = Recorder()
+    data = prepare_data(cfg, tokenizer, say)
+    return data, say.text()
+
+
+def folders(tmp_path) -> list:
+    return sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+
+
+def test_second_run_reads_the_cache_and_gives_the_same_examples(tmp_path, chat_tokenizer):
+    cfg = config(tmp_path, SAMPLE / "train.jsonl")
+    first, said = prepared(cfg, chat_tokenizer)
+    assert "tokenized in" in said and "from the cache" not in said
+    second, said = prepared(cfg, chat_tokenizer)
+    assert "from the cache (content and settings unchanged" in said and "tokenized in" not in said
+    assert [e.input_ids for e in second.train] == [e.input_ids for e in first.train]
+    assert [e.loss_mask for e in second.val] == [e.loss_mask for e in first.val]
+    assert len(folders(tmp_path)) == 1
+
+
+def test_cached_examples_equal_the_tokenizer_on_each_conversation(tmp_path, chat_tokenizer):
+    data, _ = prepared(config(tmp_path, SAMPLE / "train.jsonl", val_fraction=0.2), chat_tokenizer)
+    conversations, _ = read_conversations(SAMPLE / "train.jsonl")
+    expected = {tuple(chat_tokenizer.encode(c).input_ids) for c in conversations}
+    got = [tuple(e.input_ids) for e in (*data.train, *data.val)]
+    assert len(got) == len(conversations) and set(got) == expected
+
+
+def test_changed_data_is_tokenized_again(tmp_path, chat_tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(20)])
+    cfg = config(tmp_path, path)
+    before, _ = prepared(cfg, chat_tokenizer)
+    write_jsonl(path, [chat(f"question {i}", f"answer {i}" if i else "a new answer") for i in range(20)])
+    after, said = prepared(cfg, chat_tokenizer)
+    assert "tokenized in" in said and len(folders(tmp_path)) == 2
+    decoded = {chat_tokenizer.decode(e.input_ids) for e in (*after.train, *after.val)}
+    assert any("a new answer" in text for text in decoded)
+
+
+def test_changed_settings_miss_and_length_settings_reuse(tmp_path, chat_tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"q": f"question {i}", "a": f"answer {i} " * 20} for i in range(20)])
+    cfg = config(tmp_path, path, format="prompt_completion", columns={"prompt": "q", "completion": "a"})
+    prepared(cfg, chat_tokenizer)
+    # the columns shape the tokens: another mapping is another entry
+    swapped = config(tmp_path, path, format="prompt_completion", columns={"prompt": "a", "completion": "q"})
+    data, said = prepared(swapped, chat_tokenizer)
+    assert "tokenized in" in said and len(folders(tmp_path)) == 2
+    # max_seq_length and overlong apply to the cached tokens: no new entry, shorter examples
+    short, said = prepared(config(tmp_path, path, format="prompt_completion", max_seq_length=24,
+                                  columns={"prompt": "q", "completion": "a"}), chat_tokenizer)
+    assert "from the cache" in said and len(folders(tmp_path)) == 2
+    assert max(len(e) for e in short.train) == 24
+    assert "truncated" in " ".join(short.report.warnings)
+
+
+@pytest.mark.parametrize("damage", ["truncate tokens", "garbage info", "offsets changed"])
+def test_a_damaged_cache_is_rebuilt(tmp_path, chat_tokenizer, damage):
+    cfg = config(tmp_path, SAMPLE / "train.jsonl")
+    first = [e.input_ids for e in prepared(cfg, chat_tokenizer)[0].train]  # read before the damage
+    folder = tmp_path / "cache" / folders(tmp_path)[0]
+    if damage == "truncate tokens":
+        (folder / "ids.bin").write_bytes((folder / "ids.bin").read_bytes()[:-10])
+    elif damage == "garbage info":
+        (folder / "info.json").write_text("{not json")
+    else:
+        import numpy as np
+
+        offsets = np.load(folder / "offsets.npy")
+        offsets[5] += 1
+        np.save(folder / "offsets.npy", offsets)
+    again, said = prepared(cfg, chat_tokenizer)
+    assert "is damaged" in said and "rebuilding it" in said and "tokenized in" in said
+    assert [e.input_ids for e in again.train] == first
+    assert "from the cache" in prepared(cfg, chat_tokenizer)[1]
+
+
+@pytest.fixture
+def pieces(monkeypatch):
+    """Small pieces, and a pool even for a small file: the path a 1 GB file takes."""
+    monkeypatch.setattr(store, "CHUNK_BYTES", 2000)
+    monkeypatch.setattr(store, "SERIAL_BYTES", 0)
+
+
+@pytest.mark.slow
+def test_worker_pool_gives_the_serial_examples_and_lines(tmp_path, chat_tokenizer, pieces):
+    records = [chat(f"question {i}", f"answer {i} " * (i % 7 + 1)) for i in range(120)]
+    records.insert(40, "")  # blank lines keep later line numbers right
+    path = write_jsonl(tmp_path / "t.jsonl", records)
+    data, said = prepared(config(tmp_path, path, workers=2, val_fraction=0.25), chat_tokenizer)
+    assert "2 worker(s)" in said
+    serial, _ = read_conversations(path)
+    assert [e.input_ids for e in (*data.train, *data.val)] != []
+    assert sorted(tuple(e.input_ids) for e in (*data.train, *data.val)) == sorted(
+        tuple(chat_tokenizer.encode(c).input_ids) for c in serial)
+    assert data.report.skipped_blank_lines == 1
+    bad = records[:]
+    bad[100] = {"messages": [{"role": "user", "content": "no answer"}]}
+    bad[7] = "{not json"
+    write_jsonl(path, bad)
+    with pytest.raises(DataError) as refused:
+        prepare_data(config(tmp_path, path, workers=2), chat_tokenizer)
+    message = str(refused.value)
+    assert "2 bad line(s)" in message and f"{path}:8:" in message and f"{path}:101:" in message
+
+
+def test_bad_lines_past_the_first_twenty_are_counted(tmp_path, chat_tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", ["{oops"] * 30 + [json.dumps(chat("q", "a"))])
+    with pytest.raises(DataError, match=r"30 bad line\(s\)[\s\S]*and 10 more bad line"):
+        prepare_data(config(tmp_path, path), chat_tokenizer)
+    assert folders(tmp_path) == []  # nothing half-made is left in the cache
