@@ -20,6 +20,8 @@ from pathlib import Path
 from common.config.schema import DataConfig, DataSource
 from common.data.conversation import Conversation
 from common.data.sources import (
+    CONVERSATIONS,
+    RecordKind,
     SourceReport,
     apply_weights,
     read_source,
@@ -94,9 +96,10 @@ class PreparedData:
     report: DataReport
 
 
-def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conversation], DataReport]:
-    """Read and validate every configured source, split, mix; nothing is tokenized yet."""
-    loaded = read_sources(train_sources(cfg), cfg, "data.sources" if cfg.sources else "data.train_file")
+def load_conversations(cfg: DataConfig, kind: RecordKind = CONVERSATIONS) -> tuple[list, list, DataReport]:
+    """Read and validate every configured source, split, mix; nothing is tokenized yet. `kind`:
+    conversations, or preference pairs (common/data/preference.py), which split and mix the same way."""
+    loaded = read_sources(train_sources(cfg), cfg, "data.sources" if cfg.sources else "data.train_file", kind=kind)
     train = loaded.conversations
     report = DataReport(cfg.train_file if not cfg.sources else ", ".join(r.label for r in loaded.reports),
                         cfg.val_file, skipped_blank_lines=sum(r.blank_lines for r in loaded.reports),
@@ -105,7 +108,7 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
     if specs:
         for spec in specs:
             refuse_same_source(cfg, spec)
-        read = read_sources(specs, cfg, val_key(cfg), training=False)
+        read = read_sources(specs, cfg, val_key(cfg), training=False, kind=kind)
         val = read.conversations
         report.sources += read.reports
         overlap = overlap_warning(train, val)
@@ -117,14 +120,14 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
         train, val = split_train_val(train, cfg.val_fraction, cfg.split_seed)
         report.warnings.append(
             f"no validation file{f' at {cfg.val_file}' if cfg.val_file else ''}: holding out "
-            f"{len(val)} of {len(train) + len(val)} training conversations "
+            f"{len(val)} of {len(train) + len(val)} training {kind.noun} "
             f"({cfg.val_fraction:.0%}, seed {cfg.split_seed}) for validation; --val-data FILE (data.val_file) "
             "validates on a file of your own"
         )
     train = apply_weights(train, {r.label: r.weight for r in loaded.reports}, cfg.split_seed)
     if len(val) < cfg.min_val_examples:
         report.warnings.append(
-            f"the validation set has only {len(val)} conversation(s) (fewer than "
+            f"the validation set has only {len(val)} {kind.noun[:-1]}(s) (fewer than "
             f"data.min_val_examples={cfg.min_val_examples}): eval_loss will be noisy, and "
             "choosing the best checkpoint by it is unreliable"
         )

@@ -5,11 +5,12 @@ row) so that every bad one can be named before any model loads."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,23 @@ class DataIssue:
         return f"{where}: {self.message}"
 
 
+@dataclass(frozen=True)
+class RecordKind:
+    """What a source's records become: chat conversations (every training method's default) or, for
+    preference tuning, chosen/rejected pairs (common/data/preference.py). Reading, locating, capping and
+    mixing are the same for both; only format detection and normalization differ."""
+
+    noun: str  # what one record is called in messages: "conversations", "pairs"
+    formats: tuple[str, ...]
+    expected: Mapping[str, str]  # format -> what a record looks like
+    detect: Callable[[object, Mapping[str, str]], str | None]
+    normalize: Callable[[object, str, Mapping[str, str], str], Any]  # raises Problem
+    default: str  # the format when detection finds none
+
+
+CONVERSATIONS = RecordKind("conversations", FORMATS, EXPECTED, detect, normalize, "messages")
+
+
 @dataclass
 class SourceReport:
     label: str  # the file, or "hub:NAME[split]"
@@ -44,11 +62,12 @@ class SourceReport:
     used: int = 0  # after its max_examples cap
     weight: float = 1.0
     blank_lines: int = 0
+    noun: str = "conversations"
 
     def line(self) -> str:
         cap = f", {self.used} used (max_examples)" if self.used != self.read else ""
         weight = f", weight {self.weight:g}" if self.weight != 1 else ""
-        return f"{self.label}: {self.read} conversations, format {self.format}{cap}{weight}"
+        return f"{self.label}: {self.read} {self.noun}, format {self.format}{cap}{weight}"
 
 
 @dataclass
@@ -292,7 +311,8 @@ def source_label(spec: DataSource) -> str:
     return f"hub:{spec.hub}[{spec.config + ':' if spec.config else ''}{spec.split}]"
 
 
-def read_source(spec: DataSource, cfg: DataConfig, key: str = "data.sources") -> tuple[list[Conversation], SourceReport]:
+def read_source(spec: DataSource, cfg: DataConfig, key: str = "data.sources",
+                kind: RecordKind = CONVERSATIONS) -> tuple[list[Conversation], SourceReport]:
     """Read, detect the format of and validate one source: every bad record is reported at once."""
     label = source_label(spec)
     if spec.path:
@@ -302,23 +322,25 @@ def read_source(spec: DataSource, cfg: DataConfig, key: str = "data.sources") ->
     columns = {**cfg.columns, **spec.columns}
     fmt = spec.format if spec.format != "auto" else cfg.format
     if fmt == "auto":
-        fmt = next((f for r in records if r.value is not None for f in [detect(r.value, columns)] if f), "messages")
+        fmt = next((f for r in records if r.value is not None for f in [kind.detect(r.value, columns)] if f),
+                   kind.default)
     conversations, issues = [], []
     for record in records:
         problem = record.problem
         if problem is None:
             where = f"{label} {unit} {record.line}" if unit else f"{label}:{record.line}"
             try:
-                conversations.append(normalize(record.value, fmt, columns, where))
+                conversations.append(kind.normalize(record.value, fmt, columns, where))
             except Problem as exc:
                 problem = str(exc)
         if problem:
             issues.append(DataIssue(label, record.line, problem, unit))
     if issues:
-        raise DataError(format_issues(label, issues, fmt))
+        raise DataError(format_issues(label, issues, fmt, kind))
     if not conversations:
-        raise DataError(f"{label}: {_EMPTY.get(unit or Path(label).suffix.lower(), _EMPTY['.jsonl'])}")
-    report = SourceReport(label, fmt, read=len(conversations), weight=spec.weight, blank_lines=blank)
+        empty = _EMPTY.get(unit or Path(label).suffix.lower(), _EMPTY['.jsonl'])
+        raise DataError(f"{label}: no {kind.noun} {empty}")
+    report = SourceReport(label, fmt, read=len(conversations), weight=spec.weight, blank_lines=blank, noun=kind.noun)
     conversations = [_tagged(c, label) for c in conversations]
     if spec.max_examples and spec.max_examples < len(conversations):
         conversations = _subset(conversations, spec.max_examples, cfg.split_seed)
@@ -326,26 +348,28 @@ def read_source(spec: DataSource, cfg: DataConfig, key: str = "data.sources") ->
     return conversations, report
 
 
-_EMPTY = {
-    ".jsonl": "no conversations (the file is empty). Add one JSON object a line.",
-    ".json": "no conversations (the file is empty or holds an empty array). Give it a JSON array of records.",
-    ".csv": "no conversations (no rows below the header). Give it a header line and one record a row.",
-    "row": "no conversations (no rows). Point it at a file or dataset split that has records.",
+_EMPTY = {  # after "no conversations" / "no pairs"
+    ".jsonl": "(the file is empty). Add one JSON object a line.",
+    ".json": "(the file is empty or holds an empty array). Give it a JSON array of records.",
+    ".csv": "(no rows below the header). Give it a header line and one record a row.",
+    "row": "(no rows). Point it at a file or dataset split that has records.",
 }
 
 
-def _tagged(conversation: Conversation, origin: str) -> Conversation:
-    return Conversation(conversation.messages, conversation.source, conversation.tools, origin, conversation.format)
+def _tagged(record, origin: str):
+    return dataclasses.replace(record, origin=origin)
 
 
-def format_issues(label: str, issues: Sequence[DataIssue], fmt: str = "messages") -> str:
+def format_issues(label: str, issues: Sequence[DataIssue], fmt: str = "messages",
+                  kind: RecordKind = CONVERSATIONS) -> str:
     shown = "\n  ".join(str(issue) for issue in issues[:MAX_REPORTED])
     more = len(issues) - MAX_REPORTED
     tail = f"\n  ... and {more} more bad line(s)" if more > 0 else ""
-    others = ", ".join(f for f in FORMATS if f != fmt)
+    others = ", ".join(f for f in kind.formats if f != fmt)
+    formats = (f"Other formats ({others}) are detected from the first record's keys, or chosen with data.format; "
+               if others else "")
     return (f"{label}: {len(issues)} bad line(s) (read as format {fmt}); nothing was loaded.\n  {shown}{tail}\n"
-            f"Each record must be {EXPECTED[fmt]}. Other formats ({others}) are detected from the first "
-            "record's keys, or chosen with data.format; data.columns maps other column names.")
+            f"Each record must be {kind.expected[fmt]}. {formats}data.columns maps other column names.")
 
 
 def _subset(conversations: list[Conversation], n: int, seed: int) -> list[Conversation]:
@@ -377,11 +401,12 @@ class Loaded:
     reports: list[SourceReport] = field(default_factory=list)
 
 
-def read_sources(specs: Sequence[DataSource], cfg: DataConfig, key: str, training: bool = True) -> Loaded:
+def read_sources(specs: Sequence[DataSource], cfg: DataConfig, key: str, training: bool = True,
+                 kind: RecordKind = CONVERSATIONS) -> Loaded:
     loaded = Loaded([])
     labels = [source_label(spec) for spec in specs]
     for index, spec in enumerate(specs):
-        conversations, report = read_source(spec, cfg, key)
+        conversations, report = read_source(spec, cfg, key, kind)
         if labels.count(report.label) > 1:  # the same file or dataset twice: each keeps its own weight and cap
             report.label = f"{report.label} ({key}[{index}])"
             conversations = [_tagged(c, report.label) for c in conversations]

@@ -152,8 +152,7 @@ def show_results(summary, root, say: Say) -> None:
 
 def _train(request: TrainRequest, say: Say, budget: TimeBudget | None, run_folder, again: str):
     from backends import make_trainer
-    from common.data.prepare import prepare_data
-    from common.data.tokenize import tokenizer_for
+    from common.data.preference import training_data
     from common.model.tiny import ensure_demo_model
     from common.plan.preflight import blocked, run_checks, show_checks
 
@@ -164,7 +163,7 @@ def _train(request: TrainRequest, say: Say, budget: TimeBudget | None, run_folde
     show_checks(rows, say, problems_only=True)
     if blocked(rows):
         raise QLoraError(_preflight_refusal(rows))
-    data = prepare_data(cfg.data, tokenizer_for(cfg))
+    data = training_data(cfg)
     report = data.report
     for source in report.sources:
         say.info(source.line())
