@@ -18,6 +18,7 @@ from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
 from common.data.tokenize import Example
 from common.errors import PlatformError, QLoraError
+from common.plan.planner import packs
 from common.run import checkpoints as ckpt
 from common.run import distributed
 from common.run.folder import RunFolder
@@ -234,8 +235,7 @@ class CudaTrainer(Stopping):
         On several processes the same global batch is split over them (common/run/distributed.py)."""
         t = self.cfg.training
         micro, accumulation = t.batch_size, t.gradient_accumulation_steps
-        packed = t.packing and t.method == "sft"  # TRL's preference trainers pad (no packing)
-        if packed and self.attn == "sdpa" and self.device == "cuda" and t.batch_size > 1:
+        if packs(self.cfg) and self.attn == "sdpa" and self.device == "cuda" and t.batch_size > 1:
             self.say.warn(
                 f"packing with sdpa: micro-batch {t.batch_size} x accumulation "
                 f"{t.gradient_accumulation_steps} runs as 1 x {t.batch_size * t.gradient_accumulation_steps}"

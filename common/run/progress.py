@@ -22,7 +22,7 @@ from rich.text import Text
 
 from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
-from common.plan.planner import events_after, steps_per_epoch, tokens_per_step
+from common.plan.planner import events_after, packs, steps_per_epoch, tokens_per_step
 from common.run.time_budget import eval_steps_guess
 
 # preference tuning (dpo, orpo): share of pairs whose chosen answer out-scores the rejected one, and the mean margin
@@ -122,7 +122,7 @@ class TrainingDisplay:
         return [
             f"training: {total:,} optimizer steps ({total / self.per_epoch:.2f} epochs{start}), "
             f"~{self.real_per_step:,.0f} real tokens a step (micro-batch {t.batch_size} x accumulation "
-            f"{t.gradient_accumulation_steps}{', packed' if t.packing and self.cfg.backend == 'cuda' and t.method == 'sft' else ''})",
+            f"{t.gradient_accumulation_steps}{', packed' if packs(self.cfg) else ''})",
             f"evaluation every {e.eval_steps} steps on {self.val_examples} examples ({evals} to come); "
             f"checkpoint every {e.save_steps} steps ({saves} to come) in {self.checkpoints}, "
             f"the best {e.save_total_limit} by eval_loss kept",
