@@ -84,8 +84,11 @@ def normalize(record: object, fmt: str, columns: Mapping[str, str], source: str)
 
 
 def _side(col: _Columns, key: str) -> str | list[Message]:
-    """A side as text, or as messages (a list, or a list held as JSON text in a CSV cell)."""
-    value = col.require(key, HINT)
+    return _text_or_messages(col, key, col.require(key, HINT))
+
+
+def _text_or_messages(col: _Columns, key: str, value: object) -> str | list[Message]:
+    """A column as text, or as messages (a list, or a list held as JSON text in a CSV cell)."""
     if isinstance(value, str):
         try:
             parsed = json.loads(value) if value.lstrip()[:1] == "[" else None
@@ -116,13 +119,14 @@ def _split_shared(chosen: list[Message], rejected: list[Message]):
 
 
 def _prompt(col: _Columns, value: object) -> list[Message]:
+    value = _text_or_messages(col, "prompt", value)
     if isinstance(value, str):
         if not value.strip():
             raise Problem(f"{col.name('prompt')!r} is empty")
         system = col.get("system")
         return ([Message("system", system)] if isinstance(system, str) and system.strip() else []) + [
             Message("user", value)]
-    return [read_message(m, i) for i, m in enumerate(col.listed("prompt", value), start=1)]
+    return value
 
 
 def _as_turns(side: str | list[Message]) -> list[Message]:
