@@ -141,3 +141,24 @@ def test_the_config_refuses_a_method_and_data_that_disagree():
     with pytest.raises(ConfigError, match="preference.loss_type"):
         load_config(platform="cpu", overrides=["training.method=dpo", "preference.loss_type=kto"])
     assert load_config(platform="cpu", overrides=["training.method=orpo"]).preference.beta == 0.1
+
+
+def test_check_names_a_start_adapter_made_with_other_lora_settings(tmp_path):
+    import numpy as np
+
+    from common.adapters.conversion import Adapter, write_adapter
+
+    rng = np.random.default_rng(0)
+    a = {(layer, p): rng.normal(size=(8, 64)).astype(np.float32) for layer in (0, 1) for p in ("q_proj", "v_proj")}
+    b = {key: rng.normal(size=(64, 8)).astype(np.float32) for key in a}
+    (tmp_path / "sft").mkdir()
+    write_adapter(Adapter(8, 2.0, 0.05, ["q_proj", "v_proj"], a, b, "base"), tmp_path / "sft", "peft", 2)
+    common = ["check", "--platform", "cpu", "--set", "training.method=dpo", "--set",
+              f"data.train_file={SAMPLE / 'pairs_train.jsonl'}", "--set", f"data.val_file={SAMPLE / 'pairs_val.jsonl'}",
+              "--set", f"preference.from_adapter={tmp_path / 'sft'}"]
+    code, out = qlora(*common)
+    flat = " ".join(out.split())
+    assert code == 1 and "its LoRA settings differ from this run's: rank 8 (lora.r is 16)" in flat
+    assert "targets q_proj, v_proj" in flat
+    code, out = qlora(*common, "--set", "lora.r=8", "--set", "lora.alpha=16", "--set", "lora.target_modules=[q_proj, v_proj]")
+    assert f"starts from the PEFT adapter in {tmp_path / 'sft'} (rank 8, 2 layers)" in " ".join(out.split())
