@@ -113,6 +113,7 @@ def test_starting_from_an_sft_run_uses_its_adapter_as_the_reference(sft_run, tin
     start = trainer_for(tiny_model_dir, tmp_path, "from-sft", backend, f"preference.from_adapter={sft_run}")
     assert start.evaluate() == pytest.approx(math.log(2), abs=1e-4)  # policy == reference: every margin is 0
     start.save()
+    assert not (start.run.root / "ref").exists()  # TRL's frozen copy of the start adapter is not exported
     saved, sft = read_peft(start.run.root), read_peft(sft_run)
     for key, b in sft.b.items():
         np.testing.assert_allclose(saved.b[key], b, atol=1e-6)

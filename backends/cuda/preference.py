@@ -117,3 +117,8 @@ class CudaPreferenceTrainer(CudaTrainer):
             if p.reference == "base" and "ref" in trainer.model.peft_config:
                 trainer.model.delete_adapter("ref")  # TRL then disables the adapter for the reference pass
         return trainer
+
+    def save(self) -> None:
+        """The trained adapter only: PEFT would also write TRL's frozen "ref" copy (a `ref/` folder)."""
+        self.trainer.model.save_pretrained(str(self.run.root), selected_adapters=["default"])
+        self._name_base_model()
