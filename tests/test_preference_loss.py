@@ -20,6 +20,7 @@ pytest.importorskip("mlx_lm")
 
 from common.config.schema import DataConfig, PreferenceConfig  # noqa: E402
 from common.data.preference import prepare_pairs  # noqa: E402
+from common.model.mistral import PROJECTIONS  # noqa: E402
 
 RANK, ALPHA = 4, 8
 PEFT_KEY = re.compile(r"layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.default\.weight$")
@@ -46,12 +47,10 @@ def torch_trainer(tiny_model_dir, tmp_path, method: str, p: PreferenceConfig, pa
     tokenizer.pad_token = "<unk>"
     args = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to=[], beta=p.beta,
                      loss_type=[p.loss_type], max_length=512, per_device_train_batch_size=len(pairs))
-    trainer_class = preference_trainer_class()
-    trainer_class.method = method
-    trainer = trainer_class(model=model, args=args, train_dataset=to_pair_dataset(pairs), processing_class=tokenizer,
-                            peft_config=LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                   "gate_proj", "up_proj", "down_proj"]))
+    trainer = preference_trainer_class(method)(
+        model=model, args=args, train_dataset=to_pair_dataset(pairs), processing_class=tokenizer,
+        peft_config=LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
+                               target_modules=list(PROJECTIONS)))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in trainer.model.named_parameters():

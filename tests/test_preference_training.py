@@ -121,3 +121,16 @@ def test_starting_from_an_sft_run_uses_its_adapter_as_the_reference(sft_run, tin
     base = trainer_for(tiny_model_dir, tmp_path, "from-sft-base", backend, f"preference.from_adapter={sft_run}",
                        "preference.reference=base")
     assert abs(base.evaluate() - math.log(2)) > 1e-3  # the base as reference: the SFT adapter already moved
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_orpo_trains_and_logs_its_metrics(tiny_model_dir, tmp_path, backend):
+    trainer = trainer_for(tiny_model_dir, tmp_path, "orpo", backend, "training.method=orpo", "training.max_steps=4",
+                          "eval.eval_steps=4", "eval.save_steps=4", "eval.logging_steps=2", "training.learning_rate=2e-2")
+    summary = trainer.train()
+    records = trainer.run.read_metrics()
+    train = [r for r in records if "loss" in r]
+    assert summary.global_step == 4 and train[-1]["loss"] < train[0]["loss"]
+    assert all(math.isfinite(r["rewards/margins"]) for r in train)
+    assert any("eval_rewards/accuracies" in r for r in records)
+    assert (trainer.run.root / "adapter_model.safetensors").is_file()

@@ -29,14 +29,16 @@ def to_pair_dataset(pairs: list[PairExample]):
     })
 
 
-def preference_trainer_class():
+def preference_trainer_class(method: str):
     """DPOTrainer taking already tokenized pairs, with ORPO as a loss (one subclass, one place to adapt)."""
     import torch
     import torch.nn.functional as F
     from trl import DPOTrainer
 
+    chosen_method = method
+
     class PreferenceTrainer(DPOTrainer):
-        method = "dpo"
+        method = chosen_method
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # encoded, truncated and checked by common/data/preference.py
@@ -99,9 +101,7 @@ class CudaPreferenceTrainer(CudaTrainer):
             loss_type=[p.loss_type],
             disable_dropout=True,  # the policy and the reference are the same function at step 0
         )
-        trainer_class = preference_trainer_class()
-        trainer_class.method = cfg.training.method
-        trainer = trainer_class(
+        trainer = preference_trainer_class(cfg.training.method)(
             model=model,
             args=args,
             train_dataset=to_pair_dataset(self.data.train),
