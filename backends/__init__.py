@@ -12,11 +12,18 @@ from common.trainer import Trainer
 
 def make_trainer(cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
                  time_budget: TimeBudget | None = None) -> Trainer:
+    preference = cfg.training.method != "sft"  # dpo, orpo: backends/*/preference.py
     if cfg.backend == "cuda":
-        from backends.cuda.trainer import CudaTrainer
+        if preference:
+            from backends.cuda.preference import CudaPreferenceTrainer as CudaTrainer
+        else:
+            from backends.cuda.trainer import CudaTrainer
 
         return CudaTrainer(cfg, run, data, say, time_budget)
-    from backends.mlx.trainer import MlxTrainer
+    if preference:
+        from backends.mlx.preference import MlxPreferenceTrainer as MlxTrainer
+    else:
+        from backends.mlx.trainer import MlxTrainer
 
     return MlxTrainer(cfg, run, data, say, time_budget)
 

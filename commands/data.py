@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
         dest="data_command", required=True, metavar="ACTION"
     )
     p = data.add_parser("stats", parents=[config_options()],
-                        help="per source and format: counts, tool calls, token-length percentiles")
+                        help="per source and format: counts, tool calls, token-length percentiles (preference "
+                             "pairs with --set training.method=dpo)")
     p.add_argument("files", nargs="*", metavar="FILE", help="data files (default: the config's training sources)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=stats)
@@ -48,6 +49,8 @@ def stats(args, say: Say) -> int:
     cfg = config_or_default(args, say)
     told = None if args.json else say  # with --json, stdout carries only the JSON
     tokenizer = tokenizer_for(cfg)
+    if cfg.training.method != "sft":
+        return pair_stats(args, cfg, tokenizer, say)
     per_source, examples, turns, blank = [], [], 0, 0
     for spec in _sources(args, cfg):  # tokenized once and cached: `qlora plan` and `train` then read the cache
         records, report = stored_source(spec, cfg.data, "data.train_file", tokenizer, told)
@@ -97,6 +100,47 @@ def _summary(store, index) -> dict[str, int]:
     return dict(zip(SUMMED, (int(store.lengths[index].sum()), int(store.targets[index].sum()),
                              int((flags & SYSTEM).astype(bool).sum()), int((flags & TOOLS).astype(bool).sum()),
                              int(store.calls[index].sum()))))
+
+
+def pair_stats(args, cfg, tokenizer, say: Say) -> int:
+    """`data stats` of preference pairs (training.method dpo|orpo): row lengths (prompt + the longer
+    answer, what data.max_seq_length bounds), answer lengths, and what the overlong policy would do."""
+    from common.data.preference import PAIRS, encode_pair, fit_pair
+    from common.data.prepare import length_stats
+    from common.data.sources import read_source
+
+    per_source, encoded = [], []
+    for spec in _sources(args, cfg):
+        pairs, report = read_source(spec, cfg.data, kind=PAIRS)
+        mine = [encode_pair(p, tokenizer) for p in pairs]
+        per_source.append({"source": report.label, "count": len(pairs), **_pair_summary(mine)})
+        encoded += mine
+    out = length_stats([e.longest for e in encoded], cfg.data.max_seq_length)
+    out.update(_pair_summary(encoded))
+    outcomes = [fit_pair(e, cfg.data.max_seq_length, cfg.data.overlong)[1] for e in encoded]
+    out.update(would_truncate=outcomes.count("truncated"), would_drop=outcomes.count("dropped"),
+               prompt_too_long=outcomes.count("prompt"), sources=per_source)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for row in [*per_source, {"source": "all", **out}]:
+        say.info("{source}: {count} pairs, {tokens:,} tokens in both rows; prompt mean {prompt_mean:.0f}, "
+                 "chosen answer mean {chosen_mean:.0f}, rejected answer mean {rejected_mean:.0f} tokens".format(**row))
+    say.info("tokens per row (prompt + the longer answer): mean {mean:.0f}, min {min}, p50 {p50}, p90 {p90}, "
+             "p99 {p99}, max {max}".format(**out))
+    line = (f"{out['over_max_seq_length']} exceed data.max_seq_length={cfg.data.max_seq_length} "
+            f"(overlong={cfg.data.overlong}: {out['would_truncate']} truncated, {out['would_drop']} dropped, "
+            f"{out['prompt_too_long']} with a prompt that leaves no room, refused by training)")
+    say.warn(line) if out["over_max_seq_length"] else say.ok(line)
+    return 0
+
+
+def _pair_summary(encoded) -> dict[str, float]:
+    count = max(len(encoded), 1)
+    return {"tokens": sum(len(e) for e in encoded),
+            "prompt_mean": sum(len(e.prompt_ids) for e in encoded) / count,
+            "chosen_mean": sum(len(e.chosen_ids) for e in encoded) / count,
+            "rejected_mean": sum(len(e.rejected_ids) for e in encoded) / count}
 
 
 def _refuse_out(out: str, source: str) -> None:

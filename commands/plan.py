@@ -8,7 +8,7 @@ from pathlib import Path
 
 from commands.options import apply_data_options, config_options, data_options, resolve
 from common.console import Say
-from common.data.tokenize import tokenizer_for
+from common.data.preference import training_data
 from common.errors import UsageError
 from common.run.time_budget import parse_duration
 
@@ -26,7 +26,6 @@ def add_parser(sub) -> None:
 
 def run(args, say: Say) -> int:
     from backends import make_trainer
-    from common.data.prepare import prepare_data
     from common.model.mistral import cached_on_hub
     from common.plan import calibrate as cal
     from common.plan import machine as mach
@@ -39,7 +38,7 @@ def run(args, say: Say) -> int:
     cfg = resolve(args, say, detect_platform=True)
     apply_data_options(args, cfg)
     split = per_gpu_batch(args.gpus, cfg, say)
-    data = prepare_data(cfg.data, tokenizer_for(cfg), say)
+    data = training_data(cfg, say)
     for source in data.report.sources:
         say.info(source.line())
     for warning in data.report.warnings:  # the validation split among them: which data scores the run

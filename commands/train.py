@@ -17,10 +17,19 @@ def add_parser(sub) -> None:
     p.add_argument("--time-budget", metavar="DURATION",
                    help="stop with everything saved before this much time has passed, e.g. 3h30m")
     p.add_argument("--run-name", help="run folder name under tracking.output_dir")
+    p.add_argument("--from", dest="from_run", metavar="RUN",
+                   help="preference tuning (training.method dpo|orpo): start from this run's (or folder's) adapter, "
+                        "e.g. an SFT run; sets preference.from_adapter")
     p.add_argument("--gpus", metavar="N|all",
                    help="data-parallel on N GPUs of this machine (torchrun + DDP); the global batch stays the config's")
     add_verbose(p)
     p.set_defaults(handler=run)
+
+
+def from_override(args) -> list[str]:
+    """--from RUN as the config key it sets (so the printed command that resumes the run carries it)."""
+    run = getattr(args, "from_run", None)
+    return [f"preference.from_adapter={run}"] if run else []
 
 
 def add_verbose(p) -> None:
@@ -31,6 +40,7 @@ def add_verbose(p) -> None:
 
 def request_from(args, say: Say) -> TrainRequest:
     budget = parse_duration(args.time_budget) if args.time_budget is not None else None
+    args.overrides = [*args.overrides, *from_override(args)]
     cfg = resolve(args, say, detect_platform=True)
     apply_data_options(args, cfg)
     if args.run_name is not None:

@@ -93,11 +93,11 @@ def test_format_is_detected_per_file_and_can_be_forced(tmp_path):
 # ------------------------------------------------------------------ Hub datasets from the local cache
 
 
-def build_hub_cache(tmp_path, name: str) -> dict[str, str]:
+def build_hub_cache(tmp_path, name: str, records: list[dict] | None = None) -> dict[str, str]:
     """A Hub dataset as `datasets` caches it after one online load, built here from local files."""
     import datasets
 
-    data = write_jsonl(tmp_path / "hub.jsonl", [chat(f"q{i}", f"a{i}") for i in range(6)])
+    data = write_jsonl(tmp_path / "hub.jsonl", records or [chat(f"q{i}", f"a{i}") for i in range(6)])
     datasets.load_dataset("json", data_files={"train": str(data), "test": str(data)}, cache_dir=str(tmp_path / "build"))
     built = glob.glob(str(tmp_path / "build" / "json" / "*" / "*" / "*"))[0]
     owner, short = name.split("/")

@@ -18,6 +18,7 @@ from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
 from common.data.tokenize import Example
 from common.errors import PlatformError, QLoraError
+from common.plan.planner import packs
 from common.run import checkpoints as ckpt
 from common.run import distributed
 from common.run.folder import RunFolder
@@ -114,7 +115,16 @@ class CudaTrainer(Stopping):
             bias=lora.bias,
             task_type=lora.task_type,
         )
-        self.trainer = sft_trainer_class(cfg.cuda.async_metrics)(
+        self.trainer = self._hf_trainer(tokenizer, peft_config)
+        use_display(self.trainer, self.display, lambda: _peak_memory_gb(self.device))
+        self._keep_adapter_in_fp32()
+        self._guard_checkpoint_saves()
+        self._speedups()
+        self._guess_budget(sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad))
+
+    def _hf_trainer(self, tokenizer, peft_config):
+        """TRL's trainer for this method (SFT here; preference tuning in backends/cuda/preference.py)."""
+        return sft_trainer_class(self.cfg.cuda.async_metrics)(
             model=self.model,
             args=self._sft_config(),
             train_dataset=to_dataset(self.data.train),
@@ -123,11 +133,6 @@ class CudaTrainer(Stopping):
             peft_config=peft_config,
             callbacks=self._callbacks(),
         )
-        use_display(self.trainer, self.display, lambda: _peak_memory_gb(self.device))
-        self._keep_adapter_in_fp32()
-        self._guard_checkpoint_saves()
-        self._speedups()
-        self._guess_budget(sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad))
 
     def _callbacks(self) -> list:
         callbacks = [self._metrics_callback(), self._stop_callback(), *self._tracking_callbacks()]
@@ -230,7 +235,7 @@ class CudaTrainer(Stopping):
         On several processes the same global batch is split over them (common/run/distributed.py)."""
         t = self.cfg.training
         micro, accumulation = t.batch_size, t.gradient_accumulation_steps
-        if t.packing and self.attn == "sdpa" and self.device == "cuda" and t.batch_size > 1:
+        if packs(self.cfg) and self.attn == "sdpa" and self.device == "cuda" and t.batch_size > 1:
             self.say.warn(
                 f"packing with sdpa: micro-batch {t.batch_size} x accumulation "
                 f"{t.gradient_accumulation_steps} runs as 1 x {t.batch_size * t.gradient_accumulation_steps}"
@@ -245,10 +250,22 @@ class CudaTrainer(Stopping):
     def _sft_config(self):
         from trl import SFTConfig
 
+        t = self.cfg.training
+        return SFTConfig(
+            **self._trainer_arguments(),
+            max_length=self.cfg.data.max_seq_length,
+            packing=t.packing,
+            packing_strategy="bfd",
+            completion_only_loss=False,
+            logging_nan_inf_filter=not self.cfg.cuda.async_metrics,  # the filter reads the loss every micro-batch
+        )
+
+    def _trainer_arguments(self) -> dict:
+        """transformers TrainingArguments every method shares (TRL's SFTConfig and DPOConfig take them)."""
         cfg, t, e = self.cfg, self.cfg.training, self.cfg.eval
         micro, accumulation = self._micro_batching()
         on_cpu = self.device == "cpu"
-        return SFTConfig(
+        return dict(
             output_dir=str(self.run.checkpoints),
             run_name=self.run.root.name,
             num_train_epochs=t.epochs,
@@ -267,10 +284,6 @@ class CudaTrainer(Stopping):
             use_cpu=on_cpu,
             seed=t.seed,
             data_seed=t.seed,
-            max_length=cfg.data.max_seq_length,
-            packing=t.packing,
-            packing_strategy="bfd",
-            completion_only_loss=False,
             use_liger_kernel=liger_wanted(cfg.cuda.use_liger, self.device, self.say),
             liger_kernel_config=liger_kernel_config(cfg.cuda.liger_kernels),
             logging_steps=e.logging_steps,
@@ -283,7 +296,6 @@ class CudaTrainer(Stopping):
             metric_for_best_model=e.metric_for_best_model,
             greater_is_better=False,
             include_num_input_tokens_seen="non_padding",
-            logging_nan_inf_filter=not cfg.cuda.async_metrics,  # the filter reads the loss every micro-batch
             report_to=[],  # trackers come as explicit callbacks (_tracking_callbacks)
             # No worker processes: the examples are already token ids, and workers die on a
             # Ctrl-C or a process-group SIGTERM before the main process can save (seen on the H100)

@@ -59,7 +59,7 @@ def length_groups(examples: list[Example], token_budget: int) -> list[list[Examp
 
 
 def compiled_value_and_grad(model, value_and_grad):
-    """`value_and_grad(model, ids, mask)` compiled with `mx.compile` (as mlx-lm's trainer compiles
+    """`value_and_grad(model, ids, mask, ...)` compiled with `mx.compile` (as mlx-lm's trainer compiles
     its step): the model's weights and the random state (LoRA dropout) are the compiled function's
     inputs, so optimizer updates and per-micro-batch seeds reach it; one trace per input shape."""
     from functools import partial
@@ -69,7 +69,7 @@ def compiled_value_and_grad(model, value_and_grad):
     state = [model.state, mx.random.state]  # outputs too: anything the trace leaves on the model
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(ids, mask):
-        return value_and_grad(model, ids, mask)
+    def step(*arrays):
+        return value_and_grad(model, *arrays)
 
-    return lambda _model, ids, mask: step(ids, mask)
+    return lambda _model, *arrays: step(*arrays)

@@ -86,13 +86,14 @@ def run_card(root: Path, cfg: QLoraConfig, report: DataReport, train: list[Examp
         f"| batch | {t.batch_size} x {t.gradient_accumulation_steps} accumulation, packing {t.packing}, "
         f"sequence length {cfg.data.max_seq_length} |",
         f"| seed | {t.seed} |",
+        *_method_rows(cfg),
         "",
         "## Data",
         "",
         "| | training | validation |",
         "|---|---|---|",
         f"| file | `{report.train_file}` | `{report.val_file or f'held out from training ({cfg.data.val_fraction:.0%})'}` |",
-        f"| examples | {report.n_train} | {report.n_val} |",
+        f"| {'pairs (prompt, chosen, rejected)' if t.method != 'sft' else 'examples'} | {report.n_train} | {report.n_val} |",
         f"| tokens (target tokens) | {sum(map(len, train)):,} ({sum(e.n_targets for e in train):,}) "
         f"| {sum(map(len, val)):,} ({sum(e.n_targets for e in val):,}) |",
         f"| truncated / dropped (over {cfg.data.max_seq_length} tokens, both sets) | {report.truncated} / {report.dropped} | |",
@@ -131,6 +132,18 @@ def result_lines(summary: RunSummary, markdown: bool = False) -> list[str]:
             f"final train loss {_fmt(summary.train_loss)}, eval loss {_fmt(summary.final_eval_loss)}, best eval loss {best}",
             f"tokens trained {summary.real_tokens:,}; speed {rate}; wall time {_duration(summary.wall_seconds)}; "
             f"peak memory {summary.peak_memory_gb:.1f} GB"]
+
+
+def _method_rows(cfg: QLoraConfig) -> list[str]:
+    """Preference tuning's own settings (none for SFT)."""
+    t, p = cfg.training, cfg.preference
+    if t.method == "sft":
+        return []
+    loss = f"{p.loss_type} loss, " if t.method == "dpo" else ""
+    reference = ("" if t.method == "orpo" else
+                 f", reference: {'the starting adapter, frozen' if p.from_adapter and p.reference == 'start' else 'the base (adapter disabled)'}")
+    start = f"the adapter in `{p.from_adapter}`" if p.from_adapter else "a new adapter"
+    return [f"| method | {t.method.upper()}: {loss}beta {p.beta:g}{reference}; started from {start} |"]
 
 
 def usage(root: Path, base: str) -> str:

@@ -92,9 +92,9 @@ class LoraConfig(Section):
         return self
 
 
-DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference"]
 DATA_COLUMNS = ("messages", "tools", "conversations", "system", "instruction", "input", "output", "history",
-                "prompt", "completion")
+                "prompt", "completion", "chosen", "rejected")
 
 
 def _known_columns(columns: dict[str, str]) -> dict[str, str]:
@@ -147,7 +147,8 @@ class DataConfig(Section):
     )
     format: DataFormat = Field(
         "auto", description="Record format: auto detects it per file from the first record's keys "
-        "(messages, conversations, instruction+output, prompt+completion).")
+        "(messages, conversations, instruction+output, prompt+completion); preference (prompt, chosen, rejected) "
+        "is what training.method dpo and orpo read.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Column names that differ from ours, e.g. {output: response, "
         f"instruction: question}}; ours: {', '.join(DATA_COLUMNS)}.")
@@ -188,7 +189,14 @@ class DataConfig(Section):
         return sources
 
 
+Method = Literal["sft", "dpo", "orpo"]
+
+
 class TrainingConfig(Section):
+    method: Method = Field(
+        "sft", description="sft: supervised fine-tuning on conversations. dpo / orpo: preference tuning on "
+        "chosen/rejected pairs (the preference section; docs/preference.md), usually after an SFT run "
+        "(--from RUN).")
     epochs: float = Field(3, gt=0, le=10_000, description="Passes over the training set.")
     max_steps: int = Field(-1, ge=-1, le=100_000_000, description="Optimizer steps; -1 = use epochs (0 is refused).")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
@@ -216,6 +224,24 @@ class TrainingConfig(Section):
         if steps == 0:
             raise ValueError("0 would train nothing; use -1 (training.epochs decides) or a positive number of steps")
         return steps
+
+
+class PreferenceConfig(Section):
+    """Preference tuning (training.method dpo or orpo) on prompt / chosen / rejected pairs."""
+
+    beta: float = Field(
+        0.1, gt=0, le=10, description="dpo: how far the policy may move from the reference (the DPO paper's "
+        "beta; ipo's tau). orpo: the weight of the odds-ratio term next to the chosen answers' loss (lambda).")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="dpo's loss on the reward margin: sigmoid (the DPO paper), ipo (squared, "
+        "length-normalized) or hinge. Both backends compute the same function as TRL 1.16.")
+    reference: Literal["start", "base"] = Field(
+        "start", description="dpo's reference model, never a second copy of the base: start = the weights "
+        "training starts from (the base with the adapter disabled, or a frozen copy of the --from adapter); "
+        "base = the base with the adapter disabled even when starting from an adapter.")
+    from_adapter: str | None = Field(
+        None, description="Start from this adapter (a run folder or a PEFT adapter folder, e.g. an SFT run's; "
+        "`qlora train --from RUN` sets it) instead of a new one. Its LoRA settings must equal the lora section's.")
 
 
 class EvalConfig(Section):
@@ -372,7 +398,7 @@ UNUSED_BY_BACKEND: dict[str, tuple[str, ...]] = {
 # working directory when the user did (--config FILE, --set, --data), so a command finds the same files
 # from any folder. Lists of sources: each item's path.
 PATH_KEYS = ("model.name_or_path", "data.train_file", "data.val_file", "data.sources", "data.val_sources",
-             "tracking.output_dir", "mlx.model_cache_dir")
+             "tracking.output_dir", "mlx.model_cache_dir", "preference.from_adapter")
 # Keys that moved, for configs written before they did.
 MOVED_KEYS = {
     "quantization": "cuda.quantization",
@@ -388,6 +414,7 @@ class QLoraConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cuda: CudaConfig = Field(default_factory=CudaConfig)
@@ -417,9 +444,27 @@ class QLoraConfig(Section):
                 f"cuda.checkpointed_layers is {self.cuda.checkpointed_layers} but "
                 "training.gradient_checkpointing is false; turn checkpointing on or drop the setting"
             )
+        problem = self._preference_problem()
+        if problem:
+            raise ValueError(problem)
         if self.backend == "mlx" and self.platform == "h100":
             raise ValueError("backend mlx with platform h100: use platform m4 or cpu for MLX (or backend cuda)")
         return self
+
+    def _preference_problem(self) -> str | None:
+        method, formats = self.training.method, {self.data.format, *(s.format for s in self.data.sources)}
+        if method == "sft":
+            if "preference" in formats:
+                return ("data.format preference holds chosen/rejected pairs: set training.method dpo or orpo "
+                        "to train on them")
+            if self.preference.from_adapter:
+                return "preference.from_adapter (--from) is for training.method dpo or orpo"
+            return None
+        other = sorted(formats - {"auto", "preference"})
+        if other:
+            return (f"training.method {method} trains on preference pairs (prompt, chosen, rejected), but a data "
+                    f"format is {other[0]}: set data.format auto or preference")
+        return None
 
     def unused_keys(self) -> tuple[str, ...]:
         """Keys (or whole sections) the chosen backend never reads."""

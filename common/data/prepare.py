@@ -101,6 +101,7 @@ def load_conversations(cfg: DataConfig, read: Callable = read_source) -> tuple[l
     tokenized yet (conversations); prepare_data reads tokenized, cached records (common/data/store.py)."""
     loaded = read_sources(train_sources(cfg), cfg, "data.sources" if cfg.sources else "data.train_file", read=read)
     train = loaded.conversations
+    noun = loaded.reports[0].noun if loaded.reports else "conversations"  # or "pairs" (preference tuning)
     report = DataReport(cfg.train_file if not cfg.sources else ", ".join(r.label for r in loaded.reports),
                         cfg.val_file, skipped_blank_lines=sum(r.blank_lines for r in loaded.reports),
                         sources=list(loaded.reports))
@@ -120,14 +121,14 @@ def load_conversations(cfg: DataConfig, read: Callable = read_source) -> tuple[l
         train, val = split_train_val(train, cfg.val_fraction, cfg.split_seed)
         report.warnings.append(
             f"no validation file{f' at {cfg.val_file}' if cfg.val_file else ''}: holding out "
-            f"{len(val)} of {len(train) + len(val)} training conversations "
+            f"{len(val)} of {len(train) + len(val)} training {noun} "
             f"({cfg.val_fraction:.0%}, seed {cfg.split_seed}) for validation; --val-data FILE (data.val_file) "
             "validates on a file of your own"
         )
     train = apply_weights(train, {r.label: r.weight for r in loaded.reports}, cfg.split_seed)
     if len(val) < cfg.min_val_examples:
         report.warnings.append(
-            f"the validation set has only {len(val)} conversation(s) (fewer than "
+            f"the validation set has only {len(val)} {noun[:-1]}(s) (fewer than "
             f"data.min_val_examples={cfg.min_val_examples}): eval_loss will be noisy, and "
             "choosing the best checkpoint by it is unreliable"
         )

@@ -37,6 +37,23 @@ class DataIssue:
         return f"{where}: {self.message}"
 
 
+@dataclass(frozen=True)
+class RecordKind:
+    """What a source's records become: chat conversations (every training method's default) or, for
+    preference tuning, chosen/rejected pairs (common/data/preference.py). Reading, locating, capping and
+    mixing are the same for both; only format detection and normalization differ."""
+
+    noun: str  # what one record is called in messages: "conversations", "pairs"
+    formats: tuple[str, ...]
+    expected: Mapping[str, str]  # format -> what a record looks like
+    detect: Callable[[object, Mapping[str, str]], str | None]
+    normalize: Callable[[object, str, Mapping[str, str], str], Any]  # raises Problem
+    default: str  # the format when detection finds none
+
+
+CONVERSATIONS = RecordKind("conversations", FORMATS, EXPECTED, detect, normalize, "messages")
+
+
 @dataclass
 class SourceReport:
     label: str  # the file, or "hub:NAME[split]"
@@ -45,11 +62,12 @@ class SourceReport:
     used: int = 0  # after its max_examples cap
     weight: float = 1.0
     blank_lines: int = 0
+    noun: str = "conversations"
 
     def line(self) -> str:
         cap = f", {self.used} used (max_examples)" if self.used != self.read else ""
         weight = f", weight {self.weight:g}" if self.weight != 1 else ""
-        return f"{self.label}: {self.read} conversations, format {self.format}{cap}{weight}"
+        return f"{self.label}: {self.read} {self.noun}, format {self.format}{cap}{weight}"
 
 
 @dataclass
@@ -297,23 +315,24 @@ def source_label(spec: DataSource) -> str:
     return f"hub:{spec.hub}[{spec.config + ':' if spec.config else ''}{spec.split}]"
 
 
-def read_source(spec: DataSource, cfg: DataConfig, key: str = "data.sources") -> tuple[list[Conversation], SourceReport]:
+def read_source(spec: DataSource, cfg: DataConfig, key: str = "data.sources",
+                kind: RecordKind = CONVERSATIONS) -> tuple[list[Conversation], SourceReport]:
     """Read, detect the format of and validate one source: every bad record is reported at once."""
     label = source_label(spec)
     records, blank, unit = read_records(spec, key)
     columns = source_columns(spec, cfg)
-    fmt = source_format(spec, cfg, (r.value for r in records), columns)
+    fmt = source_format(spec, cfg, (r.value for r in records), columns, kind)
     conversations, issues = [], []
     for record in records:
-        conversation, problem = normalized(record, fmt, columns, label, unit)
+        conversation, problem = normalized(record, fmt, columns, label, unit, kind)
         if problem:
             issues.append(DataIssue(label, record.line, problem, unit))
         else:
             conversations.append(conversation)
     if issues:
-        raise DataError(format_issues(label, issues, fmt))
-    return finish_source(conversations, SourceReport(label, fmt, weight=spec.weight, blank_lines=blank), spec, cfg,
-                         unit)
+        raise DataError(format_issues(label, issues, fmt, kind=kind))
+    report = SourceReport(label, fmt, weight=spec.weight, blank_lines=blank, noun=kind.noun)
+    return finish_source(conversations, report, spec, cfg, unit)
 
 
 def read_records(spec: DataSource, key: str) -> tuple[list[_Located], int, str]:
@@ -327,22 +346,23 @@ def source_columns(spec: DataSource, cfg: DataConfig) -> dict[str, str]:
     return {**cfg.columns, **spec.columns}
 
 
-def source_format(spec: DataSource, cfg: DataConfig, values: Iterable[Any], columns: Mapping[str, str]) -> str:
-    """The configured format, or the first record's that names one (messages when none does)."""
+def source_format(spec: DataSource, cfg: DataConfig, values: Iterable[Any], columns: Mapping[str, str],
+                  kind: RecordKind = CONVERSATIONS) -> str:
+    """The configured format, or the first record's that names one (the kind's default when none does)."""
     fmt = spec.format if spec.format != "auto" else cfg.format
     if fmt != "auto":
         return fmt
-    return next((f for v in values if v is not None for f in [detect(v, columns)] if f), "messages")
+    return next((f for v in values if v is not None for f in [kind.detect(v, columns)] if f), kind.default)
 
 
 def normalized(record: _Located, fmt: str, columns: Mapping[str, str], label: str,
-               unit: str) -> tuple[Conversation | None, str | None]:
+               unit: str, kind: RecordKind = CONVERSATIONS) -> tuple[Conversation | None, str | None]:
     """(the record as a Conversation tagged with its source, None) or (None, what is wrong)."""
     if record.problem:
         return None, record.problem
     where = f"{label} {unit} {record.line}" if unit else f"{label}:{record.line}"
     try:
-        return _tagged(normalize(record.value, fmt, columns, where), label), None
+        return _tagged(kind.normalize(record.value, fmt, columns, where), label), None
     except Problem as exc:
         return None, str(exc)
 
@@ -351,7 +371,8 @@ def finish_source(items: list, report: SourceReport, spec: DataSource, cfg: Data
                   unit: str = "") -> tuple[list, SourceReport]:
     """Count what was read and apply the source's max_examples cap (conversations or stored records)."""
     if not items:
-        raise DataError(f"{report.label}: {_EMPTY.get(unit or Path(report.label).suffix.lower(), _EMPTY['.jsonl'])}")
+        empty = _EMPTY.get(unit or Path(report.label).suffix.lower(), _EMPTY[".jsonl"])
+        raise DataError(f"{report.label}: no {report.noun} {empty}")
     report.read = len(items)
     if spec.max_examples and spec.max_examples < len(items):
         items = _subset(items, spec.max_examples, cfg.split_seed)
@@ -359,11 +380,11 @@ def finish_source(items: list, report: SourceReport, spec: DataSource, cfg: Data
     return items, report
 
 
-_EMPTY = {
-    ".jsonl": "no conversations (the file is empty). Add one JSON object a line.",
-    ".json": "no conversations (the file is empty or holds an empty array). Give it a JSON array of records.",
-    ".csv": "no conversations (no rows below the header). Give it a header line and one record a row.",
-    "row": "no conversations (no rows). Point it at a file or dataset split that has records.",
+_EMPTY = {  # after "no conversations" / "no pairs"
+    ".jsonl": "(the file is empty). Add one JSON object a line.",
+    ".json": "(the file is empty or holds an empty array). Give it a JSON array of records.",
+    ".csv": "(no rows below the header). Give it a header line and one record a row.",
+    "row": "(no rows). Point it at a file or dataset split that has records.",
 }
 
 
@@ -372,16 +393,18 @@ def _tagged(item, origin: str):
     return dataclasses.replace(item, origin=origin)
 
 
-def format_issues(label: str, issues: Sequence[DataIssue], fmt: str = "messages", total: int | None = None) -> str:
+def format_issues(label: str, issues: Sequence[DataIssue], fmt: str = "messages", total: int | None = None,
+                  kind: RecordKind = CONVERSATIONS) -> str:
     """The first MAX_REPORTED issues, then a count (`total`: how many there were, when only the first were kept)."""
     shown = "\n  ".join(str(issue) for issue in issues[:MAX_REPORTED])
     total = len(issues) if total is None else total
     more = total - min(len(issues), MAX_REPORTED)
     tail = f"\n  ... and {more} more bad line(s)" if more > 0 else ""
-    others = ", ".join(f for f in FORMATS if f != fmt)
+    others = ", ".join(f for f in kind.formats if f != fmt)
+    formats = (f"Other formats ({others}) are detected from the first record's keys, or chosen with data.format; "
+               if others else "")
     return (f"{label}: {total} bad line(s) (read as format {fmt}); nothing was loaded.\n  {shown}{tail}\n"
-            f"Each record must be {EXPECTED[fmt]}. Other formats ({others}) are detected from the first "
-            "record's keys, or chosen with data.format; data.columns maps other column names.")
+            f"Each record must be {kind.expected[fmt]}. {formats}data.columns maps other column names.")
 
 
 def _subset(conversations: list, n: int, seed: int) -> list:

@@ -109,12 +109,17 @@ def recompute_everything(cfg: QLoraConfig) -> str:
     return "--set cuda.checkpointed_layers=all"
 
 
+def packs(cfg: QLoraConfig) -> bool:
+    """Whether rows are packed: CUDA SFT with training.packing (TRL's preference trainers pad pairs)."""
+    return cfg.training.packing and cfg.backend == "cuda" and cfg.training.method == "sft"
+
+
 def row_tokens(cfg: QLoraConfig, lengths: list[int]) -> int:
     """The longest micro-batch row this data makes: packed rows fill up to max_seq_length when there
     are enough tokens; padded rows are as long as the longest example, not max_seq_length."""
     if not lengths:
         return cfg.data.max_seq_length
-    longest = sum(lengths) if cfg.training.packing and cfg.backend == "cuda" else max(lengths)
+    longest = sum(lengths) if packs(cfg) else max(lengths)
     return min(cfg.data.max_seq_length, longest)
 
 
@@ -173,7 +178,7 @@ def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
     if base is None or cfg.backend != "cuda" or cfg.platform != "h100":
         return base
     t, kernels = cfg.training, liger_kernels(cfg)
-    if ((checkpointed(cfg), t.batch_size, row or cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora,
+    if t.method == "sft" and ((checkpointed(cfg), t.batch_size, row or cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora,
          cfg.cuda.async_metrics, cfg.cuda.optimizer, replaying_layers(cfg))
             == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER, ANCHOR_REPLAYING)):
         return base  # the measured configuration itself
@@ -186,6 +191,8 @@ def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
     if not cfg.cuda.async_metrics:
         speed /= ASYNC_METRICS_SPEED
     speed *= OPTIMIZER_SPEED.get(cfg.cuda.optimizer, 1.0) / OPTIMIZER_SPEED[ANCHOR_OPTIMIZER]
+    if t.method == "dpo":  # plus the reference's forward pass (no gradients) over every pair: one pass more
+        speed *= (2 + checkpointed(cfg) / DECODER_LAYERS) / (3 + checkpointed(cfg) / DECODER_LAYERS)
     return Rates(speed, cuda_peak_gb(cfg, row), base.eval_tokens_per_second, base.save_seconds, base.startup_seconds,
                  base.source + "; memory and speed adjusted to this config (ESTIMATE from measured points)",
                  base.measured)
@@ -258,7 +265,7 @@ def steps_per_epoch(cfg: QLoraConfig, lengths: list[int]) -> tuple[int, int]:
     t = cfg.training
     per_step = t.batch_size * t.gradient_accumulation_steps
     real = sum(lengths)
-    if t.packing and cfg.backend == "cuda":
+    if packs(cfg):
         rows = math.ceil(real / (cfg.data.max_seq_length * PACKING_FILL))
         return max(1, math.ceil(rows / per_step)), real
     micro_batches = math.ceil(len(lengths) / t.batch_size)
@@ -308,10 +315,10 @@ def make_plan(
         Figure("training examples", len(train_lengths), "", "data layer (after the length policy)"),
         Figure("real tokens per epoch", real_per_epoch, "tokens", "data layer"),
         Figure("padding", 100 * padding, "% of processed tokens",
-               "packing estimate (BFD fill 98%)" if t.packing and cfg.backend == "cuda" else "simulated padded batches"),
+               "packing estimate (BFD fill 98%)" if packs(cfg) else "simulated padded batches"),
         Figure("longest row", row_tokens(cfg, train_lengths),
                f"tokens (data.max_seq_length {cfg.data.max_seq_length}; memory is sized for it on CUDA)",
-               "data layer" + (" + packing" if t.packing and cfg.backend == "cuda" else "")),
+               "data layer" + (" + packing" if packs(cfg) else "")),
         Figure("optimizer steps", steps, f"({per_epoch} per epoch, {epochs:.2f} epochs)", "config + data"),
         Figure("peak memory", rates.peak_gb, "GB", memory_source),
         Figure("one evaluation", eval_s, f"s ({len(val_lengths)} examples, {evals} evaluations)", src),

@@ -193,14 +193,15 @@ def check_kernels(cfg, env) -> list[Check]:
 
 def check_data(cfg, env) -> list[Check]:
     """Every record of every source, one row per file naming the format detected."""
+    from common.data.preference import record_kind
     from common.data.prepare import overlap_warning, refuse_same_source
     from common.data.sources import read_source, train_sources, val_sources
 
-    rows, train = [], []
+    rows, train, kind = [], [], record_kind(cfg)
     for index, spec in enumerate(train_sources(cfg.data)):
         key = f"data.sources[{index}]" if cfg.data.sources else "data.train_file"
         try:
-            conversations, report = read_source(spec, cfg.data, key)
+            conversations, report = read_source(spec, cfg.data, key, kind)
         except QLoraError as exc:
             rows.append(_blocked_by(key, exc))
             continue
@@ -214,13 +215,27 @@ def check_data(cfg, env) -> list[Check]:
         key = f"data.val_sources[{index}]" if cfg.data.val_sources else "data.val_file"
         try:
             refuse_same_source(cfg.data, spec)
-            conversations, report = read_source(spec, cfg.data, key)
+            conversations, report = read_source(spec, cfg.data, key, kind)
         except QLoraError as exc:
             rows.append(_blocked_by(key, exc))
             continue
         overlap = overlap_warning(train, conversations)
         rows.append(Check(key, WARN, overlap) if overlap else Check(key, OK, f"{report.line()}, all valid"))
     return rows
+
+
+def check_start_adapter(cfg, env) -> list[Check]:
+    """preference.from_adapter (--from RUN): there, readable, and made with this run's LoRA settings."""
+    from common.adapters.start import start_adapter
+
+    if not cfg.preference.from_adapter:
+        return []
+    try:
+        start = start_adapter(cfg)
+    except QLoraError as exc:
+        return [_blocked_by("preference.from_adapter", exc)]
+    return [Check("preference.from_adapter", OK, f"starts from the {start.ref.fmt.upper()} adapter in "
+                  f"{start.ref.folder} (rank {start.adapter.rank}, {len(start.adapter.layers)} layers)")]
 
 
 def _blocked_by(key: str, exc: QLoraError) -> Check:
@@ -342,7 +357,8 @@ def check_memory(cfg, env) -> list[Check]:
                   "" if status == OK else f"{fix}; `qlora plan` shows the effect")]
 
 
-CHECKS = [check_python, check_packages, check_accelerator, check_attention, check_kernels, check_data, check_model,
+CHECKS = [check_python, check_packages, check_accelerator, check_attention, check_kernels, check_data, check_start_adapter,
+          check_model,
           check_run_folder, check_disk, check_tracking, check_memory]
 
 

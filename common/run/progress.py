@@ -22,9 +22,11 @@ from rich.text import Text
 
 from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
-from common.plan.planner import events_after, steps_per_epoch, tokens_per_step
+from common.plan.planner import events_after, packs, steps_per_epoch, tokens_per_step
 from common.run.time_budget import eval_steps_guess
 
+# preference tuning (dpo, orpo): share of pairs whose chosen answer out-scores the rejected one, and the mean margin
+PREFERENCE_FIELDS = ("rewards/accuracies", "rewards/margins")
 STEP_WINDOW = 50  # recent steps whose median paces the time left (the first, compiling ones age out)
 
 
@@ -87,7 +89,7 @@ class TrainingDisplay:
         evaluations and saves of its interval (one after an evaluation would read far too low)."""
         if "loss" not in record:
             return
-        self.fields.update({k: record[k] for k in ("loss", "learning_rate") if k in record})
+        self.fields.update({k: record[k] for k in ("loss", "learning_rate", *PREFERENCE_FIELDS) if k in record})
         if record.get("interval_tokens") and self.since_log > 0:
             self.fields["tokens_per_second"] = record["interval_tokens"] / self.since_log
         self.since_log = 0.0
@@ -120,7 +122,7 @@ class TrainingDisplay:
         return [
             f"training: {total:,} optimizer steps ({total / self.per_epoch:.2f} epochs{start}), "
             f"~{self.real_per_step:,.0f} real tokens a step (micro-batch {t.batch_size} x accumulation "
-            f"{t.gradient_accumulation_steps}{', packed' if t.packing and self.cfg.backend == 'cuda' else ''})",
+            f"{t.gradient_accumulation_steps}{', packed' if packs(self.cfg) else ''})",
             f"evaluation every {e.eval_steps} steps on {self.val_examples} examples ({evals} to come); "
             f"checkpoint every {e.save_steps} steps ({saves} to come) in {self.checkpoints}, "
             f"the best {e.save_total_limit} by eval_loss kept",
@@ -131,6 +133,10 @@ class TrainingDisplay:
         f, parts = self.fields, []
         if "loss" in f:
             parts.append(f"loss {f['loss']:.4f}")
+        if "rewards/accuracies" in f:
+            parts.append(f"pairs right {f['rewards/accuracies']:.0%}")
+        if "rewards/margins" in f:
+            parts.append(f"margin {f['rewards/margins']:.3f}")
         if "eval_loss" in f:
             parts.append(f"eval {f['eval_loss']:.4f}")
         if "learning_rate" in f:

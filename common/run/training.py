@@ -152,8 +152,7 @@ def show_results(summary, root, say: Say) -> None:
 
 def _train(request: TrainRequest, say: Say, budget: TimeBudget | None, run_folder, again: str):
     from backends import make_trainer
-    from common.data.prepare import prepare_data
-    from common.data.tokenize import tokenizer_for
+    from common.data.preference import training_data
     from common.model.tiny import ensure_demo_model
     from common.plan.preflight import blocked, run_checks, show_checks
 
@@ -165,7 +164,7 @@ def _train(request: TrainRequest, say: Say, budget: TimeBudget | None, run_folde
     if blocked(rows):
         raise QLoraError(_preflight_refusal(rows))
     with distributed.main_first():  # rank 0 tokenizes and caches; the others read its cache
-        data = prepare_data(cfg.data, tokenizer_for(cfg), say)
+        data = training_data(cfg, say)
     report = data.report
     for source in report.sources:
         say.info(source.line())
