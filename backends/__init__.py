@@ -7,7 +7,7 @@ from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
 from common.run.folder import RunFolder
 from common.run.time_budget import TimeBudget
-from common.trainer import Trainer
+from common.trainer import Inference, Trainer
 
 
 def make_trainer(cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
@@ -28,7 +28,7 @@ def make_trainer(cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
     return MlxTrainer(cfg, run, data, say, time_budget)
 
 
-def make_inference(backend: str, ref, base: str, dtype: str, say):
+def make_inference(backend: str, ref, base: str, dtype: str, say) -> Inference:
     """The model behind `qlora generate` and `qlora chat`: base + adapter, loaded by `backend`."""
     if backend == "cuda":
         from backends.cuda.inference import CudaInference

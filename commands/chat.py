@@ -9,7 +9,7 @@ import sys
 
 from commands.generate import answer, inference_options, load, stdin
 from commands.options import library_log
-from common.after_training.prompting import ChatSession, TextStream
+from common.after_training.prompting import ChatSession, TextStream, read_tools
 from common.console import Say
 from common.errors import Terminated, UsageError
 
@@ -24,11 +24,12 @@ def add_parser(sub) -> None:
 
 def run(args, say: Say) -> int:
     note = Say(sys.stderr)
+    tools = read_tools(args.tools)
     lines = stdin("chat")
     streams = (sys.stdout, sys.stderr)  # the conversation's; library output goes to the log meanwhile
     with library_log(args, "chat", note):
         model, tokenizer = load(args, note)
-        converse(model, tokenizer, ChatSession(tokenizer, args.system), args, note, (lines, *streams))
+        converse(model, tokenizer, ChatSession(tokenizer, args.system, tools), args, note, (lines, *streams))
     return 0
 
 
@@ -82,5 +83,7 @@ def reply(model, tokenizer, session: ChatSession, text: str, args, streams) -> s
         raise
     except KeyboardInterrupt:
         result = None
+    if result is not None and result.tool_calls is not None:  # the call as `generate --tools` prints it
+        write("\n" + result.shown())
     write("\n")
     return result.text if result else None

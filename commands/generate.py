@@ -28,6 +28,7 @@ def inference_options() -> argparse.ArgumentParser:
     parent.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     parent.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default, reproducible)")
     parent.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    parent.add_argument("--tools", metavar="FILE", help="JSON file with an OpenAI-style tools list")
     add_verbose(parent)
     return parent
 
@@ -35,7 +36,6 @@ def inference_options() -> argparse.ArgumentParser:
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", parents=[inference_options()], help="answer one prompt with a trained adapter")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the user message ('-' reads stdin)")
-    p.add_argument("--tools", metavar="FILE", help="JSON file with an OpenAI-style tools list")
     p.add_argument("--compare", action="store_true", help="also print the base model's answer (adapter off)")
     p.set_defaults(handler=run)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, make_adapter
 
 from commands import main
 from common.adapters.conversion import write_adapter
@@ -112,6 +112,34 @@ def test_a_run_folder_gives_each_backend_its_own_format(tmp_path, light_adapter)
     converted = ref.as_format("mlx")
     assert converted != light_adapter and (converted / "adapters.safetensors").is_file()
     assert ref.run_root is None and find_adapter(run).run_root == run
+
+
+def test_chat_takes_a_tools_file_as_generate_does(tmp_path, capsys, light_adapter):
+    bad = tmp_path / "tools.json"
+    bad.write_text('{"tools": [1, 2]}')
+    for command in ("generate", "chat"):
+        extra = ["--prompt", "x"] if command == "generate" else []
+        code, out, err = run_cli(capsys, command, light_adapter, *extra, "--tools", bad)
+        assert code == UsageError.exit_code and "--tools" in err and out == "", (command, err)
+
+
+@pytest.mark.slow
+def test_generate_on_cuda_loads_the_base_as_the_run_trained_it(tiny_model_dir, tmp_path):
+    """The run's own cuda.quantization (here FP4 without double quantization, float32 compute), not a
+    fixed NF4 + double quantization; an adapter without a run gets the schema's defaults."""
+    pytest.importorskip("bitsandbytes")
+    from backends.cuda.inference import load_base
+    from common.after_training.lookup import trained_quantization
+
+    run = make_adapter(tiny_model_dir, tmp_path / "run")
+    (run / "config.yaml").write_text("backend: cuda\ncuda:\n  quantization:\n    quant_type: fp4\n"
+                                     "    double_quant: false\n    compute_dtype: float32\n")
+    quantization = trained_quantization(find_adapter(run))
+    loaded = load_base(str(tiny_model_dir), "4bit", "cpu", quantization).config.quantization_config
+    assert (loaded.bnb_4bit_quant_type, loaded.bnb_4bit_use_double_quant) == ("fp4", False)
+    assert str(loaded.bnb_4bit_compute_dtype).endswith("float32")
+    default = trained_quantization(find_adapter(make_adapter(tiny_model_dir, tmp_path / "alone")))
+    assert (default.quant_type, default.double_quant) == ("nf4", True)
 
 
 def test_missing_base_is_named(tmp_path, light_adapter):

@@ -273,7 +273,7 @@ def test_gated_model_error_says_how_to_log_in():
 
 def test_resume_auto_skips_a_checkpoint_cut_off_mid_save(tmp_path):
     """Our manifest comes last; a folder without it (or with a file it does not match) is never resumed."""
-    from backends.cuda.trainer import CHECKPOINT_FILES
+    from backends.cuda.sft_trainer import CHECKPOINT_FILES
     from common.run.checkpoints import write_manifest
 
     cfg = tiny_config("unused", tmp_path)
@@ -649,7 +649,7 @@ def test_async_metrics_train_and_log_what_trl_does(tiny_model_dir, tmp_path, pac
                           "data.max_seq_length=256", "training.gradient_accumulation_steps=2",
                           "lora.dropout=0", f"cuda.async_metrics={str(deferred).lower()}")
         trainer = make_trainer(cfg, f"async-{deferred}-{packing}")
-        assert type(trainer.trainer).__name__ == ("SyncFreeSFTTrainer" if deferred else "SFTTrainer")
+        assert type(trainer.trainer).__name__ == ("SyncFreeSFTTrainer" if deferred else "RunSFTTrainer")
         trainer.train()
         logs = [r for r in trainer.run.read_metrics() if "loss" in r or "eval_loss" in r]
         saved = json.loads((trainer.run.checkpoints / "checkpoint-6" / "trainer_state.json").read_text())

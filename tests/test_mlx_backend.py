@@ -50,7 +50,7 @@ def lora(trainer) -> dict:
 def trained(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mlx")
     trainer = mlx_trainer(tiny_model_dir, out, "learn", "training.max_steps=16", "eval.eval_steps=8",
-                          "eval.save_steps=8", "eval.logging_steps=4", "training.learning_rate=3e-3")
+                          "eval.save_steps=8", "eval.logging_steps=4", "training.learning_rate=1e-2")
     before = trainer.evaluate()
     summary = trainer.train()
     return trainer, summary, before

@@ -1,6 +1,6 @@
-"""Inference and merging on PyTorch: transformers + PEFT. The base loads in 4 bits as in training
-(NF4, double quantization, bf16 compute: the shipped quantization settings) unless a full-precision
-dtype is asked for; merging always starts from full-precision weights, never 4-bit ones."""
+"""Inference and merging on PyTorch: transformers + PEFT. The base loads in 4 bits as the run trained it
+(its own cuda.quantization settings, from its config.yaml) unless a full-precision dtype is asked for;
+merging always starts from full-precision weights, never 4-bit ones."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from backends.cuda.model import check_local_model, explain_load_error
-from common.after_training.lookup import AdapterRef
+from common.after_training.lookup import AdapterRef, trained_quantization
+from common.config.schema import QuantizationConfig
 from common.errors import QLoraError
 from common.model.tiny import add_legacy_rope_theta
 
@@ -22,16 +23,20 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base(base: str, dtype: str, device: str):
-    """A causal LM from a folder or hub id; dtype "4bit" loads it as QLoRA training did."""
+def load_base(base: str, dtype: str, device: str, quantization: QuantizationConfig | None = None):
+    """A causal LM from a folder or hub id; dtype "4bit" loads it as the run's `quantization` (a
+    cuda.quantization section) says QLoRA training did: 4-bit with its type and double quantization and
+    its compute dtype, or unquantized in the compute dtype when the run trained on an unquantized base."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if Path(base).exists():
         check_local_model(Path(base))
-    compute = torch.bfloat16 if dtype == "4bit" else getattr(torch, TORCH_DTYPES[dtype])
-    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=compute) if dtype == "4bit" else None)
+    q = quantization or QuantizationConfig()
+    compute = getattr(torch, q.compute_dtype if dtype == "4bit" else TORCH_DTYPES[dtype])
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                                bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
+             if dtype == "4bit" and q.load_in_4bit else None)
     try:
         return AutoModelForCausalLM.from_pretrained(
             base, quantization_config=quant, dtype=compute, device_map={"": 0 if device == "cuda" else "cpu"},
@@ -74,7 +79,7 @@ class CudaInference:
         if dtype == "bf16" and self.device == "cpu":
             say.info("bf16 on the CPU: slow for a 7B model, fine for the tiny demo one")
         started = time.monotonic()
-        self.model = with_adapter(load_base(base, dtype, self.device), ref, base).eval()
+        self.model = with_adapter(load_base(base, dtype, self.device, trained_quantization(ref)), ref, base).eval()
         self.load_seconds = time.monotonic() - started
         self.torch = torch
         say.info(f"loaded {base} ({dtype}) with the adapter {ref.folder} on {self.device} "

@@ -35,9 +35,11 @@ def preference_trainer_class(method: str):
     import torch.nn.functional as F
     from trl import DPOTrainer
 
+    from backends.cuda.sft_trainer import RunRules
+
     chosen_method = method
 
-    class PreferenceTrainer(DPOTrainer):
+    class PreferenceTrainer(RunRules, DPOTrainer):
         method = chosen_method
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -121,4 +123,4 @@ class CudaPreferenceTrainer(CudaTrainer):
     def save(self) -> None:
         """The trained adapter only: PEFT would also write TRL's frozen "ref" copy (a `ref/` folder)."""
         self.trainer.model.save_pretrained(str(self.run.root), selected_adapters=["default"])
-        self._name_base_model()
+        self.run.finish_adapter(self.cfg.model.name_or_path, self.model.config.num_hidden_layers)

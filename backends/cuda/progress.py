@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from common.run import checkpoints as ckpt
 from common.run.progress import TrainingDisplay
 
 
@@ -36,7 +38,7 @@ def use_display(trainer, display: TrainingDisplay, peak_memory: Callable[[], flo
             self.mark = now
 
         def on_save(self, args, state, control, **kwargs):
-            folder = f"{args.output_dir}/checkpoint-{state.global_step}"
+            folder = ckpt.folder_of(Path(args.output_dir), state.global_step)
             display.saved(state.global_step, folder, time.monotonic() - self.mark)
 
         def on_train_end(self, args, state, control, **kwargs):

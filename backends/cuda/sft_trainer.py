@@ -1,12 +1,71 @@
-"""TRL's SFTTrainer as this project runs it: the one place its behaviour is overridden."""
+"""TRL's SFTTrainer as this project runs it: the one place its (and transformers') behaviour is overridden,
+so that the CUDA backend follows the contract (common/trainer.py, docs/contract.md) as the MLX one does."""
 
 from __future__ import annotations
 
 from trl import SFTTrainer
 
+from common.run import checkpoints as ckpt
+from common.run import distributed
+from common.run.order import EpochOrder
 
-class RunSFTTrainer(SFTTrainer):
+# What Hugging Face's Trainer needs to continue exactly: without optimizer.pt or scheduler.pt it
+# would silently start a fresh optimizer or schedule
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+
+
+class RunRules:
+    """The contract's rules in place of transformers' own, for every TRL trainer this project runs (SFT here,
+    DPO/ORPO in backends/cuda/preference.py). transformers keeps the newest save_total_limit checkpoints plus
+    the single best, loads the best checkpoint's weights after a stop too, and shuffles with its own
+    generator; here the shared rules decide each of those. `owner` is the CudaTrainer (its run folder,
+    config and stop state), set right after construction."""
+
+    owner = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return EpochOrder(len(dataset), self.args.seed)
+
+    def _save_checkpoint(self, model, trial):
+        """A failed or aborted write removes the folder and says what is intact (common.run.checkpoints.
+        writing); the manifest, written last, records the step's eval_loss; then the retention rule."""
+        owner, step = self.owner, self.state.global_step
+        folder = ckpt.folder_of(owner.run.checkpoints, step)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        with owner._saving(), ckpt.writing(folder, step, ckpt.needed_bytes(owner.run.checkpoints, trainable)):
+            super()._save_checkpoint(model, trial)
+            distributed.barrier()  # every process has written its RNG state
+            if distributed.is_main():
+                ckpt.write_manifest(folder, step, owner.run.identity, checkpoint_files(), self.state.max_steps,
+                                    eval_loss=eval_loss_at(self.state.log_history, step))
+                ckpt.prune(owner.run.checkpoints, owner.cfg.eval.save_total_limit)
+        best = ckpt.best(owner.run.checkpoints)
+        self.state.best_model_checkpoint = str(best) if best else None
+
+    def _load_best_model(self):
+        owner = self.owner
+        folder = ckpt.final_weights(owner.run.checkpoints, owner.stop_requested, self.args.load_best_model_at_end)
+        if folder is not None:
+            self.state.best_model_checkpoint = str(folder)
+            super()._load_best_model()
+
+class RunSFTTrainer(RunRules, SFTTrainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """TRL writes a stub card ("a fine-tuned version of [None]") into checkpoints/ at every save.
         The run folder's README.md is the card (common/after_training/model_card.py); a second one
         that says nothing true would be the one a user finds first in checkpoints/."""
+
+
+def checkpoint_files() -> tuple[str, ...]:
+    """The files a checkpoint must hold: on several processes the Trainer writes one RNG state per rank."""
+    ranks = distributed.world_size()
+    if ranks == 1:
+        return CHECKPOINT_FILES
+    return tuple(f for f in CHECKPOINT_FILES if f != "rng_state.pth") + tuple(
+        f"rng_state_{r}.pth" for r in range(ranks))
+
+
+def eval_loss_at(history: list[dict], step: int) -> float | None:
+    """The eval_loss of the evaluation made at `step` (None when that step was not evaluated)."""
+    return next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h and h.get("step") == step), None)

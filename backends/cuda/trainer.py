@@ -7,7 +7,6 @@ stopping cleanly on SIGTERM / Ctrl-C; save() writes the PEFT adapter into the ru
 
 from __future__ import annotations
 
-import signal
 import time
 
 from backends.cuda.activation_checkpointing import checkpoint_limit_callback, checkpointing_args
@@ -19,19 +18,15 @@ from common.data.prepare import PreparedData
 from common.data.tokenize import Example
 from common.errors import PlatformError, QLoraError
 from common.plan.planner import packs
-from common.run import checkpoints as ckpt
 from common.run import distributed
 from common.run.folder import RunFolder
 from common.run.progress import TrainingDisplay
 from common.run.stopping import Stopping
-from common.run.summary import RunSummary
+from common.run.summary import Progress, RunSummary, peak_rss_gb, summarize
 from common.run.time_budget import TimeBudget
 from common.run.tracking import resolve_tracker, start_wandb
 
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
-# What Hugging Face's Trainer needs to continue exactly: without optimizer.pt or scheduler.pt it
-# would silently start a fresh optimizer or schedule
-CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
 
 
 def to_dataset(examples: list[Example]):
@@ -116,9 +111,9 @@ class CudaTrainer(Stopping):
             task_type=lora.task_type,
         )
         self.trainer = self._hf_trainer(tokenizer, peft_config)
+        self.trainer.owner = self  # the contract's overrides (backends/cuda/sft_trainer.py: RunRules) read it
         use_display(self.trainer, self.display, lambda: _peak_memory_gb(self.device))
         self._keep_adapter_in_fp32()
-        self._guard_checkpoint_saves()
         self._speedups()
         self._guess_budget(sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad))
 
@@ -184,24 +179,6 @@ class CudaTrainer(Stopping):
                 self.say.ok("LoRA: each 4-bit projection runs as one fused function (cuda.fused_lora)")
                 if self.cfg.cuda.replay_dropout and self.cfg.lora.dropout > 0:
                     self.trainer.add_callback(dropout_replay_callback(self.say))
-
-    def _guard_checkpoint_saves(self) -> None:
-        """Each Trainer checkpoint ends with our manifest; a failed or aborted write removes the
-        folder and says what is intact (common.run.checkpoints.writing). Wrapped on this instance: the
-        Trainer has no hook that runs after a save and can still undo it."""
-        save, trainer = self.trainer._save_checkpoint, self.trainer
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-
-        def guarded(model, trial):
-            step = trainer.state.global_step
-            folder = self.run.checkpoints / f"{ckpt.PREFIX}{step}"
-            with self._saving(), ckpt.writing(folder, step, ckpt.needed_bytes(self.run.checkpoints, trainable)):
-                save(model, trial)
-                distributed.barrier()  # every process has written its RNG state
-                if distributed.is_main():
-                    ckpt.write_manifest(folder, step, self.run.identity, checkpoint_files(), trainer.state.max_steps)
-
-        trainer._save_checkpoint = guarded
 
     def _keep_adapter_in_fp32(self) -> None:
         """TRL casts LoRA weights of quantized models to bf16. At lr 2e-4 an Adam step is about
@@ -291,7 +268,7 @@ class CudaTrainer(Stopping):
             eval_steps=e.eval_steps,
             save_strategy="steps",
             save_steps=e.save_steps,
-            save_total_limit=e.save_total_limit,
+            save_total_limit=None,  # the contract's retention rule (RunSFTTrainer._save_checkpoint), not transformers'
             load_best_model_at_end=e.load_best_model_at_end,
             metric_for_best_model=e.metric_for_best_model,
             greater_is_better=False,
@@ -365,6 +342,8 @@ class CudaTrainer(Stopping):
                 if owner.stop_requested:
                     control.should_save = True
                     control.should_training_stop = True
+                if state.global_step >= state.max_steps:  # the contract logs the last step, as MLX does
+                    control.should_log = True
 
             def on_evaluate(self, args, state, control, **kwargs):
                 if owner.time_budget is not None:
@@ -388,45 +367,29 @@ class CudaTrainer(Stopping):
 
         self.setup()
         resume_from = self._resume_point(resume)
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         started = time.time()
         liger = self.cfg.cuda.liger_kernels if self.trainer.args.use_liger_kernel else None
         try:
-            with run_scope(liger):
-                output = self.trainer.train(resume_from_checkpoint=resume_from)
-            wall = time.time() - started
-            if distributed.is_main():
-                with self._saving():  # save_pretrained writes in place: a second signal must not cut it short
-                    self.save()
+            with self.catching_signals():
+                with run_scope(liger):
+                    self.trainer.train(resume_from_checkpoint=resume_from)
+                if distributed.is_main():
+                    with self._saving():  # save_pretrained writes in place: a second signal must not cut it short
+                        self.save()
         finally:
             self.display.finish()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if self.wandb_run is not None:
                 self.wandb_run.finish()
                 self.wandb_run = None
         state = self.trainer.state
-        summary = RunSummary(
-            backend="cuda",
-            device=torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu",
-            interrupted=self.stop_requested,
-            stop_reason=self.stop_reason,
-            resumed_from=resume_from,
-            global_step=state.global_step,
-            max_steps=state.max_steps,
-            real_tokens=state.num_input_tokens_seen,
-            wall_seconds=wall,
-            tokens_per_second=(state.num_input_tokens_seen - self.trainer._initial_num_input_tokens_seen) / wall
-            if wall else None,
-            peak_memory_gb=_peak_memory_gb(self.device),
-            train_loss=output.training_loss,
-            final_eval_loss=_last(state.log_history, "eval_loss"),
-            best_eval_loss=state.best_metric,
-            best_checkpoint=state.best_model_checkpoint,
-            details={"attention": self.attn, "tracker": self.tracker, "processes": distributed.world_size()},
-        )
+        progress = Progress(step=state.global_step, max_steps=state.max_steps, real_tokens=state.num_input_tokens_seen,
+                            tokens_at_start=self.trainer._initial_num_input_tokens_seen, started=started,
+                            stopped=self.stop_requested, stop_reason=self.stop_reason, resumed_from=resume_from)
+        summary = summarize(self.run, "cuda", torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu",
+                            progress, _peak_memory_gb(self.device),
+                            {"attention": self.attn, "tracker": self.tracker, "processes": distributed.world_size()})
         if distributed.is_main():
             self.run.write_summary(summary)
             self.run.plot_losses()
@@ -455,32 +418,10 @@ class CudaTrainer(Stopping):
 
     # ------------------------------------------------------------------ save
     def save(self) -> None:
-        """The final (best, when load_best_model_at_end) adapter in PEFT format, in the run folder."""
-        model = self.trainer.model
-        model.save_pretrained(str(self.run.root))
-        self._name_base_model()
-
-    def _name_base_model(self) -> None:
-        import json
-
-        path = self.run.root / "adapter_config.json"
-        config = json.loads(path.read_text())
-        config["base_model_name_or_path"] = self.cfg.model.name_or_path
-        path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def checkpoint_files() -> tuple[str, ...]:
-    """The files a checkpoint must hold: on several processes the Trainer writes one RNG state per rank."""
-    ranks = distributed.world_size()
-    if ranks == 1:
-        return CHECKPOINT_FILES
-    return tuple(f for f in CHECKPOINT_FILES if f != "rng_state.pth") + tuple(
-        f"rng_state_{r}.pth" for r in range(ranks))
-
-
-def _last(history: list[dict], key: str):
-    values = [h[key] for h in history if key in h]
-    return values[-1] if values else None
+        """The run folder's adapter in PEFT format: the weights common.run.checkpoints.final_weights names
+        (loaded by RunSFTTrainer._load_best_model); then the shared final save (mlx/, the base recorded)."""
+        self.trainer.model.save_pretrained(str(self.run.root))
+        self.run.finish_adapter(self.cfg.model.name_or_path, self.model.config.num_hidden_layers)
 
 
 def _peak_memory_gb(device: str) -> float:
@@ -488,6 +429,4 @@ def _peak_memory_gb(device: str) -> float:
         import torch
 
         return torch.cuda.max_memory_allocated() / 1024**3
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+    return peak_rss_gb()

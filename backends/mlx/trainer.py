@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -31,9 +30,10 @@ from common.model.mistral import PARENT, cached_on_hub, require_model_source
 from common.plan.planner import steps_in_epoch, total_steps
 from common.run import checkpoints as ckpt
 from common.run.folder import RunFolder
+from common.run.order import epoch_order
 from common.run.progress import TrainingDisplay
 from common.run.stopping import Stopping
-from common.run.summary import RunSummary
+from common.run.summary import Progress, RunSummary, summarize
 from common.run.time_budget import TimeBudget
 from common.run.tracking import MetricSink, resolve_tracker
 
@@ -54,7 +54,7 @@ class MlxTrainer(Stopping):
         self.step = 0
         self.after_step = []  # callables(step): hooks for tests and tools
         self._group_budget: int | None = None  # padded input tokens a length-grouped micro-batch may hold
-        self.best: list[tuple[float, int]] = []  # (eval_loss, step) of kept checkpoints
+        self.real_tokens = 0  # non-padding input tokens trained on, the whole run (restored on a resume)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -80,7 +80,9 @@ class MlxTrainer(Stopping):
         linear_to_lora_layers(self.model, -1, self.lora_parameters)
         self.num_layers = len(self.model.layers)
         self.total_steps = total_steps(self.cfg, self._steps_per_epoch())
-        self.optimizer = optim.AdamW(learning_rate=learning_rate_schedule(cfg.training, self.total_steps), weight_decay=cfg.training.weight_decay)
+        # bias_correction as PyTorch's AdamW (mlx's default is off: its first update is 3.16x PyTorch's)
+        self.optimizer = optim.AdamW(learning_rate=learning_rate_schedule(cfg.training, self.total_steps),
+                                     weight_decay=cfg.training.weight_decay, bias_correction=True)
         self.tracker, notice = resolve_tracker(cfg.tracking.report_to)
         if notice:
             self.say.warn(notice)
@@ -90,12 +92,16 @@ class MlxTrainer(Stopping):
         self.say.ok(f"MLX: {self.model_path} with LoRA on {self.num_layers} layers ({trainable:,} trainable)")
 
     def _quantized_model(self) -> Path:
-        """A pre-quantized MLX folder is used as is; anything else is converted once and cached."""
+        """A pre-quantized MLX folder, or any base with mlx.quantize false, is used as is; anything else is
+        converted once and cached."""
         cfg = self.cfg
         source = Path(cfg.model.name_or_path)
         config = source / "config.json"
-        if config.is_file() and "quantization" in json.loads(config.read_text()):
+        if config.is_file() and ("quantization" in json.loads(config.read_text()) or not cfg.mlx.quantize):
             return source
+        if not cfg.mlx.quantize:
+            require_model_source(cfg.model.name_or_path, cached_on_hub(cfg.model.name_or_path, cfg.model.revision))
+            return Path(self._source_for_convert())
         name = cached_model_name(cfg.model.name_or_path, cfg.mlx.quant_bits, cfg.mlx.quant_group_size,
                                  cfg.model.revision)
         cached = Path(cfg.mlx.model_cache_dir) / name
@@ -143,14 +149,11 @@ class MlxTrainer(Stopping):
     def step_batches(self, step: int) -> list[list[Example]]:
         """The micro-batches of optimizer step `step`: each epoch is a fresh seeded shuffle, cut into
         micro-batches, `gradient_accumulation_steps` of them a step (the epoch's last step takes the
-        rest, as transformers' Trainer does). The data order depends only on the step, so a resumed
-        run sees what an uninterrupted one would."""
-        import random
-
+        rest, as transformers' Trainer does). The order is the shared one (common/run/order.py): a resumed
+        run sees what an uninterrupted one would, and the CUDA backend the same batches."""
         t = self.cfg.training
         epoch, within = divmod(step, self._steps_per_epoch())
-        order = list(range(len(self.data.train)))
-        random.Random(t.seed + epoch).shuffle(order)
+        order = epoch_order(len(self.data.train), t.seed, epoch)
         first = within * t.gradient_accumulation_steps
         last = min(first + t.gradient_accumulation_steps, self._micro_batches_per_epoch())
         size = t.batch_size
@@ -212,80 +215,69 @@ class MlxTrainer(Stopping):
         import mlx.core as mx
 
         self.setup()
-        e = self.cfg.eval
         resumed_from = self._resume(resume)
-        value_and_grad = self.value_and_grad()
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        started, tokens_at_start = time.time(), self.real_tokens
         undo_checkpointing = checkpoint_layer_class(self.model.layers[0]) if self.cfg.training.gradient_checkpointing \
             else (lambda: None)
         self.model.train()
-        started, first_step = time.time(), self.step
-        interval = {"loss": 0.0, "tokens": 0.0, "real": 0, "start": time.time()}
-        tokens_seen = 0
         self.display.start(self.step, self.total_steps, lambda: mx.get_peak_memory() / 1024**3)
         try:
-            while self.step < self.total_steps and not self.stop_requested:
-                mark = time.monotonic()
-                loss_sum, targets, real, grad_norm = self._optimizer_step(value_and_grad)
-                step_s = self._time("step", mark)
-                interval["loss"] += loss_sum
-                self.step += 1
-                self.display.step(self.step, step_s)
-                interval["tokens"] += targets
-                interval["real"] += real
-                tokens_seen += real
-                if self.step % e.logging_steps == 0 or self.step == self.total_steps:
-                    self._log(interval, grad_norm.item())
-                    interval = {"loss": 0.0, "tokens": 0.0, "real": 0, "start": time.time()}
-                mark = time.monotonic()
-                eval_loss = self.evaluate() if self.step % e.eval_steps == 0 or self.step == self.total_steps else None
-                if eval_loss is not None:
-                    self.display.evaluated(self.step, eval_loss, self._time("eval", mark))
-                if eval_loss is not None:
-                    self._record({"step": self.step, "time": time.time(), "eval_loss": eval_loss})
-                if self.step % e.save_steps == 0 or self.step == self.total_steps:
-                    mark = time.monotonic()
-                    self.save_checkpoint(eval_loss)
-                    self.display.saved(self.step, self._checkpoint(self.step), self._time("save", mark))
-                for hook in self.after_step:
-                    hook(self.step)
-                budget = self.time_budget
-                if budget and not self.stop_requested and budget.should_stop((self.step + 1) % e.eval_steps == 0):
-                    self.request_stop("time budget")
-            if self.stop_requested and not self._checkpoint(self.step).is_dir():
-                self.save_checkpoint(None)
-            wall = time.time() - started
-            if not self.stop_requested and e.load_best_model_at_end and self.best:
-                best_step = min(self.best)[1]
-                self.model.load_weights(str(self._checkpoint(best_step) / "adapters.safetensors"), strict=False)
-            with self._saving():  # the final adapter, native and PEFT: a second signal must not cut it short
-                self.save()
+            with self.catching_signals():
+                self._loop()
+                weights = ckpt.final_weights(self.run.checkpoints, self.stop_requested, self.cfg.eval.load_best_model_at_end)
+                if weights is not None:
+                    self.model.load_weights(str(weights / "adapters.safetensors"), strict=False)
+                with self._saving():  # the final adapter, native and PEFT: a second signal must not cut it short
+                    self.save()
         finally:
             undo_checkpointing()
             self.display.finish()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self.sink.close()
-        summary = RunSummary(
-            backend="mlx",
-            device=str(mx.default_device()),
-            interrupted=self.stop_requested,
-            stop_reason=self.stop_reason,
-            resumed_from=resumed_from,
-            global_step=self.step,
-            max_steps=self.total_steps,
-            real_tokens=tokens_seen,
-            wall_seconds=wall,
-            tokens_per_second=tokens_seen / wall if wall and self.step > first_step else None,
-            peak_memory_gb=mx.get_peak_memory() / 1024**3,
-            final_eval_loss=_last(self.run.read_metrics(), "eval_loss"),
-            best_eval_loss=min(self.best)[0] if self.best else None,
-            best_checkpoint=str(self._checkpoint(min(self.best)[1])) if self.best else None,
-            details={"model": str(self.model_path), "tracker": self.tracker},
-        )
+        progress = Progress(step=self.step, max_steps=self.total_steps, real_tokens=self.real_tokens,
+                            tokens_at_start=tokens_at_start, started=started, stopped=self.stop_requested,
+                            stop_reason=self.stop_reason, resumed_from=resumed_from)
+        summary = summarize(self.run, "mlx", str(mx.default_device()), progress, mx.get_peak_memory() / 1024**3,
+                            {"model": str(self.model_path), "tracker": self.tracker})
         self.run.write_summary(summary)
         self.run.plot_losses()
         return summary
+
+    def _loop(self) -> None:
+        """Optimizer steps until the last one or a stop; logs, evaluations and saves at the shared steps."""
+        e = self.cfg.eval
+        value_and_grad = self.value_and_grad()
+        interval = {"loss": 0.0, "tokens": 0.0, "real": 0, "start": time.time()}
+        while self.step < self.total_steps and not self.stop_requested:
+            mark = time.monotonic()
+            loss_sum, targets, real, grad_norm = self._optimizer_step(value_and_grad)
+            step_s = self._time("step", mark)
+            self.step += 1
+            self.real_tokens += real
+            self.display.step(self.step, step_s)
+            interval["loss"] += loss_sum
+            interval["tokens"] += targets
+            interval["real"] += real
+            last = self.step == self.total_steps
+            if self.step % e.logging_steps == 0 or last:
+                self._log(interval, grad_norm.item())
+                interval = {"loss": 0.0, "tokens": 0.0, "real": 0, "start": time.time()}
+            eval_loss = None
+            if self.step % e.eval_steps == 0 or last:
+                mark = time.monotonic()
+                eval_loss = self.evaluate()
+                self.display.evaluated(self.step, eval_loss, self._time("eval", mark))
+                self._record({"step": self.step, "time": time.time(), "eval_loss": eval_loss})
+            if self.step % e.save_steps == 0 or last:
+                mark = time.monotonic()
+                self.save_checkpoint(eval_loss)
+                self.display.saved(self.step, ckpt.folder_of(self.run.checkpoints, self.step), self._time("save", mark))
+            for hook in self.after_step:
+                hook(self.step)
+            budget = self.time_budget
+            if budget and not self.stop_requested and budget.should_stop((self.step + 1) % e.eval_steps == 0):
+                self.request_stop("time budget")
+        if self.stop_requested and not ckpt.folder_of(self.run.checkpoints, self.step).is_dir():
+            self.save_checkpoint(None)
 
     def value_and_grad(self):
         """(loss sum, target count) and LoRA gradients of one micro-batch: `f(model, ids, mask)`."""
@@ -359,41 +351,28 @@ class MlxTrainer(Stopping):
         return seconds
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint(self, step: int) -> Path:
-        return self.run.checkpoints / f"checkpoint-{step}"
-
     def save_checkpoint(self, eval_loss: float | None) -> None:
         """Adapter, optimizer state and progress, then the manifest (common/run/checkpoints.py), written
-        to a temporary folder and renamed, so a half-written checkpoint is never picked up."""
+        to a temporary folder and renamed, so a half-written checkpoint is never picked up; then the
+        shared retention rule."""
         import mlx.core as mx
 
-        target = self._checkpoint(self.step)
+        target = ckpt.folder_of(self.run.checkpoints, self.step)
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        best = self.best + ([(eval_loss, self.step)] if eval_loss is not None else [])
         trainable = dict(_flatten(self.model.trainable_parameters()))
         needed = ckpt.needed_bytes(self.run.checkpoints, sum(v.size for v in trainable.values()))
         with self._saving(), ckpt.writing(partial, self.step, needed):
             partial.mkdir(parents=True)
             mx.save_safetensors(str(partial / "adapters.safetensors"), trainable)
             mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(_flatten(self.optimizer.state)))
-            state = {"step": self.step, "eval_loss": eval_loss, "best": best}
+            state = {"step": self.step, "real_tokens": self.real_tokens}
             (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            ckpt.write_manifest(partial, self.step, self.run.identity, CHECKPOINT_FILES, self.total_steps)
+            ckpt.write_manifest(partial, self.step, self.run.identity, CHECKPOINT_FILES, self.total_steps,
+                                eval_loss=eval_loss)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
-        self.best = best
-        self._prune()
-
-    def _prune(self) -> None:
-        """Keep the best `save_total_limit` by eval_loss, and always the newest (for resuming)."""
-        keep = {step for _, step in sorted(self.best)[: self.cfg.eval.save_total_limit]}
-        keep.add(self.step)
-        for folder in self.run.checkpoints.glob("checkpoint-*"):
-            step = folder.name.removeprefix("checkpoint-")
-            if step.isdigit() and int(step) not in keep:
-                shutil.rmtree(folder, ignore_errors=True)
-        self.best = [(loss, step) for loss, step in self.best if step in keep]
+        ckpt.prune(self.run.checkpoints, self.cfg.eval.save_total_limit)
 
     def _resume(self, resume: str | None) -> str | None:
         import mlx.core as mx
@@ -406,39 +385,38 @@ class MlxTrainer(Stopping):
         self.model.load_weights(str(folder / "adapters.safetensors"), strict=False)
         self.optimizer.init(self.model.trainable_parameters())
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-        self.step, self.best = state["step"], [tuple(x) for x in state["best"]]
+        self.step, self.real_tokens = state["step"], state.get("real_tokens", 0)
         return str(folder)
 
     # ------------------------------------------------------------------ save
     def save(self) -> None:
-        """The adapter natively (run/mlx, for `mlx_lm.generate --adapter-path`) and in PEFT format
-        (the run folder), through the shared converter's writers."""
+        """The run folder's adapter in PEFT format (and, by the shared final save, natively in mlx/ for
+        `mlx_lm.generate --adapter-path`, naming the 4-bit MLX base it was trained on)."""
+        write_adapter(self.adapter(), self.run.root, "peft", self.num_layers)
+        self.run.finish_adapter(self.cfg.model.name_or_path, self.num_layers, str(self.model_path))
+
+    def adapter(self) -> Adapter:
+        """The current LoRA weights as the shared converter's Adapter (float32)."""
         import numpy as np
 
         params = dict(_flatten(self.model.trainable_parameters()))
         a, b = mlx_factors({k: np.array(v.astype(_f32())) for k, v in params.items()}, "trained adapter")
-        adapter = Adapter(self.cfg.lora.r, self.cfg.lora_scale, self.cfg.lora.dropout,
-                          list(self.cfg.lora.target_modules), a, b, self.cfg.model.name_or_path)
-        native = self.run.root / "mlx"
-        native.mkdir(exist_ok=True)
-        write_adapter(adapter, native, "mlx", self.num_layers)
-        config = json.loads((native / "adapter_config.json").read_text())
-        config["model"] = str(self.model_path)  # the 4-bit MLX base this adapter was trained on
-        (native / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_adapter(adapter, self.run.root, "peft", self.num_layers)
+        return Adapter(self.cfg.lora.r, self.cfg.lora_scale, self.cfg.lora.dropout,
+                       list(self.cfg.lora.target_modules), a, b, self.cfg.model.name_or_path)
 
 
 def learning_rate_schedule(t, total_steps: int):
     """The learning rate at each optimizer step (0-based), as transformers' scheduler of the same name
     gives it to the CUDA path: linear warmup over ceil(warmup_ratio x steps), then the decay (tested
     step by step against transformers)."""
+    import mlx.core as mx
     import mlx.optimizers as optim
 
     warmup = math.ceil(t.warmup_ratio * total_steps)
     decay = {
         "cosine": optim.cosine_decay(t.learning_rate, max(1, total_steps - warmup)),
         "linear": optim.linear_schedule(t.learning_rate, 0.0, max(1, total_steps - warmup)),
-        "constant_with_warmup": lambda step: t.learning_rate,
+        "constant_with_warmup": lambda step: mx.array(t.learning_rate),  # an array: the optimizer casts it
     }[t.lr_scheduler]
     if not warmup:
         return decay
@@ -475,8 +453,3 @@ def _f32():
     import mlx.core as mx
 
     return mx.float32
-
-
-def _last(records: list[dict], key: str):
-    values = [r[key] for r in records if key in r]
-    return values[-1] if values else None

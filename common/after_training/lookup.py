@@ -237,6 +237,15 @@ def record_base_model(run_root: Path, name_or_path: str) -> str:
     return recorded
 
 
+def trained_quantization(ref: AdapterRef):
+    """The bitsandbytes settings the adapter's run trained with (its config.yaml's cuda.quantization), so
+    that inference sees the base as training did; the schema's defaults for an adapter without a CUDA run."""
+    from common.config.schema import QuantizationConfig
+
+    run = _run_config(ref.run_root) if ref.run_root else {}
+    return QuantizationConfig(**(run.get("cuda") or {}).get("quantization", {}))
+
+
 def _run_config(run_root: Path) -> dict:
     import yaml
 

@@ -64,9 +64,12 @@ def run_card(root: Path, cfg: QLoraConfig, report: DataReport, train: list[Examp
     files = [f"- `{f}`: {why}" for f, why in FILES.items() if (root / f.rstrip("/")).exists()]
     plot = "![training and evaluation loss](loss.png)\n" if (root / "loss.png").exists() else ""
     q = cfg.cuda.quantization
-    quant = (f"4-bit {q.quant_type.upper()}{' with double quantization' if q.double_quant else ''} "
-             f"(bitsandbytes), {q.compute_dtype} compute" if cfg.backend == "cuda"
-             else f"{cfg.mlx.quant_bits}-bit affine, group size {cfg.mlx.quant_group_size} (MLX)")
+    if cfg.backend == "cuda":
+        quant = (f"4-bit {q.quant_type.upper()}{' with double quantization' if q.double_quant else ''} "
+                 f"(bitsandbytes), {q.compute_dtype} compute" if q.load_in_4bit else f"unquantized, {q.compute_dtype}")
+    else:
+        quant = (f"{cfg.mlx.quant_bits}-bit affine, group size {cfg.mlx.quant_group_size} (MLX)" if cfg.mlx.quantize
+                 else "unquantized, as stored (MLX)")
     return "\n".join([
         _front_matter(base, ["lora", "qlora", "mistral-qlora", "mistral"]),
         f"# {name}: a QLoRA adapter for {base.rstrip('/').split('/')[-1]}",
@@ -129,9 +132,10 @@ def result_lines(summary: RunSummary, markdown: bool = False) -> list[str]:
     resumed = f", resumed from {code}{Path(summary.resumed_from).name}{code}" if summary.resumed_from else ""
     rate = f"{summary.tokens_per_second:,.0f} tokens/s" if summary.tokens_per_second else "tokens/s n/a"
     return [f"{stopped} {summary.global_step} of {summary.max_steps}{resumed}",
-            f"final train loss {_fmt(summary.train_loss)}, eval loss {_fmt(summary.final_eval_loss)}, best eval loss {best}",
+            f"mean train loss {_fmt(summary.train_loss)}, final eval loss {_fmt(summary.final_eval_loss)}, "
+            f"best eval loss {best}",
             f"tokens trained {summary.real_tokens:,}; speed {rate}; wall time {_duration(summary.wall_seconds)}; "
-            f"peak memory {summary.peak_memory_gb:.1f} GB"]
+            f"peak memory {summary.peak_memory_gb:.1f} GB; LoRA weights {_fmt(summary.trainable_parameters)}"]
 
 
 def _method_rows(cfg: QLoraConfig) -> list[str]:

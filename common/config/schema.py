@@ -248,7 +248,7 @@ class EvalConfig(Section):
     logging_steps: int = Field(10, ge=1, description="Log every N optimizer steps.")
     eval_steps: int = Field(100, ge=1, description="Evaluate every N optimizer steps.")
     save_steps: int = Field(500, ge=1, description="Checkpoint every N optimizer steps.")
-    save_total_limit: int = Field(3, ge=1, description="Keep the best N checkpoints.")
+    save_total_limit: int = Field(3, ge=1, description="Keep the best N checkpoints by eval_loss (plus the newest, for resuming).")
     metric_for_best_model: Literal["eval_loss"] = "eval_loss"
     load_best_model_at_end: bool = True
     eval_batch_size: int = Field(4, ge=1)
@@ -362,6 +362,12 @@ class CudaConfig(Section):
 class MlxConfig(Section):
     """Settings only the MLX backend (mlx, mlx-lm) reads."""
 
+    quantize: bool = Field(
+        True,
+        description="QLoRA: train on a quant_bits copy of the base (cached in model_cache_dir). false trains LoRA on "
+        "the base as stored, as cuda.quantization.load_in_4bit: false does (the numeric parity checks, "
+        "docs/contract.md); about 4x the weights' memory.",
+    )
     quant_bits: Literal[4, 8] = 4
     quant_group_size: Literal[32, 64, 128] = 64
     model_cache_dir: str = Field("models", description="Where the 4-bit MLX copy is cached.")

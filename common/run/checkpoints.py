@@ -134,9 +134,10 @@ def file_digest(path: Path) -> str:
 
 
 def write_manifest(folder: Path, step: int, identity: dict, required: tuple[str, ...],
-                   total_steps: int | None = None) -> None:
+                   total_steps: int | None = None, eval_loss: float | None = None) -> None:
     """The last file of a checkpoint: its presence says every other file was written whole.
-    `total_steps` (the run's last step) lets a resume see that training already ended here."""
+    `total_steps` (the run's last step) lets a resume see that training already ended here; `eval_loss`
+    (the evaluation made at this step, None without one) is what `prune` ranks it by."""
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise OSError(f"the checkpoint lacks {', '.join(missing)} after saving")
@@ -144,7 +145,8 @@ def write_manifest(folder: Path, step: int, identity: dict, required: tuple[str,
         p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
         for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
-    record = {"step": step, "total_steps": total_steps, "required": list(required), "files": files, "run": identity}
+    record = {"step": step, "total_steps": total_steps, "eval_loss": eval_loss, "required": list(required),
+              "files": files, "run": identity}
     partial = folder / f".{MANIFEST}.partial"
     partial.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     os.replace(partial, folder / MANIFEST)
@@ -187,6 +189,11 @@ def is_last_step(folder: Path) -> bool:
     """Whether this (verified) checkpoint was saved at the run's last step: training is over."""
     record = read_manifest(folder)
     return record.get("total_steps") is not None and record["step"] >= record["total_steps"]
+
+
+def folder_of(checkpoints: Path, step: int) -> Path:
+    """The one name of the checkpoint of optimizer step `step`, on both backends."""
+    return checkpoints / f"{PREFIX}{step}"
 
 
 def step_of(folder: Path) -> int | None:
@@ -232,9 +239,14 @@ def set_aside_newer(checkpoints: Path, step: int, say=None) -> None:
                          f"{aside.name}; the run continues from step {step}")
 
 
+def with_manifest_paths(checkpoints: Path) -> list[Path]:
+    """Checkpoints that were written to the end (not re-hashed), newest first."""
+    return [p for p in numbered(checkpoints) if (p / MANIFEST).is_file()]
+
+
 def with_manifest(checkpoints: Path) -> list[str]:
-    """Names of checkpoints that were written to the end (not re-hashed: for messages)."""
-    return [p.name for p in numbered(checkpoints) if (p / MANIFEST).is_file()]
+    """Names of checkpoints that were written to the end (for messages)."""
+    return [p.name for p in with_manifest_paths(checkpoints)]
 
 
 # ---------------------------------------------------------------------------- resume
@@ -279,6 +291,72 @@ def same_run(folder: Path, identity: dict, say) -> None:
         )
     for line in allowed:
         say.warn(f"changed since the checkpoint (allowed): {line}")
+
+
+# ---------------------------------------------------------------------------- which are kept
+
+
+def best_step(eval_losses: dict[int, float], saved: list[int]) -> int | None:
+    """The saved step with the lowest eval_loss (the earlier one on a tie); None when none was evaluated."""
+    scored = sorted((eval_losses[s], s) for s in saved if s in eval_losses)
+    return scored[0][1] if scored else None
+
+
+def kept_steps(saved: list[int], eval_losses: dict[int, float], limit: int) -> set[int]:
+    """The contract's retention rule (common/trainer.py): the best `limit` checkpoints by eval_loss, plus the
+    newest while it is not among them, because a resume continues from the newest and must never go back.
+    A checkpoint without an evaluation (a stop between evaluations) competes only as the newest."""
+    scored = sorted((eval_losses[s], s) for s in saved if s in eval_losses)
+    keep = {s for _, s in scored[:limit]}
+    if saved:
+        keep.add(max(saved))
+    return keep
+
+
+def eval_losses(checkpoints: Path) -> dict[int, float]:
+    """{step: eval_loss} of the checkpoints whose manifest records an evaluation."""
+    found = {}
+    for folder in with_manifest_paths(checkpoints):
+        loss = read_manifest(folder).get("eval_loss")
+        if loss is not None:
+            found[step_of(folder)] = float(loss)
+    return found
+
+
+def prune(checkpoints: Path, limit: int) -> set[int]:
+    """Delete the checkpoints that `kept_steps` does not keep, ranked by the eval_loss their manifests record;
+    returns the steps kept. Folders that are not `checkpoint-N` (set aside, partial) are left alone."""
+    folders = {step_of(p): p for p in numbered(checkpoints)}
+    keep = kept_steps(sorted(folders), eval_losses(checkpoints), limit)
+    for step, folder in folders.items():
+        if step not in keep and _ranked(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+    return keep
+
+
+def _ranked(folder: Path) -> bool:
+    """Whether a checkpoint's manifest says whether it was evaluated: one written before manifests recorded
+    eval_loss (or without a manifest) is never deleted by the retention rule, which cannot rank it."""
+    try:
+        return "eval_loss" in read_manifest(folder)
+    except (OSError, ValueError):
+        return False
+
+
+def best(checkpoints: Path) -> Path | None:
+    """The kept checkpoint with the lowest recorded eval_loss (None when none was evaluated)."""
+    losses = eval_losses(checkpoints)
+    step = best_step(losses, sorted(losses))
+    return None if step is None else folder_of(checkpoints, step)
+
+
+def final_weights(checkpoints: Path, stopped: bool, load_best: bool) -> Path | None:
+    """The checkpoint whose weights the run folder's adapter holds: after a finished run with
+    eval.load_best_model_at_end, the best kept one's; after a stop (signal, time budget) none (None): the
+    last weights, which the stop checkpoint holds too, so that the adapter and `--resume` agree."""
+    if stopped or not load_best:
+        return None
+    return best(checkpoints)
 
 
 # ---------------------------------------------------------------------------- failing saves

@@ -112,6 +112,22 @@ class RunFolder:
         partial.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         os.replace(partial, self.metrics)
 
+    def finish_adapter(self, base: str, num_layers: int, mlx_base: str | None = None) -> None:
+        """The contract's final save, after a backend wrote the PEFT adapter into the run folder: the same
+        weights in mlx-lm's format in mlx/ (through the shared converter; `mlx_base` is the 4-bit MLX copy an
+        MLX run trained on) and the base model recorded in both so that they load from any working directory."""
+        from common.adapters.conversion import read_peft, write_adapter
+        from common.after_training.lookup import record_base_model
+
+        native = self.root / "mlx"
+        native.mkdir(exist_ok=True)
+        write_adapter(read_peft(self.root), native, "mlx", num_layers)
+        if mlx_base:
+            config = json.loads((native / "adapter_config.json").read_text())
+            config["model"] = mlx_base
+            (native / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        record_base_model(self.root, base)
+
     @staticmethod
     def finished(root: Path):
         """The summary of a run that ended normally in `root` (None when it has not)."""

@@ -38,6 +38,17 @@ class Stopping:
         self.say.warn(f"{name} received" + ("" if self.saving else " (press Ctrl-C again to abort without saving)"))
 
     @contextmanager
+    def catching_signals(self):
+        """SIGTERM and Ctrl-C request a stop for the length of a training call; the previous handlers
+        come back after it, however it ends."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextmanager
     def _saving(self):
         """Marks a checkpoint write, for _on_signal."""
         self.saving, self.signals_while_saving = True, 0

@@ -205,12 +205,10 @@ def _preflight_refusal(rows) -> str:
 
 
 def describe_run(run_folder, cfg: QLoraConfig, data, summary) -> None:
-    """What makes the run folder usable from anywhere: the base model recorded so that it loads from
-    any working directory, and the model card (README.md) in place of PEFT's blank template."""
-    from common.after_training.lookup import record_base_model
+    """The model card (README.md) in place of PEFT's blank template (the backend's final save,
+    RunFolder.finish_adapter, already recorded the base model so that the adapter loads from anywhere)."""
     from common.after_training.model_card import write_run_card
 
-    record_base_model(run_folder.root, cfg.model.name_or_path)
     write_run_card(run_folder.root, cfg, data, summary)
 
 
