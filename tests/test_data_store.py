@@ -74,7 +74,7 @@ def test_changed_settings_miss_and_length_settings_reuse(tmp_path, chat_tokenize
     assert "truncated" in " ".join(short.report.warnings)
 
 
-@pytest.mark.parametrize("damage", ["truncate tokens", "garbage info", "offsets changed"])
+@pytest.mark.parametrize("damage", ["truncate tokens", "garbage info", "offsets changed", "older layout"])
 def test_a_damaged_cache_is_rebuilt(tmp_path, chat_tokenizer, damage):
     cfg = config(tmp_path, SAMPLE / "train.jsonl")
     first = [e.input_ids for e in prepared(cfg, chat_tokenizer)[0].train]  # read before the damage
@@ -83,6 +83,10 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, chat_tokenizer, damage):
         (folder / "ids.bin").write_bytes((folder / "ids.bin").read_bytes()[:-10])
     elif damage == "garbage info":
         (folder / "info.json").write_text("{not json")
+    elif damage == "older layout":  # an entry an earlier version wrote without a key this one reads (seen)
+        info = json.loads((folder / "info.json").read_text())
+        del info["unit"]
+        (folder / "info.json").write_text(json.dumps(info))
     else:
         import numpy as np
 

@@ -42,6 +42,8 @@ from common.data.sources import (
 from common.data.tokenize import ChatTokenizer, Example
 from common.errors import DataError
 
+INFO_KEYS = ("version", "format", "unit", "dtype", "count", "tokens", "blank_lines", "offsets_sha256", "seconds",
+             "workers")
 CACHE_VERSION = 1  # bump when the tokenization or this layout changes: old entries are then never read
 CHUNK_BYTES = 4 << 20  # a worker's unit of work (~1,000 chat conversations)
 SERIAL_BYTES = 8 << 20  # smaller files are tokenized in this process: a worker takes ~2 s to start
@@ -77,6 +79,10 @@ class TokenStore:
         self._check()
 
     def _check(self) -> None:
+        missing = [key for key in INFO_KEYS if key not in self.info]
+        if missing or self.info["version"] != CACHE_VERSION:  # written by another version of this code
+            raise ValueError(f"info.json lacks {', '.join(missing)}" if missing else
+                             f"written by cache version {self.info['version']}, this is {CACHE_VERSION}")
         n, tokens = self.info["count"], self.info["tokens"]
         sizes = [len(getattr(self, name)) for name in ARRAYS]
         if sizes != [n + 1] + [n] * (len(ARRAYS) - 1) or int(self.offsets[-1]) != tokens:
