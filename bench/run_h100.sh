@@ -19,6 +19,7 @@
 #   bash bench/run_h100.sh gpus-collect  # those runs into one results file, a row per GPU count
 #   bash bench/run_h100.sh long-prepare  # synthetic long documents (1K to 32K tokens) in /tmp/bench-doc
 #   bash bench/run_h100.sh long 32768    # at that length: `qlora plan`, then STEPS (20) steps of `qlora train`
+#   bash bench/run_h100.sh long-all      # one call: checkpoint, documents, then `long N` for each of LENGTHS
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
 set -euo pipefail
 SITE=${SITE:-/tmp/site}
@@ -190,6 +191,13 @@ PY
       --set eval.eval_steps=100000 --set eval.save_steps=100000 --run-name "long-$n" || echo "train at $n failed"
     $PY bench/long_context.py --length "$n" --start "$start" --plan "/tmp/long-$n-plan.json" \
       --run "/tmp/adapters/long-$n" --out "$OUT/long-$n.json"
+    ;;
+  long-all)  # after `install`: the random checkpoint (kept if there), the documents, then each length in
+    # LENGTHS (default 8192 16384 32768), each writing $OUT/long-N.json as soon as it ends (~8-9 min on an
+    # H100 for all three, an ESTIMATE; a 10-minute call that stops early keeps the lengths already done)
+    $PY bench/make_checkpoint.py /tmp/mistral-7b-random
+    bash "$0" long-prepare
+    for n in ${LENGTHS:-8192 16384 32768}; do bash "$0" long "$n"; done
     ;;
   plan)
     shift

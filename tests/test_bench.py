@@ -230,3 +230,27 @@ def test_mlx_compare_times_each_step_of_both_trainers(tmp_path):
         assert run["buffer_cache"] is False and run["cache_memory_gb_at_end"] == 0
     assert result["buffer_cache"].startswith("off")
     assert result["ours"]["run"] == "ours" and result["mlx_lm"]["run"] == "mlx_lm"
+
+
+def test_a_long_context_point_holds_the_plan_the_peak_the_steady_rate_and_the_first_step(tmp_path):
+    from bench.long_context import collect
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"figures": [{"name": "peak memory", "value": 55.4}]}))
+    run = tmp_path / "long-32768"
+    run.mkdir()
+    start = 1000.0
+    # step 1 at 90 s (loading, quantizing, compiling); warm-up steps at 1,000 tokens/s, then 2,000
+    steps = [{"step": s, "time": start + 90 + s, "loss": 1.0, "interval_tokens": 32_000,
+              "tokens_per_second": 1_000.0 if s <= 5 else 2_000.0} for s in range(1, 9)]
+    records = [*steps, {"step": 8, "time": start + 200, "eval_loss": 1.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "summary.json").write_text(json.dumps({"peak_memory_gb": 61.0, "tokens_per_second": 1_500.0}))
+    point = collect(32768, start, plan, run)
+    assert point["plan_peak_gb"] == 55.4 and point["peak_memory_gb"] == 61.0
+    assert point["steady_tokens_per_second"] == pytest.approx(2_000.0)  # the warm-up steps left out
+    assert point["seconds_to_first_step"] == pytest.approx(91.0)
+
+    (run / "summary.json").unlink()  # a run that died (out of memory, say) is named, with its plan
+    failed = collect(32768, start, plan, run)
+    assert failed["plan_peak_gb"] == 55.4 and "no summary.json" in failed["failed"]
