@@ -39,6 +39,12 @@ def duration(seconds: float) -> str:
     return f"{days}d {hours:02d}:{rest // 60:02d}:{rest % 60:02d}" if days else clock
 
 
+# The logged fields a status line shows, in order (preference tuning adds the rewards)
+STATUS_FIELDS = (("loss", "loss {:.4f}"), ("rewards/accuracies", "pairs right {:.0%}"),
+                 ("rewards/margins", "margin {:.3f}"), ("eval_loss", "eval {:.4f}"),
+                 ("learning_rate", "lr {:.2e}"), ("tokens_per_second", "{:,.0f} tok/s"))
+
+
 class TrainingDisplay:
     """Created by each backend's trainer; fed with `start`, `step`, `logged` (a metrics record),
     `evaluated`, `saved` and `finish` from its loop (MLX) or its callbacks (CUDA)."""
@@ -130,19 +136,8 @@ class TrainingDisplay:
 
     def status(self) -> str:
         """The fields after `step N/T`, the same in the bar and in the plain lines."""
-        f, parts = self.fields, []
-        if "loss" in f:
-            parts.append(f"loss {f['loss']:.4f}")
-        if "rewards/accuracies" in f:
-            parts.append(f"pairs right {f['rewards/accuracies']:.0%}")
-        if "rewards/margins" in f:
-            parts.append(f"margin {f['rewards/margins']:.3f}")
-        if "eval_loss" in f:
-            parts.append(f"eval {f['eval_loss']:.4f}")
-        if "learning_rate" in f:
-            parts.append(f"lr {f['learning_rate']:.2e}")
-        if "tokens_per_second" in f:
-            parts.append(f"{f['tokens_per_second']:,.0f} tok/s")
+        f = self.fields
+        parts = [shown.format(f[key]) for key, shown in STATUS_FIELDS if key in f]
         left = self.seconds_left()
         parts.append(f"{duration(time.monotonic() - self.started)} elapsed, "
                      + (f"~{duration(left)} left" if left is not None else "time left after the first step"))
