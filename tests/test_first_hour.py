@@ -146,7 +146,7 @@ def test_a_resumed_runs_card_and_summary_agree_with_the_console(resumed):
     assert re.match(r"finished at step 4 of 4, resumed from checkpoint-[23]$", lines[0])  # the stop saves its step
     for line in lines:  # the console shows each of the card's figures, word for word
         assert f"  {line}\n" in out, line
-    assert f"mean train loss {summary['train_loss']:.4g}" in out
+    assert f"mean train loss {summary['train_loss']:.4f}" in out
     assert f"tokens trained {summary['real_tokens']:,}" in out
     assert "[None]" not in "".join(p.read_text() for p in (run / "checkpoints").rglob("README.md"))
     assert f'qlora generate {RUN} --prompt "Hello"' in out and f"qlora export {RUN} {RUN}.gguf" in out

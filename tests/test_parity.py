@@ -164,6 +164,8 @@ def test_retention_keeps_the_best_n_by_eval_loss_and_the_newest():
     assert ckpt.kept_steps(sorted(losses), losses, 2) == {8, 12, 20}  # transformers kept 16, 20 and 8
     assert ckpt.kept_steps([4, 8, 12, 14], {4: 2.0, 8: 1.0, 12: 1.5}, 2) == {8, 12, 14}  # a stop checkpoint
     assert ckpt.kept_steps([4, 8], {4: 1.0, 8: 2.0}, 1) == {4, 8}  # the newest stays while a resume needs it
+    assert ckpt.kept_steps([2, 4, 6, 8], {}, 3) == {4, 6, 8}  # no evaluations: the newest 3, never fewer
+    assert ckpt.kept_steps([2, 4, 6], {6: 1.0}, 3) == {2, 4, 6}  # unevaluated ones fill the free places
 
 
 def test_prune_ranks_checkpoints_by_the_eval_loss_their_manifests_record(tmp_path):

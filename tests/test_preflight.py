@@ -191,9 +191,13 @@ def test_a_missing_local_model_or_an_unreachable_hub_is_one_line_at_once(tmp_pat
 
 
 def test_the_demo_model_is_built_not_downloaded(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a fresh clone: no models/ folder yet
+    from common.model import mistral
+
+    # a fresh clone: the demo model's folder (anchored in the checkout, which earlier tests may have filled) not built yet
+    fresh = tmp_path / "models" / "tiny-mistral-v0.3"
+    monkeypatch.setattr(mistral, "DEMO_MODEL_DIR", str(fresh))
     cfg = load_config(platform="cpu", overrides=[f"data.train_file={SAMPLE / 'train.jsonl'}",
-                                                 f"data.val_file={SAMPLE / 'val.jsonl'}"])
+                                                 f"data.val_file={SAMPLE / 'val.jsonl'}", f"model.name_or_path={fresh}"])
     rows = by_name(pf.run_checks(cfg, machine(hub=lambda: "never asked")))
     assert rows["model"].status == pf.OK and "nothing downloaded" in rows["model"].message
     assert rows["disk"].status == pf.OK and "download" not in rows["disk"].message

@@ -33,6 +33,11 @@ CHECKPOINT_NOTES = {
 }
 
 
+def _loss(value: float | None) -> str:
+    """A loss as every progress line shows one: four decimals."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _fmt(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
@@ -126,13 +131,13 @@ def result_lines(summary: RunSummary, markdown: bool = False) -> list[str]:
     summary.json field as recorded (common/run/summary.py defines what each counts across resumes), never
     recomputed here, so the three agree."""
     code = "`" if markdown else ""
-    best = (f"{_fmt(summary.best_eval_loss)} at {code}{Path(summary.best_checkpoint).name}{code}"
-            if summary.best_checkpoint else _fmt(summary.best_eval_loss))
+    best = (f"{_loss(summary.best_eval_loss)} at {code}{Path(summary.best_checkpoint).name}{code}"
+            if summary.best_checkpoint else _loss(summary.best_eval_loss))
     stopped = f"stopped early ({summary.stop_reason}) at step" if summary.interrupted else "finished at step"
     resumed = f", resumed from {code}{Path(summary.resumed_from).name}{code}" if summary.resumed_from else ""
     rate = f"{summary.tokens_per_second:,.0f} tokens/s" if summary.tokens_per_second else "tokens/s n/a"
     return [f"{stopped} {summary.global_step} of {summary.max_steps}{resumed}",
-            f"mean train loss {_fmt(summary.train_loss)}, final eval loss {_fmt(summary.final_eval_loss)}, "
+            f"mean train loss {_loss(summary.train_loss)}, final eval loss {_loss(summary.final_eval_loss)}, "
             f"best eval loss {best}",
             f"tokens trained {summary.real_tokens:,}; speed {rate}; wall time {_duration(summary.wall_seconds)}; "
             f"peak memory {summary.peak_memory_gb:.1f} GB; LoRA weights {_fmt(summary.trainable_parameters)}"]

@@ -305,9 +305,13 @@ def best_step(eval_losses: dict[int, float], saved: list[int]) -> int | None:
 def kept_steps(saved: list[int], eval_losses: dict[int, float], limit: int) -> set[int]:
     """The contract's retention rule (common/trainer.py): the best `limit` checkpoints by eval_loss, plus the
     newest while it is not among them, because a resume continues from the newest and must never go back.
-    A checkpoint without an evaluation (a stop between evaluations) competes only as the newest."""
+    Checkpoints without an evaluation (no evaluation at that step, or none configured) fill the places
+    that evaluated ones leave free, newest first: with no eval_loss to rank by, nothing is deleted to keep
+    fewer than `limit`, so a damaged newest checkpoint still has earlier ones behind it."""
     scored = sorted((eval_losses[s], s) for s in saved if s in eval_losses)
     keep = {s for _, s in scored[:limit]}
+    unscored = sorted((s for s in saved if s not in eval_losses), reverse=True)
+    keep.update(unscored[:max(0, limit - len(keep))])
     if saved:
         keep.add(max(saved))
     return keep
