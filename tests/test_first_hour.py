@@ -97,7 +97,7 @@ RUN = f"first-hour-test-{os.getpid()}"
 def _train(cwd, *extra, wait_for=None):
     """`qlora train --data mine.jsonl` as the user types it, with the run in this checkout's adapters/."""
     argv = [sys.executable, "-m", "commands", "train", "--platform", "cpu", "--data", "mine.jsonl", "--run-name", RUN,
-            "--set", "training.max_steps=4", "--set", "eval.save_steps=2", "--set", "eval.eval_steps=2",
+            "--set", "training.max_steps=12", "--set", "eval.save_steps=2", "--set", "eval.eval_steps=2",
             "--set", "eval.logging_steps=1", "--set", "training.batch_size=2", "--set", "tracking.report_to=none",
             *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}
@@ -140,10 +140,11 @@ def test_a_resumed_runs_card_and_summary_agree_with_the_console(resumed):
     config = (run / "config.yaml").read_text()
     assert "holding out 2 of 16 training conversations" in out
     assert "val_file: null" in config and "val.jsonl" not in config
-    assert summary["global_step"] == 4 and summary["resumed_from"]
+    assert summary["global_step"] == 12 and summary["resumed_from"]
     results = card.split("## Results", 1)[1].split("\n- machine:", 1)[0]
     lines = [line.removeprefix("- ").replace("`", "") for line in results.strip().splitlines()]
-    assert re.match(r"finished at step 4 of 4, resumed from checkpoint-[23]$", lines[0])  # the stop saves its step
+    # the stop saves its step: wherever the SIGTERM landed (a fast machine gets past step 2), before the last one
+    assert re.match(r"finished at step 12 of 12, resumed from checkpoint-([2-9]|1[01])$", lines[0]), lines[0]
     for line in lines:  # the console shows each of the card's figures, word for word
         assert f"  {line}\n" in out, line
     assert f"mean train loss {summary['train_loss']:.4f}" in out
