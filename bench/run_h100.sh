@@ -19,6 +19,7 @@
 #   bash bench/run_h100.sh gpus-collect  # those runs into one results file, a row per GPU count
 #   bash bench/run_h100.sh long-prepare  # synthetic long documents (1K to 32K tokens) in /tmp/bench-doc
 #   bash bench/run_h100.sh long 32768    # at that length: `qlora plan`, then STEPS (20) steps of `qlora train`
+#   bash bench/run_h100.sh dpo           # configs/dpo_h100.yaml, 20 steps on ~650-token pairs (plan + summary)
 #   bash bench/run_h100.sh long-all      # one call: checkpoint, documents, then `long N` for each of LENGTHS
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
 set -euo pipefail
@@ -198,6 +199,23 @@ PY
     $PY bench/make_checkpoint.py /tmp/mistral-7b-random
     bash "$0" long-prepare
     for n in ${LENGTHS:-8192 16384 32768}; do bash "$0" long "$n"; done
+    ;;
+  dpo)  # configs/dpo_h100.yaml on the random checkpoint, ~650-token pairs, STEPS (20) steps: $OUT/dpo-plan.json
+    # (the planner's prediction) and $OUT/dpo-summary.json (tokens/s of both rows of every pair, peak memory)
+    $PY bench/make_checkpoint.py /tmp/mistral-7b-random
+    [ -f /tmp/bench-dpo/src/train.jsonl ] || $PY bench/make_chat_data.py --kind chat --train 400 --val 16 --out /tmp/bench-dpo/src
+    for split in train val; do
+      [ -f /tmp/bench-dpo/$split.jsonl ] || $PY bench/make_pairs.py /tmp/bench-dpo/src/$split.jsonl /tmp/bench-dpo/$split.jsonl
+    done
+    args=(--config configs/dpo_h100.yaml --set model.name_or_path=/tmp/mistral-7b-random
+          --set data.train_file=/tmp/bench-dpo/train.jsonl --set data.val_file=/tmp/bench-dpo/val.jsonl
+          --set tracking.output_dir=/tmp/adapters --set tracking.report_to=none)
+    mkdir -p "$OUT"
+    $PY -m commands plan "${args[@]}" --json > "$OUT/dpo-plan.json" || echo "dpo plan failed"
+    $PY -m commands train "${args[@]}" --set training.max_steps="${STEPS:-20}" --set eval.logging_steps=1 \
+      --set eval.eval_steps=100000 --set eval.save_steps=100000 --run-name dpo-bench || echo "dpo train failed"
+    cp /tmp/adapters/dpo-bench/summary.json "$OUT/dpo-summary.json" || true
+    cp /tmp/adapters/dpo-bench/metrics.jsonl "$OUT/dpo-metrics.jsonl" || true
     ;;
   plan)
     shift
