@@ -203,6 +203,47 @@ def test_peak_memory_is_gib_on_linux_and_on_macos(monkeypatch):
     assert peak_rss_gb() == pytest.approx(3 / 1024)
 
 
+# ------------------------------------------------------------------ evaluation
+
+
+def token_weighted_loss(model, examples) -> float:
+    """The eval set's loss by hand: each example alone through the model, the summed cross-entropy of its target
+    tokens (position t predicts token t+1 where the loss mask marks it) over the count of all targets."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            ids = torch.tensor([example.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            targets = torch.tensor(example.input_ids[1:])
+            weights = torch.tensor(example.loss_mask[1:], dtype=torch.bool)
+            losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            total, count = total + losses[weights].sum().item(), count + int(weights.sum())
+    return total / count
+
+
+@slow
+def test_eval_loss_weighs_every_target_token_the_same_on_both_backends(base, tmp_path):
+    """Eval batches of 3, 3 and 2 examples with unequal target counts: the mean of per-batch means (transformers'
+    evaluation loop) is not the eval set's loss; both backends report the mean over all its target tokens."""
+    trainers = pair(base, tmp_path, "eval", [*SETTINGS, "eval.eval_batch_size=3"])
+    examples = trainers["cuda"].data.val
+    batches = [examples[i:i + 3] for i in range(0, len(examples), 3)]
+    targets = [sum(sum(e.loss_mask[1:]) for e in batch) for batch in batches]
+    assert len(batches) == 3 and len(set(targets)) > 1, targets
+    model = trainers["cuda"].trainer.model
+    model.eval()
+    expected = token_weighted_loss(model, examples)
+    per_batch = [token_weighted_loss(model, batch) for batch in batches]
+    batch_means = sum(m * len(b) for m, b in zip(per_batch, batches)) / len(examples)
+    assert abs(batch_means - expected) > 50 * LOSS_TOLERANCE, (batch_means, expected)  # the test tells them apart
+    losses = {backend: trainer.evaluate() for backend, trainer in trainers.items()}
+    assert losses["cuda"] == pytest.approx(expected, abs=LOSS_TOLERANCE), (losses, expected, batch_means)
+    assert losses["mlx"] == pytest.approx(expected, abs=LOSS_TOLERANCE), (losses, expected, batch_means)
+    assert abs(losses["cuda"] - losses["mlx"]) <= LOSS_TOLERANCE
+
+
 # ------------------------------------------------------------------ finished runs
 
 

@@ -3,6 +3,7 @@ so that the CUDA backend follows the contract (common/trainer.py, docs/contract.
 
 from __future__ import annotations
 
+import torch
 from trl import SFTTrainer
 
 from common.run import checkpoints as ckpt
@@ -50,7 +51,44 @@ class RunRules:
             self.state.best_model_checkpoint = str(folder)
             super()._load_best_model()
 
-class RunSFTTrainer(RunRules, SFTTrainer):
+class TokenWeightedEval:
+    """eval_loss as the contract defines it: the summed loss of every target token of the eval set over their
+    count, as the MLX backend computes it. transformers' evaluation loop averages each batch's mean loss
+    (weighted by the configured batch size, even for a shorter last batch), so batches with few target
+    tokens counted as much as batches with many. Each batch's mean times its target count (the divisor TRL
+    used) is summed on the device and read once, after the loop."""
+
+    _eval_sums = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.model.training or self._eval_sums is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # without num_items_in_batch TRL divides by this batch's own target count (TRL's prediction_step passes none)
+        result = super().compute_loss(model, inputs, return_outputs, None)
+        loss = result[0] if return_outputs else result
+        count = target_count(inputs).float()
+        sums = torch.stack([loss.detach().float() * count.clamp(min=1), count])
+        self._eval_sums = sums if isinstance(self._eval_sums, int) else self._eval_sums + sums
+        return result
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_sums = 0
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            sums = self._eval_sums
+        finally:
+            self._eval_sums = None
+        if not isinstance(sums, int):
+            # on several processes each holds its share of the eval set (accelerate repeats a few examples to
+            # even out the last batch: those count twice, as they do in transformers' own per-batch mean)
+            total, count = self.accelerator.reduce(sums, reduction="sum").tolist()
+            output.metrics[f"{metric_key_prefix}_loss"] = total / max(count, 1.0)
+        return output
+
+
+class RunSFTTrainer(TokenWeightedEval, RunRules, SFTTrainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """TRL writes a stub card ("a fine-tuned version of [None]") into checkpoints/ at every save.
         The run folder's README.md is the card (common/after_training/model_card.py); a second one
@@ -69,3 +107,10 @@ def checkpoint_files() -> tuple[str, ...]:
 def eval_loss_at(history: list[dict], step: int) -> float | None:
     """The eval_loss of the evaluation made at `step` (None when that step was not evaluated)."""
     return next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h and h.get("step") == step), None)
+
+
+def target_count(inputs: dict) -> torch.Tensor:
+    """The tokens a causal LM's loss scores in a batch: labels other than -100 after the shift (a padding-free
+    collator passes them pre-shifted), as TRL's fused head and transformers' token counting take them."""
+    labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][..., 1:]
+    return labels.ne(-100).sum()
