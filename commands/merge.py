@@ -8,6 +8,7 @@ from pathlib import Path
 
 from commands.options import library_log
 from commands.train import add_verbose
+from common.after_training import chat_template
 from common.after_training.lookup import RUN_HELP, base_model_for, find_adapter
 from common.after_training.staging import (
     BYTES_PER_PARAM,
@@ -56,6 +57,7 @@ def merge_run(run: str, out: Path, dtype: str, to: str, base_override: str | Non
         say.warn(f"cannot read the parameter count of {base}: the free disk space was not checked")
     with Staged(out) as partial:
         merge_into(to, ref, base, partial, dtype, say)
+        chat_template.write_into(partial)  # training's format, system prompt included
         for name in ("tokenizer.model.v3", "tokenizer.model"):  # SentencePiece files (mistral-common, llama.cpp)
             if not (partial / name).exists():
                 shutil.copyfile(find_tokenizer_file(base), partial / name)

@@ -9,6 +9,7 @@ QLORA_REQUIRE_LLAMA_CPP=1, under which a missing binding fails instead of skippi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import stat
@@ -99,6 +100,54 @@ def test_chat_template_takes_arguments_as_objects_and_refuses_unknown_roles():
     assert '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Zürich", "unit": "c"}, "id": "abcDEF123"}]</s>' in text
     with pytest.raises(ValueError, match="not developer"):
         render([{"role": "developer", "content": "x"}])
+
+
+# ---------------------------------------------------------------------------- merged folders (slow)
+
+# Hugging Face's template of Mistral-7B-Instruct-v0.3 in short: the system prompt dropped (as the stock one drops it
+# from every conversation that ends with the assistant)
+STOCK_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]"
+                  "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def merged_folders(adapter_dir, tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """The tiny adapter merged by each backend into a base whose tokenizer carries the stock template."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("merged")
+    base = folder / "base-with-stock-template"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").write_text(STOCK_TEMPLATE)
+    out = {"transformers": folder / "transformers"}
+    if importlib.util.find_spec("mlx_lm"):
+        out["mlx"] = folder / "mlx"
+    for to, path in out.items():
+        assert main(["merge", str(adapter_dir), str(path), "--to", to, "--base-model", str(base)]) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["transformers", "mlx"])
+def test_merged_folders_tokenizer_formats_chats_as_training_did(to, merged_folders, chat_tokenizer):
+    """transformers' tokenizer loaded from the merged folder: its chat template gives mistral-common's ids for
+    training-style conversations (system prompt, several turns, tools) and for the prompt `qlora generate` encodes."""
+    from transformers import AutoTokenizer
+
+    if to not in merged_folders:
+        pytest.skip("mlx-lm is not installed")
+    folder = merged_folders[to]
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for name in CONVERSATIONS:
+        conv = conversation(name)
+        ids = tokenizer.apply_chat_template(openai_messages(conv), tools=list(conv.tools) or None, tokenize=True,
+                                            return_dict=False)
+        assert ids == chat_tokenizer.encode(conv).input_ids, name
+    turns = [("system", "Answer in one sentence."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Why?")]
+    ids = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tools=list(TOOLS),
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == chat_tokenizer.encode_prompt(turns, list(TOOLS))
 
 
 # ---------------------------------------------------------------------------- GGUF files (slow)

@@ -21,6 +21,9 @@ string "22" where mistral-common would write the number 22.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 CHAT_TEMPLATE = r"""
 {%- macro json_string(text) -%}
 "{{ text|replace('\\', '\\\\')|replace('"', '\\"')|replace('\n', '\\n')|replace('\r', '\\r')|replace('\t', '\\t') }}"
@@ -94,3 +97,14 @@ def render(messages: list[dict], tools: list[dict] | None = None, *, bos: str = 
     env = ImmutableSandboxedEnvironment(**jinja_options)
     return env.from_string(template).render(messages=messages, tools=tools, bos_token=bos, eos_token=eos,
                                             raise_exception=raise_exception, add_generation_prompt=True)
+
+
+def write_into(folder: Path) -> None:
+    """Give a merged model folder's tokenizer this template in place of the one the base came with (Hugging
+    Face's drops the system prompt): in tokenizer_config.json, and in chat_template.jinja, which transformers 5
+    writes and reads first, so that no copy of the base's template is left to win."""
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    config["chat_template"] = CHAT_TEMPLATE
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
