@@ -76,6 +76,13 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 
 @slow
+def test_checkpointed_layers_beyond_the_loaded_models_layers_are_refused(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, "training.gradient_checkpointing=true", "cuda.checkpointed_layers=3")
+    with pytest.raises(QLoraError, match=r"(?s)cuda.checkpointed_layers is 3 but .* has 2 decoder layers.*1 to 2"):
+        make_trainer(cfg, "too-many-layers")
+
+
+@slow
 def test_eval_loss_falls_clearly(trained):
     trainer, summary, _, _ = trained
     evals = [r["eval_loss"] for r in trainer.run.read_metrics() if "eval_loss" in r]

@@ -201,3 +201,17 @@ def test_the_demo_model_is_built_not_downloaded(tmp_path, monkeypatch):
     rows = by_name(pf.run_checks(cfg, machine(hub=lambda: "never asked")))
     assert rows["model"].status == pf.OK and "nothing downloaded" in rows["model"].message
     assert rows["disk"].status == pf.OK and "download" not in rows["disk"].message
+
+
+def test_checkpointed_layers_beyond_the_models_layer_count_are_refused(tmp_path, tiny_model_dir):
+    """The tiny model has 2 decoder layers, Mistral-7B 32: a count above them would checkpoint every layer
+    while the config claims fewer, silently."""
+    env = machine(gpu=H100, env={"HF_TOKEN": "x"})
+    for model, layers, asked in ((tiny_model_dir, 2, 3), (mistral.HUB_ID, 32, 40)):
+        cfg = h100_config(tmp_path, f"model.name_or_path={model}", f"cuda.checkpointed_layers={asked}")
+        row = by_name(pf.run_checks(cfg, env))["cuda.checkpointed_layers"]
+        assert row.status == pf.BLOCK, row
+        assert f"cuda.checkpointed_layers is {asked} but {model} has {layers} decoder layers" in row.message
+        assert f"1 to {layers}" in row.fix and "'all'" in row.fix
+    cfg = h100_config(tmp_path, f"model.name_or_path={tiny_model_dir}", "cuda.checkpointed_layers=2")
+    assert "cuda.checkpointed_layers" not in by_name(pf.run_checks(cfg, env))

@@ -17,6 +17,7 @@ from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
 from common.data.tokenize import Example
 from common.errors import PlatformError, QLoraError
+from common.model.mistral import checkpointed_layers_error
 from common.plan.planner import packs
 from common.run import distributed
 from common.run.folder import RunFolder
@@ -94,6 +95,10 @@ class CudaTrainer(Stopping):
         self.attn = choose_attention(cfg.cuda.attn_implementation, self.device, capability, say)
         self.model = load_quantized_model(cfg, self.attn, self.device)
         self._check_vocab()
+        problem = checkpointed_layers_error(cfg.cuda.checkpointed_layers, cfg.model.name_or_path,
+                                            self.model.config.num_hidden_layers)
+        if problem and cfg.training.gradient_checkpointing:
+            raise problem
         tokenizer = load_hf_tokenizer(cfg)
         tokenizer.pad_token = PAD_TOKEN
         self.tracker, notice = resolve_tracker(cfg.tracking.report_to)

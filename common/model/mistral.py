@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from common import REPO_ROOT
-from common.errors import QLoraError
+from common.errors import ConfigError, QLoraError
 
 HUB_ID = "mistralai/Mistral-7B-Instruct-v0.3"
 # The demo config's base model (configs/training_config_cpu.yaml): built by common/model/tiny.py on
@@ -68,14 +68,20 @@ def check_local_model(path: Path) -> None:
         )
 
 
-def cached_on_hub(name: str, revision: str | None = None) -> bool:
-    """Is this hub model in the local Hugging Face cache (so it loads offline)?"""
+def cached_config(name: str, revision: str | None = None) -> Path | None:
+    """A hub model's config.json in the local Hugging Face cache, or None."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
     except Exception:  # not a valid repo id, or no huggingface_hub: not cached
-        return False
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def cached_on_hub(name: str, revision: str | None = None) -> bool:
+    """Is this hub model in the local Hugging Face cache (so it loads offline)?"""
+    return cached_config(name, revision) is not None
 
 
 def is_demo_model(name_or_path: str) -> bool:
@@ -129,3 +135,24 @@ def require_model_source(name: str, cached: bool) -> None:
         reason = hub_unreachable()
         if reason:
             raise QLoraError(unreachable_hub_message(name, reason))
+
+
+def layer_count(name_or_path: str, revision: str | None = None) -> int | None:
+    """The base's decoder layers, where they are known without loading it: its local config.json, the hub
+    cache's, or Mistral-7B-v0.3's own for its hub id; None otherwise (the model load checks then)."""
+    config = local_config(name_or_path)
+    cached = None if config is not None or looks_like_path(name_or_path) else cached_config(name_or_path, revision)
+    if cached is not None:
+        config = json.loads(cached.read_text())
+    if config is not None:
+        return config.get("num_hidden_layers")
+    return SHAPE_7B["num_hidden_layers"] if name_or_path == HUB_ID else None
+
+
+def checkpointed_layers_error(asked: int | str, model: str, layers: int | None) -> ConfigError | None:
+    """cuda.checkpointed_layers above the model's layer count would checkpoint every layer while the config
+    says fewer: refused, naming the key, the value and the count."""
+    if asked == "all" or layers is None or asked <= layers:
+        return None
+    return ConfigError(f"cuda.checkpointed_layers is {asked} but {model} has {layers} decoder layers\n"
+                       f"set it to a number from 1 to {layers}, or 'all' (every layer recomputes its activations)")

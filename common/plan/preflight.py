@@ -277,6 +277,17 @@ def check_model(cfg, env, cached: Callable[[str], bool] = cached_on_hub) -> list
     return [Check("model", WARN, f"{name} will be downloaded on first use (about {DOWNLOAD_GB} GB)")]
 
 
+def check_checkpointed_layers(cfg, env) -> list[Check]:
+    from common.model.mistral import checkpointed_layers_error, layer_count
+
+    asked = cfg.cuda.checkpointed_layers
+    if cfg.backend != "cuda" or asked == "all" or not cfg.training.gradient_checkpointing:
+        return []
+    model = cfg.model.name_or_path
+    problem = checkpointed_layers_error(asked, model, layer_count(model, cfg.model.revision))
+    return [_blocked_by("cuda.checkpointed_layers", problem)] if problem else []
+
+
 def disk_needed_gb(cfg: QLoraConfig, model_cached_or_local: bool) -> tuple[float, str]:
     from common.plan.planner import lora_parameters, model_shape
 
@@ -358,7 +369,7 @@ def check_memory(cfg, env) -> list[Check]:
 
 
 CHECKS = [check_python, check_packages, check_accelerator, check_attention, check_kernels, check_data, check_start_adapter,
-          check_model,
+          check_model, check_checkpointed_layers,
           check_run_folder, check_disk, check_tracking, check_memory]
 
 
