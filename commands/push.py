@@ -5,6 +5,7 @@ written anywhere by this tool."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -63,11 +64,26 @@ def run(args, say: Say) -> int:
     else:
         from commands.merge import merge_run
 
-        with tempfile.TemporaryDirectory(prefix=".qlora-push-", dir=(ref.run_root or ref.folder).resolve().parent) as tmp:
-            merged = merge_run(args.run, Path(tmp) / "merged", "bf16", "transformers", args.base_model, say)
+        with merge_folder((ref.run_root or ref.folder).resolve().parent) as tmp:
+            merged = merge_run(args.run, tmp / "merged", "bf16", "transformers", args.base_model, say)
             upload(merged, args.repo_id, args.private, token, allow=None)
     say.ok(f"uploaded to https://huggingface.co/{args.repo_id} ({'private' if args.private else 'public'})")
     return 0
+
+
+@contextlib.contextmanager
+def merge_folder(beside: Path):
+    """A temporary folder for the merged model next to the run (on its disk, which the merge's free-space check
+    reads), removed afterwards; a folder that cannot be written is said as such before anything is merged."""
+    from common.after_training.staging import cannot_write
+
+    try:
+        made = tempfile.TemporaryDirectory(prefix=".qlora-push-", dir=beside)
+    except OSError as exc:
+        raise cannot_write(beside, exc, "make the folder writable, or copy the run to a writable folder and push "
+                           "that copy", why="push --merged writes the merged model beside the run first; ") from None
+    with made as tmp:
+        yield Path(tmp)
 
 
 def upload(folder: Path, repo_id: str, private: bool, token: str, allow: list[str] | None) -> None:

@@ -170,3 +170,29 @@ def file_size_limit(max_bytes: int):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.fixture
+def lock_folder():
+    """Makes a folder one in which nothing can be created: mode 0555, and for root (whom modes do not stop)
+    the immutable attribute where `chattr` can set it; the test is skipped where neither holds. Undone after."""
+    import subprocess
+
+    locked = []
+
+    def lock(folder: Path) -> Path:
+        folder.chmod(0o555)
+        immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        locked.append((folder, immutable))
+        try:
+            (folder / ".probe").touch()
+        except OSError:
+            return folder
+        (folder / ".probe").unlink()
+        pytest.skip("cannot make a read-only folder here (root without chattr +i)")
+
+    yield lock
+    for folder, immutable in locked:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)

@@ -239,3 +239,33 @@ def test_an_mlx_adapter_serves_the_cuda_backend(tmp_path, capsys, tiny_model_dir
     shutil.rmtree(mlx_adapter)
     code, out, err = run_cli(capsys, "generate", tmp_path / "mlx", *GEN)
     assert code == 0 and out.strip() and "Traceback" not in err
+
+
+def test_push_merged_from_a_run_in_a_read_only_folder_says_where_and_what_to_do(tmp_path, lock_folder, capsys,
+                                                                                light_adapter, monkeypatch):
+    """`push --merged` merges beside the run (the same disk) before uploading: a read-only folder there is
+    named, with the way out, before anything is merged or uploaded."""
+    import commands.push as push
+
+    run = shutil.copytree(light_adapter, tmp_path / "runs" / "run")
+    lock_folder(run.parent)
+    monkeypatch.setattr(push, "hub_login", lambda: "hf_test")  # the hub is not the subject: the folder is
+    monkeypatch.setattr(push, "upload", lambda *args, **kwargs: pytest.fail("nothing may be uploaded"))
+    code, _, err = run_cli(capsys, "push", run, "someone/repo", "--merged")
+    said = " ".join(err.split())
+    assert code == 1 and "Traceback" not in said, said
+    assert f"{run.parent}: cannot write there" in said and "merged model" in said, said
+    assert "make the folder writable" in said, said
+
+
+@pytest.mark.parametrize("command", ["merge", "export", "convert"])
+def test_writing_into_a_read_only_folder_says_where_and_what_to_do(tmp_path, lock_folder, capsys, adapter_dir,
+                                                                   command):
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    lock_folder(folder)
+    out = folder / {"merge": "merged", "export": "model.gguf", "convert": "mlx"}[command]
+    code, _, err = run_cli(capsys, command, adapter_dir, out)
+    said = " ".join(err.split())
+    assert code == 1 and "Traceback" not in said and ": cannot write there" in said and str(folder) in said, said
+    assert "choose a writable" in said, said

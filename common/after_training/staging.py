@@ -111,6 +111,12 @@ class Staged:
             raise self._failed(value) from None
 
     def _failed(self, exc: BaseException) -> QLoraError:
-        what, full = write_failure(exc) or (str(exc), False)
-        fix = "free disk space, or choose an output on a larger disk" if full else "choose a writable folder"
-        return QLoraError(f"{self.out}: cannot write there: {what}; nothing was written. To retry, {fix}.")
+        return cannot_write(self.out, exc, "choose a writable folder")
+
+
+def cannot_write(where: Path, exc: BaseException, fix: str, why: str = "") -> QLoraError:
+    """A failed write in plain words: the folder, the reason, what to do (`fix` unless the disk is full)."""
+    what, full = write_failure(exc) or (str(exc), False)
+    if full:
+        fix = "free disk space, or choose an output on a larger disk"
+    return QLoraError(f"{where}: cannot write there: {what}; {why}nothing was written. To retry, {fix}.")
