@@ -30,6 +30,7 @@ def session_tmpdir(tmp_path_factory):
     before, cached = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = folder, None
     os.environ["QLORA_CACHE_DIR"] = str(Path(folder) / "data-cache")  # prepared data, not in ~/.cache
+    os.environ["QLORA_RUN_INDEX"] = str(Path(folder) / "runs.json")  # the run folders tests open, ditto
     yield folder
     tempfile.tempdir = cached
     if before is None:

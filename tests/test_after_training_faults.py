@@ -269,3 +269,32 @@ def test_writing_into_a_read_only_folder_says_where_and_what_to_do(tmp_path, loc
     said = " ".join(err.split())
     assert code == 1 and "Traceback" not in said and ": cannot write there" in said and str(folder) in said, said
     assert "choose a writable" in said, said
+
+
+def _run_in(output_dir, name, adapter):
+    """A run folder as `qlora train` opens it under a custom tracking.output_dir, holding `adapter`'s files."""
+    from common.config.loader import load_config
+    from common.run.folder import RunFolder
+
+    cfg = load_config(platform="cpu", overrides=[f"tracking.output_dir={output_dir}", f"tracking.run_name={name}"])
+    root = RunFolder.create(cfg).root
+    for path in adapter.iterdir():
+        shutil.copy(path, root / path.name)
+    return root
+
+
+def test_a_run_in_a_custom_output_dir_is_found_by_its_name(tmp_path, capsys, light_adapter):
+    root = _run_in(tmp_path / "elsewhere", "far-run", light_adapter)
+    code, _, err = run_cli(capsys, "convert", "far-run", tmp_path / "mlx")
+    assert code == 0, err
+    assert (tmp_path / "mlx" / "adapters.safetensors").is_file()
+    from common.after_training.lookup import find_adapter, name_or_path
+
+    assert find_adapter("far-run").folder == root and name_or_path(root) == "far-run"
+    # the same name in two places: both named, neither guessed
+    other = _run_in(tmp_path / "another", "far-run", light_adapter)
+    code, _, err = run_cli(capsys, "convert", "far-run", tmp_path / "mlx-2")
+    said = " ".join(err.split())
+    assert code == 2 and str(root) in said and str(other) in said and "give the folder" in said, said
+    shutil.rmtree(other)  # a removed run is forgotten
+    assert find_adapter("far-run").folder == root

@@ -2,7 +2,8 @@
 adapter a RUN argument names, which base model it was trained on, the prompt as training encoded it,
 and the tool calls in an answer. The backends (backends/*/inference.py) load and run the model.
 
-RUN is a run name (a folder of tracking.output_dir's default: adapters/ in this checkout), a run folder
+RUN is a run name (a folder of tracking.output_dir's default, adapters/ in this checkout, or of any other
+output_dir a run was written to: common/run/folder.py keeps an index of the run folders it opened), a run folder
 (the PEFT adapter at its root; MLX runs also keep the mlx-lm adapter in mlx/) or any adapter folder,
 PEFT or mlx-lm format (a checkpoint, a converted adapter).
 """
@@ -79,13 +80,23 @@ def runs_root() -> Path:
 
 
 def run_folder(run: str | Path) -> Path:
-    """The folder RUN names: a path as given, else a run name (`train --run-name NAME`) in runs_root()."""
+    """The folder RUN names: a path as given, else a run name (`train --run-name NAME`) in runs_root(), else in
+    any other tracking.output_dir a run of that name was written to (the run index)."""
+    from common.run.folder import remembered
+
     folder = Path(run)
     if folder.is_dir():
         return folder
     named = runs_root() / str(run)
-    if not run_name_problem(str(run)) and named.is_dir():
-        return named
+    if not run_name_problem(str(run)):
+        if named.is_dir():
+            return named
+        elsewhere = remembered(str(run))  # runs written to another tracking.output_dir
+        if len(elsewhere) == 1:
+            return elsewhere[0]
+        if elsewhere:
+            raise UsageError(f"{run}: several runs have this name: {', '.join(map(str, elsewhere))}; "
+                             "give the folder of the one you mean")
     runs = sorted(p.name for p in runs_root().glob("*") if p.is_dir()) if runs_root().is_dir() else []
     close = difflib.get_close_matches(str(run), runs, n=1)
     hint = (f"did you mean {close[0]}? " if close else "") + (

@@ -23,6 +23,42 @@ def default_run_name(cfg: QLoraConfig) -> str:
     return cfg.tracking.run_name or time.strftime(f"{cfg.platform}-%Y%m%d-%H%M%S")
 
 
+# Every run folder this tool opened, wherever tracking.output_dir put it: how a run name finds a run outside
+# the default folder (common/after_training/lookup.py). $QLORA_RUN_INDEX moves it (the tests do).
+RUN_INDEX = "~/.cache/mistral-qlora/runs.json"
+
+
+def run_index() -> Path:
+    return Path(os.environ.get("QLORA_RUN_INDEX") or RUN_INDEX).expanduser()
+
+
+def remember(root: Path) -> None:
+    """Add a run folder to the index, dropping folders that are gone. The index is a convenience: a failed
+    write costs only finding this run by name, so it never stops a run."""
+    path, entry = run_index(), str(root.resolve())
+    known = [p for p in _indexed(path) if p != entry and Path(p).is_dir()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps({"runs": [*known, entry]}, indent=1) + "\n", encoding="utf-8")
+        os.replace(temporary, path)  # a reader never sees half a file; concurrent writers: the last one wins
+    except OSError:
+        pass
+
+
+def remembered(name: str) -> list[Path]:
+    """The indexed run folders called `name` that still exist."""
+    return [Path(p) for p in _indexed(run_index()) if Path(p).name == name and Path(p).is_dir()]
+
+
+def _indexed(path: Path) -> list[str]:
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8")).get("runs", [])
+    except (OSError, ValueError, AttributeError):  # none yet, or damaged: start again
+        return []
+    return [p for p in runs if isinstance(p, str)] if isinstance(runs, list) else []
+
+
 @dataclass
 class RunFolder:
     root: Path
@@ -41,6 +77,7 @@ class RunFolder:
     def open(self, cfg: QLoraConfig) -> RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         self.write_config(cfg)
+        remember(self.root)
         return self
 
     @staticmethod
