@@ -19,7 +19,8 @@ def use_display(trainer, display: TrainingDisplay, peak_memory: Callable[[], flo
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     class Display(TrainerCallback):
-        mark = 0.0
+        def __init__(self):
+            self.mark = time.monotonic()  # an evaluate() outside training is timed from here, not from boot
 
         def on_train_begin(self, args, state, control, **kwargs):
             display.start(state.global_step, state.max_steps, peak_memory)
