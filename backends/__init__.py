@@ -6,12 +6,13 @@ from __future__ import annotations
 from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
 from common.run.folder import RunFolder
+from common.run.startup import Startup
 from common.run.time_budget import TimeBudget
 from common.trainer import Inference, Trainer
 
 
 def make_trainer(cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
-                 time_budget: TimeBudget | None = None) -> Trainer:
+                 time_budget: TimeBudget | None = None, startup: Startup | None = None) -> Trainer:
     preference = cfg.training.method != "sft"  # dpo, orpo: backends/*/preference.py
     if cfg.backend == "cuda":
         if preference:
@@ -19,13 +20,13 @@ def make_trainer(cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
         else:
             from backends.cuda.trainer import CudaTrainer
 
-        return CudaTrainer(cfg, run, data, say, time_budget)
+        return CudaTrainer(cfg, run, data, say, time_budget, startup)
     if preference:
         from backends.mlx.preference import MlxPreferenceTrainer as MlxTrainer
     else:
         from backends.mlx.trainer import MlxTrainer
 
-    return MlxTrainer(cfg, run, data, say, time_budget)
+    return MlxTrainer(cfg, run, data, say, time_budget, startup)
 
 
 def make_inference(backend: str, ref, base: str, dtype: str, say) -> Inference:

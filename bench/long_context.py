@@ -1,6 +1,7 @@
 """One long-context point of `bash bench/run_h100.sh long N`: the plan made before the run against the
 run itself (peak memory, steady real tokens/s) and the time from the command's start to its first
-optimizer step (model loading, 4-bit quantization, data, kernel compilation, the first step itself).
+optimizer step (model loading, 4-bit quantization, data, kernel compilation, the first step itself): the
+run's own figure and stages from summary.json's `startup` when it has them.
 
   python bench/long_context.py --length 32768 --start EPOCH --plan plan.json --run RUN_FOLDER --out long-32768.json
 """
@@ -29,7 +30,19 @@ def collect(length: int, start: float, plan_file: Path, run: Path) -> dict:
     return {**out, "summary": result, "peak_memory_gb": result["peak_memory_gb"],
             "steady_tokens_per_second": sum(r["interval_tokens"] for r in steady) / seconds if seconds else None,
             "steady_definition": f"real tokens over the logged steps after step {WARMUP}",
-            "seconds_to_first_step": steps[0]["time"] - start if steps else None,
+            **first_step(result, steps[0]["time"] - start if steps else None)}
+
+
+def first_step(summary: dict, from_outside: float | None) -> dict:
+    """The run's own figure (summary.json's startup: from the command's start to the end of the first
+    optimizer step, with its stages) when it has one, else the time of the first logged step from outside."""
+    startup = summary.get("startup") or {}
+    if startup.get("seconds_to_first_step") is not None:
+        return {"seconds_to_first_step": startup["seconds_to_first_step"], "startup_stages": startup["stages"],
+                "seconds_to_first_logged_step_from_shell": from_outside,
+                "first_step_definition": "summary.json's startup: from `qlora train`'s start (its clock, after the "
+                "interpreter started) to the end of the first optimizer step"}
+    return {"seconds_to_first_step": from_outside,
             "first_step_definition": "from the shell's start of `qlora train` to the first logged step (that step included)"}
 
 

@@ -2,7 +2,8 @@
 stopping behaviour they share. This module imports no backend: `backends.make_trainer` picks one.
 
 Calls, the same on every backend:
-- `__init__(cfg, run, data, say, time_budget=None)` stores its inputs and loads nothing;
+- `__init__(cfg, run, data, say, time_budget=None, startup=None)` stores its inputs and loads nothing
+  (`startup`: the command's common.run.startup.Startup, which times the stages before the first step);
 - `setup()` loads the model and builds the loop (idempotent; `train()` and `evaluate()` call it);
 - `train(resume=None)` runs to the end or to a stop, saves the adapter, writes summary.json and
   returns a `RunSummary`;

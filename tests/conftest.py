@@ -31,6 +31,7 @@ def session_tmpdir(tmp_path_factory):
     os.environ["TMPDIR"], tempfile.tempdir = folder, None
     os.environ["QLORA_CACHE_DIR"] = str(Path(folder) / "data-cache")  # prepared data, not in ~/.cache
     os.environ["QLORA_RUN_INDEX"] = str(Path(folder) / "runs.json")  # the run folders tests open, ditto
+    os.environ["QLORA_CUDA_CACHE_DIR"] = str(Path(folder) / "cuda-cache")  # kept 4-bit bases, compiled kernels
     yield folder
     tempfile.tempdir = cached
     if before is None:

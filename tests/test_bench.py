@@ -249,7 +249,14 @@ def test_a_long_context_point_holds_the_plan_the_peak_the_steady_rate_and_the_fi
     point = collect(32768, start, plan, run)
     assert point["plan_peak_gb"] == 55.4 and point["peak_memory_gb"] == 61.0
     assert point["steady_tokens_per_second"] == pytest.approx(2_000.0)  # the warm-up steps left out
-    assert point["seconds_to_first_step"] == pytest.approx(91.0)
+    assert point["seconds_to_first_step"] == pytest.approx(91.0)  # from outside: the summary has no startup
+
+    stages = {"data": 2.0, "model": 30.0, "trainer": 5.0, "first_step": 50.0}
+    (run / "summary.json").write_text(json.dumps({"peak_memory_gb": 61.0, "startup": {
+        "stages": stages, "seconds_to_first_step": 89.5, "first_step": 1}}))
+    point = collect(32768, start, plan, run)  # the run's own figure, preferred
+    assert point["seconds_to_first_step"] == 89.5 and point["startup_stages"] == stages
+    assert point["seconds_to_first_logged_step_from_shell"] == pytest.approx(91.0)
 
     (run / "summary.json").unlink()  # a run that died (out of memory, say) is named, with its plan
     failed = collect(32768, start, plan, run)

@@ -67,6 +67,9 @@ def test_a_tiny_budget_stops_in_time_with_everything_saved(tiny_model_dir, tmp_p
     assert done.returncode == 0, out[-2000:]
     summary = json.loads((tmp_path / "budget" / "summary.json").read_text())
     assert summary["interrupted"] and summary["stop_reason"] == "time budget" and summary["global_step"] > 0
+    # the budget's clock and the startup's both start with the command: loading and the first step count
+    startup = summary["startup"]
+    assert 0 < startup["seconds_to_first_step"] < budget and startup["stages"]["model"] > 0
     assert elapsed < budget + 1.0, (elapsed, out[-1500:])  # +1 s: the interpreter starts before our clock
     assert (tmp_path / "budget" / "checkpoints" / f"checkpoint-{summary['global_step']}").is_dir()
     assert (tmp_path / "budget" / "adapter_model.safetensors").is_file()

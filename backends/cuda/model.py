@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from backends.cuda.warm_start import QuantizedBase, local_base
 from common.config.schema import QLoraConfig
+from common.console import Say
 from common.errors import QLoraError
 from common.model.mistral import HUB_ID, cached_on_hub, check_local_model, require_model_source
 from common.plan.machine import FLASH_KERNELS
-from common.run.distributed import local_rank
+from common.run.distributed import is_main, local_rank
+from common.run.startup import Startup
 
 INSTALL_HINT = (
     "install a FlashAttention kernel for the H100 (`make setup-h100` tries flash-attn-4, "
@@ -99,10 +102,13 @@ def explain_load_error(name: str, exc: Exception) -> QLoraError:
     return QLoraError(f"could not load model {name!r}: {exc}")
 
 
-def load_quantized_model(cfg: QLoraConfig, attn: str, device: str):
+def load_quantized_model(cfg: QLoraConfig, attn: str, device: str, say=None, startup: Startup | None = None):
+    """The base in 4 bits (cuda.quantization), from the copy an earlier run kept when there is one
+    (backends/cuda/warm_start.py), else read and quantized, then kept for the next run."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    say, startup = say or Say(), startup or Startup()
     q = cfg.cuda.quantization
     dtype = getattr(torch, q.compute_dtype)
     quant = (
@@ -116,22 +122,43 @@ def load_quantized_model(cfg: QLoraConfig, attn: str, device: str):
         else None
     )
     name, local_only = model_source(cfg)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name,
-            revision=cfg.model.revision,
-            quantization_config=quant,
-            dtype=dtype,
-            attn_implementation=attn,
-            device_map={"": local_rank() if device == "cuda" else "cpu"},  # one whole copy per process
-            local_files_only=local_only,
-        )
-    except (OSError, ValueError) as exc:
-        raise explain_load_error(name, exc) from None
+    placed = dict(dtype=dtype, attn_implementation=attn,
+                  device_map={"": local_rank() if device == "cuda" else "cpu"})  # one whole copy per process
+    kept = quantized_entry(cfg, name, local_only, device) if quant is not None else None
+    model = None
+    if kept is not None and kept.present():
+        with startup.stage("model", say, f"loading the 4-bit base kept by an earlier run ({kept.folder})"):
+            model = kept.load(lambda folder: AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **placed), say)
+        if model is not None:
+            model.name_or_path = model.config._name_or_path = name  # the base's name, not the cache's folder
+            say.ok(f"base model loaded from the kept 4-bit copy in {startup.seconds('model'):.1f} s")
+    if model is None:
+        doing = (f"loading the base model {name} and quantizing it to 4 bits ({q.quant_type}"
+                 f"{', double quantization' if q.double_quant else ''})" if quant is not None
+                 else f"loading the base model {name} ({q.compute_dtype}, not quantized)")
+        with startup.stage("model", say, doing):
+            try:
+                model = AutoModelForCausalLM.from_pretrained(name, revision=cfg.model.revision, quantization_config=quant,
+                                                             local_files_only=local_only, **placed)
+            except (OSError, ValueError) as exc:
+                raise explain_load_error(name, exc) from None
+        say.ok(f"base model loaded{' and quantized' if quant is not None else ''} in {startup.seconds('model'):.1f} s")
+        if kept is not None and is_main():
+            with startup.stage("keep_quantized", say, f"keeping the 4-bit base for the next run in {kept.folder}"):
+                kept.write(model, say)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     if device == "cpu" and quant is not None:
         keep_cpu_weights_trainable(model)
     return model
+
+
+def quantized_entry(cfg: QLoraConfig, name: str, local_only: bool, device: str) -> QuantizedBase | None:
+    """This base's entry in the quantized-base cache (None: cuda.quantized_cache is off, or the base's
+    files are not on this machine yet)."""
+    if not cfg.cuda.quantized_cache:
+        return None
+    base = local_base(name, cfg.model.revision, local_only)
+    return QuantizedBase.for_config(cfg, base, device) if base is not None else None
 
 
 def keep_cpu_weights_trainable(model) -> int:

@@ -7,12 +7,14 @@ stopping cleanly on SIGTERM / Ctrl-C; save() writes the PEFT adapter into the ru
 
 from __future__ import annotations
 
+import importlib
 import time
 
 from backends.cuda.activation_checkpointing import checkpoint_limit_callback, checkpointing_args
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
 from backends.cuda.patches import liger_kernel_config, liger_rope_impl, pin_cuda_device, run_scope
 from backends.cuda.progress import use_display
+from backends.cuda.warm_start import use_flash_compile_cache
 from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
 from common.data.tokenize import Example
@@ -22,11 +24,13 @@ from common.plan.planner import packs
 from common.run import distributed
 from common.run.folder import RunFolder
 from common.run.progress import TrainingDisplay
+from common.run.startup import Startup
 from common.run.stopping import Stopping
 from common.run.summary import Progress, RunSummary, peak_rss_gb, summarize
 from common.run.time_budget import TimeBudget
 from common.run.tracking import resolve_tracker, start_wandb
 
+LIBRARIES = ("torch", "transformers", "peft", "trl")  # imported as one timed stage: seconds on a cold disk
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
 
 
@@ -79,8 +83,9 @@ def sft_trainer_class(async_metrics: bool):
 
 class CudaTrainer(Stopping):
     def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
-                 time_budget: TimeBudget | None = None):
+                 time_budget: TimeBudget | None = None, startup: Startup | None = None):
         self.cfg, self.run, self.data, self.say, self.time_budget = cfg, run, data, say, time_budget
+        self.startup = startup or Startup()
         self.trainer = None
         self.tracker = "none"
         self.wandb_run = None
@@ -90,15 +95,24 @@ class CudaTrainer(Stopping):
         if self.trainer is not None:
             return
         cfg, say = self.cfg, self.say
-        self.display = TrainingDisplay(cfg, self.run.checkpoints, self.data, say)
+        self.display = TrainingDisplay(cfg, self.run.checkpoints, self.data, say, self.startup)
+        kernel_cache = use_flash_compile_cache(cfg, say)  # before anything imports flash_attn
+        with self.startup.stage("libraries", say, "importing PyTorch, transformers, PEFT and TRL"):
+            for library in LIBRARIES:
+                importlib.import_module(library)
         self.device, capability = resolve_device(cfg.cuda.device)
         self.attn = choose_attention(cfg.cuda.attn_implementation, self.device, capability, say)
-        self.model = load_quantized_model(cfg, self.attn, self.device)
+        self.model = load_quantized_model(cfg, self.attn, self.device, say, self.startup)
         self._check_vocab()
         problem = checkpointed_layers_error(cfg.cuda.checkpointed_layers, cfg.model.name_or_path,
                                             self.model.config.num_hidden_layers)
         if problem and cfg.training.gradient_checkpointing:
             raise problem
+        with self.startup.stage("trainer", say, "adding LoRA and building the trainer"):
+            self._build(cfg, say)
+        self.startup.first_step_note = self._first_step_note(kernel_cache)
+
+    def _build(self, cfg: QLoraConfig, say) -> None:
         tokenizer = load_hf_tokenizer(cfg)
         tokenizer.pad_token = PAD_TOKEN
         self.tracker, notice = resolve_tracker(cfg.tracking.report_to)
@@ -121,6 +135,15 @@ class CudaTrainer(Stopping):
         self._keep_adapter_in_fp32()
         self._speedups()
         self._guess_budget(sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad))
+
+    def _first_step_note(self, kernel_cache) -> str:
+        """What the first step compiles besides training (kernels that compile on first use, once a machine)."""
+        compiled = [name for name, used in (("FlashAttention-4", self.attn == "flash_attention_4"),
+                                            ("Liger's Triton", self.trainer.args.use_liger_kernel)) if used]
+        if not compiled:
+            return ""
+        kept = f"; FlashAttention-4's are kept in {kernel_cache}" if kernel_cache and self.attn == "flash_attention_4" else ""
+        return f" ({' and '.join(compiled)} kernels compile on their first use on a new machine{kept})"
 
     def _hf_trainer(self, tokenizer, peft_config):
         """TRL's trainer for this method (SFT here; preference tuning in backends/cuda/preference.py)."""
@@ -394,7 +417,8 @@ class CudaTrainer(Stopping):
                             stopped=self.stop_requested, stop_reason=self.stop_reason, resumed_from=resume_from)
         summary = summarize(self.run, "cuda", torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu",
                             progress, _peak_memory_gb(self.device),
-                            {"attention": self.attn, "tracker": self.tracker, "processes": distributed.world_size()})
+                            {"attention": self.attn, "tracker": self.tracker, "processes": distributed.world_size()},
+                            self.startup.as_dict())
         if distributed.is_main():
             self.run.write_summary(summary)
             self.run.plot_losses()

@@ -32,6 +32,7 @@ from common.run import checkpoints as ckpt
 from common.run.folder import RunFolder
 from common.run.order import epoch_order
 from common.run.progress import TrainingDisplay
+from common.run.startup import Startup
 from common.run.stopping import Stopping
 from common.run.summary import Progress, RunSummary, summarize
 from common.run.time_budget import TimeBudget
@@ -48,8 +49,9 @@ def cached_model_name(name: str, bits: int, group: int, revision: str | None = N
 
 class MlxTrainer(Stopping):
     def __init__(self, cfg: QLoraConfig, run: RunFolder, data: PreparedData, say,
-                 time_budget: TimeBudget | None = None):
+                 time_budget: TimeBudget | None = None, startup: Startup | None = None):
         self.cfg, self.run, self.data, self.say, self.time_budget = cfg, run, data, say, time_budget
+        self.startup = startup or Startup()
         self.model = None
         self.step = 0
         self.after_step = []  # callables(step): hooks for tests and tools
@@ -66,9 +68,10 @@ class MlxTrainer(Stopping):
         from mlx_lm.utils import load
 
         cfg = self.cfg
-        self.display = TrainingDisplay(cfg, self.run.checkpoints, self.data, self.say)
-        self.model_path = self._quantized_model()
-        self.model, _ = load(str(self.model_path))
+        self.display = TrainingDisplay(cfg, self.run.checkpoints, self.data, self.say, self.startup)
+        with self.startup.stage("model", self.say, f"loading the base model {cfg.model.name_or_path}"):
+            self.model_path = self._quantized_model()
+            self.model, _ = load(str(self.model_path))
         self.model.freeze()
         self.lora_parameters = {
             "rank": cfg.lora.r,
@@ -89,7 +92,8 @@ class MlxTrainer(Stopping):
         self.sink = MetricSink(self.tracker, self.run.root, cfg.tracking.project, self.run.root.name)
         trainable = sum(v.size for _, v in _flatten(self.model.trainable_parameters()))
         self._guess_budget(trainable)
-        self.say.ok(f"MLX: {self.model_path} with LoRA on {self.num_layers} layers ({trainable:,} trainable)")
+        self.say.ok(f"MLX: {self.model_path} with LoRA on {self.num_layers} layers ({trainable:,} trainable; "
+                    f"loaded in {self.startup.seconds('model'):.1f} s)")
 
     def _quantized_model(self) -> Path:
         """A pre-quantized MLX folder, or any base with mlx.quantize false, is used as is; anything else is
@@ -237,7 +241,7 @@ class MlxTrainer(Stopping):
                             tokens_at_start=tokens_at_start, started=started, stopped=self.stop_requested,
                             stop_reason=self.stop_reason, resumed_from=resumed_from)
         summary = summarize(self.run, "mlx", str(mx.default_device()), progress, mx.get_peak_memory() / 1024**3,
-                            {"model": str(self.model_path), "tracker": self.tracker})
+                            {"model": str(self.model_path), "tracker": self.tracker}, self.startup.as_dict())
         self.run.write_summary(summary)
         self.run.plot_losses()
         return summary

@@ -23,6 +23,7 @@ from rich.text import Text
 from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
 from common.plan.planner import events_after, packs, steps_per_epoch, tokens_per_step
+from common.run.startup import Startup
 from common.run.time_budget import eval_steps_guess
 
 # preference tuning (dpo, orpo): share of pairs whose chosen answer out-scores the rejected one, and the mean margin
@@ -49,8 +50,9 @@ class TrainingDisplay:
     """Created by each backend's trainer; fed with `start`, `step`, `logged` (a metrics record),
     `evaluated`, `saved` and `finish` from its loop (MLX) or its callbacks (CUDA)."""
 
-    def __init__(self, cfg: QLoraConfig, checkpoints: Path, data: PreparedData, say):
+    def __init__(self, cfg: QLoraConfig, checkpoints: Path, data: PreparedData, say, startup: Startup | None = None):
         self.cfg, self.checkpoints, self.say = cfg, checkpoints, say
+        self.startup = startup or Startup()
         lengths = [len(e) for e in data.train]
         self.per_epoch, _ = steps_per_epoch(cfg, lengths) if lengths else (1, 0)
         self.real_per_step = sum(lengths) / self.per_epoch
@@ -74,6 +76,8 @@ class TrainingDisplay:
         self.started = time.monotonic()
         for line in self.intro(step, total):
             self.say.info(line)
+        if step < total:
+            self.line(self.startup.first_step_begins())
         if self.say.console.is_terminal:
             self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), _Status(self),
                                 console=self.say.console, redirect_stdout=False, redirect_stderr=False)
@@ -88,6 +92,9 @@ class TrainingDisplay:
         self.peak_gb = self.peak_memory()
         if self.bar:
             self.bar.update(self.task, completed=step)
+        first = self.startup.first_step_ended(step)
+        if first:
+            self.line(first)
 
     def logged(self, record: dict) -> None:
         """A metrics.jsonl record; a training one (with `loss`) is a plain line when not in a terminal.

@@ -35,6 +35,7 @@ class RunSummary:
     best_checkpoint: str | None = None
     trainable_parameters: int | None = None  # LoRA weights in the run folder's adapter
     details: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (attention, model)
+    startup: dict[str, Any] = field(default_factory=dict)  # the last start: seconds per stage and to the first step
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +60,7 @@ class Progress:
 
 
 def summarize(run, backend: str, device: str, progress: Progress, peak_memory_gb: float,
-              details: dict[str, Any]) -> RunSummary:
+              details: dict[str, Any], startup: dict[str, Any] | None = None) -> RunSummary:
     """The summary of a run folder after its final save: one rule per field for both backends."""
     wall = time.time() - progress.started
     records = run.read_metrics()
@@ -85,6 +86,7 @@ def summarize(run, backend: str, device: str, progress: Progress, peak_memory_gb
         best_checkpoint=str(best) if best else None,
         trainable_parameters=adapter_parameters(run.root / "adapter_model.safetensors"),
         details=details,
+        startup=startup or {},
     )
 
 

@@ -155,20 +155,24 @@ def _train(request: TrainRequest, say: Say, budget: TimeBudget | None, run_folde
     from common.data.preference import training_data
     from common.model.tiny import ensure_demo_model
     from common.plan.preflight import blocked, run_checks, show_checks
+    from common.run.startup import Startup
 
     cfg, root = request.cfg, run_folder.root
-    with distributed.main_first():  # the demo model is built once
-        ensure_demo_model(cfg.model.name_or_path, say)
-    rows = run_checks(cfg)  # on every process; only rank 0's output reaches the terminal
+    startup = Startup(distributed.started(request.started) if request.started else None)
+    with startup.stage("checks"):
+        with distributed.main_first():  # the demo model is built once
+            ensure_demo_model(cfg.model.name_or_path, say)
+        rows = run_checks(cfg)  # on every process; only rank 0's output reaches the terminal
     show_checks(rows, say, problems_only=True)
     if blocked(rows):
         raise QLoraError(_preflight_refusal(rows))
-    with distributed.main_first():  # rank 0 tokenizes and caches; the others read its cache
-        data = training_data(cfg, say)
+    with startup.stage("data", say, "preparing data (tokenized once, then read from the cache)"):
+        with distributed.main_first():  # rank 0 tokenizes and caches; the others read its cache
+            data = training_data(cfg, say)
     report = data.report
     for source in report.sources:
         say.info(source.line())
-    say.ok(f"data: {report.n_train} training and {report.n_val} validation examples")
+    say.ok(f"data: {report.n_train} training and {report.n_val} validation examples ({startup.seconds('data'):.1f} s)")
     said = " ".join(row.message for row in rows)
     for warning in report.warnings:
         if warning not in said:  # the preflight's rows (above) may have said it already
@@ -176,7 +180,7 @@ def _train(request: TrainRequest, say: Say, budget: TimeBudget | None, run_folde
     if distributed.is_main():
         run_folder.open(cfg)
     say.info(f"run folder: {root}")
-    trainer = make_trainer(cfg, run_folder, data, say, time_budget=budget)
+    trainer = make_trainer(cfg, run_folder, data, say, time_budget=budget, startup=startup)
     trainer.setup()
     if budget is not None:
         budget.refuse_if_too_short()
