@@ -106,49 +106,55 @@ def load_quantized_model(cfg: QLoraConfig, attn: str, device: str, say=None, sta
     """The base in 4 bits (cuda.quantization), from the copy an earlier run kept when there is one
     (backends/cuda/warm_start.py), else read and quantized, then kept for the next run."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     say, startup = say or Say(), startup or Startup()
-    q = cfg.cuda.quantization
-    dtype = getattr(torch, q.compute_dtype)
-    quant = (
-        BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.quant_type,
-            bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-        )
-        if q.load_in_4bit
-        else None
-    )
-    name, local_only = model_source(cfg)
+    dtype = getattr(torch, cfg.cuda.quantization.compute_dtype)
     placed = dict(dtype=dtype, attn_implementation=attn,
                   device_map={"": local_rank() if device == "cuda" else "cpu"})  # one whole copy per process
-    kept = quantized_entry(cfg, name, local_only, device) if quant is not None else None
-    model = None
-    if kept is not None and kept.present():
-        with startup.stage("model", say, f"loading the 4-bit base kept by an earlier run ({kept.folder})"):
-            model = kept.load(lambda folder: AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **placed), say)
-        if model is not None:
-            model.name_or_path = model.config._name_or_path = name  # the base's name, not the cache's folder
-            say.ok(f"base model loaded from the kept 4-bit copy in {startup.seconds('model'):.1f} s")
+    name, local_only = model_source(cfg)
+    kept = quantized_entry(cfg, name, local_only, device) if cfg.cuda.quantization.load_in_4bit else None
+    model = _load_kept(kept, name, placed, say, startup) if kept is not None and kept.present() else None
     if model is None:
-        doing = (f"loading the base model {name} and quantizing it to 4 bits ({q.quant_type}"
-                 f"{', double quantization' if q.double_quant else ''})" if quant is not None
-                 else f"loading the base model {name} ({q.compute_dtype}, not quantized)")
-        with startup.stage("model", say, doing):
-            try:
-                model = AutoModelForCausalLM.from_pretrained(name, revision=cfg.model.revision, quantization_config=quant,
-                                                             local_files_only=local_only, **placed)
-            except (OSError, ValueError) as exc:
-                raise explain_load_error(name, exc) from None
-        say.ok(f"base model loaded{' and quantized' if quant is not None else ''} in {startup.seconds('model'):.1f} s")
+        model = _load_base(cfg, name, local_only, placed, say, startup)
         if kept is not None and is_main():
             with startup.stage("keep_quantized", say, f"keeping the 4-bit base for the next run in {kept.folder}"):
                 kept.write(model, say)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-    if device == "cpu" and quant is not None:
+    if device == "cpu" and cfg.cuda.quantization.load_in_4bit:
         keep_cpu_weights_trainable(model)
+    return model
+
+
+def _load_kept(kept: QuantizedBase, name: str, placed: dict, say, startup: Startup):
+    """The 4-bit copy an earlier run kept (None, said, when it is damaged)."""
+    from transformers import AutoModelForCausalLM
+
+    with startup.stage("model", say, f"loading the 4-bit base kept by an earlier run ({kept.folder})"):
+        model = kept.load(lambda folder: AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **placed), say)
+    if model is not None:
+        model.name_or_path = model.config._name_or_path = name  # the base's name, not the cache's folder
+        say.ok(f"base model loaded from the kept 4-bit copy in {startup.seconds('model'):.1f} s")
+    return model
+
+
+def _load_base(cfg: QLoraConfig, name: str, local_only: bool, placed: dict, say, startup: Startup):
+    """The base as stored, quantized by bitsandbytes while it loads (with load_in_4bit)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = cfg.cuda.quantization
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                               bnb_4bit_use_double_quant=q.double_quant,
+                               bnb_4bit_compute_dtype=placed["dtype"]) if q.load_in_4bit else None
+    doing = (f"loading the base model {name} and quantizing it to 4 bits ({q.quant_type}"
+             f"{', double quantization' if q.double_quant else ''})" if quant is not None
+             else f"loading the base model {name} ({q.compute_dtype}, not quantized)")
+    with startup.stage("model", say, doing):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, revision=cfg.model.revision, quantization_config=quant,
+                                                         local_files_only=local_only, **placed)
+        except (OSError, ValueError) as exc:
+            raise explain_load_error(name, exc) from None
+    say.ok(f"base model loaded{' and quantized' if quant is not None else ''} in {startup.seconds('model'):.1f} s")
     return model
 
 

@@ -3,6 +3,7 @@
 | what | patched | why |
 |---|---|---|
 | Liger's RoPE implementation | env `LIGER_KERNEL_IMPL_ROPE=nvidia-triton`, for the run | Liger's dispatcher prefers its CuTe DSL RoPE on Hopper, which recompiles for every packed-batch length (measured: docs/benchmarks.md); its Triton kernel compiles once. A choice the user made in the environment wins. |
+| FlashAttention-4's compile cache | env `FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1` and `_DIR`, for the process (backends/cuda/warm_start.py) | flash-attn-4 reads them once, when imported: off, its kernels compile again in every process. Set only when the user set neither. |
 | Liger's registry logger | a filter on `liger_kernel.backends.registry`, for the run | it logs, mid-run and worded like an error, that its Huawei Ascend RoPE failed to import: always so on CUDA. Only that notice is dropped. |
 | PEFT's 4-bit LoRA forward | per layer instance (backends/cuda/fused_lora.py) | the LoRA update inside its matmul; lives and dies with the model. |
 | activation checkpointing | per decoder layer instance (backends/cuda/activation_checkpointing.py) | the first N layers only; lives and dies with the model. |
