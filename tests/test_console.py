@@ -83,6 +83,9 @@ def test_plain_lines_carry_every_field_and_no_escape_codes(tmp_path):
     display.evaluated(5, 2.0, 1.0)
     display.saved(5, tmp_path / "ckpt", 0.2)
     lines = out.getvalue().splitlines()[2:]
+    assert re.match(r"\d\d:\d\d:\d\d first optimizer step \.\.\.$", lines.pop(0))  # the wait before it, timed
+    assert re.match(r"\d\d:\d\d:\d\d first optimizer step done in \d+\.\d s, \d+\.\d s after the command started \(",
+                    lines.pop(0))
     assert re.match(r"\d\d:\d\d:\d\d step 5/20  loss 2.2500  lr 2.00e-04  800 tok/s  0:00:\d\d elapsed, "
                     r"~0:00:\d\d left  peak 2.5 GB$", lines[0]), lines[0]
     assert "evaluation at step 5/20: eval_loss 2.0000 (best 2.0000, train loss 2.2500), 1.0 s" in lines[1]
