@@ -19,6 +19,7 @@
 #   bash bench/run_h100.sh gpus-collect  # those runs into one results file, a row per GPU count
 #   bash bench/run_h100.sh long-prepare  # synthetic long documents (1K to 32K tokens) in /tmp/bench-doc
 #   bash bench/run_h100.sh long 32768    # at that length: `qlora plan`, then STEPS (20) steps of `qlora train`
+#   bash bench/run_h100.sh fast-start    # time to the first step: caches off, on and empty, on and filled
 #   bash bench/run_h100.sh dpo           # configs/dpo_h100.yaml, 20 steps on ~650-token pairs (plan + summary)
 #   bash bench/run_h100.sh long-all      # one call: checkpoint, documents, then `long N` for each of LENGTHS
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
@@ -199,6 +200,20 @@ PY
     $PY bench/make_checkpoint.py /tmp/mistral-7b-random
     bash "$0" long-prepare
     for n in ${LENGTHS:-8192 16384 32768}; do bash "$0" long "$n"; done
+    ;;
+  fast-start)  # after long-prepare: time to the first step of the 8K config, 2 steps each, on a fresh cache
+    # folder: both caches off (before), on and empty (writes the 4-bit copy, compiles), on and filled (after)
+    cache=/tmp/qlora-cache-fast-start; rm -rf "$cache"; mkdir -p "$OUT"
+    args=(--config configs/training_config_h100_8k.yaml --set model.name_or_path=/tmp/mistral-7b-random
+          --set data.train_file=/tmp/bench-doc/train.jsonl --set data.val_file=/tmp/bench-doc/val.jsonl
+          --set tracking.output_dir=/tmp/adapters --set tracking.report_to=none --set training.max_steps=2
+          --set eval.eval_steps=100000 --set eval.save_steps=100000 --set cuda.cache_dir=$cache)
+    for run in off:false cold:true warm:true; do
+      name=${run%%:*}; on=${run#*:}
+      $PY -m commands train "${args[@]}" --set cuda.quantized_cache=$on --set cuda.compile_cache=$on \
+        --run-name "fast-start-$name" 2>&1 | tail -4 || echo "fast-start $name failed"
+      cp "/tmp/adapters/fast-start-$name/summary.json" "$OUT/fast-start-$name.json" || true
+    done
     ;;
   dpo)  # configs/dpo_h100.yaml on the random checkpoint, ~650-token pairs, STEPS (20) steps: $OUT/dpo-plan.json
     # (the planner's prediction) and $OUT/dpo-summary.json (tokens/s of both rows of every pair, peak memory)
