@@ -44,14 +44,17 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/qlora-data-at-scale-cache")
     parser.add_argument("--workers", type=int, default=0, help="0 = one a core")
     parser.add_argument("--out")
+    parser.add_argument("--only", choices=("cold", "warm"),
+                        help="one phase (warm reads the cache a cold run left in --cache)")
     parser.add_argument("--phase", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
         print(json.dumps(phase(args.data, args.cache, args.workers)))
         return
-    shutil.rmtree(args.cache, ignore_errors=True)
+    if args.only != "warm":
+        shutil.rmtree(args.cache, ignore_errors=True)
     runs = {}
-    for name in ("cold", "warm"):
+    for name in [args.only] if args.only else ("cold", "warm"):
         done = subprocess.run([sys.executable, __file__, "--phase", "--data", args.data, "--cache", args.cache,
                                "--workers", str(args.workers)], stdout=subprocess.PIPE, check=True, text=True)
         runs[name] = json.loads(done.stdout)
@@ -64,9 +67,11 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "data": args.data, "file_mb": round(size / 2**20),
         "lines": sum(1 for _ in open(args.data, "rb")), "workers": args.workers or len(os.sched_getaffinity(0)),
         "cache_mb": round(cache_bytes / 2**20), **runs,
-        "cold_conversations_per_s": round((runs["cold"]["train"] + runs["cold"]["val"]) / runs["cold"]["seconds"]),
-        "cold_tokens_per_s": round(runs["cold"]["tokens"] / runs["cold"]["seconds"]),
     }
+    if "cold" in runs:
+        cold = runs["cold"]
+        result["cold_conversations_per_s"] = round((cold["train"] + cold["val"]) / cold["seconds"])
+        result["cold_tokens_per_s"] = round(cold["tokens"] / cold["seconds"])
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
