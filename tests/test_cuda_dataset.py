@@ -11,19 +11,11 @@ from test_cuda_backend import make_trainer, tiny_config
 pytest.importorskip("trl")
 pytest.importorskip("bitsandbytes")
 
-from backends.cuda import trainer as cuda_trainer  # noqa: E402
 from backends.cuda.dataset import IGNORE, TokenColumns, to_dataset  # noqa: E402
+from bench.data_at_scale import as_before  # noqa: E402
 from common.config.schema import DataConfig  # noqa: E402
 from common.data.prepare import prepare_data  # noqa: E402
 from common.data.tokenize import Example  # noqa: E402
-
-
-def list_dataset(examples):
-    """The dataset as it was built before: every example's ids and mask as Python lists."""
-    from datasets import Dataset
-
-    return Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
-                              "assistant_masks": [e.loss_mask for e in examples]})
 
 
 def test_columns_hold_every_example_stored_or_not(chat_tokenizer):
@@ -47,15 +39,7 @@ def test_same_rows_and_first_step_loss_as_the_list_built_dataset(tiny_model_dir,
              "eval.eval_steps=100", "eval.save_steps=100", "data.max_seq_length=256", "training.batch_size=2",
              "eval.load_best_model_at_end=false"]
     new = make_trainer(tiny_config(tiny_model_dir, tmp_path, *steps), f"arrays-{packing}")
-    sft_config = cuda_trainer.CudaTrainer._sft_config
-
-    def as_before(self):  # TRL prepared the list-built dataset itself: labels, truncation, packing
-        config = sft_config(self)
-        config.dataset_kwargs = None
-        return config
-
-    monkeypatch.setattr(cuda_trainer, "to_dataset", list_dataset)
-    monkeypatch.setattr(cuda_trainer.CudaTrainer, "_sft_config", as_before)
+    as_before(monkeypatch.setattr)  # Python lists of every example; TRL prepared them (labels, truncation)
     old = make_trainer(tiny_config(tiny_model_dir, tmp_path, *steps), f"lists-{packing}")
     for name in ("train_dataset", "eval_dataset"):
         got, expected = getattr(new.trainer, name), getattr(old.trainer, name)
