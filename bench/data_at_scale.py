@@ -11,6 +11,11 @@ packing at 4096 as the H100 config: prepare_data (a cache hit), then CudaTrainer
 dataset, TRL's preparation of it, the trainer), each way in a fresh process: "arrays" (backends/cuda/
 dataset.py) and "lists" (every example's ids and mask as Python lists, TRL building the labels: the
 path before it). Peak RSS of the process after each stage.
+
+--repeat-of SMALL: --data is SMALL written N times over (`for i in 1 2 3 4 5; do cat small; done > big`):
+fill --cache with its entry from SMALL's (cached by a cold run) through the store's own writer, as
+tokenizing it would (the same arrays N times over, line numbers running on), without the hour that
+tokenizing 1M conversations takes on 2 shared cores. For --cuda-dataset at 1M; not a preparation time.
 """
 
 from __future__ import annotations
@@ -99,6 +104,28 @@ def dataset_phase(data: str, cache: str, how: str) -> dict:
     return result
 
 
+def fill_repeated(data: str, small: str, cache: str) -> None:
+    from common.config.schema import DataConfig, DataSource
+    from common.data.store import Chunk, StoreWriter, TokenStore, _build, entry_folder
+    from common.data.tokenize import ChatTokenizer
+
+    tokenizer, cfg = ChatTokenizer(), DataConfig(train_file=data, cache_dir=cache)
+    source = TokenStore(entry_folder(Path(small), DataSource(path=small), cfg, tokenizer))
+    lines = sum(1 for _ in open(small, "rb"))
+    times, left = divmod(sum(1 for _ in open(data, "rb")), lines)
+    assert not left, f"{data} is not {small} written a whole number of times over"
+
+    def write(folder: Path) -> None:
+        with StoreWriter(folder, tokenizer, source.info["format"], 1, "") as writer:
+            for _ in range(times):
+                writer.add(Chunk(ids=source.ids, mask=source.mask, lengths=source.lengths.tolist(),
+                                 lines=source.lines.tolist(), keys=source.keys.tolist(), flags=source.flags.tolist(),
+                                 calls=source.calls.tolist(), turns=source.turns.tolist(),
+                                 blank=source.info["blank_lines"], n_lines=lines))
+
+    _build(entry_folder(Path(data), DataSource(path=data), cfg, tokenizer), write)
+
+
 def _peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
 
@@ -132,8 +159,11 @@ def main() -> None:
                         help="one phase (warm reads the cache a cold run left in --cache)")
     parser.add_argument("--cuda-dataset", nargs="+", choices=("arrays", "lists"),
                         help="the CUDA trainer's dataset stage instead (see above); lists: the path before")
+    parser.add_argument("--repeat-of", metavar="SMALL", help="fill the cache for --data from SMALL's entry (above)")
     parser.add_argument("--phase", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat_of:
+        fill_repeated(args.data, args.repeat_of, args.cache)
     if args.phase:
         done = dataset_phase(args.data, args.cache, args.cuda_dataset[0]) if args.cuda_dataset else phase(
             args.data, args.cache, args.workers)

@@ -168,13 +168,9 @@ def stored_source(spec: DataSource, cfg: DataConfig, key: str, tokenizer: ChatTo
                   say=None) -> tuple[list[Stored], SourceReport]:
     """read_source's counterpart: the source's records, tokenized once and cached (files by content)."""
     label = source_label(spec)
-    columns = source_columns(spec, cfg)
     if spec.path:
         path = regular_file(Path(spec.path), key)
-        fmt = spec.format if spec.format != "auto" else cfg.format
-        fingerprint = [CACHE_VERSION, _file_digest(path), path.suffix.lower(), fmt, sorted(columns.items()),
-                       _file_digest(tokenizer.path)]
-        folder = cache_root(cfg) / _digest(json.dumps(fingerprint).encode())
+        folder = entry_folder(path, spec, cfg, tokenizer)
         store = _cached(folder, label, say)
         if store is None:
             store = _build(folder, lambda tmp: _tokenize_file(tmp, path, spec, cfg, key, tokenizer, say))
@@ -192,6 +188,14 @@ def stored_source(spec: DataSource, cfg: DataConfig, key: str, tokenizer: ChatTo
     report = SourceReport(label, store.info["format"], weight=spec.weight, blank_lines=store.info["blank_lines"])
     return finish_source([Stored(store, i, label, label) for i in range(len(store))], report, spec, cfg,
                          store.info["unit"])
+
+
+def entry_folder(path: Path, spec: DataSource, cfg: DataConfig, tokenizer: ChatTokenizer) -> Path:
+    """The cache entry of a file: named by its content and the settings that shape its tokens."""
+    fmt = spec.format if spec.format != "auto" else cfg.format
+    fingerprint = [CACHE_VERSION, _file_digest(path), path.suffix.lower(), fmt,
+                   sorted(source_columns(spec, cfg).items()), _file_digest(tokenizer.path)]
+    return cache_root(cfg) / _digest(json.dumps(fingerprint).encode())
 
 
 def _cached(folder: Path, label: str, say) -> TokenStore | None:
