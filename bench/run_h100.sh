@@ -22,6 +22,7 @@
 #   bash bench/run_h100.sh fast-start    # time to the first step: caches off, on and empty, on and filled
 #   bash bench/run_h100.sh dpo           # configs/dpo_h100.yaml, 20 steps on ~650-token pairs (plan + summary)
 #   bash bench/run_h100.sh long-all      # one call: checkpoint, documents, then `long N` for each of LENGTHS
+#   bash bench/run_h100.sh data-at-scale # 1M conversations prepared cold then warm on all cores (no GPU used)
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
 set -euo pipefail
 SITE=${SITE:-/tmp/site}
@@ -231,6 +232,22 @@ PY
       --set eval.eval_steps=100000 --set eval.save_steps=100000 --run-name dpo-bench || echo "dpo train failed"
     cp /tmp/adapters/dpo-bench/summary.json "$OUT/dpo-summary.json" || true
     cp /tmp/adapters/dpo-bench/metrics.jsonl "$OUT/dpo-metrics.jsonl" || true
+    ;;
+  data-at-scale)  # $OUT/data-at-scale-h100.json: bench/data_at_scale.py (prepare_data cold, then warm) on 1,000,000
+    # `--kind short` conversations (125,000 generated, written 8 times over, as docs/data-at-scale.md), one worker a
+    # core. Needs only the data layer's packages (mistral-common, pydantic: `install` or WHEELS=dir of wheels).
+    # PHASE=cold|warm runs one phase (two calls when one would pass 10 minutes); PHASE unset runs both.
+    if [ -n "${WHEELS:-}" ]; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+    fi
+    d=/tmp/data-1m
+    if [ ! -f $d/train.jsonl ]; then
+      $PY bench/make_chat_data.py --kind short --train 125000 --val 0 --out $d/part
+      for _ in 1 2 3 4 5 6 7 8; do cat $d/part/train.jsonl; done > $d/train.tmp && mv $d/train.tmp $d/train.jsonl
+    fi
+    mkdir -p "$OUT"
+    $PY bench/data_at_scale.py --data $d/train.jsonl --cache /tmp/data-1m-cache ${PHASE:+--only "$PHASE"} \
+      --out "$OUT/data-at-scale-h100${PHASE:+-$PHASE}.json"
     ;;
   plan)
     shift

@@ -1,4 +1,4 @@
-"""`qlora data stats|convert|tokenize`: look at data files as training will see them."""
+"""`qlora data stats|convert|tokenize`: look at data files as training will see them (`data cache`: commands/data_cache.py)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("file")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=tokenize)
+    from commands import data_cache
+
+    data_cache.add_parser(data)
 
 
 def _sources(args, cfg):

@@ -4,6 +4,7 @@ the pool of tokenizing processes, and that both give exactly the examples of the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import SAMPLE, Recorder, chat, write_jsonl
@@ -133,3 +134,100 @@ def test_bad_lines_past_the_first_twenty_are_counted(tmp_path, chat_tokenizer):
     with pytest.raises(DataError, match=r"30 bad line\(s\)[\s\S]*and 10 more bad line"):
         prepare_data(config(tmp_path, path), chat_tokenizer)
     assert folders(tmp_path) == []  # nothing half-made is left in the cache
+
+
+# ---------------------------------------------------------------------------------------- the cache's size
+
+def source_files(tmp_path, names):
+    return {name: write_jsonl(tmp_path / f"{name}.jsonl", [chat(f"{name} question {i}", f"answer {i} " * 30)
+                                                         for i in range(30)]) for name in names}
+
+
+def entry_of(tmp_path, path) -> Path:
+    return next(e.folder for e in store.cache_entries(tmp_path / "cache") if e.source == str(path.resolve()))
+
+
+def used_days_ago(tmp_path, path, days: float) -> None:
+    import os
+    import time
+
+    when = time.time() - days * 86400
+    os.utime(entry_of(tmp_path, path) / store.USED, (when, when))
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Each prepare_data as its own process: what one process uses is kept from its own evictions."""
+    monkeypatch.setattr(store, "_IN_USE", set())
+    return store._IN_USE.clear
+
+
+def test_eviction_removes_the_least_recently_used_and_reading_counts_as_use(tmp_path, chat_tokenizer, runs):
+    files = source_files(tmp_path, "abcd")
+    for name in "abc":
+        runs()
+        prepared(config(tmp_path, files[name], cache_max_gb=0), chat_tokenizer)
+    for name, days in (("a", 3), ("b", 1), ("c", 2)):
+        used_days_ago(tmp_path, files[name], days)
+    size = max(e.size for e in store.cache_entries(tmp_path / "cache"))
+    runs()
+    _, said = prepared(config(tmp_path, files["a"]), chat_tokenizer)  # read: a is now the most recently used
+    assert "from the cache" in said
+    runs()
+    _, said = prepared(config(tmp_path, files["d"], cache_max_gb=2.5 * size / 1e9), chat_tokenizer)
+    kept = {e.source for e in store.cache_entries(tmp_path / "cache")}
+    assert kept == {str(files[name].resolve()) for name in "ad"}  # c (2 days), then b (1 day) went
+    assert "removed 2 least recently used entries" in said and "data.cache_max_gb" in said
+
+
+def test_eviction_keeps_the_entries_the_run_uses_even_past_the_cap(tmp_path, chat_tokenizer, runs):
+    files = source_files(tmp_path, "abc")
+    for name in "ab":
+        runs()
+        prepared(config(tmp_path, files[name]), chat_tokenizer)
+    used_days_ago(tmp_path, files["a"], 5)  # the oldest, but this run reads it
+    runs()
+    cfg = DataConfig(train_file=str(files["a"]), val_file=str(files["c"]), cache_dir=str(tmp_path / "cache"),
+                     cache_max_gb=1e-9)
+    data, said = prepared(cfg, chat_tokenizer)
+    assert {e.source for e in store.cache_entries(tmp_path / "cache")} == {str(files[n].resolve()) for n in "ac"}
+    assert "removed 1 least recently used entry" in said and "more than data.cache_max_gb" in said
+    assert len(data.train) == 30 and len(data.val) == 30  # and the entries still read
+
+
+def test_no_cap_evicts_nothing(tmp_path, chat_tokenizer, runs):
+    files = source_files(tmp_path, "ab")
+    for name in "ab":
+        runs()
+        prepared(config(tmp_path, files[name], cache_max_gb=0), chat_tokenizer)
+    assert len(store.cache_entries(tmp_path / "cache")) == 2
+
+
+@pytest.mark.slow
+def test_data_cache_command_lists_and_clears(tmp_path, chat_tokenizer, runs):
+    from conftest import qlora
+
+    files = source_files(tmp_path, "abc")
+    for name in "abc":
+        runs()
+        prepared(config(tmp_path, files[name]), chat_tokenizer)
+    used_days_ago(tmp_path, files["a"], 10)
+    used_days_ago(tmp_path, files["b"], 3)
+    where = f"data.cache_dir={tmp_path / 'cache'}"
+    code, out = qlora("data", "cache", "--set", where)
+    assert code == 0 and "3 entries" in out and "30 conversations" in out
+    assert out.index(str(files["c"].resolve())) < out.index(str(files["b"].resolve())) < out.index(
+        str(files["a"].resolve()))  # most recently used first
+    assert "10 days ago" in out and "3 days ago" in out
+    code, out = qlora("data", "cache", "--set", where, "--json")
+    rows = json.loads(out)["entries"]
+    assert [round(r["last_used_days_ago"]) for r in rows] == [0, 3, 10] and all(r["bytes"] > 0 for r in rows)
+    code, out = qlora("data", "cache", "--set", where, "--older-than", "5")
+    assert code == 0 and "removed 1 entry (not used for 5 day(s)" in out and "2 left" in out
+    code, out = qlora("data", "cache", "--set", where, "--clear")
+    assert code == 0 and "removed 2 entries" in out and not store.cache_entries(tmp_path / "cache")
+    for bad in ("-1", "soon", "nan"):
+        code, out = qlora("data", "cache", "--set", where, "--older-than", bad)
+        assert code == 2 and "DAYS must be a number of days, 0 or more" in out
+    code, out = qlora("data", "cache", "--set", "data.cache_max_gb=-1")
+    assert code != 0 and "data.cache_max_gb" in out and "Traceback" not in out

@@ -11,13 +11,13 @@ import importlib
 import time
 
 from backends.cuda.activation_checkpointing import checkpoint_limit_callback, checkpointing_args
+from backends.cuda.dataset import highest_id, to_dataset
 from backends.cuda.model import choose_attention, load_hf_tokenizer, load_quantized_model
 from backends.cuda.patches import liger_kernel_config, liger_rope_impl, pin_cuda_device, run_scope
 from backends.cuda.progress import use_display
 from backends.cuda.warm_start import use_flash_compile_cache
 from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
-from common.data.tokenize import Example
 from common.errors import PlatformError, QLoraError
 from common.model.mistral import checkpointed_layers_error
 from common.plan.planner import packs
@@ -32,17 +32,6 @@ from common.run.tracking import resolve_tracker, start_wandb
 
 LIBRARIES = ("torch", "transformers", "peft", "trl")  # imported as one timed stage: seconds on a cold disk
 PAD_TOKEN = "<unk>"  # never produced by the v3 tokenizer, so padding is never mistaken for text
-
-
-def to_dataset(examples: list[Example]):
-    from datasets import Dataset
-
-    return Dataset.from_dict(
-        {
-            "input_ids": [e.input_ids for e in examples],
-            "assistant_masks": [e.loss_mask for e in examples],
-        }
-    )
 
 
 def resolve_device(requested: str):
@@ -226,7 +215,7 @@ class CudaTrainer(Stopping):
 
     def _check_vocab(self) -> None:
         vocab = self.model.config.vocab_size
-        highest = max(max(e.input_ids) for e in (*self.data.train, *self.data.val))
+        highest = max(highest_id(self.data.train), highest_id(self.data.val))
         if highest >= vocab:
             raise QLoraError(
                 f"model {self.cfg.model.name_or_path} has {vocab} token embeddings but the data uses "
@@ -262,6 +251,10 @@ class CudaTrainer(Stopping):
             packing=t.packing,
             packing_strategy="bfd",
             completion_only_loss=False,
+            # Unpacked, TRL's preparation would only truncate (a no-op: the data layer's fit_length already
+            # cut or dropped each example to max_length, keeping only ones with targets) and drop rows
+            # without targets (none), each row as Python lists: skip it. Packed, it packs in Arrow.
+            dataset_kwargs={"skip_prepare_dataset": not t.packing},
             logging_nan_inf_filter=not self.cfg.cuda.async_metrics,  # the filter reads the loss every micro-batch
         )
 

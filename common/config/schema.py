@@ -175,6 +175,10 @@ class DataConfig(Section):
     cache_dir: str | None = Field(
         None, description="Where prepared (tokenized) data is cached, keyed by each file's content and the "
         "settings that shape its tokens; default $QLORA_CACHE_DIR, else ~/.cache/mistral-qlora/data.")
+    cache_max_gb: float | None = Field(
+        20, ge=0, description="Size cap of the prepared-data cache: after a new entry is written, the least "
+        "recently used entries are removed until the cache fits (never one this process uses). 0 or null = "
+        "no cap. An entry is ~3 bytes a token (1M chat conversations: 1.1 GB). `qlora data cache` lists and clears it.")
 
     @field_validator("columns")
     @classmethod

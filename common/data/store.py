@@ -168,19 +168,19 @@ def stored_source(spec: DataSource, cfg: DataConfig, key: str, tokenizer: ChatTo
                   say=None) -> tuple[list[Stored], SourceReport]:
     """read_source's counterpart: the source's records, tokenized once and cached (files by content)."""
     label = source_label(spec)
-    columns = source_columns(spec, cfg)
     if spec.path:
         path = regular_file(Path(spec.path), key)
-        fmt = spec.format if spec.format != "auto" else cfg.format
-        fingerprint = [CACHE_VERSION, _file_digest(path), path.suffix.lower(), fmt, sorted(columns.items()),
-                       _file_digest(tokenizer.path)]
-        folder = cache_root(cfg) / _digest(json.dumps(fingerprint).encode())
+        folder = entry_folder(path, spec, cfg, tokenizer)
         store = _cached(folder, label, say)
         if store is None:
             store = _build(folder, lambda tmp: _tokenize_file(tmp, path, spec, cfg, key, tokenizer, say))
             _say(say, "ok", f"{label}: {_described(store)} tokenized in {store.info['seconds']:.1f} s "
                             f"({len(store) / max(store.info['seconds'], 1e-9):,.0f} conversations/s, "
                             f"{store.info['workers']} worker(s)); cached in {folder}")
+            _mark_used(folder, path)
+            evict(cache_root(cfg), cfg.cache_max_gb, say)
+        else:
+            _mark_used(folder, path)
     else:  # a Hub dataset: read from the datasets cache each time, not cached here
         folder = Path(tempfile.mkdtemp(prefix="qlora-hub-"))
         store = _build(folder / "store", lambda tmp: _tokenize_records(tmp, spec, cfg, key, tokenizer))
@@ -188,6 +188,14 @@ def stored_source(spec: DataSource, cfg: DataConfig, key: str, tokenizer: ChatTo
     report = SourceReport(label, store.info["format"], weight=spec.weight, blank_lines=store.info["blank_lines"])
     return finish_source([Stored(store, i, label, label) for i in range(len(store))], report, spec, cfg,
                          store.info["unit"])
+
+
+def entry_folder(path: Path, spec: DataSource, cfg: DataConfig, tokenizer: ChatTokenizer) -> Path:
+    """The cache entry of a file: named by its content and the settings that shape its tokens."""
+    fmt = spec.format if spec.format != "auto" else cfg.format
+    fingerprint = [CACHE_VERSION, _file_digest(path), path.suffix.lower(), fmt,
+                   sorted(source_columns(spec, cfg).items()), _file_digest(tokenizer.path)]
+    return cache_root(cfg) / _digest(json.dumps(fingerprint).encode())
 
 
 def _cached(folder: Path, label: str, say) -> TokenStore | None:
@@ -236,6 +244,84 @@ def _file_digest(path: Path) -> str:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- the cache's size
+
+USED = "used.json"  # {"source": the file's path}; its modification time is the entry's last use
+_IN_USE: set[Path] = set()  # entries this process has read or written: its own evictions keep them
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    folder: Path
+    source: str  # the file it was made from (where it was when last used); "?" for an entry without USED
+    size: int  # bytes
+    created: float  # seconds since the epoch
+    last_used: float
+    conversations: int | None  # None: info.json unreadable (the entry is damaged and would be rebuilt)
+    tokens: int | None
+
+
+def _mark_used(folder: Path, source: Path) -> None:
+    _IN_USE.add(folder.resolve())
+    try:
+        (folder / USED).write_text(json.dumps({"source": str(source.resolve())}))
+    except OSError:  # a read-only shared cache still serves; its entries' last use is then unknown
+        pass
+
+
+def cache_entries(root: Path) -> list[CacheEntry]:
+    """The cache's entries, least recently used first (temporary folders of writes in progress left out)."""
+    entries = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        files = [f for f in folder.iterdir() if f.is_file()]
+        created = max((f.stat().st_mtime for f in files if f.name == "info.json"), default=folder.stat().st_mtime)
+        try:
+            source = json.loads((folder / USED).read_text())["source"]
+            last_used = (folder / USED).stat().st_mtime
+        except (OSError, ValueError, KeyError, TypeError):
+            source, last_used = "?", created
+        try:
+            info = json.loads((folder / "info.json").read_text())
+            count, tokens = int(info["count"]), int(info["tokens"])
+        except (OSError, ValueError, KeyError, TypeError):
+            count = tokens = None
+        entries.append(CacheEntry(folder, source, sum(f.stat().st_size for f in files), created, last_used,
+                                  count, tokens))
+    return sorted(entries, key=lambda e: e.last_used)
+
+
+def evict(root: Path, max_gb: float | None, say=None) -> list[CacheEntry]:
+    """Remove the least recently used entries until the cache holds at most max_gb (0 or None: no cap);
+    entries this process uses stay, even when they alone pass the cap. Returns the ones removed."""
+    if not max_gb:
+        return []
+    entries = cache_entries(root)
+    excess = sum(e.size for e in entries) - max_gb * 1e9
+    removed = []
+    for entry in entries:
+        if excess <= 0:
+            break
+        if entry.folder.resolve() not in _IN_USE:
+            remove_entry(entry)
+            removed.append(entry)
+            excess -= entry.size
+    if removed:
+        _say(say, "info", f"data cache: removed {len(removed)} least recently used entr{'y' if len(removed) == 1 else 'ies'} "
+                          f"({sum(e.size for e in removed) / 1e9:.2f} GB) to stay within data.cache_max_gb={max_gb:g} "
+                          f"({root})")
+    if excess > 0:
+        _say(say, "warn", f"data cache: {root} holds {excess / 1e9:.2f} GB more than data.cache_max_gb={max_gb:g} "
+                          "in entries this run uses; raise the cap or clear it with `qlora data cache --clear`")
+    return removed
+
+
+def remove_entry(entry: CacheEntry) -> None:
+    """A process still reading the entry keeps its open maps (the files go when it closes them)."""
+    shutil.rmtree(entry.folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------- tokenizing
