@@ -189,6 +189,7 @@ PY
           --set data.train_file=/tmp/bench-doc/train.jsonl --set data.val_file=/tmp/bench-doc/val.jsonl
           --set tracking.output_dir=/tmp/adapters --set tracking.report_to=none)
     $PY -m commands plan "${args[@]}" --json > "/tmp/long-$n-plan.json" || echo "plan at $n failed"
+    rm -rf "/tmp/adapters/long-$n"  # a rerun on a warm machine would be refused and report the old run
     start=$(date +%s.%N)
     $PY -m commands train "${args[@]}" --set training.max_steps="${STEPS:-20}" --set eval.logging_steps=1 \
       --set eval.eval_steps=100000 --set eval.save_steps=100000 --run-name "long-$n" || echo "train at $n failed"
@@ -203,8 +204,10 @@ PY
     for n in ${LENGTHS:-8192 16384 32768}; do bash "$0" long "$n"; done
     ;;
   fast-start)  # after long-prepare: time to the first step of the 8K config, 2 steps each, on a fresh cache
-    # folder: both caches off (before), on and empty (writes the 4-bit copy, compiles), on and filled (after)
-    cache=/tmp/qlora-cache-fast-start; rm -rf "$cache"; mkdir -p "$OUT"
+    # folder: both caches off (before), on and empty (writes the 4-bit copy, compiles), on and filled (after).
+    # Order bias: the first run fills the OS page cache (the base's files) and Triton's kernel cache for the
+    # two after it, so "off" is a cold start and the other two are warm-disk starts.
+    cache=/tmp/qlora-cache-fast-start; rm -rf "$cache" /tmp/adapters/fast-start-*; mkdir -p "$OUT"
     args=(--config configs/training_config_h100_8k.yaml --set model.name_or_path=/tmp/mistral-7b-random
           --set data.train_file=/tmp/bench-doc/train.jsonl --set data.val_file=/tmp/bench-doc/val.jsonl
           --set tracking.output_dir=/tmp/adapters --set tracking.report_to=none --set training.max_steps=2
@@ -213,7 +216,7 @@ PY
       name=${run%%:*}; on=${run#*:}
       $PY -m commands train "${args[@]}" --set cuda.quantized_cache=$on --set cuda.compile_cache=$on \
         --run-name "fast-start-$name" 2>&1 | tail -4 || echo "fast-start $name failed"
-      cp "/tmp/adapters/fast-start-$name/summary.json" "$OUT/fast-start-$name.json" || true
+      cp "/tmp/adapters/fast-start-$name/summary.json" "$OUT/fast-start-$name.json" || echo "no summary for $name"
     done
     ;;
   dpo)  # configs/dpo_h100.yaml on the random checkpoint, ~650-token pairs, STEPS (20) steps: $OUT/dpo-plan.json
@@ -228,6 +231,7 @@ PY
           --set tracking.output_dir=/tmp/adapters --set tracking.report_to=none)
     mkdir -p "$OUT"
     $PY -m commands plan "${args[@]}" --json > "$OUT/dpo-plan.json" || echo "dpo plan failed"
+    rm -rf /tmp/adapters/dpo-bench
     $PY -m commands train "${args[@]}" --set training.max_steps="${STEPS:-20}" --set eval.logging_steps=1 \
       --set eval.eval_steps=100000 --set eval.save_steps=100000 --run-name dpo-bench || echo "dpo train failed"
     cp /tmp/adapters/dpo-bench/summary.json "$OUT/dpo-summary.json" || true
