@@ -40,12 +40,14 @@ def cache(args, say: Say) -> int:
     entries, now = cache_entries(root), time.time()
     if args.clear or args.older_than is not None:
         cutoff = now - (args.older_than or 0) * DAY if args.older_than is not None else float("inf")
-        gone = [e for e in entries if e.last_used < cutoff]
-        for entry in gone:
-            remove_entry(entry)
+        gone = [e for e in entries if e.last_used < cutoff and remove_entry(e)]
         which = f"not used for {args.older_than:g} day(s)" if args.older_than is not None else "all"
+        left = len(cache_entries(root))
+        if not gone:
+            say.ok(f"data cache {root}: nothing to remove ({which}); {left} entr{'y' if left == 1 else 'ies'} left")
+            return 0
         say.ok(f"data cache {root}: removed {len(gone)} entr{'y' if len(gone) == 1 else 'ies'} ({which}, "
-               f"{sum(e.size for e in gone) / 1e9:.2f} GB); {len(entries) - len(gone)} left")
+               f"{sum(e.size for e in gone) / 1e9:.2f} GB); {left} left")
         return 0
     rows = [{"folder": str(e.folder), "source": e.source, "bytes": e.size,
              "age_days": round((now - e.created) / DAY, 2), "last_used_days_ago": round((now - e.last_used) / DAY, 2),

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, Recorder, chat, write_jsonl
+from conftest import SAMPLE, Recorder, chat, shown, write_jsonl
 
 from common.config.schema import DataConfig
 from common.data import store
@@ -231,3 +231,69 @@ def test_data_cache_command_lists_and_clears(tmp_path, chat_tokenizer, runs):
         assert code == 2 and "DAYS must be a number of days, 0 or more" in out
     code, out = qlora("data", "cache", "--set", "data.cache_max_gb=-1")
     assert code != 0 and "data.cache_max_gb" in out and "Traceback" not in out
+
+
+def foreign_folders(root: Path) -> list[Path]:
+    """What else lives in a cache root shared with the CUDA caches or a user's own: never entries."""
+    made = [root / "quantized" / "abc", root / "flash-attn", root / "mine", root / ("0" * 64)]
+    for folder in made:
+        folder.mkdir(parents=True)
+    (root / "mine" / "info.json").write_text('{"count": 1, "tokens": 1}')  # named unlike a digest
+    (root / "quantized" / "abc" / "model.safetensors").write_bytes(b"x" * 1000)
+    (root / ("0" * 64) / "notes.txt").write_text("a digest's name but no info.json")
+    return made
+
+
+def test_cap_and_clear_leave_folders_that_are_not_entries(tmp_path, chat_tokenizer, runs, capsys):
+    from commands import main
+
+    root = tmp_path / "cache"
+    files = source_files(tmp_path, "ab")
+    foreign = foreign_folders(root)
+    for name in "ab":
+        runs()
+        prepared(config(tmp_path, files[name], cache_max_gb=1e-9), chat_tokenizer)
+    assert [e.source for e in store.cache_entries(root)] == [str(files["b"].resolve())]
+    where = f"data.cache_dir={root}"
+    assert main(["data", "cache", "--set", where, "--clear"]) == 0
+    assert "removed 1 entry (all" in shown(capsys) and not store.cache_entries(root)
+    assert main(["data", "cache", "--set", where, "--clear"]) == 0
+    out = shown(capsys)
+    assert "nothing to remove (all); 0 entries left" in out and "removed" not in out
+    assert all(folder.is_dir() for folder in foreign)
+
+
+def test_entries_that_vanish_mid_scan_are_skipped(tmp_path, chat_tokenizer, runs, monkeypatch):
+    files = source_files(tmp_path, "ab")
+    for name in "ab":
+        runs()
+        prepared(config(tmp_path, files[name]), chat_tokenizer)
+    gone = entry_of(tmp_path, files["a"])
+    real = store._entry
+
+    def another_process_removes_it_first(folder):
+        if folder == gone:
+            store.remove_entry(store.CacheEntry(folder, "?", 0, 0, 0, None, None))
+        return real(folder)
+
+    monkeypatch.setattr(store, "_entry", another_process_removes_it_first)
+    assert [e.source for e in store.cache_entries(tmp_path / "cache")] == [str(files["b"].resolve())]
+
+
+def test_an_entry_is_moved_aside_before_it_is_deleted(tmp_path, chat_tokenizer, monkeypatch):
+    import shutil
+
+    path = source_files(tmp_path, "a")["a"]
+    prepared(config(tmp_path, path), chat_tokenizer)
+    entry = store.cache_entries(tmp_path / "cache")[0]
+    deleted = []
+    real = shutil.rmtree
+
+    def rmtree(folder, *args, **kwargs):
+        deleted.append((Path(folder).name, entry.folder.exists()))
+        real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(store.shutil, "rmtree", rmtree)
+    assert store.remove_entry(entry) and not store.remove_entry(entry)  # the second finds nothing to remove
+    assert len(deleted) == 1 and deleted[0][0].startswith(f".{entry.folder.name}-") and deleted[0][1] is False
+    assert folders(tmp_path) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -205,7 +206,7 @@ def _cached(folder: Path, label: str, say) -> TokenStore | None:
         store = TokenStore(folder)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         _say(say, "warn", f"{label}: the cached prepared data in {folder} is damaged ({exc}); rebuilding it")
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove(folder)
         return None
     _say(say, "ok", f"{label}: {_described(store)} from the cache (content and settings unchanged; {folder})")
     return store
@@ -248,6 +249,7 @@ def _digest(data: bytes) -> str:
 
 # ---------------------------------------------------------------------------------------- the cache's size
 
+ENTRY_NAME = re.compile(r"[0-9a-f]{64}")  # _digest's hex: what the cache's own folders are named
 USED = "used.json"  # {"source": the file's path}; its modification time is the entry's last use
 _IN_USE: set[Path] = set()  # entries this process has read or written: its own evictions keep them
 
@@ -272,26 +274,35 @@ def _mark_used(folder: Path, source: Path) -> None:
 
 
 def cache_entries(root: Path) -> list[CacheEntry]:
-    """The cache's entries, least recently used first (temporary folders of writes in progress left out)."""
+    """The cache's entries, least recently used first. Only folders named like our digest that hold an
+    info.json count: the root may be shared with other caches or hold a user's own folders, and those are
+    never listed nor removed. Temporary folders (dot-names) are left out, and so are entries removed or
+    replaced by another process while this one looks."""
     entries = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if not folder.is_dir() or folder.name.startswith("."):
+        if not (ENTRY_NAME.fullmatch(folder.name) and (folder / "info.json").is_file()):
             continue
-        files = [f for f in folder.iterdir() if f.is_file()]
-        created = max((f.stat().st_mtime for f in files if f.name == "info.json"), default=folder.stat().st_mtime)
         try:
-            source = json.loads((folder / USED).read_text())["source"]
-            last_used = (folder / USED).stat().st_mtime
-        except (OSError, ValueError, KeyError, TypeError):
-            source, last_used = "?", created
-        try:
-            info = json.loads((folder / "info.json").read_text())
-            count, tokens = int(info["count"]), int(info["tokens"])
-        except (OSError, ValueError, KeyError, TypeError):
-            count = tokens = None
-        entries.append(CacheEntry(folder, source, sum(f.stat().st_size for f in files), created, last_used,
-                                  count, tokens))
+            entries.append(_entry(folder))
+        except OSError:
+            continue
     return sorted(entries, key=lambda e: e.last_used)
+
+
+def _entry(folder: Path) -> CacheEntry:
+    files = {f.name: f.stat() for f in folder.iterdir() if f.is_file()}
+    created = files["info.json"].st_mtime if "info.json" in files else folder.stat().st_mtime
+    try:
+        source = json.loads((folder / USED).read_text())["source"]
+        last_used = (folder / USED).stat().st_mtime
+    except (OSError, ValueError, KeyError, TypeError):
+        source, last_used = "?", created
+    try:
+        info = json.loads((folder / "info.json").read_text())
+        count, tokens = int(info["count"]), int(info["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        count = tokens = None
+    return CacheEntry(folder, source, sum(st.st_size for st in files.values()), created, last_used, count, tokens)
 
 
 def evict(root: Path, max_gb: float | None, say=None) -> list[CacheEntry]:
@@ -305,8 +316,7 @@ def evict(root: Path, max_gb: float | None, say=None) -> list[CacheEntry]:
     for entry in entries:
         if excess <= 0:
             break
-        if entry.folder.resolve() not in _IN_USE:
-            remove_entry(entry)
+        if entry.folder.resolve() not in _IN_USE and remove_entry(entry):
             removed.append(entry)
             excess -= entry.size
     if removed:
@@ -319,9 +329,21 @@ def evict(root: Path, max_gb: float | None, say=None) -> list[CacheEntry]:
     return removed
 
 
-def remove_entry(entry: CacheEntry) -> None:
-    """A process still reading the entry keeps its open maps (the files go when it closes them)."""
-    shutil.rmtree(entry.folder, ignore_errors=True)
+def remove_entry(entry: CacheEntry) -> bool:
+    """Whether this call removed it (False: another process did first). A process still reading the
+    entry keeps its open maps (the files go when it closes them)."""
+    return _remove(entry.folder)
+
+
+def _remove(folder: Path) -> bool:
+    """Moved aside under a dot-name first, then deleted: a reader finds the whole entry or none."""
+    aside = folder.parent / f".{folder.name}-removed-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        folder.rename(aside)
+    except OSError:
+        return False
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 # ---------------------------------------------------------------------------------------- tokenizing
