@@ -31,13 +31,27 @@ def session_tmpdir(tmp_path_factory):
     os.environ["TMPDIR"], tempfile.tempdir = folder, None
     os.environ["QLORA_CACHE_DIR"] = str(Path(folder) / "data-cache")  # prepared data, not in ~/.cache
     os.environ["QLORA_RUN_INDEX"] = str(Path(folder) / "runs.json")  # the run folders tests open, ditto
-    os.environ["QLORA_CUDA_CACHE_DIR"] = str(Path(folder) / "cuda-cache")  # kept 4-bit bases, compiled kernels
     yield folder
     tempfile.tempdir = cached
     if before is None:
         os.environ.pop("TMPDIR", None)
     else:
         os.environ["TMPDIR"] = before
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_cache_per_module(tmp_path_factory):
+    """Kept 4-bit bases and compiled kernels in a folder of each module's own (its module-scoped fixtures)
+    and each test's own (below), never ~/.cache: a shared one would make a CUDA test load a copy kept by
+    whichever test ran before it, not quantize the base it names. tests/test_fast_start.py tests the copy."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QLORA_CUDA_CACHE_DIR", str(tmp_path_factory.mktemp("cuda-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def cuda_cache_per_test(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("QLORA_CUDA_CACHE_DIR", str(tmp_path_factory.mktemp("cuda-cache")))
 
 
 @pytest.fixture(scope="session")

@@ -188,12 +188,14 @@ def test_a_damaged_kept_base_is_said_and_rebuilt(kept, tmp_path, damage):
 def test_other_quantization_settings_or_a_changed_base_miss(kept, tmp_path):
     base, cache = kept
     trainer_for(base, tmp_path / "runs", "nf4")
+    [nf4] = entries(cache)
     _, said = trainer_for(base, tmp_path / "runs", "fp4", "cuda.quantization.quant_type=fp4")
     assert "quantizing it to 4 bits (fp4" in said.text() and len(entries(cache)) == 2
     config = base / "config.json"
     config.write_text(config.read_text())  # the same content, a new time: the files are keyed by time
     _, said = trainer_for(base, tmp_path / "runs", "touched")
-    assert "quantizing it to 4 bits (nf4" in said.text() and len(entries(cache)) == 3
+    assert "quantizing it to 4 bits (nf4" in said.text()
+    assert len(entries(cache)) == 2 and nf4 not in entries(cache)  # the least recently used went
 
 
 @slow
@@ -230,3 +232,100 @@ def test_the_flash_kernel_cache_is_set_before_the_attention_kernel_is_chosen(kep
     monkeypatch.setattr(cuda_trainer, "choose_attention", recording)
     trainer_for(base, tmp_path / "runs", "kernels")
     assert seen == {ENABLED: "1", FOLDER: str(tmp_path / "cache" / "flash-attn")}
+
+
+# ---------------------------------------------------------------------------- writing and evicting kept bases
+
+
+@pytest.fixture(scope="module")
+def small_model(tiny_model_dir):
+    """The tiny model as saved (writing and evicting entries do not depend on the weights being 4-bit)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+def entry_at(root, fingerprint):
+    import hashlib
+
+    from backends.cuda.warm_start import QuantizedBase
+
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:32]
+    return QuantizedBase(root / "quantized" / digest, fingerprint)
+
+
+LIBS = {"transformers": "5", "bitsandbytes": "0.50", "torch": "2.13"}
+
+
+def test_a_read_only_cache_never_fails_the_run(small_model, tmp_path, lock_folder):
+    (tmp_path / "cache").mkdir()
+    say = Recorder()
+    assert entry_at(lock_folder(tmp_path / "cache"), {"libraries": LIBS}).write(small_model, say) is False
+    assert "not keeping the 4-bit base for the next run: writing it in" in say.text()
+    assert "cuda.cache_dir" in say.text() and "cuda.quantized_cache=false" in say.text()
+    assert [level for level, _ in say.lines] == ["warn"]
+
+
+def test_a_disk_that_fills_mid_write_leaves_no_temporary_folder(small_model, tmp_path):
+    from conftest import file_size_limit
+
+    say = Recorder()
+    entry = entry_at(tmp_path, {"libraries": LIBS})
+    with file_size_limit(4096):
+        assert entry.write(small_model, say) is False
+    assert "writing it in" in say.text() and "the run goes on" in say.text()
+    assert list((tmp_path / "quantized").iterdir()) == []  # no entry, no half-written temporary folder
+
+
+def test_a_load_that_fails_on_a_good_entry_is_raised_and_the_entry_kept(small_model, tmp_path):
+    say = Recorder()
+    entry = entry_at(tmp_path, {"libraries": LIBS})
+    assert entry.write(small_model, say)
+
+    def out_of_memory(folder):
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        entry.load(out_of_memory, say)
+    assert entry.problem() is None and "damaged" not in say.text()
+    weights = entry.folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert entry.load(out_of_memory, say) is None  # damaged as well: said, removed, rebuilt by the caller
+    assert "is damaged: model.safetensors does not match its recorded hash" in say.text()
+    assert not entry.folder.exists()
+
+
+def test_only_the_most_recently_used_entries_and_current_libraries_stay(small_model, tmp_path):
+    import os
+    import time
+
+    say = Recorder()
+
+    def kept_names():
+        return sorted(p.name for p in (tmp_path / "quantized").iterdir())
+
+    made = [entry_at(tmp_path, {"libraries": LIBS, "n": n}) for n in range(4)]
+    (tmp_path / "quantized" / "notes").mkdir(parents=True)  # not an entry: never removed
+    for age, entry in zip((300, 200, 100), made):
+        assert entry.write(small_model, say)
+        os.utime(entry.folder, (time.time() - age,) * 2)
+    assert kept_names() == sorted([made[1].folder.name, made[2].folder.name, "notes"])
+    assert made[1].load(lambda folder: "model", say) == "model"  # a use: now the most recent
+    assert made[3].write(small_model, say)
+    assert kept_names() == sorted([made[1].folder.name, made[3].folder.name, "notes"])
+    upgraded = entry_at(tmp_path, {"libraries": {**LIBS, "torch": "2.14"}, "n": 0})
+    assert upgraded.write(small_model, say)  # the others were made with other versions: never read again
+    assert kept_names() == sorted([upgraded.folder.name, "notes"])
+    assert "damaged" not in say.text()
+
+
+@slow
+def test_a_run_with_a_read_only_cache_trains(kept, tmp_path, lock_folder):
+    base, cache = kept
+    cache.parent.mkdir()
+    lock_folder(cache.parent)
+    trainer, said = trainer_for(base, tmp_path / "runs", "locked")
+    assert "not keeping the 4-bit base for the next run: writing it in" in said.text()
+    assert trainer.train().final_eval_loss is not None

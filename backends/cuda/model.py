@@ -116,6 +116,8 @@ def load_quantized_model(cfg: QLoraConfig, attn: str, device: str, say=None, sta
     model = _load_kept(kept, name, placed, say, startup) if kept is not None and kept.present() else None
     if model is None:
         model = _load_base(cfg, name, local_only, placed, say, startup)
+        if cfg.cuda.quantization.load_in_4bit and not Path(name).is_dir():  # keyed on the snapshot just loaded
+            kept = quantized_entry(cfg, name, local_only, device)  # (the hub may have given a newer one)
         if kept is not None and is_main():
             with startup.stage("keep_quantized", say, f"keeping the 4-bit base for the next run in {kept.folder}"):
                 kept.write(model, say)

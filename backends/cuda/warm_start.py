@@ -7,8 +7,9 @@ The quantized base is saved with transformers' save_pretrained (safetensors only
 weights and their quantization state) into a folder keyed by the base's files (names, sizes, mtimes,
 the config's content), the quantization settings and the library versions, written whole (a temporary
 folder renamed into place) with a manifest of its files' SHA-256 last. A later run loads that folder
-instead (3.9 GB of reads instead of 14.5 GB at 7B, no quantization) and checks the hashes while it
-loads: a damaged entry is said, removed and rebuilt from the base.
+instead (about 4 GB of reads instead of 14.5 GB at 7B, an estimate; no quantization) and checks the
+hashes while it loads: a damaged entry is said, removed and rebuilt from the base. Writing one never
+fails a run (a read-only or full disk is said once), and only the KEEP_ENTRIES most recently used stay.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.config.schema import QLoraConfig
+from common.data.store import remove_whole
 from common.run.checkpoints import file_digest
 
 CACHE_VERSION = 1  # bump when what is saved, or how, changes: old entries are then never read
@@ -30,8 +33,10 @@ MANIFEST = "qlora-quantized.json"
 BASE_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
 FLASH_CACHE_VARS = ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
 FLASH_CACHE_MODULE = "flash_attn.cute.cache_utils"  # reads FLASH_CACHE_VARS once, when imported
+KEEP_ENTRIES = 2  # kept 4-bit bases (most recently used first); another version of a library evicts at once
+ENTRY_NAME = re.compile(r"[0-9a-f]{32}")  # for_config's digest: other folders here are never removed
 SPARE_BYTES = 1 << 30  # left free on the disk after writing an entry
-CHUNK_BYTES = 64 << 20  # hashed apart, on several cores: one SHA-256 of 3.9 GB takes seconds on one
+CHUNK_BYTES = 64 << 20  # hashed apart, on several cores: one SHA-256 of ~4 GB takes seconds on one
 
 
 def cache_home(cfg: QLoraConfig) -> Path:
@@ -97,30 +102,47 @@ class QuantizedBase:
 
     def load(self, load, say):
         """The model from this entry through `load(folder)`, its hashes checked meanwhile; None (said, and
-        the entry removed) when it is damaged."""
+        the entry removed) when it is damaged. A load that fails although the hashes check out (out of
+        memory, a device map) is raised as it is: the entry is good and stays."""
         with ThreadPoolExecutor(1) as pool:
             checking = pool.submit(self.problem)
             try:
-                model, failure = load(str(self.folder)), None
+                model, error = load(str(self.folder)), None
             except Exception as exc:  # a damaged file fails in many ways (safetensors, json, torch)
-                model, failure = None, f"it does not load ({type(exc).__name__}: {exc})"
-            failure = checking.result() or failure
-        if failure is None:
+                model, error = None, exc
+            damage = checking.result()
+        if damage is None and error is not None:
+            raise error
+        if damage is None:
+            _touch(self.folder)
             return model
-        say.warn(f"the cached 4-bit base in {self.folder} is damaged: {failure}; rebuilding it from the base")
-        shutil.rmtree(self.folder, ignore_errors=True)
+        say.warn(f"the cached 4-bit base in {self.folder} is damaged: {damage}; rebuilding it from the base")
+        remove_whole(self.folder)
         return None
 
     def write(self, model, say) -> bool:
-        """Save `model` (just loaded and quantized) as this entry, whole or not at all. False (said) when
-        the disk lacks the room."""
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        need = int(model.get_memory_footprint()) + SPARE_BYTES
-        free = shutil.disk_usage(self.folder.parent).free
-        if free < need:
-            say.info(f"not keeping the 4-bit base for the next run: {free / 1e9:.1f} GB free in "
-                     f"{self.folder.parent}, {need / 1e9:.1f} GB needed (cuda.quantized_cache)")
+        """Save `model` (just loaded and quantized) as this entry, whole or not at all, then evict
+        (evict_others). False (said, the run goes on) when the disk lacks the room or refuses the write."""
+        from safetensors import SafetensorError  # what a full disk gives in the middle of a safetensors file
+
+        try:
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            need = int(model.get_memory_footprint()) + SPARE_BYTES
+            free = shutil.disk_usage(self.folder.parent).free
+            if free < need:
+                say.info(f"not keeping the 4-bit base for the next run: {free / 1e9:.1f} GB free in "
+                         f"{self.folder.parent}, {need / 1e9:.1f} GB needed (cuda.quantized_cache)")
+                return False
+            self._save(model)
+        except (OSError, SafetensorError) as exc:  # a read-only cache, a disk filled by another process meanwhile
+            say.warn(f"not keeping the 4-bit base for the next run: writing it in {self.folder.parent} failed "
+                     f"({exc}); the run goes on. Set cuda.cache_dir to a writable folder, or "
+                     "cuda.quantized_cache=false to stop trying")
             return False
+        self.evict_others()
+        return True
+
+    def _save(self, model) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}-", dir=self.folder.parent))
         try:
             model.save_pretrained(str(tmp))
@@ -136,7 +158,31 @@ class QuantizedBase:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return True
+
+    def evict_others(self) -> list[Path]:
+        """Remove the other entries made with other library versions (never read again), then all but the
+        KEEP_ENTRIES most recently used (this one included). Returns the folders removed."""
+        libraries = self.fingerprint.get("libraries")
+        others = []
+        for folder in self.folder.parent.iterdir():
+            if folder == self.folder or not ENTRY_NAME.fullmatch(folder.name):
+                continue
+            try:
+                fingerprint = json.loads((folder / MANIFEST).read_text())["fingerprint"]
+                others.append((folder.stat().st_mtime, folder, fingerprint.get("libraries") != libraries))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # being written or removed by another process, or not ours
+        others.sort(reverse=True)
+        stale = [folder for n, (_, folder, outdated) in enumerate(others) if outdated or n + 1 >= KEEP_ENTRIES]
+        return [folder for folder in stale if remove_whole(folder)]
+
+
+def _touch(folder: Path) -> None:
+    """The folder's modification time is its last use (evict_others keeps the most recent)."""
+    try:
+        os.utime(folder)
+    except OSError:  # a read-only shared cache still serves
+        pass
 
 
 def fingerprint_of(cfg: QLoraConfig, base: Path, device: str) -> dict:

@@ -354,8 +354,9 @@ class CudaConfig(Section):
         True,
         description="Keep the 4-bit quantized base on disk (cache_dir/quantized, safetensors, keyed by the base's "
         "files, the quantization settings and the bitsandbytes/transformers versions) and load it in later runs "
-        "instead of reading and quantizing the full-precision base again (3.9 GB instead of 14.5 GB at 7B). "
-        "With cuda.quantization.load_in_4bit only.",
+        "instead of reading and quantizing the full-precision base again (about 4 GB instead of 14.5 GB at 7B, an "
+        "estimate). The 2 most recently used entries stay. A cache that cannot be written is said and the run goes "
+        "on. With cuda.quantization.load_in_4bit only.",
     )
     compile_cache: bool = Field(
         True,

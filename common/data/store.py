@@ -206,7 +206,7 @@ def _cached(folder: Path, label: str, say) -> TokenStore | None:
         store = TokenStore(folder)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         _say(say, "warn", f"{label}: the cached prepared data in {folder} is damaged ({exc}); rebuilding it")
-        _remove(folder)
+        remove_whole(folder)
         return None
     _say(say, "ok", f"{label}: {_described(store)} from the cache (content and settings unchanged; {folder})")
     return store
@@ -332,11 +332,12 @@ def evict(root: Path, max_gb: float | None, say=None) -> list[CacheEntry]:
 def remove_entry(entry: CacheEntry) -> bool:
     """Whether this call removed it (False: another process did first). A process still reading the
     entry keeps its open maps (the files go when it closes them)."""
-    return _remove(entry.folder)
+    return remove_whole(entry.folder)
 
 
-def _remove(folder: Path) -> bool:
-    """Moved aside under a dot-name first, then deleted: a reader finds the whole entry or none."""
+def remove_whole(folder: Path) -> bool:
+    """Moved aside under a dot-name first, then deleted: a reader finds the whole entry or none. False:
+    it was not there (another process removed or moved it first)."""
     aside = folder.parent / f".{folder.name}-removed-{os.getpid()}-{time.monotonic_ns()}"
     try:
         folder.rename(aside)
