@@ -11,11 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, Recorder, file_size_limit, make_adapter
 from test_after_training import run_cli
 
+from common.errors import UsageError
 from common.run.folder import RunLock
 
 GEN = ("--prompt", "hi", "--backend", "cuda", "--max-new-tokens", "2")
@@ -298,3 +300,40 @@ def test_a_run_in_a_custom_output_dir_is_found_by_its_name(tmp_path, capsys, lig
     assert code == 2 and str(root) in said and str(other) in said and "give the folder" in said, said
     shutil.rmtree(other)  # a removed run is forgotten
     assert find_adapter("far-run").folder == root
+
+
+def test_a_name_in_the_default_folder_and_in_the_index_is_ambiguous(tmp_path, capsys, light_adapter, monkeypatch):
+    from common.after_training import lookup
+
+    near = _run_in(tmp_path / "adapters", "same-run", light_adapter)
+    monkeypatch.setattr(lookup, "runs_root", lambda: tmp_path / "adapters")  # tracking.output_dir's default
+    assert lookup.find_adapter("same-run").folder == near  # also indexed: found once, not twice
+    far = _run_in(tmp_path / "elsewhere", "same-run", light_adapter)
+    with pytest.raises(UsageError) as refused:
+        lookup.run_folder("same-run")
+    assert str(near) in str(refused.value) and str(far) in str(refused.value) and "give the folder" in str(refused.value)
+
+
+def _remember_many(first: int) -> None:
+    from common.run.folder import remember
+
+    for n in range(first, first + 15):
+        remember(Path(os.environ["RUNS"]) / str(n))
+
+
+def test_runs_started_together_all_reach_the_index(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from common.run.folder import remembered
+
+    for n in range(60):
+        (tmp_path / str(n)).mkdir()
+    monkeypatch.setenv("RUNS", str(tmp_path))
+    processes = [multiprocessing.get_context("fork").Process(target=_remember_many, args=(first,))
+                 for first in range(0, 60, 15)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert all(process.exitcode == 0 for process in processes)
+    assert all(remembered(str(n)) == [tmp_path / str(n)] for n in range(60))

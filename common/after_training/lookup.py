@@ -89,13 +89,12 @@ def run_folder(run: str | Path) -> Path:
         return folder
     named = runs_root() / str(run)
     if not run_name_problem(str(run)):
-        if named.is_dir():
-            return named
-        elsewhere = remembered(str(run))  # runs written to another tracking.output_dir
-        if len(elsewhere) == 1:
-            return elsewhere[0]
-        if elsewhere:
-            raise UsageError(f"{run}: several runs have this name: {', '.join(map(str, elsewhere))}; "
+        found = [named] if named.is_dir() else []
+        found += [p for p in remembered(str(run)) if not any(p.resolve() == f.resolve() for f in found)]
+        if len(found) == 1:  # in runs_root() or in another tracking.output_dir (the run index)
+            return found[0]
+        if found:
+            raise UsageError(f"{run}: several runs have this name: {', '.join(map(str, found))}; "
                              "give the folder of the one you mean")
     runs = sorted(p.name for p in runs_root().glob("*") if p.is_dir()) if runs_root().is_dir() else []
     close = difflib.get_close_matches(str(run), runs, n=1)

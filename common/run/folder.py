@@ -4,6 +4,7 @@ folder at a time (RunLock)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -36,14 +37,32 @@ def remember(root: Path) -> None:
     """Add a run folder to the index, dropping folders that are gone. The index is a convenience: a failed
     write costs only finding this run by name, so it never stops a run."""
     path, entry = run_index(), str(root.resolve())
-    known = [p for p in _indexed(path) if p != entry and Path(p).is_dir()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps({"runs": [*known, entry]}, indent=1) + "\n", encoding="utf-8")
-        os.replace(temporary, path)  # a reader never sees half a file; concurrent writers: the last one wins
+        with _index_lock(path):  # runs starting together: each adds to what the one before wrote
+            known = [p for p in _indexed(path) if p != entry and Path(p).is_dir()]
+            temporary = path.with_name(f".{path.name}.{os.getpid()}")
+            temporary.write_text(json.dumps({"runs": [*known, entry]}, indent=1) + "\n", encoding="utf-8")
+            os.replace(temporary, path)  # a reader (who takes no lock) never sees half a file
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def _index_lock(path: Path):
+    """An exclusive lock on a file beside the index for its read-modify-write; none where fcntl is missing
+    (Windows: concurrent writers there may drop one another's entry, which costs finding a run by name)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def remembered(name: str) -> list[Path]:
