@@ -67,24 +67,25 @@ class TokenWeightedEval:
         result = super().compute_loss(model, inputs, return_outputs, None)
         loss = result[0] if return_outputs else result
         count = target_count(inputs).float()
-        sums = torch.stack([loss.detach().float() * count.clamp(min=1), count])
-        self._eval_sums = sums if isinstance(self._eval_sums, int) else self._eval_sums + sums
+        self._eval_sums += torch.stack([loss.detach().float() * count.clamp(min=1), count]).to(self._eval_sums.device)
         return result
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        self._eval_sums = 0
+        # [loss sum, target count] on the device, read once after the loop; zeros, so that a rank without
+        # batches still joins the reduce
+        self._eval_sums = torch.zeros(2, dtype=torch.float32, device=self.args.device)
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
             sums = self._eval_sums
         finally:
             self._eval_sums = None
-        if not isinstance(sums, int):
-            # on several processes each holds its share of the eval set (accelerate repeats a few examples to
-            # even out the last batch: those count twice, as they do in transformers' own per-batch mean)
-            total, count = self.accelerator.reduce(sums, reduction="sum").tolist()
-            output.metrics[f"{metric_key_prefix}_loss"] = total / max(count, 1.0)
+        # on several processes each holds its share of the eval set (accelerate repeats a few examples to
+        # even out the last batch: those count twice, as they do in transformers' own per-batch mean)
+        total, count = self.accelerator.reduce(sums, reduction="sum").tolist()
+        if count:
+            output.metrics[f"{metric_key_prefix}_loss"] = total / count
         return output
 
 
