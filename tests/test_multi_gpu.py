@@ -204,6 +204,33 @@ def test_two_processes_reach_the_weights_of_one(tiny_model_dir, tiny_data, tmp_p
     assert problem(checkpoint) is None and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("packing", "val_examples", "length"), [(False, 5, 512), (True, 11, 64)],
+                         ids=["padded", "padding-free"])
+def test_two_processes_measure_the_eval_loss_of_one_on_an_uneven_eval_set(
+        tiny_model_dir, tmp_path, packing, val_examples, length):
+    """Eval batches of 2 on 2 processes over an eval set of 5 rows: in the last round accelerate gives
+    process 0 rows [4, 0] and process 1 rows [1, 2], repeating 3 rows only to even out the batches. Each
+    example must count once, as on one process (they counted again: 2 processes read 11.7865 where one reads 11.7112). Packed, the
+    11 examples make 7 packs of at most 64 tokens, process 1 gets [6, 0], and each batch is flattened into
+    one row. One step, on the same examples in both runs; batches of another shape round differently in
+    bf16 (2e-5 apart here)."""
+    lines = (REPO / "data" / "sample" / "train.jsonl").read_text().splitlines()
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", lines[:8])
+    write_jsonl(data / "val.jsonl", lines[8:8 + val_examples])
+    steps = ["--set", "training.max_steps=1", "--set", "eval.eval_steps=1", "--set", "eval.save_steps=1",
+             "--set", "eval.eval_batch_size=2", "--set", f"training.packing={str(packing).lower()}",
+             "--set", f"data.max_seq_length={length}"]
+    losses = {}
+    for run, gpus in (("one", []), ("two", ["--gpus", "2"])):
+        code, out = qlora(*tiny_run(tiny_model_dir, data, tmp_path, run, *steps), *gpus)
+        assert code == 0, out
+        losses[run] = json.loads((tmp_path / run / "summary.json").read_text())["final_eval_loss"]
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-4), losses
+
+
 def two_processes_until(args, marker: str, act):
     """`qlora ARGS --gpus 2` until a line holds `marker`, then `act(proc)`; its whole output after that."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}

@@ -3,6 +3,8 @@ so that the CUDA backend follows the contract (common/trainer.py, docs/contract.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from trl import SFTTrainer
 
@@ -59,10 +61,13 @@ class TokenWeightedEval:
     used) is summed on the device and read once, after the loop."""
 
     _eval_sums = None
+    _own_share = None  # this rank's own examples in its last eval batch (OwnShare), None: every row is its own
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.model.training or self._eval_sums is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._own_share is not None and self.accelerator.gradient_state.end_of_dataloader:
+            inputs = self._own_share.only_own(inputs)
         # without num_items_in_batch TRL divides by this batch's own target count (TRL's prediction_step passes none)
         result = super().compute_loss(model, inputs, return_outputs, None)
         loss = result[0] if return_outputs else result
@@ -75,18 +80,60 @@ class TokenWeightedEval:
         # [loss sum, target count] on the device, read once after the loop; zeros, so that a rank without
         # batches still joins the reduce
         self._eval_sums = torch.zeros(2, dtype=torch.float32, device=self.args.device)
+        self._own_share = OwnShare.of(dataloader)
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
             sums = self._eval_sums
         finally:
-            self._eval_sums = None
-        # on several processes each holds its share of the eval set (accelerate repeats a few examples to
-        # even out the last batch: those count twice, as they do in transformers' own per-batch mean)
+            self._eval_sums = self._own_share = None
+        # on several processes each holds its share of the eval set, every example counted once
         total, count = self.accelerator.reduce(sums, reduction="sum").tolist()
         if count:
             output.metrics[f"{metric_key_prefix}_loss"] = total / count
         return output
+
+
+@dataclass(frozen=True)
+class OwnShare:
+    """On several processes accelerate gives every one a full last eval batch, filling it with the eval set's
+    first examples again (BatchSamplerShard with even_batches); transformers drops those repeats from its
+    gathered per-example values (gather_for_metrics), but a batch's mean loss has no per-example values. So the
+    repeated rows' labels are masked: the last batch's loss and target count are then those of the process's
+    own examples alone. Every process still runs every batch: the per-batch collectives stay matched (with
+    even_batches off, a process with one batch fewer would wait forever in the loop's gather)."""
+
+    rows: int  # own examples at the head of this process's last batch (the repeats come after them)
+    tokens: int  # their tokens: where the own examples end when the collator flattens a batch into one row
+
+    @classmethod
+    def of(cls, dataloader) -> OwnShare | None:
+        from accelerate.data_loader import BatchSamplerShard
+
+        shard = getattr(dataloader, "batch_sampler", None)
+        if (not isinstance(shard, BatchSamplerShard) or shard.num_processes == 1 or shard.split_batches
+                or not shard.even_batches or shard.drop_last):
+            return None
+        # the eval sampler is sequential: round i gives process p the examples of batch i * processes + p
+        size, dataset = shard.batch_size, dataloader.dataset
+        last_round = len(dataset) % (size * shard.num_processes)
+        rows = min(max(last_round - shard.process_index * size, 0), size)
+        if last_round == 0 or rows == size:
+            return None
+        start = len(dataset) - last_round + shard.process_index * size
+        return cls(rows, sum(len(dataset[i]["input_ids"]) for i in range(start, start + rows)))
+
+    def only_own(self, inputs: dict) -> dict:
+        """The batch with its repeated rows' labels masked (a padding-free batch: the tokens past the own ones)."""
+        masked = dict(inputs)
+        for key, shift in (("labels", 0), ("shift_labels", 1)):  # shift_labels[t] is labels[t + 1]
+            if key in inputs:
+                masked[key] = inputs[key].clone()
+                if "attention_mask" in inputs:
+                    masked[key][self.rows:] = -100
+                else:
+                    masked[key][..., max(self.tokens - shift, 0):] = -100
+        return masked
 
 
 class RunSFTTrainer(TokenWeightedEval, RunRules, SFTTrainer):
