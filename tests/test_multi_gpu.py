@@ -231,6 +231,41 @@ def test_two_processes_measure_the_eval_loss_of_one_on_an_uneven_eval_set(
     assert losses["two"] == pytest.approx(losses["one"], rel=1e-4), losses
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("packing", "train_examples", "steps"), [(False, 6, 4), (True, 9, 4), (True, 10, 2)],
+                         ids=["padded", "padding-free", "padding-free-own-row-and-repeat"])
+def test_two_processes_train_on_the_examples_of_one_when_the_last_step_is_short(
+        tiny_model_dir, tmp_path, packing, train_examples, steps):
+    """Global batch 2 x 2 over a training set that does not fill an epoch's last step: accelerate fills every
+    process's last batch of the epoch with the epoch's first examples again, and those repeats must not be
+    trained on. Padded, 6 examples: the second step gives process 0 rows [4, 5] and process 1 rows [0, 1]
+    again (before: step 2 read 12.2550 on one process, 12.0455 on two). Packed at 64 tokens, 9 examples make
+    6 packs, the same split, each batch flattened into one row. There one process and two run batches of the
+    same shapes, so over 2 epochs (each in its own order) they log the same losses and reach the same weights.
+    10 examples make 7 packs: process 1's last batch is [6, 0] of the epoch's order, its own pack's tokens
+    followed by a repeat's. Its step-2 loss must be one process's; the weights are not compared, as a
+    row of another length rounds differently in the bf16 backward pass (4e-4 apart by step 4)."""
+    lines = (REPO / "data" / "sample" / "train.jsonl").read_text().splitlines()
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", lines[:train_examples])
+    write_jsonl(data / "val.jsonl", lines[10:12])
+    settings = ["--set", f"training.max_steps={steps}", "--set", f"eval.eval_steps={steps}",
+                "--set", f"eval.save_steps={steps}", "--set", f"training.packing={str(packing).lower()}",
+                "--set", f"data.max_seq_length={64 if packing else 512}"]
+    losses, weights = {}, {}
+    for run, gpus in (("one", []), ("two", ["--gpus", "2"])):
+        code, out = qlora(*tiny_run(tiny_model_dir, data, tmp_path, run, *settings), *gpus)
+        assert code == 0, out
+        logged = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        losses[run] = [m["loss"] for m in logged if "loss" in m]
+        weights[run] = lora_weights(tmp_path / run)
+    assert len(losses["one"]) == steps and losses["two"] == pytest.approx(losses["one"], rel=1e-5), losses
+    if steps == 4:
+        diff = max((weights["one"][k] - weights["two"][k]).abs().max().item() for k in weights["one"])
+        assert diff < 1e-5, diff
+
+
 def two_processes_until(args, marker: str, act):
     """`qlora ARGS --gpus 2` until a line holds `marker`, then `act(proc)`; its whole output after that."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PLATFORM": "", "QLORA_CONFIG": ""}

@@ -94,14 +94,34 @@ class TokenWeightedEval:
         return output
 
 
+class EachExampleOnce:
+    """Training counts every example once an epoch, as on one process: the repeats accelerate puts in each
+    process's last batch of an epoch (OwnShare) get their labels masked as that batch is taken, before
+    transformers counts the step's target tokens over the processes (num_items_in_batch, the divisor of
+    the token-weighted loss). A process whose last batch is all repeats still runs it, at zero loss, so
+    that every process joins the step's gradient all-reduce."""
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        gradient_state = self.accelerator.gradient_state
+
+        def own(batch):
+            if not gradient_state.end_of_dataloader:  # set as the epoch's last batch is handed out
+                return batch
+            share = OwnShare.of(self.callback_handler.train_dataloader)
+            return batch if share is None else share.only_own(batch)
+
+        return super().get_batch_samples(map(own, epoch_iterator), num_batches, device)
+
+
 @dataclass(frozen=True)
 class OwnShare:
-    """On several processes accelerate gives every one a full last eval batch, filling it with the eval set's
-    first examples again (BatchSamplerShard with even_batches); transformers drops those repeats from its
-    gathered per-example values (gather_for_metrics), but a batch's mean loss has no per-example values. So the
-    repeated rows' labels are masked: the last batch's loss and target count are then those of the process's
-    own examples alone. Every process still runs every batch: the per-batch collectives stay matched (with
-    even_batches off, a process with one batch fewer would wait forever in the loop's gather)."""
+    """On several processes accelerate gives every one a full last batch, filling it with the first examples
+    of the order again (BatchSamplerShard with even_batches), in evaluation and in each training epoch;
+    transformers drops those repeats from its gathered per-example values (gather_for_metrics), but a
+    batch's mean loss has no per-example values. So the repeated rows' labels are masked: the last batch's
+    loss and target count are then those of the process's own examples alone. Every process still runs
+    every batch: the per-batch collectives stay matched (with even_batches off, a process with one batch
+    fewer would wait forever in the loop's gather, or in training the gradient all-reduce)."""
 
     rows: int  # own examples at the head of this process's last batch (the repeats come after them)
     tokens: int  # their tokens: where the own examples end when the collator flattens a batch into one row
@@ -114,14 +134,16 @@ class OwnShare:
         if (not isinstance(shard, BatchSamplerShard) or shard.num_processes == 1 or shard.split_batches
                 or not shard.even_batches or shard.drop_last):
             return None
-        # the eval sampler is sequential: round i gives process p the examples of batch i * processes + p
+        # round i gives process p the batch at positions (i * processes + p) * size on in the sampler's order
         size, dataset = shard.batch_size, dataloader.dataset
         last_round = len(dataset) % (size * shard.num_processes)
         rows = min(max(last_round - shard.process_index * size, 0), size)
         if last_round == 0 or rows == size:
             return None
         start = len(dataset) - last_round + shard.process_index * size
-        return cls(rows, sum(len(dataset[i]["input_ids"]) for i in range(start, start + rows)))
+        # the order: sequential for evaluation, this epoch's shuffle for training (EpochOrder)
+        own = list(shard.batch_sampler.sampler)[start:start + rows]
+        return cls(rows, sum(len(dataset[i]["input_ids"]) for i in own))
 
     def only_own(self, inputs: dict) -> dict:
         """The batch with its repeated rows' labels masked (a padding-free batch: the tokens past the own ones)."""
@@ -136,7 +158,7 @@ class OwnShare:
         return masked
 
 
-class RunSFTTrainer(TokenWeightedEval, RunRules, SFTTrainer):
+class RunSFTTrainer(EachExampleOnce, TokenWeightedEval, RunRules, SFTTrainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """TRL writes a stub card ("a fine-tuned version of [None]") into checkpoints/ at every save.
         The run folder's README.md is the card (common/after_training/model_card.py); a second one
