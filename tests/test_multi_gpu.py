@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -528,3 +529,34 @@ def test_one_process_on_a_machine_with_several_gpus_uses_the_first(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the user's choice stands
     with one_gpu(load_config(platform="h100"), say):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_resume_in_the_middle_of_a_later_epoch_continues_as_the_run_that_went_on(
+        tiny_model_dir, tiny_data, tmp_path, processes):
+    """8 examples at a global batch of 4 make 2 steps an epoch; a resume at step 3 is one step into epoch 1.
+    accelerate's skip_first_batches wraps the sampler one level deeper than its set_epoch reaches on several
+    processes, so the resumed epoch replayed epoch 0's order (different examples than the run that went on)."""
+    steps = ["--set", "training.max_steps=6", "--set", "eval.eval_steps=3", "--set", "eval.save_steps=3",
+             "--set", "eval.save_total_limit=3"]
+    args = tiny_run(tiny_model_dir, tiny_data, tmp_path, "straight", *steps)
+    gpus = ["--gpus", "2"] if processes == 2 else []
+    code, out = qlora(*args, *gpus)
+    assert code == 0, out
+    run = tmp_path / "straight"
+    straight = lora_weights(run)
+    straight_losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                       if "loss" in json.loads(line)]
+    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
+    for finished in ("adapter_model.safetensors", "summary.json"):  # as if stopped right after checkpoint-3
+        (run / finished).unlink()
+    code, out = qlora(*args, *gpus, "--resume", "auto")
+    assert code == 0 and "done: 6 steps" in out, out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-3"), summary
+    resumed_losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    after = {m["step"]: m["loss"] for m in resumed_losses if "loss" in m and m["step"] > 3}
+    assert [after[s] for s in (4, 5, 6)] == pytest.approx(straight_losses[3:6], rel=1e-5), (after, straight_losses)
+    resumed = lora_weights(run)
+    assert max((resumed[k] - straight[k]).abs().max().item() for k in straight) < 1e-5

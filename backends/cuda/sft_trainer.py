@@ -28,7 +28,17 @@ class RunRules:
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        return EpochOrder(len(dataset), self.args.seed)
+        self._train_order = EpochOrder(len(dataset), self.args.seed)
+        return self._train_order
+
+    def _run_epoch(self, *args, epoch, **kwargs):
+        """The epoch reaches our order here, before the epoch's iterator starts: on several processes a resume
+        in the middle of an epoch wraps the sampler (accelerate's skip_first_batches around BatchSamplerShard)
+        deeper than the loader's set_epoch reaches, and the resumed epoch would read epoch 0's order."""
+        order = getattr(self, "_train_order", None)
+        if order is not None:
+            order.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         """A failed or aborted write removes the folder and says what is intact (common.run.checkpoints.
