@@ -129,16 +129,16 @@ def test_generate_on_cuda_loads_the_base_as_the_run_trained_it(tiny_model_dir, t
     fixed NF4 + double quantization; an adapter without a run gets the schema's defaults."""
     pytest.importorskip("bitsandbytes")
     from backends.cuda.inference import load_base
-    from common.after_training.lookup import trained_quantization
+    from common.after_training.lookup import trained_cuda
 
     run = make_adapter(tiny_model_dir, tmp_path / "run")
     (run / "config.yaml").write_text("backend: cuda\ncuda:\n  quantization:\n    quant_type: fp4\n"
                                      "    double_quant: false\n    compute_dtype: float32\n")
-    quantization = trained_quantization(find_adapter(run))
-    loaded = load_base(str(tiny_model_dir), "4bit", "cpu", quantization).config.quantization_config
+    cuda = trained_cuda(find_adapter(run))
+    loaded = load_base(str(tiny_model_dir), "4bit", "cpu", cuda).config.quantization_config
     assert (loaded.bnb_4bit_quant_type, loaded.bnb_4bit_use_double_quant) == ("fp4", False)
     assert str(loaded.bnb_4bit_compute_dtype).endswith("float32")
-    default = trained_quantization(find_adapter(make_adapter(tiny_model_dir, tmp_path / "alone")))
+    default = trained_cuda(find_adapter(make_adapter(tiny_model_dir, tmp_path / "alone"))).quantization
     assert (default.quant_type, default.double_quant) == ("nf4", True)
 
 

@@ -329,3 +329,32 @@ def test_a_run_with_a_read_only_cache_trains(kept, tmp_path, lock_folder):
     trainer, said = trainer_for(base, tmp_path / "runs", "locked")
     assert "not keeping the 4-bit base for the next run: writing it in" in said.text()
     assert trainer.train().final_eval_loss is not None
+
+
+@slow
+def test_generate_loads_the_4bit_base_a_run_kept_and_gives_the_same_answer(kept, tmp_path, monkeypatch):
+    """`qlora generate` and `qlora chat` read the copy training kept instead of quantizing the base again;
+    with none kept (another cache folder) they quantize, keep one, and answer the same."""
+    from backends.cuda.inference import CudaInference
+    from common.after_training.lookup import find_adapter
+
+    base, cache = kept
+    trainer, _ = trainer_for(base, tmp_path / "runs", "trained")
+    trainer.train()
+    [entry] = entries(cache)
+
+    def answer():
+        say = Recorder()
+        engine = CudaInference(find_adapter(trainer.run.root), str(base), "4bit", say)
+        return engine.generate([1, 3, 1763, 1117, 4], max_new_tokens=6, temperature=0, seed=0, eos_id=None), say
+
+    from_kept, said = answer()
+    assert f"loading the 4-bit base kept by an earlier run ({entry})" in said.text()
+    assert "quantizing" not in said.text() and "keeping" not in said.text()
+
+    monkeypatch.setenv("QLORA_CUDA_CACHE_DIR", str(tmp_path / "other-cache"))
+    quantized, said = answer()
+    assert "quantizing it to 4 bits (nf4" in said.text() and "keeping the 4-bit base for the next run" in said.text()
+    again, said = answer()
+    assert "loading the 4-bit base kept by an earlier run" in said.text()
+    assert from_kept == quantized == again and len(from_kept) == 6

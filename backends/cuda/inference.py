@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 
 from backends.cuda.model import check_local_model, explain_load_error
-from common.after_training.lookup import AdapterRef, trained_quantization
-from common.config.schema import QuantizationConfig
+from backends.cuda.model import load_base as load_cuda_base
+from common.after_training.lookup import AdapterRef, trained_cuda
+from common.config.schema import CudaConfig
+from common.console import Say
 from common.errors import QLoraError
 from common.model.tiny import add_legacy_rope_theta
+from common.run.startup import Startup
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -23,25 +26,26 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base(base: str, dtype: str, device: str, quantization: QuantizationConfig | None = None):
-    """A causal LM from a folder or hub id; dtype "4bit" loads it as the run's `quantization` (a
-    cuda.quantization section) says QLoRA training did: 4-bit with its type and double quantization and
-    its compute dtype, or unquantized in the compute dtype when the run trained on an unquantized base."""
+def load_base(base: str, dtype: str, device: str, cuda: CudaConfig | None = None, say=None):
+    """A causal LM from a folder or hub id. dtype "4bit" loads it as the run's `cuda` section says QLoRA
+    training did (4-bit with its type, double quantization and compute dtype, or unquantized in the compute
+    dtype when the run trained on an unquantized base), from the 4-bit copy a run kept when there is one
+    (backends/cuda/warm_start.py: no reading and quantizing the whole base again), else keeping one."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    if Path(base).exists():
+    local = Path(base).exists()
+    if local:
         check_local_model(Path(base))
-    q = quantization or QuantizationConfig()
-    compute = getattr(torch, q.compute_dtype if dtype == "4bit" else TORCH_DTYPES[dtype])
-    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                                bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
-             if dtype == "4bit" and q.load_in_4bit else None)
+    device_map = {"": 0 if device == "cuda" else "cpu"}
+    if dtype == "4bit":
+        cuda = cuda or CudaConfig()
+        placed = dict(dtype=getattr(torch, cuda.quantization.compute_dtype), device_map=device_map,
+                      attn_implementation="sdpa")
+        return load_cuda_base(cuda, base, None, local, placed, device, say or Say(), Startup())
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            base, quantization_config=quant, dtype=compute, device_map={"": 0 if device == "cuda" else "cpu"},
-            local_files_only=Path(base).exists(),
-        )
+        return AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, TORCH_DTYPES[dtype]),
+                                                    device_map=device_map, local_files_only=local)
     except (OSError, ValueError) as exc:
         raise explain_load_error(base, exc) from None
 
@@ -79,7 +83,7 @@ class CudaInference:
         if dtype == "bf16" and self.device == "cpu":
             say.info("bf16 on the CPU: slow for a 7B model, fine for the tiny demo one")
         started = time.monotonic()
-        self.model = with_adapter(load_base(base, dtype, self.device, trained_quantization(ref)), ref, base).eval()
+        self.model = with_adapter(load_base(base, dtype, self.device, trained_cuda(ref), say), ref, base).eval()
         self.load_seconds = time.monotonic() - started
         self.torch = torch
         say.info(f"loaded {base} ({dtype}) with the adapter {ref.folder} on {self.device} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from backends.cuda.warm_start import QuantizedBase, local_base
-from common.config.schema import QLoraConfig
+from common.config.schema import CudaConfig, QLoraConfig, QuantizationConfig
 from common.console import Say
 from common.errors import QLoraError
 from common.model.mistral import HUB_ID, cached_on_hub, check_local_model, require_model_source
@@ -103,27 +103,37 @@ def explain_load_error(name: str, exc: Exception) -> QLoraError:
 
 
 def load_quantized_model(cfg: QLoraConfig, attn: str, device: str, say=None, startup: Startup | None = None):
-    """The base in 4 bits (cuda.quantization), from the copy an earlier run kept when there is one
-    (backends/cuda/warm_start.py), else read and quantized, then kept for the next run."""
+    """The base for training, in 4 bits as cuda.quantization says (load_base)."""
     import torch
 
     say, startup = say or Say(), startup or Startup()
-    dtype = getattr(torch, cfg.cuda.quantization.compute_dtype)
-    placed = dict(dtype=dtype, attn_implementation=attn,
+    placed = dict(dtype=getattr(torch, cfg.cuda.quantization.compute_dtype), attn_implementation=attn,
                   device_map={"": local_rank() if device == "cuda" else "cpu"})  # one whole copy per process
     name, local_only = model_source(cfg)
-    kept = quantized_entry(cfg, name, local_only, device) if cfg.cuda.quantization.load_in_4bit else None
-    model = _load_kept(kept, name, placed, say, startup) if kept is not None and kept.present() else None
-    if model is None:
-        model = _load_base(cfg, name, local_only, placed, say, startup)
-        if cfg.cuda.quantization.load_in_4bit and not Path(name).is_dir():  # keyed on the snapshot just loaded
-            kept = quantized_entry(cfg, name, local_only, device)  # (the hub may have given a newer one)
-        if kept is not None and is_main():
-            with startup.stage("keep_quantized", say, f"keeping the 4-bit base for the next run in {kept.folder}"):
-                kept.write(model, say)
+    model = load_base(cfg.cuda, name, cfg.model.revision, local_only, placed, device, say, startup, keep=is_main())
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     if device == "cpu" and cfg.cuda.quantization.load_in_4bit:
         keep_cpu_weights_trainable(model)
+    return model
+
+
+def load_base(cuda: CudaConfig, name: str, revision: str | None, local_only: bool, placed: dict, device: str,
+              say, startup: Startup, keep: bool = True):
+    """The base in 4 bits as `cuda.quantization` says (unquantized in its compute dtype without load_in_4bit),
+    for training and for inference alike: from the copy an earlier run or command kept when there is one
+    (backends/cuda/warm_start.py), else read and quantized, then kept for the next one (`keep`: by this
+    process; on several processes only the first writes). `placed`: from_pretrained's dtype, device map,
+    attention."""
+    in_4bit = cuda.quantization.load_in_4bit
+    kept = quantized_entry(cuda, name, revision, local_only, device) if in_4bit else None
+    model = _load_kept(kept, name, placed, say, startup) if kept is not None and kept.present() else None
+    if model is None:
+        model = _load_base(cuda.quantization, name, revision, local_only, placed, say, startup)
+        if in_4bit and not Path(name).is_dir():  # keyed on the snapshot just loaded
+            kept = quantized_entry(cuda, name, revision, local_only, device)  # (the hub may have given a newer one)
+        if kept is not None and keep:
+            with startup.stage("keep_quantized", say, f"keeping the 4-bit base for the next run in {kept.folder}"):
+                kept.write(model, say)
     return model
 
 
@@ -139,11 +149,11 @@ def _load_kept(kept: QuantizedBase, name: str, placed: dict, say, startup: Start
     return model
 
 
-def _load_base(cfg: QLoraConfig, name: str, local_only: bool, placed: dict, say, startup: Startup):
+def _load_base(q: QuantizationConfig, name: str, revision: str | None, local_only: bool, placed: dict, say,
+               startup: Startup):
     """The base as stored, quantized by bitsandbytes while it loads (with load_in_4bit)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = cfg.cuda.quantization
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                                bnb_4bit_use_double_quant=q.double_quant,
                                bnb_4bit_compute_dtype=placed["dtype"]) if q.load_in_4bit else None
@@ -152,7 +162,7 @@ def _load_base(cfg: QLoraConfig, name: str, local_only: bool, placed: dict, say,
              else f"loading the base model {name} ({q.compute_dtype}, not quantized)")
     with startup.stage("model", say, doing):
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, revision=cfg.model.revision, quantization_config=quant,
+            model = AutoModelForCausalLM.from_pretrained(name, revision=revision, quantization_config=quant,
                                                          local_files_only=local_only, **placed)
         except (OSError, ValueError) as exc:
             raise explain_load_error(name, exc) from None
@@ -160,13 +170,14 @@ def _load_base(cfg: QLoraConfig, name: str, local_only: bool, placed: dict, say,
     return model
 
 
-def quantized_entry(cfg: QLoraConfig, name: str, local_only: bool, device: str) -> QuantizedBase | None:
+def quantized_entry(cuda: CudaConfig, name: str, revision: str | None, local_only: bool,
+                    device: str) -> QuantizedBase | None:
     """This base's entry in the quantized-base cache (None: cuda.quantized_cache is off, or the base's
     files are not on this machine yet)."""
-    if not cfg.cuda.quantized_cache:
+    if not cuda.quantized_cache:
         return None
-    base = local_base(name, cfg.model.revision, local_only)
-    return QuantizedBase.for_config(cfg, base, device) if base is not None else None
+    base = local_base(name, revision, local_only)
+    return QuantizedBase.for_config(cuda, base, device) if base is not None else None
 
 
 def keep_cpu_weights_trainable(model) -> int:

@@ -24,7 +24,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common.config.schema import QLoraConfig
+from common.config.schema import CudaConfig, QLoraConfig
 from common.data.store import remove_whole
 from common.run.checkpoints import file_digest
 
@@ -39,8 +39,8 @@ SPARE_BYTES = 1 << 30  # left free on the disk after writing an entry
 CHUNK_BYTES = 64 << 20  # hashed apart, on several cores: one SHA-256 of ~4 GB takes seconds on one
 
 
-def cache_home(cfg: QLoraConfig) -> Path:
-    folder = cfg.cuda.cache_dir or os.environ.get("QLORA_CUDA_CACHE_DIR") or "~/.cache/mistral-qlora"
+def cache_home(cuda: CudaConfig) -> Path:
+    folder = cuda.cache_dir or os.environ.get("QLORA_CUDA_CACHE_DIR") or "~/.cache/mistral-qlora"
     return Path(folder).expanduser()
 
 
@@ -61,7 +61,7 @@ def use_flash_compile_cache(cfg: QLoraConfig, say, env=os.environ) -> Path | Non
         say.warn("cuda.compile_cache: FlashAttention-4 was imported before the run set up its kernel cache; "
                  "its kernels are compiled again in every run of this process")
         return None
-    folder = cache_home(cfg) / "flash-attn"
+    folder = cache_home(cfg.cuda) / "flash-attn"
     env[FLASH_CACHE_VARS[0]], env[FLASH_CACHE_VARS[1]] = "1", str(folder)
     return folder
 
@@ -76,10 +76,10 @@ class QuantizedBase:
         self.folder, self.fingerprint = folder, fingerprint
 
     @classmethod
-    def for_config(cls, cfg: QLoraConfig, base: Path, device: str) -> QuantizedBase:
-        fingerprint = fingerprint_of(cfg, base, device)
+    def for_config(cls, cuda: CudaConfig, base: Path, device: str) -> QuantizedBase:
+        fingerprint = fingerprint_of(cuda, base, device)
         digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:32]
-        return cls(cache_home(cfg) / "quantized" / digest, fingerprint)
+        return cls(cache_home(cuda) / "quantized" / digest, fingerprint)
 
     def present(self) -> bool:
         return self.folder.is_dir()
@@ -185,14 +185,14 @@ def _touch(folder: Path) -> None:
         pass
 
 
-def fingerprint_of(cfg: QLoraConfig, base: Path, device: str) -> dict:
+def fingerprint_of(cuda: CudaConfig, base: Path, device: str) -> dict:
     """What the quantized weights depend on: the base's files, the settings, the libraries, the device
     kind that quantized them (bitsandbytes has a CUDA and a CPU implementation)."""
     import bitsandbytes
     import torch
     import transformers
 
-    q = cfg.cuda.quantization
+    q = cuda.quantization
     files = sorted({p for pattern in BASE_FILES for p in base.glob(pattern)})
     return {
         "version": CACHE_VERSION,

@@ -247,13 +247,16 @@ def record_base_model(run_root: Path, name_or_path: str) -> str:
     return recorded
 
 
-def trained_quantization(ref: AdapterRef):
-    """The bitsandbytes settings the adapter's run trained with (its config.yaml's cuda.quantization), so
-    that inference sees the base as training did; the schema's defaults for an adapter without a CUDA run."""
-    from common.config.schema import QuantizationConfig
+def trained_cuda(ref: AdapterRef):
+    """The CUDA settings the adapter's run trained with (its config.yaml's cuda section: the bitsandbytes
+    settings, so that inference sees the base as training did, and where the kept 4-bit base lives); the
+    schema's defaults for an adapter without a CUDA run. Only what inference reads is taken."""
+    from common.config.schema import CudaConfig, QuantizationConfig
 
     run = _run_config(ref.run_root) if ref.run_root else {}
-    return QuantizationConfig(**(run.get("cuda") or {}).get("quantization", {}))
+    section = run.get("cuda") or {}
+    kept = {k: section[k] for k in ("cache_dir", "quantized_cache") if k in section}
+    return CudaConfig(quantization=QuantizationConfig(**section.get("quantization", {})), **kept)
 
 
 def _run_config(run_root: Path) -> dict:
