@@ -337,3 +337,14 @@ def test_runs_started_together_all_reach_the_index(tmp_path, monkeypatch):
         process.join(60)
     assert all(process.exitcode == 0 for process in processes)
     assert all(remembered(str(n)) == [tmp_path / str(n)] for n in range(60))
+
+
+def test_the_index_keeps_the_most_recent_runs(tmp_path, monkeypatch):
+    from common.run import folder
+
+    monkeypatch.setattr(folder, "INDEX_KEEPS", 5)
+    for n in range(8):
+        (tmp_path / str(n)).mkdir()
+        folder.remember(tmp_path / str(n))
+    folder.remember(tmp_path / "2")  # opened again: the most recent
+    assert [Path(p).name for p in folder._indexed(folder.run_index())] == ["4", "5", "6", "7", "2"]

@@ -27,20 +27,20 @@ def default_run_name(cfg: QLoraConfig) -> str:
 # Every run folder this tool opened, wherever tracking.output_dir put it: how a run name finds a run outside
 # the default folder (common/after_training/lookup.py). $QLORA_RUN_INDEX moves it (the tests do).
 RUN_INDEX = "~/.cache/mistral-qlora/runs.json"
+INDEX_KEEPS = 10_000  # the most recently opened run folders (~1 MB); older ones are found by folder, not name
 
 
 def run_index() -> Path:
     return Path(os.environ.get("QLORA_RUN_INDEX") or RUN_INDEX).expanduser()
 
-
 def remember(root: Path) -> None:
-    """Add a run folder to the index, dropping folders that are gone. The index is a convenience: a failed
-    write costs only finding this run by name, so it never stops a run."""
+    """Add a run folder to the index (the INDEX_KEEPS most recently opened), dropping folders that are gone.
+    The index is a convenience: a failed write costs only finding this run by name, so it never stops a run."""
     path, entry = run_index(), str(root.resolve())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _index_lock(path):  # runs starting together: each adds to what the one before wrote
-            known = [p for p in _indexed(path) if p != entry and Path(p).is_dir()]
+            known = [p for p in _indexed(path)[-INDEX_KEEPS:] if p != entry and Path(p).is_dir()][-(INDEX_KEEPS - 1):]
             temporary = path.with_name(f".{path.name}.{os.getpid()}")
             temporary.write_text(json.dumps({"runs": [*known, entry]}, indent=1) + "\n", encoding="utf-8")
             os.replace(temporary, path)  # a reader (who takes no lock) never sees half a file
