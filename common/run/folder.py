@@ -33,6 +33,7 @@ INDEX_KEEPS = 10_000  # the most recently opened run folders (~1 MB); older ones
 def run_index() -> Path:
     return Path(os.environ.get("QLORA_RUN_INDEX") or RUN_INDEX).expanduser()
 
+
 def remember(root: Path) -> None:
     """Add a run folder to the index (the INDEX_KEEPS most recently opened), dropping folders that are gone.
     The index is a convenience: a failed write costs only finding this run by name, so it never stops a run."""
