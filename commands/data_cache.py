@@ -33,7 +33,7 @@ def days(text: str) -> float:
 
 
 def cache(args, say: Say) -> int:
-    from common.data.store import cache_entries, cache_root, remove_entry
+    from common.data.store import ENTRY_NAME, cache_entries, cache_root, remove_entry, remove_leftovers
 
     cfg = config_or_default(args, say).data
     root = cache_root(cfg)
@@ -41,6 +41,9 @@ def cache(args, say: Say) -> int:
     if args.clear or args.older_than is not None:
         cutoff = now - (args.older_than or 0) * DAY if args.older_than is not None else float("inf")
         gone = [e for e in entries if e.last_used < cutoff and remove_entry(e)]
+        leftovers = remove_leftovers(root, ENTRY_NAME)
+        if leftovers:
+            say.info(f"data cache {root}: removed {len(leftovers)} temporary folder(s) left by a stopped process")
         which = f"not used for {args.older_than:g} day(s)" if args.older_than is not None else "all"
         left = len(cache_entries(root))
         if not gone:

@@ -346,3 +346,58 @@ def test_run_card_and_base_record(tmp_path, monkeypatch, capsys, tiny_model_dir)
     monkeypatch.chdir(tmp_path)  # the adapter finds its base from anywhere
     code, out, err = run_cli(capsys, "generate", run, "--prompt", PROMPT, "--max-new-tokens", "4", "--backend", "cuda")
     assert code == 0 and out.strip(), err
+
+
+REVISION_SCRIPT = """
+import json, sys, torch
+from backends.cuda.inference import load_base
+from common.after_training.lookup import find_adapter, trained_cuda, trained_revision
+from common.console import Say
+
+run, old, new = sys.argv[1:4]
+ref = find_adapter(run)
+revision = trained_revision(ref, "org/tiny")
+ids = torch.tensor([[1, 3, 1763, 1117, 4]])
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+out = {"revision": revision}
+for dtype in ("fp32", "4bit"):
+    hub = logits(load_base("org/tiny", dtype, "cpu", trained_cuda(ref), Say(sys.stderr), revision))
+    out[dtype] = [bool(torch.equal(hub, logits(load_base(folder, dtype, "cpu", trained_cuda(ref), Say(sys.stderr)))))
+                  for folder in (old, new)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_pinned_to_a_hub_revision_generates_on_that_snapshot(tiny_model_dir, tmp_path):
+    """model.revision pins a commit; the hub cache also holds a newer main. generate/chat (4-bit, from the kept
+    copy or quantized) and merge (full precision) load the pinned snapshot, not main's."""
+    pytest.importorskip("bitsandbytes")
+    import os
+    import shutil
+    import subprocess
+
+    from safetensors.torch import load_file, save_file
+
+    old, new = "1" * 40, "2" * 40
+    repo = tmp_path / "hub" / "models--org--tiny"
+    for sha in (old, new):
+        shutil.copytree(tiny_model_dir, repo / "snapshots" / sha)
+    weights = repo / "snapshots" / new / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({n: t * 1.5 if "embed" in n else t for n, t in tensors.items()}, weights, metadata={"format": "pt"})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    run = make_adapter(tiny_model_dir, tmp_path / "run")
+    (run / "config.yaml").write_text(f"backend: cuda\nmodel:\n  name_or_path: org/tiny\n  revision: '{old}'\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-c", REVISION_SCRIPT, str(run), str(repo / "snapshots" / old),
+                           str(repo / "snapshots" / new)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"revision": old, "fp32": [True, False], "4bit": [True, False]}

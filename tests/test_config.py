@@ -220,3 +220,11 @@ def test_config_reference_is_generated_from_the_schema():
     script = CONFIG_DIR.parent / "scripts" / "gen_config_docs.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True)
     assert done.returncode == 0, "docs/config.md is stale: run python scripts/gen_config_docs.py"
+
+
+def test_relative_cache_folders_are_anchored_where_the_user_named_them(tmp_path, monkeypatch):
+    """A later command run from another folder (generate after train) finds the same caches."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(platform="cpu", overrides=["data.cache_dir=prepared", "cuda.cache_dir=~/qcache"])
+    assert cfg.data.cache_dir == str(tmp_path / "prepared")
+    assert cfg.cuda.cache_dir == str(Path("~/qcache").expanduser())

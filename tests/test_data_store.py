@@ -297,3 +297,40 @@ def test_an_entry_is_moved_aside_before_it_is_deleted(tmp_path, chat_tokenizer, 
     assert store.remove_entry(entry) and not store.remove_entry(entry)  # the second finds nothing to remove
     assert len(deleted) == 1 and deleted[0][0].startswith(f".{entry.folder.name}-") and deleted[0][1] is False
     assert folders(tmp_path) == []
+
+
+def test_a_cache_that_cannot_be_written_is_said_and_the_data_still_prepared(tmp_path, chat_tokenizer, lock_folder):
+    cfg = config(tmp_path, SAMPLE / "train.jsonl")
+    expected, _ = prepared(config(tmp_path / "writable", SAMPLE / "train.jsonl"), chat_tokenizer)
+    (tmp_path / "cache").mkdir()
+    lock_folder(tmp_path / "cache")
+    data, said = prepared(cfg, chat_tokenizer)
+    assert "cannot write the prepared-data cache in" in said and "data.cache_dir" in said
+    assert "tokenizing for this run only" in said and "not cached" in said
+    assert [e.input_ids for e in data.train] == [e.input_ids for e in expected.train]
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_disk_that_fills_while_tokenizing_leaves_nothing_behind_and_says_so(tmp_path, chat_tokenizer):
+    from conftest import file_size_limit
+
+    path = write_jsonl(tmp_path / "t.jsonl", [chat(f"question {i} " * 40, f"answer {i} " * 40) for i in range(200)])
+    with file_size_limit(4096), pytest.raises(DataError) as refused:
+        prepare_data(config(tmp_path, path), chat_tokenizer, Recorder())
+    assert "cannot write the prepared data anywhere" in str(refused.value) and "TMPDIR" in str(refused.value)
+    assert list((tmp_path / "cache").iterdir()) == []  # no entry, no half-written temporary folder
+
+
+def test_temporary_folders_a_killed_run_left_in_the_cache_go_after_a_day(tmp_path, chat_tokenizer):
+    import os
+    import time
+
+    root = tmp_path / "cache"
+    old, fresh = root / f".{'a' * 64}-x1", root / f".{'b' * 64}-removed-1-2"
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+        (folder / "ids.npy").write_bytes(b"half")
+    for path in (old, old / "ids.npy"):
+        os.utime(path, (time.time() - 2 * 24 * 3600,) * 2)
+    prepared(config(tmp_path, SAMPLE / "train.jsonl"), chat_tokenizer)
+    assert not old.exists() and fresh.exists()  # a write or removal in progress in another process stays

@@ -316,9 +316,55 @@ def test_only_the_most_recently_used_entries_and_current_libraries_stay(small_mo
     assert made[3].write(small_model, say)
     assert kept_names() == sorted([made[1].folder.name, made[3].folder.name, "notes"])
     upgraded = entry_at(tmp_path, {"libraries": {**LIBS, "torch": "2.14"}, "n": 0})
-    assert upgraded.write(small_model, say)  # the others were made with other versions: never read again
-    assert kept_names() == sorted([upgraded.folder.name, "notes"])
+    assert upgraded.write(small_model, say)  # another environment sharing the cache may still read made[3]
+    assert kept_names() == sorted([made[3].folder.name, upgraded.folder.name, "notes"])
     assert "damaged" not in say.text()
+
+
+def test_entries_of_other_library_versions_go_once_unused_for_a_day(small_model, tmp_path, monkeypatch):
+    import os
+    import time
+
+    from backends.cuda import warm_start
+
+    monkeypatch.setattr(warm_start, "KEEP_ENTRIES", 3)
+    say, day = Recorder(), 24 * 3600
+    current = entry_at(tmp_path, {"libraries": LIBS, "n": 0})
+    older = entry_at(tmp_path, {"libraries": {**LIBS, "torch": "2.12"}, "n": 0})
+    for entry in (older, current):
+        assert entry.write(small_model, say)
+    for entry, age in ((current, 3 * day), (older, 2 * day)):
+        os.utime(entry.folder, (time.time() - age,) * 2)
+    newest = entry_at(tmp_path, {"libraries": LIBS, "n": 1})
+    assert newest.write(small_model, say)
+    assert sorted(p.name for p in (tmp_path / "quantized").iterdir()) == sorted([current.folder.name, newest.folder.name])
+
+
+def test_temporary_folders_a_killed_process_left_go_after_a_day(small_model, tmp_path):
+    import os
+    import time
+
+    from common.data.store import remove_leftovers
+
+    say = Recorder()
+    entry = entry_at(tmp_path, {"libraries": LIBS})
+    root = tmp_path / "quantized"
+    root.mkdir(parents=True)
+    old, fresh = root / f".{entry.folder.name}-abc", root / f".{entry.folder.name}-def"
+    for folder in (old, fresh, root / ".mine"):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    for path in (old, old / "model.safetensors", root / ".mine"):
+        os.utime(path, (time.time() - 2 * 24 * 3600,) * 2)
+    assert entry.write(small_model, say)
+    assert not old.exists() and fresh.exists() and (root / ".mine").exists()  # a write in progress, a user's folder
+    assert remove_leftovers(root, warm_start_entry_name(), now=time.time() + 2 * 24 * 3600) == [fresh]
+
+
+def warm_start_entry_name():
+    from backends.cuda.warm_start import ENTRY_NAME
+
+    return ENTRY_NAME
 
 
 @slow

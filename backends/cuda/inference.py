@@ -10,7 +10,7 @@ from pathlib import Path
 
 from backends.cuda.model import check_local_model, explain_load_error
 from backends.cuda.model import load_base as load_cuda_base
-from common.after_training.lookup import AdapterRef, trained_cuda
+from common.after_training.lookup import AdapterRef, trained_cuda, trained_revision
 from common.config.schema import CudaConfig
 from common.console import Say
 from common.errors import QLoraError
@@ -26,11 +26,13 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base(base: str, dtype: str, device: str, cuda: CudaConfig | None = None, say=None):
+def load_base(base: str, dtype: str, device: str, cuda: CudaConfig | None = None, say=None,
+              revision: str | None = None):
     """A causal LM from a folder or hub id. dtype "4bit" loads it as the run's `cuda` section says QLoRA
     training did (4-bit with its type, double quantization and compute dtype, or unquantized in the compute
     dtype when the run trained on an unquantized base), from the 4-bit copy a run kept when there is one
-    (backends/cuda/warm_start.py: no reading and quantizing the whole base again), else keeping one."""
+    (backends/cuda/warm_start.py: no reading and quantizing the whole base again), else keeping one.
+    `revision`: the hub snapshot of a hub id (the run's model.revision)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -42,9 +44,9 @@ def load_base(base: str, dtype: str, device: str, cuda: CudaConfig | None = None
         cuda = cuda or CudaConfig()
         placed = dict(dtype=getattr(torch, cuda.quantization.compute_dtype), device_map=device_map,
                       attn_implementation="sdpa")
-        return load_cuda_base(cuda, base, None, local, placed, device, say or Say(), Startup())
+        return load_cuda_base(cuda, base, revision, local, placed, device, say or Say(), Startup())
     try:
-        return AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, TORCH_DTYPES[dtype]),
+        return AutoModelForCausalLM.from_pretrained(base, revision=revision, dtype=getattr(torch, TORCH_DTYPES[dtype]),
                                                     device_map=device_map, local_files_only=local)
     except (OSError, ValueError) as exc:
         raise explain_load_error(base, exc) from None
@@ -83,7 +85,7 @@ class CudaInference:
         if dtype == "bf16" and self.device == "cpu":
             say.info("bf16 on the CPU: slow for a 7B model, fine for the tiny demo one")
         started = time.monotonic()
-        self.model = with_adapter(load_base(base, dtype, self.device, trained_cuda(ref), say), ref, base).eval()
+        self.model = with_adapter(load_base(base, dtype, self.device, trained_cuda(ref), say, trained_revision(ref, base)), ref, base).eval()
         self.load_seconds = time.monotonic() - started
         self.torch = torch
         say.info(f"loaded {base} ({dtype}) with the adapter {ref.folder} on {self.device} "
@@ -119,9 +121,10 @@ def merge(ref: AdapterRef, base: str, out: Path, dtype: str, say) -> None:
     if dtype == "4bit":
         raise QLoraError("merge writes full-precision weights: --dtype bf16, fp16 or fp32 (never 4-bit)")
     device = _device()
-    model = with_adapter(load_base(base, dtype, device), ref, base)
+    revision = trained_revision(ref, base)
+    model = with_adapter(load_base(base, dtype, device, revision=revision), ref, base)
     merged = model.merge_and_unload()
     merged.save_pretrained(str(out), max_shard_size="5GB")
     add_legacy_rope_theta(out / "config.json", merged.config)  # mlx-lm and llama.cpp read the top-level key
-    AutoTokenizer.from_pretrained(base, local_files_only=Path(base).exists()).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(base, revision=revision, local_files_only=Path(base).exists()).save_pretrained(str(out))
     say.info(f"merged on {device} in {dtype}")

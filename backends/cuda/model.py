@@ -177,7 +177,10 @@ def quantized_entry(cuda: CudaConfig, name: str, revision: str | None, local_onl
     if not cuda.quantized_cache:
         return None
     base = local_base(name, revision, local_only)
-    return QuantizedBase.for_config(cuda, base, device) if base is not None else None
+    try:
+        return QuantizedBase.for_config(cuda, base, device) if base is not None else None
+    except OSError:  # a base file that cannot be read (a dangling link): the load says what is wrong
+        return None
 
 
 def keep_cpu_weights_trainable(model) -> int:

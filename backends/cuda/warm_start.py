@@ -21,19 +21,21 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.config.schema import CudaConfig, QLoraConfig
-from common.data.store import remove_whole
+from common.data.store import remove_leftovers, remove_whole
 from common.run.checkpoints import file_digest
 
 CACHE_VERSION = 1  # bump when what is saved, or how, changes: old entries are then never read
 MANIFEST = "qlora-quantized.json"
-BASE_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
+BASE_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")  # the weights
 FLASH_CACHE_VARS = ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
 FLASH_CACHE_MODULE = "flash_attn.cute.cache_utils"  # reads FLASH_CACHE_VARS once, when imported
-KEEP_ENTRIES = 2  # kept 4-bit bases (most recently used first); another version of a library evicts at once
+KEEP_ENTRIES = 2  # kept 4-bit bases (most recently used first)
+OUTDATED_SECONDS = 24 * 3600  # an entry of other library versions unused this long goes before the others
 ENTRY_NAME = re.compile(r"[0-9a-f]{32}")  # for_config's digest: other folders here are never removed
 SPARE_BYTES = 1 << 30  # left free on the disk after writing an entry
 CHUNK_BYTES = 64 << 20  # hashed apart, on several cores: one SHA-256 of ~4 GB takes seconds on one
@@ -160,16 +162,20 @@ class QuantizedBase:
             raise
 
     def evict_others(self) -> list[Path]:
-        """Remove the other entries made with other library versions (never read again), then all but the
-        KEEP_ENTRIES most recently used (this one included). Returns the folders removed."""
-        libraries = self.fingerprint.get("libraries")
+        """Remove all but the KEEP_ENTRIES most recently used entries (this one included), and sooner the ones
+        made with other library versions and unused for OUTDATED_SECONDS (this environment never reads them;
+        another one sharing the cache may, so not at once). Returns the folders removed. Temporary folders a
+        killed process left go too (remove_leftovers)."""
+        remove_leftovers(self.folder.parent, ENTRY_NAME)
+        libraries, now = self.fingerprint.get("libraries"), time.time()
         others = []
         for folder in self.folder.parent.iterdir():
             if folder == self.folder or not ENTRY_NAME.fullmatch(folder.name):
                 continue
             try:
                 fingerprint = json.loads((folder / MANIFEST).read_text())["fingerprint"]
-                others.append((folder.stat().st_mtime, folder, fingerprint.get("libraries") != libraries))
+                used = folder.stat().st_mtime
+                others.append((used, folder, fingerprint.get("libraries") != libraries and now - used > OUTDATED_SECONDS))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # being written or removed by another process, or not ours
         others.sort(reverse=True)

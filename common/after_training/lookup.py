@@ -259,6 +259,13 @@ def trained_cuda(ref: AdapterRef):
     return CudaConfig(quantization=QuantizationConfig(**section.get("quantization", {})), **kept)
 
 
+def trained_revision(ref: AdapterRef, base: str) -> str | None:
+    """The hub revision (model.revision) the adapter's run trained on, when `base` is the model that run named:
+    a hub id then loads that snapshot, not the newest one the hub cache holds. None otherwise."""
+    model = (_run_config(ref.run_root) if ref.run_root else {}).get("model") or {}
+    return model.get("revision") if base == model.get("name_or_path") and not Path(base).exists() else None
+
+
 def _run_config(run_root: Path) -> dict:
     import yaml
 

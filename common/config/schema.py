@@ -428,7 +428,7 @@ UNUSED_BY_BACKEND: dict[str, tuple[str, ...]] = {
 # working directory when the user did (--config FILE, --set, --data), so a command finds the same files
 # from any folder. Lists of sources: each item's path.
 PATH_KEYS = ("model.name_or_path", "data.train_file", "data.val_file", "data.sources", "data.val_sources",
-             "tracking.output_dir", "mlx.model_cache_dir", "preference.from_adapter")
+             "tracking.output_dir", "mlx.model_cache_dir", "preference.from_adapter", "data.cache_dir", "cuda.cache_dir")
 # Keys that moved, for configs written before they did.
 MOVED_KEYS = {
     "quantization": "cuda.quantization",

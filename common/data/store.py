@@ -10,6 +10,7 @@ on `Stored` records exactly as on conversations, so the same config picks the sa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -174,18 +175,27 @@ def stored_source(spec: DataSource, cfg: DataConfig, key: str, tokenizer: ChatTo
         folder = entry_folder(path, spec, cfg, tokenizer)
         store = _cached(folder, label, say)
         if store is None:
-            store = _build(folder, lambda tmp: _tokenize_file(tmp, path, spec, cfg, key, tokenizer, say))
+            write = lambda tmp: _tokenize_file(tmp, path, spec, cfg, key, tokenizer, say)  # noqa: E731
+            try:
+                store = _build(folder, write)
+                kept = f"cached in {folder}"
+            except OSError as exc:
+                if exc.errno not in UNWRITABLE:
+                    raise
+                _say(say, "warn", f"{label}: cannot write the prepared-data cache in {folder.parent} "
+                                  f"({exc.strerror or exc}); tokenizing for this run only. Set data.cache_dir to a "
+                                  "writable folder (or $QLORA_CACHE_DIR) to keep it for the next run")
+                store, kept, folder = _build_aside(write), "not cached", None
             _say(say, "ok", f"{label}: {_described(store)} tokenized in {store.info['seconds']:.1f} s "
                             f"({len(store) / max(store.info['seconds'], 1e-9):,.0f} conversations/s, "
-                            f"{store.info['workers']} worker(s)); cached in {folder}")
-            _mark_used(folder, path)
-            evict(cache_root(cfg), cfg.cache_max_gb, say)
+                            f"{store.info['workers']} worker(s)); {kept}")
+            if folder is not None:
+                _mark_used(folder, path)
+                evict(cache_root(cfg), cfg.cache_max_gb, say)
         else:
             _mark_used(folder, path)
     else:  # a Hub dataset: read from the datasets cache each time, not cached here
-        folder = Path(tempfile.mkdtemp(prefix="qlora-hub-"))
-        store = _build(folder / "store", lambda tmp: _tokenize_records(tmp, spec, cfg, key, tokenizer))
-        shutil.rmtree(folder)  # the arrays stay mapped until the store is freed
+        store = _build_aside(lambda tmp: _tokenize_records(tmp, spec, cfg, key, tokenizer))
     report = SourceReport(label, store.info["format"], weight=spec.weight, blank_lines=store.info["blank_lines"])
     return finish_source([Stored(store, i, label, label) for i in range(len(store))], report, spec, cfg,
                          store.info["unit"])
@@ -238,6 +248,23 @@ def _build(folder: Path, write: Callable[[Path], None]) -> TokenStore:
     return TokenStore(folder)
 
 
+def _build_aside(write: Callable[[Path], None]) -> TokenStore:
+    """A store for this process only, in a temporary folder removed at once (its arrays stay mapped until
+    the store is freed): a Hub dataset's, or a file's when the cache cannot be written."""
+    folder = None
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="qlora-data-"))
+        return _build(folder / "store", write)
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        raise DataError(f"cannot write the prepared data anywhere: the temporary folder {tempfile.gettempdir()} "
+                        f"refuses it too ({exc.strerror or exc}); free space there or set TMPDIR") from None
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _file_digest(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -249,6 +276,7 @@ def _digest(data: bytes) -> str:
 
 # ---------------------------------------------------------------------------------------- the cache's size
 
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a cache we cannot fill
 ENTRY_NAME = re.compile(r"[0-9a-f]{64}")  # _digest's hex: what the cache's own folders are named
 USED = "used.json"  # {"source": the file's path}; its modification time is the entry's last use
 _IN_USE: set[Path] = set()  # entries this process has read or written: its own evictions keep them
@@ -307,7 +335,9 @@ def _entry(folder: Path) -> CacheEntry:
 
 def evict(root: Path, max_gb: float | None, say=None) -> list[CacheEntry]:
     """Remove the least recently used entries until the cache holds at most max_gb (0 or None: no cap);
-    entries this process uses stay, even when they alone pass the cap. Returns the ones removed."""
+    entries this process uses stay, even when they alone pass the cap. Returns the ones removed. Temporary
+    folders a killed process left go too (remove_leftovers)."""
+    remove_leftovers(root, ENTRY_NAME)
     if not max_gb:
         return []
     entries = cache_entries(root)
@@ -333,6 +363,28 @@ def remove_entry(entry: CacheEntry) -> bool:
     """Whether this call removed it (False: another process did first). A process still reading the
     entry keeps its open maps (the files go when it closes them)."""
     return remove_whole(entry.folder)
+
+
+LEFTOVER_SECONDS = 24 * 3600  # a temporary folder untouched this long was left by a killed process
+
+
+def remove_leftovers(root: Path, entry_name: re.Pattern, now: float | None = None) -> list[Path]:
+    """The temporary folders a killed process left in a cache (a half-written entry, or one moved aside to be
+    deleted: `.<entry name>-...`), when nothing in them changed for LEFTOVER_SECONDS. Returns those removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for folder in root.iterdir() if root.is_dir() else []:
+        name, _, _ = folder.name[1:].partition("-")
+        if not (folder.name.startswith(".") and entry_name.fullmatch(name) and folder.is_dir()):
+            continue
+        try:
+            changed = max([folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.iterdir())])
+        except OSError:  # removed meanwhile
+            continue
+        if now - changed > LEFTOVER_SECONDS:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def remove_whole(folder: Path) -> bool:

@@ -35,13 +35,14 @@ def run_index() -> Path:
 
 
 def remember(root: Path) -> None:
-    """Add a run folder to the index (the INDEX_KEEPS most recently opened), dropping folders that are gone.
+    """Add a run folder to the index (the INDEX_KEEPS most recently opened; readers skip folders that are gone).
     The index is a convenience: a failed write costs only finding this run by name, so it never stops a run."""
     path, entry = run_index(), str(root.resolve())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _index_lock(path):  # runs starting together: each adds to what the one before wrote
-            known = [p for p in _indexed(path)[-INDEX_KEEPS:] if p != entry and Path(p).is_dir()][-(INDEX_KEEPS - 1):]
+            # no is_dir() here: a folder on a drive unmounted now is kept, and a hung mount cannot hold the lock
+            known = [p for p in _indexed(path) if p != entry][-(INDEX_KEEPS - 1):]
             temporary = path.with_name(f".{path.name}.{os.getpid()}")
             temporary.write_text(json.dumps({"runs": [*known, entry]}, indent=1) + "\n", encoding="utf-8")
             os.replace(temporary, path)  # a reader (who takes no lock) never sees half a file
