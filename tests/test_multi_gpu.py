@@ -560,3 +560,60 @@ def test_a_resume_in_the_middle_of_a_later_epoch_continues_as_the_run_that_went_
     assert [after[s] for s in (4, 5, 6)] == pytest.approx(straight_losses[3:6], rel=1e-5), (after, straight_losses)
     resumed = lora_weights(run)
     assert max((resumed[k] - straight[k]).abs().max().item() for k in straight) < 1e-5
+
+
+# ------------------------------------------------------------------ preference tuning on two gloo processes
+
+
+def pair_data(tmp_path, train_pairs: int, val_pairs: int) -> Path:
+    lines = (REPO / "data" / "sample" / "pairs_train.jsonl").read_text().splitlines()
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", lines[:train_pairs])
+    write_jsonl(data / "val.jsonl", lines[train_pairs:train_pairs + val_pairs])
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_two_processes_train_on_the_pairs_of_one_when_the_last_step_is_short(tiny_model_dir, tmp_path, method):
+    """Global batch 2 x 2 over 6 pairs: each epoch's second step holds pairs 4 and 5 alone, and accelerate
+    fills process 1's batch with the epoch's first 2 pairs again. DPO's loss is a mean over the step's pairs
+    (ORPO's: that, plus the chosen answers' token-weighted NLL): the repeats must count for nothing, in the
+    loss and in the gradient. Over 2 epochs one process and two log the same losses and reach the same
+    weights."""
+    data = pair_data(tmp_path, 6, 2)
+    settings = ["--set", f"training.method={method}", "--set", "training.max_steps=4", "--set", "eval.eval_steps=4",
+                "--set", "eval.save_steps=4", "--set", "data.max_seq_length=256", "--set", "training.warmup_ratio=0"]
+    losses, margins, weights = {}, {}, {}
+    for run, gpus in (("one", []), ("two", ["--gpus", "2"])):
+        code, out = qlora(*tiny_run(tiny_model_dir, data, tmp_path, run, *settings), *gpus)
+        assert code == 0, out
+        logged = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        losses[run] = [m["loss"] for m in logged if "loss" in m]
+        margins[run] = [m["rewards/margins"] for m in logged if "loss" in m]
+        weights[run] = lora_weights(tmp_path / run)
+    assert len(losses["one"]) == 4 and losses["two"] == pytest.approx(losses["one"], rel=1e-5), losses
+    assert margins["two"] == pytest.approx(margins["one"], rel=1e-4, abs=1e-6), margins
+    moved = max(weights["one"][k].abs().max().item() for k in weights["one"] if "lora_B" in k)
+    diff = max((weights["one"][k] - weights["two"][k]).abs().max().item() for k in weights["one"])
+    assert moved > 1e-3 and diff < 1e-5, (moved, diff)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_two_processes_measure_the_eval_loss_of_one_on_an_uneven_pair_set(tiny_model_dir, tmp_path, method):
+    """Eval batches of 2 pairs on 2 processes over 5 held-out pairs: in the last round process 0 gets pairs
+    [4, 0] and process 1 [1, 2], 3 of them repeats. Each pair counts once, as on one process."""
+    data = pair_data(tmp_path, 4, 5)
+    settings = ["--set", f"training.method={method}", "--set", "training.max_steps=1", "--set", "eval.eval_steps=1",
+                "--set", "eval.save_steps=1", "--set", "eval.eval_batch_size=2", "--set", "data.max_seq_length=256",
+                "--set", "training.warmup_ratio=0", "--set", "training.learning_rate=2e-2"]
+    results = {}
+    for run, gpus in (("one", []), ("two", ["--gpus", "2"])):
+        code, out = qlora(*tiny_run(tiny_model_dir, data, tmp_path, run, *settings), *gpus)
+        assert code == 0, out
+        logged = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        results[run] = next(m for m in logged if "eval_loss" in m)
+    for key in ("eval_loss", "eval_rewards/chosen", "eval_rewards/margins", "eval_rewards/accuracies"):
+        assert results["two"][key] == pytest.approx(results["one"][key], rel=1e-4), (key, results)

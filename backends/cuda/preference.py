@@ -14,6 +14,8 @@ PEFT export) is the SFT trainer's (backends/cuda/trainer.py).
 
 from __future__ import annotations
 
+import math
+
 from backends.cuda.trainer import CudaTrainer
 from common.adapters.start import start_adapter
 from common.data.preference import PairExample
@@ -29,30 +31,109 @@ def to_pair_dataset(pairs: list[PairExample]):
     })
 
 
+# Metrics TRL (and our ORPO) log as the mean over the batch's pairs gathered from every process
+PAIR_METRICS = {
+    "dpo": ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected"),
+    "orpo": ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "log_odds_ratio"),
+}
+
+
 def preference_trainer_class(method: str):
-    """DPOTrainer taking already tokenized pairs, with ORPO as a loss (one subclass, one place to adapt)."""
+    """DPOTrainer taking already tokenized pairs, with ORPO as a loss (one subclass, one place to adapt).
+
+    Each pair counts once, on one process or several: a step's loss is the sum of its pairs' losses over the
+    step's pair count (ORPO's NLL: over the step's chosen tokens), counted over every micro-batch and process,
+    not a mean per micro-batch. The pairs accelerate repeats to fill each process's last batch of an epoch or of
+    the evaluation (OwnShare) have their answers masked: their log-probabilities are exactly 0, so they add a
+    constant without a gradient, which is taken out. Evaluation sums the same way (WeightedEval)."""
     import torch
     import torch.nn.functional as F
     from trl import DPOTrainer
 
-    from backends.cuda.sft_trainer import RunRules
+    from backends.cuda.sft_trainer import EachExampleOnce, RunRules, WeightedEval
 
     chosen_method = method
 
-    class PreferenceTrainer(RunRules, DPOTrainer):
+    class PreferenceTrainer(EachExampleOnce, WeightedEval, RunRules, DPOTrainer):
         method = chosen_method
+        pair_metrics = PAIR_METRICS[chosen_method]
+        loss_is_scaled_for_ga = True  # divided by the whole step's pairs, not per micro-batch
+        # [pairs' loss sum, tokens' loss sum, pairs, tokens, each pair metric's sum]
+        eval_sums_size = 4 + len(PAIR_METRICS[chosen_method])
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # encoded, truncated and checked by common/data/preference.py
 
-        def _compute_loss(self, model, inputs, return_outputs):
-            if self.method != "orpo":
-                return super()._compute_loss(model, inputs, return_outputs)
-            return self._orpo_loss(model, inputs, return_outputs)
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            """Each micro-batch carries [its own pairs over every process, the step's pairs, the step's chosen
+            tokens]: the divisors, read with one reduce a step (the repeats were masked by EachExampleOnce)."""
+            batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if batches:
+                everywhere = self.accelerator.reduce(torch.stack([pair_counts(b) for b in batches]).to(device),
+                                                     reduction="sum")
+                step = everywhere.sum(0)
+                for batch, counts in zip(batches, everywhere):
+                    batch["pair_counts"] = torch.cat([counts[:1], step])
+            return batches, None
 
-        def _orpo_loss(self, model, inputs, return_outputs):
-            """TRL's ORPO: the chosen rows' mean NLL (every real token, as TRL's ORPOTrainer) minus beta x
-            the mean log-sigmoid of the log odds ratio of the answers' mean log-probabilities."""
+        def _compute_loss(self, model, inputs, return_outputs):
+            inputs = dict(inputs)
+            counts = inputs.pop("pair_counts", None)
+            if not self.model.training:
+                inputs = self._eval_inputs(inputs)
+            mine = pair_counts(inputs)
+            own = inputs.pop("own_pairs", None)
+            loss_of = self._orpo_sums if self.method == "orpo" else self._dpo_sums
+            sums, outputs = loss_of(model, inputs, mine[0] if own is not None else None, return_outputs)
+            pairs, mode = inputs["input_ids"].size(0) // 2, "train" if self.model.training else "eval"
+            logged = self._metrics[mode]
+            if self.model.training:
+                processes = self.accelerator.num_processes
+                if counts is None:  # a batch not taken by the training loop: its own mean
+                    counts, processes = torch.cat([mine[:1], mine]), 1
+                # the repeats' metrics are zeros in the gathered mean: the mean over the own pairs instead
+                factor = pairs * processes / max(counts[0].item(), 1)
+                for key in self.pair_metrics:
+                    logged[key][-1] *= factor
+                # DDP averages the processes' gradients: times their number, each pair weighs 1 / step pairs
+                loss = (sums / counts[1:].clamp(min=1)).sum() * processes
+            else:
+                loss = (sums / mine.clamp(min=1)).sum()
+                if self._eval_sums is not None:
+                    metric_sums = torch.tensor([logged[key][-1] * pairs for key in self.pair_metrics])
+                    self._eval_sums += torch.cat([sums.detach().float(), mine, metric_sums.to(mine)])
+            return (loss, outputs) if return_outputs else loss
+
+        def _read_eval_sums(self, sums, metrics, prefix):
+            losses, counts, metric_sums = sums[:2], sums[2:4], sums[4:]
+            pairs = counts[0].item()
+            if not pairs:
+                return
+            metrics[f"{prefix}_loss"] = (losses / counts.clamp(min=1)).sum().item()
+            # a batch's metric is the mean over every process's pairs (repeats 0), each process added it times
+            # its pair count: summed over the processes, that is each pair's value once
+            for key, total in zip(self.pair_metrics, metric_sums.tolist()):
+                self._metrics["eval"][key] = [total / pairs]
+            if self.method == "orpo":
+                self._metrics["eval"]["nll_loss"] = [(losses[1] / counts[1].clamp(min=1)).item()]
+
+        def _dpo_sums(self, model, inputs, own, return_outputs):
+            """[the own pairs' summed DPO loss, 0]: TRL's loss is the mean over the batch's pairs, where each
+            repeat (answers masked, both log-ratios 0) adds the loss of a zero margin."""
+            result = super()._compute_loss(model, inputs, return_outputs)
+            loss, outputs = result if return_outputs else (result, None)
+            pairs = inputs["input_ids"].size(0) // 2
+            total = loss * pairs
+            if own is not None:
+                zero_margin = sum(w * zero_margin_loss(t, self.beta) for t, w in zip(self.loss_types, self.loss_weights))
+                total = total - (pairs - own) * zero_margin
+            return torch.stack([total, torch.zeros_like(total)]), outputs
+
+        def _orpo_sums(self, model, inputs, own, return_outputs):
+            """TRL's ORPO as [-beta x the own pairs' summed log-sigmoid of the log odds ratio of the answers' mean
+            log-probabilities, the NLL summed over the own chosen rows' tokens (every real token, as TRL's
+            ORPOTrainer)]: the loss is the first over the pairs plus the second over the tokens."""
             mode = "train" if self.model.training else "eval"
             completion = inputs["completion_mask"][:, 1:].float()
             real = inputs["attention_mask"][:, 1:].float()
@@ -61,25 +142,45 @@ def preference_trainer_class(method: str):
             token_logps = model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False).log_probs
             token_logps = token_logps[:, -completion.size(1):].float()
             pairs = inputs["input_ids"].size(0) // 2
+            weight = torch.ones(pairs, device=token_logps.device)
+            if own is not None:
+                weight = (torch.arange(pairs, device=weight.device) < own).float()
             mean_logps = (token_logps * completion).sum(1) / completion.sum(1).clamp(min=1)
+            # a repeat's answers are masked (mean 0, where log(1 - p) is -inf): any finite value, weighted 0
+            mean_logps = torch.where(weight.repeat(2) > 0, mean_logps, -1.0)
             chosen, rejected = mean_logps[:pairs], mean_logps[pairs:]
             log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
-            nll = -(token_logps[:pairs] * real[:pairs]).sum() / real[:pairs].sum()
-            loss = nll - self.beta * F.logsigmoid(log_odds).mean()
-            rewards_c, rewards_r = self.beta * chosen.detach(), self.beta * rejected.detach()
-            metrics = self._metrics[mode]
-            metrics["rewards/chosen"].append(rewards_c.mean().item())
-            metrics["rewards/rejected"].append(rewards_r.mean().item())
-            metrics["rewards/accuracies"].append((rewards_c > rewards_r).float().mean().item())
-            metrics["rewards/margins"].append((rewards_c - rewards_r).mean().item())
-            metrics["nll_loss"].append(nll.item())
-            metrics["log_odds_ratio"].append(F.logsigmoid(log_odds).mean().item())
-            return (loss, None) if return_outputs else loss
+            odds_term = F.logsigmoid(log_odds) * weight
+            chosen_real = real[:pairs] * weight[:, None]
+            nll = -(token_logps[:pairs] * chosen_real).sum()
+            sums = torch.stack([-self.beta * odds_term.sum(), nll])
+            rewards_c, rewards_r = self.beta * chosen.detach() * weight, self.beta * rejected.detach() * weight
+            gather, metrics = self.accelerator.gather, self._metrics[mode]
+            metrics["rewards/chosen"].append(gather(rewards_c).mean().item())
+            metrics["rewards/rejected"].append(gather(rewards_r).mean().item())
+            metrics["rewards/accuracies"].append(gather((rewards_c > rewards_r).float()).mean().item())
+            metrics["rewards/margins"].append(gather(rewards_c - rewards_r).mean().item())
+            metrics["log_odds_ratio"].append(gather(odds_term.detach()).mean().item())
+            nll_and_tokens = gather(torch.stack([nll.detach(), chosen_real.sum()])[None]).sum(0)
+            metrics["nll_loss"].append((nll_and_tokens[0] / nll_and_tokens[1].clamp(min=1)).item())
+            return sums, None
 
     def _log1mexp(x):
         return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
+    def pair_counts(inputs) -> torch.Tensor:
+        """[own pairs, their chosen rows' real tokens past the first] of a batch of pairs: the divisors of the
+        loss (ORPO's NLL scores every real token of the chosen rows but the first)."""
+        mask = inputs["attention_mask"]
+        own = inputs.get("own_pairs", mask.size(0) // 2)
+        return torch.stack([torch.tensor(float(own), device=mask.device), mask[:own, 1:].sum().float()])
+
     return PreferenceTrainer
+
+
+def zero_margin_loss(loss_type: str, beta: float) -> float:
+    """TRL 1.16's per-pair DPO loss at a margin of 0 with no answer tokens (IPO divides by a count clamped to 1)."""
+    return {"sigmoid": math.log(2), "hinge": 1.0, "ipo": 1 / (4 * beta**2)}[loss_type]
 
 
 class CudaPreferenceTrainer(CudaTrainer):

@@ -63,33 +63,26 @@ class RunRules:
             self.state.best_model_checkpoint = str(folder)
             super()._load_best_model()
 
-class TokenWeightedEval:
-    """eval_loss as the contract defines it: the summed loss of every target token of the eval set over their
-    count, as the MLX backend computes it. transformers' evaluation loop averages each batch's mean loss
-    (weighted by the configured batch size, even for a shorter last batch), so batches with few target
-    tokens counted as much as batches with many. Each batch's mean times its target count (the divisor TRL
-    used) is summed on the device and read once, after the loop."""
+class WeightedEval:
+    """eval_loss as the contract defines it, every eval example counted once: the evaluation loop adds each
+    batch's sums into one device vector (`eval_sums_size` wide; the subclass's compute_loss says what they
+    are), every process's vector is summed once after the loop and `_read_eval_sums` turns it into metrics.
+    transformers' own loop averages each batch's mean loss (weighted by the configured batch size, even for a
+    shorter last batch), and on several processes counts again the examples repeated to fill the last batch."""
 
+    eval_sums_size = 2
     _eval_sums = None
     _own_share = None  # this rank's own examples in its last eval batch (OwnShare), None: every row is its own
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.model.training or self._eval_sums is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def _eval_inputs(self, inputs: dict) -> dict:
         if self._own_share is not None and self.accelerator.gradient_state.end_of_dataloader:
-            inputs = self._own_share.only_own(inputs)
-        # without num_items_in_batch TRL divides by this batch's own target count (TRL's prediction_step passes none)
-        result = super().compute_loss(model, inputs, return_outputs, None)
-        loss = result[0] if return_outputs else result
-        count = target_count(inputs).float()
-        self._eval_sums += torch.stack([loss.detach().float() * count.clamp(min=1), count]).to(self._eval_sums.device)
-        return result
+            return self._own_share.only_own(inputs)
+        return inputs
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        # [loss sum, target count] on the device, read once after the loop; zeros, so that a rank without
-        # batches still joins the reduce
-        self._eval_sums = torch.zeros(2, dtype=torch.float32, device=self.args.device)
+        # on the device, read once after the loop; zeros, so that a rank without batches still joins the reduce
+        self._eval_sums = torch.zeros(self.eval_sums_size, dtype=torch.float32, device=self.args.device)
         self._own_share = OwnShare.of(dataloader)
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
@@ -98,10 +91,29 @@ class TokenWeightedEval:
         finally:
             self._eval_sums = self._own_share = None
         # on several processes each holds its share of the eval set, every example counted once
-        total, count = self.accelerator.reduce(sums, reduction="sum").tolist()
-        if count:
-            output.metrics[f"{metric_key_prefix}_loss"] = total / count
+        self._read_eval_sums(self.accelerator.reduce(sums, reduction="sum"), output.metrics, metric_key_prefix)
         return output
+
+
+class TokenWeightedEval(WeightedEval):
+    """SFT's eval_loss: the summed loss of every target token of the eval set over their count, as the MLX
+    backend computes it. Each batch's mean times its target count (the divisor TRL used) is summed."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.model.training or self._eval_sums is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = self._eval_inputs(inputs)
+        # without num_items_in_batch TRL divides by this batch's own target count (TRL's prediction_step passes none)
+        result = super().compute_loss(model, inputs, return_outputs, None)
+        loss = result[0] if return_outputs else result
+        count = target_count(inputs).float()
+        self._eval_sums += torch.stack([loss.detach().float() * count.clamp(min=1), count]).to(self._eval_sums.device)
+        return result
+
+    def _read_eval_sums(self, sums, metrics, prefix):
+        total, count = sums.tolist()
+        if count:
+            metrics[f"{prefix}_loss"] = total / count
 
 
 class EachExampleOnce:
@@ -153,11 +165,20 @@ class OwnShare:
         start = len(dataset) - last_round + shard.process_index * size
         # the order: sequential for evaluation, this epoch's shuffle for training (EpochOrder)
         own = list(shard.batch_sampler.sampler)[start:start + rows]
-        return cls(rows, sum(len(dataset[i]["input_ids"]) for i in own))
+        # a preference pair (prompt_ids, chosen_ids, rejected_ids) is never flattened into one row
+        return cls(rows, sum(len(dataset[i].get("input_ids", ())) for i in own))
 
     def only_own(self, inputs: dict) -> dict:
-        """The batch with its repeated rows' labels masked (a padding-free batch: the tokens past the own ones)."""
+        """The batch with its repeated rows' labels masked (a padding-free batch: the tokens past the own ones;
+        a batch of preference pairs: the repeated pairs' answers, and `own_pairs` says how many are its own)."""
         masked = dict(inputs)
+        if "completion_mask" in inputs:  # TRL's preference collator: the pairs' chosen rows, then their rejected rows
+            pairs = inputs["input_ids"].size(0) // 2
+            masked["completion_mask"] = inputs["completion_mask"].clone()
+            masked["completion_mask"][self.rows:pairs] = 0
+            masked["completion_mask"][pairs + self.rows:] = 0
+            masked["own_pairs"] = self.rows
+            return masked
         for key, shift in (("labels", 0), ("shift_labels", 1)):  # shift_labels[t] is labels[t + 1]
             if key in inputs:
                 masked[key] = inputs[key].clone()
