@@ -134,3 +134,27 @@ def test_orpo_trains_and_logs_its_metrics(tiny_model_dir, tmp_path, backend):
     assert all(math.isfinite(r["rewards/margins"]) for r in train)
     assert any("eval_rewards/accuracies" in r for r in records)
     assert (trainer.run.root / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_keeps_the_chosen_checkpointed_layers_after_each_reference_pass(tiny_model_dir, tmp_path):
+    """TRL's reference pass turns checkpointing off and on for the whole model; the policy's passes still
+    checkpoint only the first cuda.checkpointed_layers layers, every step. Checkpoints hold no TRL stub card
+    ("a fine-tuned version of [None]")."""
+    import torch
+
+    from backends.cuda.activation_checkpointing import decoder_layers
+
+    trainer = trainer_for(tiny_model_dir, tmp_path, "limited", "cuda", "training.max_steps=3",
+                          "training.gradient_checkpointing=true", "cuda.checkpointed_layers=1",
+                          "eval.save_steps=3", "eval.eval_steps=3", "training.gradient_accumulation_steps=1")
+    layers = decoder_layers(trainer.trainer.model)
+    seen = []
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(
+            lambda module, args, index=index: seen.append((index, bool(module.gradient_checkpointing)))
+            if torch.is_grad_enabled() and module.training else None)
+    trainer.train()
+    assert len(layers) == 2 and len(seen) == 3 * 2  # 3 steps, 2 layers
+    assert {flag for index, flag in seen if index == 0} == {True}
+    assert {flag for index, flag in seen if index == 1} == {False}
+    assert not any("fine-tuned version of" in card.read_text() for card in trainer.run.checkpoints.rglob("README.md"))

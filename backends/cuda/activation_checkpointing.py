@@ -47,3 +47,26 @@ def checkpoint_limit_callback(count: int, say):
                    f"(cuda.checkpointed_layers: {count}); the other {total - checkpointed} keep their activations")
 
     return LimitCheckpointing()
+
+
+def keep_layer_choice_across_toggles(model) -> None:
+    """TRL's DPO reference pass turns checkpointing off for the model and then on again
+    (trl.models.utils.disable_gradient_checkpointing: gradient_checkpointing_disable, then _enable), which
+    would switch every decoder layer on and undo cuda.checkpointed_layers from the first micro-batch on.
+    On this model instance, an enable that follows a disable puts each layer back as it was before the
+    disable; an enable without one (the Trainer's at the start of train()) works as before."""
+    disable, enable = model.gradient_checkpointing_disable, model.gradient_checkpointing_enable
+    before: list[list[bool]] = []
+
+    def disabling(*args, **kwargs):
+        before.append([bool(layer.gradient_checkpointing) for layer in decoder_layers(model)])
+        return disable(*args, **kwargs)
+
+    def enabling(*args, **kwargs):
+        result = enable(*args, **kwargs)
+        if before:
+            for layer, was in zip(decoder_layers(model), before.pop()):
+                layer.gradient_checkpointing = was
+        return result
+
+    model.gradient_checkpointing_disable, model.gradient_checkpointing_enable = disabling, enabling

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+from backends.cuda.activation_checkpointing import keep_layer_choice_across_toggles
 from backends.cuda.trainer import CudaTrainer
 from common.adapters.start import start_adapter
 from common.data.preference import PairExample
@@ -219,6 +220,7 @@ class CudaPreferenceTrainer(CudaTrainer):
                     param.data = exact[name]
             if p.reference == "base" and "ref" in trainer.model.peft_config:
                 trainer.model.delete_adapter("ref")  # TRL then disables the adapter for the reference pass
+        keep_layer_choice_across_toggles(trainer.model)  # the reference pass would checkpoint every layer again
         return trainer
 
     def save(self) -> None:

@@ -56,6 +56,11 @@ class RunRules:
         best = ckpt.best(owner.run.checkpoints)
         self.state.best_model_checkpoint = str(best) if best else None
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """TRL writes a stub card ("a fine-tuned version of [None]") into checkpoints/ at every save.
+        The run folder's README.md is the card (common/after_training/model_card.py); a second one
+        that says nothing true would be the one a user finds first in checkpoints/."""
+
     def _load_best_model(self):
         owner = self.owner
         folder = ckpt.final_weights(owner.run.checkpoints, owner.stop_requested, self.args.load_best_model_at_end)
@@ -190,10 +195,7 @@ class OwnShare:
 
 
 class RunSFTTrainer(EachExampleOnce, TokenWeightedEval, RunRules, SFTTrainer):
-    def create_model_card(self, *args, **kwargs) -> None:
-        """TRL writes a stub card ("a fine-tuned version of [None]") into checkpoints/ at every save.
-        The run folder's README.md is the card (common/after_training/model_card.py); a second one
-        that says nothing true would be the one a user finds first in checkpoints/."""
+    pass
 
 
 def checkpoint_files() -> tuple[str, ...]:
