@@ -29,7 +29,14 @@ def run(args, say: Say) -> int:
     from common.model.mistral import cached_on_hub
     from common.plan import calibrate as cal
     from common.plan import machine as mach
-    from common.plan.planner import anchor_rates, data_parallel_rates, make_plan, row_tokens, tokens_per_step
+    from common.plan.planner import (
+        anchor_rates,
+        data_parallel_rates,
+        make_plan,
+        row_lengths,
+        row_tokens,
+        tokens_per_step,
+    )
     from common.plan.preflight import disk_needed_gb
 
     if args.json:  # stdout carries only the JSON; progress and warnings go to stderr
@@ -52,13 +59,13 @@ def run(args, say: Say) -> int:
         ensure_demo_model(cfg.model.name_or_path, say)
         rates = cal.calibrate(cfg, data, machine, say, make_trainer)
         cal.store(cfg, machine, rates)
-    rates = rates or cal.cached_rates(cfg, machine) or anchor_rates(cfg, row_tokens(cfg, [len(e) for e in data.train]))
+    rates = rates or cal.cached_rates(cfg, machine) or anchor_rates(cfg, row_tokens(cfg, row_lengths(data.train)))
     memory_source = rates.source  # memory is each GPU's: the one-GPU figure of its micro-batch
     rates = data_parallel_rates(cfg, rates, split.ranks, tokens_per_step(cfg, data.train))
     memory, where = mach.training_memory_gb(info, cfg.platform)
     local = Path(cfg.model.name_or_path).exists() or cached_on_hub(cfg.model.name_or_path, cfg.model.revision)
     plan = make_plan(cfg, [len(e) for e in data.train], [len(e) for e in data.val], rates, memory,
-                     memory_source, disk_needed_gb(cfg, local), budget)
+                     memory_source, disk_needed_gb(cfg, local), budget, row_lengths(data.train))
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
         return 0 if plan.fits else 1

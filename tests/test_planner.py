@@ -201,3 +201,21 @@ def test_disk_for_the_demo_model_is_its_own_adapters_size_not_a_7b_one(tmp_path)
     assert total < 0.05, parts
     seven_b = load_config(platform="h100", overrides=[f"model.name_or_path={tmp_path / 'not-there'}"])
     assert disk_needed_gb(seven_b, model_cached_or_local=True)[0] > 1  # 7B-shaped adapters and Adam state
+
+
+def test_a_preference_micro_batch_is_sized_as_two_rows_per_pair_of_the_longer_answer():
+    """DPO and ORPO run prompt + chosen and prompt + rejected for each pair: memory is sized for 2 x batch_size
+    rows of the pair's longer side (not batch_size rows of both sides' total)."""
+    from common.data.preference import PairExample
+    from common.plan.planner import row_lengths
+
+    sft = load_config(platform="h100", overrides=["training.batch_size=8"])
+    for method in ("dpo", "orpo"):
+        pairs = load_config(platform="h100", overrides=["training.batch_size=4", f"training.method={method}"])
+        assert cuda_peak_gb(pairs, 2000) == pytest.approx(cuda_peak_gb(sft, 2000))
+        assert cuda_peak_gb(pairs, 2000) > cuda_peak_gb(load_config(platform="h100", overrides=["training.batch_size=4"]), 2000)
+    pair = PairExample(prompt_ids=[1] * 50, chosen_ids=[2] * 30, rejected_ids=[3] * 10)
+    assert len(pair) == 140 and row_lengths([pair]) == [80]
+    dpo = load_config(platform="h100", overrides=["training.method=dpo"])
+    plan = make_plan(dpo, [140], [140], anchor_rates(dpo, 80), 80.0, "anchor", (1.0, "x"), train_rows=[80])
+    assert figures(plan)["longest row"] == 80

@@ -12,6 +12,7 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from common.config.schema import QLoraConfig
+from common.data.preference import PairExample
 from common.model.mistral import SHAPE_7B
 
 
@@ -114,6 +115,17 @@ def packs(cfg: QLoraConfig) -> bool:
     return cfg.training.packing and cfg.backend == "cuda" and cfg.training.method == "sft"
 
 
+def micro_rows(cfg: QLoraConfig) -> int:
+    """Rows the model runs at once per micro-batch: training.batch_size examples, two rows for each preference
+    pair (prompt + chosen, prompt + rejected)."""
+    return cfg.training.batch_size * (1 if cfg.training.method == "sft" else 2)
+
+
+def row_lengths(examples) -> list[int]:
+    """Each example's longest model row: an SFT example is one row; a pair's two rows are padded to the longer."""
+    return [e.longest if isinstance(e, PairExample) else len(e) for e in examples]
+
+
 def row_tokens(cfg: QLoraConfig, lengths: list[int]) -> int:
     """The longest micro-batch row this data makes: packed rows fill up to max_seq_length when there
     are enough tokens; padded rows are as long as the longest example, not max_seq_length."""
@@ -140,7 +152,7 @@ def replaying_layers(cfg: QLoraConfig) -> int:
 
 def kept_layer_gb(cfg: QLoraConfig, row: int | None = None) -> float:
     """GB that one decoder layer keeping its activations costs for the whole micro-batch."""
-    rows = cfg.training.batch_size * (row or cfg.data.max_seq_length) / 4096
+    rows = micro_rows(cfg) * (row or cfg.data.max_seq_length) / 4096
     missing = ANCHOR_LIGER - liger_kernels(cfg)
     return rows * (KEPT_LAYER_ROW_GB[dropout_masks(cfg)] + sum(LIGER_KEPT_LAYER_ROW_GB[k] for k in missing))
 
@@ -148,7 +160,7 @@ def kept_layer_gb(cfg: QLoraConfig, row: int | None = None) -> float:
 def cuda_peak_gb(cfg: QLoraConfig, row: int | None = None) -> float:
     """Predicted peak GPU memory of the CUDA path (estimate from measured points, see above), for
     rows of `row` tokens (default: max_seq_length)."""
-    rows = cfg.training.batch_size * (row or cfg.data.max_seq_length) / 4096
+    rows = micro_rows(cfg) * (row or cfg.data.max_seq_length) / 4096
     recomputing = CUDA_FIXED_GB + rows * CUDA_ROW_GB
     keeping = KEPT_FIXED_GB + rows * KEPT_ROW_GB + kept_layer_gb(cfg, row) * kept_layers(cfg)
     return max(recomputing, keeping)
@@ -183,7 +195,7 @@ def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
             == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER, ANCHOR_REPLAYING)):
         return base  # the measured configuration itself
     speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
-    speed *= row_speed(t.batch_size) / row_speed(ANCHOR_ROWS)
+    speed *= row_speed(micro_rows(cfg)) / row_speed(ANCHOR_ROWS)
     speed *= REPLAY_SPEED_PER_KEPT_LAYER ** (replaying_layers(cfg) - ANCHOR_REPLAYING)
     speed *= math.prod(LIGER_SPEED[k] for k in kernels) / math.prod(LIGER_SPEED[k] for k in ANCHOR_LIGER)
     if not cfg.cuda.fused_lora:
@@ -297,8 +309,12 @@ def make_plan(
     memory_source: str,
     disk_gb: tuple[float, str],
     time_budget_s: float | None = None,
+    train_rows: list[int] | None = None,
 ) -> Plan:
+    """`train_lengths`: the tokens each training example makes the model read; `train_rows`: each one's longest
+    row (row_lengths; the same as train_lengths, the default, for SFT)."""
     t, e = cfg.training, cfg.eval
+    longest = row_tokens(cfg, train_rows if train_rows is not None else train_lengths)
     per_epoch, processed = steps_per_epoch(cfg, train_lengths)
     steps = total_steps(cfg, per_epoch)
     epochs = steps / per_epoch
@@ -316,7 +332,7 @@ def make_plan(
         Figure("real tokens per epoch", real_per_epoch, "tokens", "data layer"),
         Figure("padding", 100 * padding, "% of processed tokens",
                "packing estimate (BFD fill 98%)" if packs(cfg) else "simulated padded batches"),
-        Figure("longest row", row_tokens(cfg, train_lengths),
+        Figure("longest row", longest,
                f"tokens (data.max_seq_length {cfg.data.max_seq_length}; memory is sized for it on CUDA)",
                "data layer" + (" + packing" if packs(cfg) else "")),
         Figure("optimizer steps", steps, f"({per_epoch} per epoch, {epochs:.2f} epochs)", "config + data"),
@@ -331,7 +347,7 @@ def make_plan(
     if device_memory_gb is not None and rates.peak_gb > 0.9 * device_memory_gb:
         fits = False
         if kept_layers(cfg):
-            row = row_tokens(cfg, train_lengths)  # both peaks from the model, for this data's rows
+            row = longest  # both peaks from the model, for this data's rows
             saved = cuda_peak_gb(cfg, row) - cuda_peak_gb(all_recomputed(cfg), row)
             advice.append(
                 f"memory: each decoder layer that keeps its activations costs ~{kept_layer_gb(cfg, row):.1f} GB here: "
