@@ -51,24 +51,32 @@ class MlxPreferenceTrainer(MlxTrainer):
             self.model.trainable_parameters())
 
     # ------------------------------------------------------------------ batches
+    def step_micro_batches(self) -> list[list[PairExample]]:
+        """This step's micro-batches; for ORPO, the step's NLL weight is set from all of them first."""
+        batches = super().step_micro_batches()
+        self._nll_scale = nll_scale([p for batch in batches for p in batch])
+        return batches
+
     def to_arrays(self, pairs: list[PairExample]):
-        """(ids, mask, reference log-probs): chosen rows, then rejected rows."""
+        """(ids, mask, reference log-probs, ORPO's NLL weight): chosen rows, then rejected rows."""
         import mlx.core as mx
 
         rows = [p.side("chosen") for p in pairs] + [p.side("rejected") for p in pairs]
         ids, mask = MlxTrainer.to_arrays(rows)
         if self.cfg.training.method != "dpo":
-            return ids, mask, mx.zeros((len(rows),))
+            # an array, not a constant: a compiled step (mlx.compile_step) would keep its first value
+            return ids, mask, mx.zeros((len(rows),)), mx.array(getattr(self, "_nll_scale", nll_scale(pairs)))
         policy = self.model.trainable_parameters()
         self.model.update(self.reference)
         reference, _ = answer_logps(token_logps(self.model, ids), mask)
         self.model.update(policy)
         mx.eval(reference)
-        return ids, mask, reference
+        return ids, mask, reference, mx.array(0.0)
 
-    def loss_sum(self, model, ids, mask, reference):
+    def loss_sum(self, model, ids, mask, reference, scale):
         """(summed pair loss, number of pairs, summed STATS): the trainer divides by the pair count."""
-        return pair_loss(self.cfg.training.method, self.cfg.preference, token_logps(model, ids), ids, mask, reference)
+        return pair_loss(self.cfg.training.method, self.cfg.preference, token_logps(model, ids), ids, mask, reference,
+                         scale)
 
     def value_and_grad(self):
         step = super().value_and_grad()
@@ -88,6 +96,7 @@ class MlxPreferenceTrainer(MlxTrainer):
         self.model.eval()
         total, count, stats = 0.0, 0, _Stats()
         size = self.cfg.eval.eval_batch_size
+        self._nll_scale = nll_scale(self.data.val)  # ORPO's NLL over every held-out chosen token
         for start in range(0, len(self.data.val), size):
             loss, pairs, sums = self.loss_sum(self.model, *self.to_arrays(self.data.val[start : start + size]))
             mx.eval(loss, pairs, sums)
@@ -143,10 +152,18 @@ def answer_logps(logps, mask):
     return (logps * weights).sum(axis=1), weights.sum(axis=1)
 
 
-def pair_loss(method: str, p, logps, ids, mask, reference):
+def nll_scale(pairs: list[PairExample]) -> float:
+    """ORPO's NLL weight: pairs over the chosen rows' scored tokens (every real token but the first). A micro-
+    batch's summed NLL times it, over the step's pairs, is the NLL over the step's chosen tokens (as on CUDA)."""
+    tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) - 1 for p in pairs)
+    return len(pairs) / max(tokens, 1)
+
+
+def pair_loss(method: str, p, logps, ids, mask, reference, scale=None):
     """TRL 1.16's DPO (p.loss_type) or ORPO loss over per-position log-probs `logps` of 2n rows
     (chosen, then rejected), summed over the n pairs; with n and the summed (chosen reward,
-    rejected reward, accuracy, pairs)."""
+    rejected reward, accuracy, pairs). ORPO's NLL term is the chosen rows' summed NLL times `scale`
+    (nll_scale of the whole step; default: of these pairs, i.e. their mean NLL times n)."""
     import mlx.core as mx
 
     sums, counts = answer_logps(logps, mask)
@@ -158,8 +175,8 @@ def pair_loss(method: str, p, logps, ids, mask, reference):
         log_odds = (mean_c - mean_r) - (_log1mexp(mean_c) - _log1mexp(mean_r))
         # TRL's ORPO adds the chosen rows' mean cross-entropy over all their tokens, the prompt's included
         real = (ids[:pairs, 1:] != PAD_ID).astype(mx.float32)
-        nll = -(logps[:pairs] * real).sum() / real.sum()
-        loss = nll * pairs + p.beta * mx.logaddexp(0.0, -log_odds).sum()
+        nll = -(logps[:pairs] * real).sum()
+        loss = nll * (pairs / real.sum() if scale is None else scale) + p.beta * mx.logaddexp(0.0, -log_odds).sum()
         reward_c, reward_r = p.beta * mean_c, p.beta * mean_r
     else:
         ref_c, ref_r = mx.split(reference, 2)
