@@ -20,7 +20,8 @@
 #   bash bench/run_h100.sh long-prepare  # synthetic long documents (1K to 32K tokens) in /tmp/bench-doc
 #   bash bench/run_h100.sh long 32768    # at that length: `qlora plan`, then STEPS (20) steps of `qlora train`
 #   bash bench/run_h100.sh fast-start    # time to the first step: caches off, on and empty, on and filled
-#   bash bench/run_h100.sh dpo           # configs/dpo_h100.yaml, 20 steps on ~650-token pairs (plan + summary)
+#   bash bench/run_h100.sh dpo [--set k=v ...]  # configs/dpo_h100.yaml, 20 steps on ~650-token pairs (plan + summary);
+#                                        # TAG=name suffixes the result files
 #   bash bench/run_h100.sh long-all      # one call: checkpoint, documents, then `long N` for each of LENGTHS
 #   bash bench/run_h100.sh data-at-scale # 1M conversations prepared cold then warm on all cores (no GPU used)
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
@@ -228,14 +229,16 @@ PY
     done
     args=(--config configs/dpo_h100.yaml --set model.name_or_path=/tmp/mistral-7b-random
           --set data.train_file=/tmp/bench-dpo/train.jsonl --set data.val_file=/tmp/bench-dpo/val.jsonl
-          --set tracking.output_dir=/tmp/adapters --set tracking.report_to=none)
+          --set tracking.output_dir=/tmp/adapters --set tracking.report_to=none
+          --set data.overlong=drop "${@:2}")  # 4 of the 400 generated prompts pass 2,048 tokens on their own
+    tag=dpo${TAG:+-$TAG}
     mkdir -p "$OUT"
-    $PY -m commands plan "${args[@]}" --json > "$OUT/dpo-plan.json" || echo "dpo plan failed"
-    rm -rf /tmp/adapters/dpo-bench
+    $PY -m commands plan "${args[@]}" --json > "$OUT/$tag-plan.json" || echo "dpo plan failed"
+    rm -rf "/tmp/adapters/$tag-bench"
     $PY -m commands train "${args[@]}" --set training.max_steps="${STEPS:-20}" --set eval.logging_steps=1 \
-      --set eval.eval_steps=100000 --set eval.save_steps=100000 --run-name dpo-bench || echo "dpo train failed"
-    cp /tmp/adapters/dpo-bench/summary.json "$OUT/dpo-summary.json" || true
-    cp /tmp/adapters/dpo-bench/metrics.jsonl "$OUT/dpo-metrics.jsonl" || true
+      --set eval.eval_steps=100000 --set eval.save_steps=100000 --run-name "$tag-bench" || echo "dpo train failed"
+    cp "/tmp/adapters/$tag-bench/summary.json" "$OUT/$tag-summary.json" || true
+    cp "/tmp/adapters/$tag-bench/metrics.jsonl" "$OUT/$tag-metrics.jsonl" || true
     ;;
   data-at-scale)  # $OUT/data-at-scale-h100.json: bench/data_at_scale.py (prepare_data cold, then warm) on 1,000,000
     # `--kind short` conversations (125,000 generated, written 8 times over, as docs/data-at-scale.md), one worker a

@@ -33,6 +33,7 @@ def run(args, say: Say) -> int:
         anchor_rates,
         data_parallel_rates,
         make_plan,
+        micro_batch_tokens,
         row_lengths,
         row_tokens,
         tokens_per_step,
@@ -59,7 +60,8 @@ def run(args, say: Say) -> int:
         ensure_demo_model(cfg.model.name_or_path, say)
         rates = cal.calibrate(cfg, data, machine, say, make_trainer)
         cal.store(cfg, machine, rates)
-    rates = rates or cal.cached_rates(cfg, machine) or anchor_rates(cfg, row_tokens(cfg, row_lengths(data.train)))
+    rates = rates or cal.cached_rates(cfg, machine) or anchor_rates(
+        cfg, row_tokens(cfg, row_lengths(data.train)), micro_batch_tokens(cfg, data.train))
     memory_source = rates.source  # memory is each GPU's: the one-GPU figure of its micro-batch
     rates = data_parallel_rates(cfg, rates, split.ranks, tokens_per_step(cfg, data.train))
     memory, where = mach.training_memory_gb(info, cfg.platform)

@@ -219,3 +219,30 @@ def test_a_preference_micro_batch_is_sized_as_two_rows_per_pair_of_the_longer_an
     dpo = load_config(platform="h100", overrides=["training.method=dpo"])
     plan = make_plan(dpo, [140], [140], anchor_rates(dpo, 80), 80.0, "anchor", (1.0, "x"), train_rows=[80])
     assert figures(plan)["longest row"] == 80
+
+
+# Steady real tokens/s measured on one H100 80GB on 2026-12-07 (bench/results/2026-12-07-h100-80gb-hbm3.json)
+# with the shipped long-context configs: the planner's speed within 5% at each length, its peak within 2%.
+MEASURED_LONG = [("training_config_h100_8k.yaml", 11_977, 38.48), ("training_config_h100_16k.yaml", 11_115, 58.19),
+                 ("training_config_h100_32k.yaml", 9_323, 55.80)]
+
+
+@pytest.mark.parametrize(("name", "tokens_per_second", "peak_gb"), MEASURED_LONG)
+def test_long_rows_are_planned_as_measured(name, tokens_per_second, peak_gb):
+    cfg = load_config(REPO / "configs" / name)
+    row = cfg.data.max_seq_length
+    rates = anchor_rates(cfg, row, cfg.training.batch_size * row * 0.98)  # packed rows, 98% full
+    assert rates.tokens_per_second == pytest.approx(tokens_per_second, rel=0.05)
+    assert rates.peak_gb == pytest.approx(peak_gb, rel=0.02)
+
+
+def test_preference_pairs_are_padded_as_trl_pads_them():
+    """TRL pads every row of a micro-batch (each pair's prompt + chosen and prompt + rejected) to the
+    longest one: 2 pairs whose longest rows are 100 and 300 tokens process 4 x 300 tokens, not 2 x the
+    longer pair's both rows (the estimate before, which read less padding and a faster run)."""
+    cfg = load_config(REPO / "configs" / "dpo_h100.yaml", overrides=["training.gradient_accumulation_steps=1"])
+    pair_tokens, rows = [150, 500], [100, 300]  # each pair's two rows together, and its longer row
+    assert steps_per_epoch(cfg, pair_tokens, rows) == (1, 4 * 300)
+    assert steps_per_epoch(cfg, pair_tokens) == (1, 2 * 500)
+    plan = make_plan(cfg, pair_tokens, [100], RATES, 80, "m", (1.0, "x"), train_rows=rows)
+    assert figures(plan)["padding"] == pytest.approx(100 * (1 - 650 / 1200))

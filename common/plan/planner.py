@@ -78,6 +78,13 @@ OPTIMIZER_SPEED = {"paged_adamw_32bit": 1.0, "adamw_torch": 11122 / 10855}
 # token relative to 2 rows with the recomputed share taken out (1 row x 4 and 2 x 2 with no layer
 # checkpointed, 4 x 1 with 16 of 32): fewer, fuller micro-batches run faster per token.
 ROW_SPEED = {1: 9473 / 12990, 2: 1.0, 4: 11264 * (2 + 16 / 32) / 2 / 12990}
+# The rows above were 4096 tokens; what counts is the tokens a micro-batch processes, in 4096-token rows,
+# and how long its rows are: a token costs more in a longer row (attention grows with the row), this
+# much more per doubling. Fitted on 2026-12-07 (bench/results/2026-12-07-h100-80gb-hbm3.json) to SFT at
+# 8K, 16K and 32K rows (11,977, 11,115 and 9,323 tokens/s) and DPO at 2 and 4 pairs a micro-batch of
+# ~1,100- and ~1,300-token padded rows (5,284, 4,234 and 4,834 tokens/s): SFT within 4%, DPO 2-10% slow. Rows
+# shorter than SHORTEST_COSTED_ROW are costed as that long (not measured).
+ROW_LENGTH_COST, SHORTEST_COSTED_ROW = 0.08, 1024
 # Replaying the dropout masks of one kept layer instead of storing them (4 x 1, 8 layers kept, one
 # process): 10,337 vs 10,506 tok/s, i.e. this factor per kept layer.
 REPLAY_SPEED_PER_KEPT_LAYER = (10337 / 10506) ** (1 / 8)
@@ -166,8 +173,9 @@ def cuda_peak_gb(cfg: QLoraConfig, row: int | None = None) -> float:
     return max(recomputing, keeping)
 
 
-def row_speed(rows: int) -> float:
-    """ROW_SPEED for any number of rows: linear between the measured ones, flat beyond them."""
+def row_speed(rows: float) -> float:
+    """ROW_SPEED for any number of 4096-token rows (fractions too): linear between the measured ones, flat
+    beyond them."""
     known = sorted(ROW_SPEED)
     rows = min(max(rows, known[0]), known[-1])
     low, high = next((a, b) for a, b in zip(known, known[1:]) if a <= rows <= b)
@@ -180,12 +188,14 @@ def all_recomputed(cfg: QLoraConfig) -> QLoraConfig:
                                   "cuda": cfg.cuda.model_copy(update={"checkpointed_layers": "all"})})
 
 
-def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
+def anchor_rates(cfg: QLoraConfig, row: int | None = None, micro_tokens: float | None = None) -> Rates | None:
     """The platform's measured anchor, adjusted to this config's micro-batch, checkpointing, Liger
     kernels and LoRA forward on CUDA: memory by `cuda_peak_gb`; speed by the recomputed share (a step
     costs 2 forward-sized passes plus one per checkpointed layer's share; measured +8% from 32 to 24
-    layers, model +9%) and by the measured factor of each kernel that differs from the anchor. `row`:
-    the data's longest row (`row_tokens`), when known."""
+    layers, model +9%), by the tokens a micro-batch processes and the row length, and by the measured
+    factor of each kernel that differs from the anchor. `row`: the data's longest row (`row_tokens`), when
+    known; `micro_tokens`: the tokens (padding included) a micro-batch processes on average, when known
+    (`micro_batch_tokens`), else its rows times `row`."""
     base = ANCHORS.get(cfg.platform)
     if base is None or cfg.backend != "cuda" or cfg.platform != "h100":
         return base
@@ -195,7 +205,9 @@ def anchor_rates(cfg: QLoraConfig, row: int | None = None) -> Rates | None:
             == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER, ANCHOR_REPLAYING)):
         return base  # the measured configuration itself
     speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
-    speed *= row_speed(micro_rows(cfg)) / row_speed(ANCHOR_ROWS)
+    tokens = micro_tokens or micro_rows(cfg) * (row or cfg.data.max_seq_length)
+    speed *= row_speed(tokens / 4096) / row_speed(ANCHOR_ROWS)
+    speed /= 1 + ROW_LENGTH_COST * math.log2(max(tokens / micro_rows(cfg), SHORTEST_COSTED_ROW) / 4096)
     speed *= REPLAY_SPEED_PER_KEPT_LAYER ** (replaying_layers(cfg) - ANCHOR_REPLAYING)
     speed *= math.prod(LIGER_SPEED[k] for k in kernels) / math.prod(LIGER_SPEED[k] for k in ANCHOR_LIGER)
     if not cfg.cuda.fused_lora:
@@ -272,8 +284,10 @@ def total_steps(cfg: QLoraConfig, per_epoch: int) -> int:
     return t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.epochs)
 
 
-def steps_per_epoch(cfg: QLoraConfig, lengths: list[int]) -> tuple[int, int]:
-    """(optimizer steps per epoch, tokens processed per epoch including padding)."""
+def steps_per_epoch(cfg: QLoraConfig, lengths: list[int], rows: list[int] | None = None) -> tuple[int, int]:
+    """(optimizer steps per epoch, tokens processed per epoch including padding). `rows`: each example's
+    longest row (`row_lengths`) where it differs from `lengths`: a preference pair is two rows, and TRL pads
+    every row of a micro-batch to its longest."""
     t = cfg.training
     per_step = t.batch_size * t.gradient_accumulation_steps
     real = sum(lengths)
@@ -281,8 +295,11 @@ def steps_per_epoch(cfg: QLoraConfig, lengths: list[int]) -> tuple[int, int]:
         rows = math.ceil(real / (cfg.data.max_seq_length * PACKING_FILL))
         return max(1, math.ceil(rows / per_step)), real
     micro_batches = math.ceil(len(lengths) / t.batch_size)
-    return (steps_in_epoch(micro_batches, t.gradient_accumulation_steps),
-            padded_tokens(lengths, t.batch_size, t.seed))
+    if rows is not None and cfg.training.method != "sft":
+        processed = 2 * padded_tokens(rows, t.batch_size, t.seed)
+    else:
+        processed = padded_tokens(lengths, t.batch_size, t.seed)
+    return steps_in_epoch(micro_batches, t.gradient_accumulation_steps), processed
 
 
 def events_after(step: int, total: int, every: int) -> int:
@@ -295,9 +312,13 @@ def events_after(step: int, total: int, every: int) -> int:
 
 def tokens_per_step(cfg: QLoraConfig, examples) -> float:
     """Tokens one optimizer step processes (padding included), from the data layer's examples."""
-    lengths = [len(e) for e in examples]
-    steps, processed = steps_per_epoch(cfg, lengths)
+    steps, processed = steps_per_epoch(cfg, [len(e) for e in examples], row_lengths(examples))
     return processed / steps
+
+
+def micro_batch_tokens(cfg: QLoraConfig, examples) -> float:
+    """Tokens (padding included) one micro-batch processes on average, from the data layer's examples."""
+    return tokens_per_step(cfg, examples) / cfg.training.gradient_accumulation_steps
 
 
 def make_plan(
@@ -315,7 +336,7 @@ def make_plan(
     row (row_lengths; the same as train_lengths, the default, for SFT)."""
     t, e = cfg.training, cfg.eval
     longest = row_tokens(cfg, train_rows if train_rows is not None else train_lengths)
-    per_epoch, processed = steps_per_epoch(cfg, train_lengths)
+    per_epoch, processed = steps_per_epoch(cfg, train_lengths, train_rows)
     steps = total_steps(cfg, per_epoch)
     epochs = steps / per_epoch
     real_per_epoch = sum(train_lengths)
