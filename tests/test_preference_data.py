@@ -162,3 +162,77 @@ def test_check_names_a_start_adapter_made_with_other_lora_settings(tmp_path):
     assert "targets q_proj, v_proj" in flat
     code, out = qlora(*common, "--set", "lora.r=8", "--set", "lora.alpha=16", "--set", "lora.target_modules=[q_proj, v_proj]")
     assert f"starts from the PEFT adapter in {tmp_path / 'sft'} (rank 8, 2 layers)" in " ".join(out.split())
+
+
+JSON_ANSWER = '[{"name": "Ann"}, {"name": "Bob"}]'
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_an_answer_that_looks_like_json_is_text(tmp_path, suffix):
+    """Only a CSV / parquet / Hub string cell holding a list of role messages is read as messages."""
+    record = {"prompt": "Two people as JSON, please", "chosen": JSON_ANSWER, "rejected": "Ann and Bob"}
+    path = tmp_path / f"p{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, [record])
+    elif suffix == ".json":
+        path.write_text(json.dumps([record]))
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist([record]), path)
+    else:
+        with path.open("w", newline="") as handle:
+            csv.DictWriter(handle, list(record)).writeheader()
+            csv.DictWriter(handle, list(record)).writerow(record)
+    (pair,) = pairs_of(path)
+    assert pair.chosen.content == JSON_ANSWER and [m.content for m in pair.prompt] == [record["prompt"]]
+
+
+def test_messages_as_json_text_are_text_in_a_jsonl_file(tmp_path):
+    """JSON and JSONL hold lists as lists: a string is what the user wrote, whatever it looks like."""
+    as_text = json.dumps([{"role": "assistant", "content": "4."}])
+    (pair,) = pairs_of(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": as_text, "rejected": "5."}]))
+    assert pair.chosen.content == as_text
+
+
+def test_hh_style_prompt_columns_become_turns(tmp_path, chat_tokenizer):
+    """Dahoas/full-hh-rlhf: the prompt holds the Human/Assistant turns, the answers follow "Assistant:"."""
+    turns = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: What is 2 + 2?\n\nAssistant:"
+    (pair,) = pairs_of(write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": turns, "response": " 4.", "chosen": " 4.", "rejected": " 5."}]))
+    assert [(m.role, m.content) for m in pair.prompt] == [("user", "Hi"), ("assistant", "Hello!"),
+                                                          ("user", "What is 2 + 2?")]
+    (raw,) = pairs_of(write_jsonl(tmp_path / "hh.jsonl", [{"chosen": turns + " 4.", "rejected": turns + " 5."}]))
+    assert pair.key() == raw.key()
+    assert encode_pair(pair, chat_tokenizer).side("chosen").loss_mask == encode_pair(raw, chat_tokenizer).side(
+        "chosen").loss_mask
+
+
+def test_a_prompt_that_only_mentions_human_turns_stays_one_message(tmp_path):
+    text = "Format this chat:\n\nHuman: hi\n\nAssistant: hello"
+    (pair,) = pairs_of(write_jsonl(tmp_path / "p.jsonl", [{"prompt": text, "chosen": "done", "rejected": "no"}]))
+    assert [(m.role, m.content) for m in pair.prompt] == [("user", text)]
+
+
+def test_answers_that_encode_to_the_same_tokens_are_dropped_and_counted(tmp_path, chat_tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", [FORMS["strings"], {"prompt": "Say hello", "chosen": "hello",
+                                                                       "rejected": "hello "}])
+    val = write_jsonl(tmp_path / "val.jsonl", [FORMS["strings"]])
+    data = prepare_pairs(DataConfig(train_file=str(train), val_file=str(val)), chat_tokenizer)
+    assert data.report.n_train == 1 and data.report.dropped == 0  # dropped: over max_seq_length (model card)
+    assert any("1 pair(s) dropped: chosen and rejected encode to the same tokens" in w for w in data.report.warnings)
+    assert not any("exceeding" in w for w in data.report.warnings)
+
+
+def test_a_null_or_a_number_says_what_is_wrong(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": None},
+                                {"prompt": "q", "chosen": 5, "rejected": "b"},
+                                {"prompt": 7, "chosen": "a", "rejected": "b"}], indent=0))
+    with pytest.raises(DataError) as caught:
+        pairs_of(path)
+    message = str(caught.value)
+    assert "'rejected' is null; preference records need" in message and "missing key" not in message
+    assert "'chosen' must be text or a list of messages, got int" in message
+    assert "'prompt' must be text or a list of messages, got int" in message
