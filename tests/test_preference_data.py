@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 from conftest import SAMPLE, write_jsonl
@@ -143,26 +144,69 @@ def test_the_config_refuses_a_method_and_data_that_disagree():
     assert load_config(platform="cpu", overrides=["training.method=orpo"]).preference.beta == 0.1
 
 
-def test_check_names_a_start_adapter_made_with_other_lora_settings(tmp_path):
+def write_start_adapter(folder, hidden=64, kv=32, base="base", rank=8):
+    """A PEFT adapter on q_proj and v_proj of 2 layers, for a base of this hidden size and kv width
+    (the tiny model's: 64 and 32)."""
     import numpy as np
 
     from common.adapters.conversion import Adapter, write_adapter
 
     rng = np.random.default_rng(0)
-    a = {(layer, p): rng.normal(size=(8, 64)).astype(np.float32) for layer in (0, 1) for p in ("q_proj", "v_proj")}
-    b = {key: rng.normal(size=(64, 8)).astype(np.float32) for key in a}
-    (tmp_path / "sft").mkdir()
-    write_adapter(Adapter(8, 2.0, 0.05, ["q_proj", "v_proj"], a, b, "base"), tmp_path / "sft", "peft", 2)
-    common = ["check", "--platform", "cpu", "--set", "training.method=dpo", "--set",
-              f"data.train_file={SAMPLE / 'pairs_train.jsonl'}", "--set", f"data.val_file={SAMPLE / 'pairs_val.jsonl'}",
-              "--set", f"preference.from_adapter={tmp_path / 'sft'}"]
+    out = {"q_proj": hidden, "v_proj": kv}
+    a = {(layer, p): rng.normal(size=(rank, hidden)).astype(np.float32) for layer in (0, 1) for p in out}
+    b = {(layer, p): rng.normal(size=(out[p], rank)).astype(np.float32) for layer, p in a}
+    folder.mkdir()
+    write_adapter(Adapter(rank, 2.0, 0.05, ["q_proj", "v_proj"], a, b, base), folder, "peft", 2)
+    return folder
+
+
+def start_overrides(model_dir, *extra):
+    return ["--set", "training.method=dpo", "--set", f"model.name_or_path={model_dir}",
+            "--set", f"data.train_file={SAMPLE / 'pairs_train.jsonl'}", "--set",
+            f"data.val_file={SAMPLE / 'pairs_val.jsonl'}", *extra]
+
+
+SAME_LORA = ["--set", "lora.r=8", "--set", "lora.alpha=16", "--set", "lora.target_modules=[q_proj, v_proj]"]
+
+
+def test_check_names_a_start_adapter_made_with_other_lora_settings(tmp_path, tiny_model_dir):
+    sft = write_start_adapter(tmp_path / "sft", base=str(tiny_model_dir))
+    common = ["check", "--platform", "cpu", *start_overrides(tiny_model_dir), "--set", f"preference.from_adapter={sft}"]
     code, out = qlora(*common)
     flat = " ".join(out.split())
     assert code == 1 and "its LoRA settings differ from this run's: rank 8 (lora.r is 16)" in flat
     assert "targets q_proj, v_proj" in flat
-    code, out = qlora(*common, "--set", "lora.r=8", "--set", "lora.alpha=16", "--set", "lora.target_modules=[q_proj, v_proj]")
-    assert f"starts from the PEFT adapter in {tmp_path / 'sft'} (rank 8, 2 layers)" in " ".join(out.split())
+    code, out = qlora(*common, *SAME_LORA)
+    assert code == 0 and f"starts from the PEFT adapter in {sft} (rank 8, 2 layers)" in " ".join(out.split())
 
+
+def test_check_and_train_refuse_an_adapter_made_on_another_base(tmp_path, tiny_model_dir):
+    """Same rank, scale and targets, other shapes (trained on a wider model): named before anything loads,
+    by check (--from, as train takes it) and by train on either backend, without a traceback."""
+    wide = write_start_adapter(tmp_path / "wide", hidden=128, kv=64)
+    code, out = qlora("check", "--platform", "cpu", *start_overrides(tiny_model_dir, *SAME_LORA), "--from", str(wide))
+    flat = " ".join(out.split())
+    assert code == 1 and f"preference.from_adapter {wide}: layer 0 q_proj: adapter maps 128 -> 128 features" in flat
+    assert f"but {tiny_model_dir} has 64 -> 64: it was trained on another base model (base)" in flat
+    for backend in ("cuda", "mlx"):
+        code, out = qlora("train", "--platform", "cpu", "--backend", backend, "--from", str(wide),
+                          *start_overrides(tiny_model_dir, *SAME_LORA, "--set", f"tracking.output_dir={tmp_path}"))
+        assert code != 0 and "Traceback" not in out and "trained on another base model" in " ".join(out.split())
+
+
+def test_a_start_adapter_recorded_on_another_base_is_a_warning(tmp_path, tiny_model_dir):
+    from common.adapters.start import start_adapter
+
+    overrides = ["training.method=dpo", f"model.name_or_path={tiny_model_dir}", "lora.r=8", "lora.alpha=16",
+                 "lora.target_modules=[q_proj, v_proj]"]
+    other = write_start_adapter(tmp_path / "other", base="someone/other-mistral")
+    start = start_adapter(load_config(platform="cpu", overrides=[*overrides, f"preference.from_adapter={other}"]))
+    assert start.warning == (f"preference.from_adapter {other}: trained on someone/other-mistral, and this run's "
+                             f"model is {tiny_model_dir}: the shapes match, but the adapter fits those weights. Go "
+                             "on only if they are the same model")
+    mine = write_start_adapter(tmp_path / "mine", base=str(tiny_model_dir))
+    start = start_adapter(load_config(platform="cpu", overrides=[*overrides, f"preference.from_adapter={mine}"]))
+    assert start.warning is None
 
 JSON_ANSWER = '[{"name": "Ann"}, {"name": "Bob"}]'
 
@@ -236,3 +280,38 @@ def test_a_null_or_a_number_says_what_is_wrong(tmp_path):
     assert "'rejected' is null; preference records need" in message and "missing key" not in message
     assert "'chosen' must be text or a list of messages, got int" in message
     assert "'prompt' must be text or a list of messages, got int" in message
+
+
+def test_check_refuses_prompts_that_fill_the_limit_as_train_does(tmp_path, tiny_model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", [FORMS["strings"], {"prompt": "word " * 200, "chosen": "yes",
+                                                                       "rejected": "no"}, FORMS["trl conversational"]])
+    val = write_jsonl(tmp_path / "val.jsonl", [FORMS["strings"]])
+    args = ["--platform", "cpu", "--set", "training.method=dpo", "--set", f"model.name_or_path={tiny_model_dir}",
+            "--set", "data.max_seq_length=64", "--data", str(train), "--val-data", str(val)]
+    said = rf"{train}:2: the prompt is \d+ tokens, data.max_seq_length is 64: no room for an answer"
+    code, out = qlora("check", *args)
+    assert code == 1 and re.search(said, out) and "data.overlong=drop" in out, out
+    code, out = qlora("train", *args, "--set", f"tracking.output_dir={tmp_path / 'runs'}")
+    assert code != 0 and re.search(said, out) and "Traceback" not in out, out
+    assert "preparing data (pairs are tokenized each run)" in out and "read from the cache" not in out
+    code, out = qlora("check", *args, "--set", "data.overlong=drop")
+    assert code == 0, out
+
+
+def test_only_prompts_that_could_fill_the_limit_are_tokenized(tmp_path, chat_tokenizer):
+    from common.data.preference import _prompt_bound, unfit_prompts
+
+    odd = {"prompt": "ﷺ😀 \u00a0a  b\t\n\n" * 5, "system": "  Be brief. ", "chosen": "x", "rejected": "y"}
+    path = write_jsonl(tmp_path / "p.jsonl", [*FORMS.values(), odd])
+    for pair in pairs_of(path) + pairs_of(SAMPLE / "pairs_train.jsonl"):  # the bound holds, byte fallback included
+        assert len(encode_pair(pair, chat_tokenizer).prompt_ids) <= _prompt_bound(pair)
+
+    def no_tokenizer():
+        raise AssertionError("tokenized a prompt that cannot fill the limit")
+
+    val = write_jsonl(tmp_path / "val.jsonl", [FORMS["strings"]])
+    cfg = load_config(platform="cpu", overrides=["training.method=dpo", f"data.train_file={path}",
+                                                 f"data.val_file={val}", "data.max_seq_length=4096"])
+    assert unfit_prompts(cfg, no_tokenizer) == []
+    cfg.data.max_seq_length = 40
+    assert [line.split(": ")[0] for line in unfit_prompts(cfg, lambda: chat_tokenizer)] == [f"{path}:6"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -281,6 +281,34 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: ChatTokenizer, cf
         if example is not None:
             out.examples.append(example)
     return out
+
+
+def unfit_prompts(cfg, tokenizer: Callable[[], ChatTokenizer]) -> list[str]:
+    """"file:line: why" for each pair of the config's data whose prompt alone fills data.max_seq_length,
+    which training refuses unless data.overlong is drop: what `qlora check` can say before training."""
+    if cfg.data.overlong == "drop":
+        return []
+    train, val, _ = load_conversations(cfg.data, partial(read_source, kind=PAIRS))
+    max_len, encoder, found = cfg.data.max_seq_length, None, {}
+    for pair in (*train, *val):
+        bound = _prompt_bound(pair)
+        if pair.source in found or bound is not None and bound < max_len:
+            continue
+        encoder = encoder or tokenizer()
+        prompt_tokens = len(encode_pair(pair, encoder).prompt_ids)
+        if prompt_tokens >= max_len:
+            found[pair.source] = no_room(pair.source, prompt_tokens, max_len)
+    return list(found.values())
+
+
+def _prompt_bound(pair: PreferencePair) -> int | None:
+    """At most how many tokens the prompt encodes to, read from its text: the v3 SentencePiece model
+    (identity normalization, byte fallback) gives every token at least one byte of the text, and a
+    message adds a few more ([INST], [/INST], </s>, a leading space). None with tools: mistral-common
+    writes their JSON its own way."""
+    if pair.tools or any(m.tool_calls or m.role == "tool" for m in pair.prompt):
+        return None
+    return 8 + sum(8 + len((m.content or "").encode()) for m in pair.prompt)
 
 
 def no_room(source: str, prompt_tokens: int, max_len: int) -> str:
