@@ -267,6 +267,8 @@ def test_answers_that_encode_to_the_same_tokens_are_dropped_and_counted(tmp_path
     assert data.report.n_train == 1 and data.report.dropped == 0  # dropped: over max_seq_length (model card)
     assert any("1 pair(s) dropped: chosen and rejected encode to the same tokens" in w for w in data.report.warnings)
     assert not any("exceeding" in w for w in data.report.warnings)
+    code, out = qlora("data", "stats", "--json", "--set", "training.method=dpo", str(train), stdout_only=True)
+    assert code == 0 and json.loads(out)["same_tokens"] == 1, out
 
 
 def test_a_null_or_a_number_says_what_is_wrong(tmp_path):
