@@ -122,7 +122,7 @@ def pair_stats(args, cfg, tokenizer, say: Say) -> int:
     out.update(_pair_summary(encoded))
     outcomes = [fit_pair(e, cfg.data.max_seq_length, cfg.data.overlong)[1] for e in encoded]
     out.update(would_truncate=outcomes.count("truncated"), would_drop=outcomes.count("dropped"),
-               prompt_too_long=outcomes.count("prompt"), sources=per_source)
+               prompt_too_long=outcomes.count("prompt"), same_tokens=outcomes.count("same"), sources=per_source)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -135,6 +135,8 @@ def pair_stats(args, cfg, tokenizer, say: Say) -> int:
             f"(overlong={cfg.data.overlong}: {out['would_truncate']} truncated, {out['would_drop']} dropped, "
             f"{out['prompt_too_long']} with a prompt that leaves no room, refused by training)")
     say.warn(line) if out["over_max_seq_length"] else say.ok(line)
+    if out["same_tokens"]:
+        say.warn(f"{out['same_tokens']} pair(s) whose answers encode to the same tokens, dropped by training")
     return 0
 
 

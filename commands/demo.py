@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 from commands import train
+from commands.options import add_from_option, from_override
 from common import REPO_ROOT
 from common.config.loader import load_config
 from common.console import Say
@@ -18,8 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--method", choices=["sft", "dpo", "orpo"], default="sft",
                    help="sft on the sample conversations, or preference tuning (dpo, orpo) on the sample pairs "
                         "(data/sample/pairs_*.jsonl)")
-    p.add_argument("--from", dest="from_run", metavar="RUN",
-                   help="with --method dpo|orpo: start from this run's adapter, e.g. adapters/demo-cuda")
+    add_from_option(p, "with --method dpo|orpo: start from this run's adapter, e.g. adapters/demo-cuda")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one value of configs/training_config_cpu.yaml, e.g. --set training.max_steps=5")
     p.add_argument("--run-name", default=None,
@@ -39,7 +39,7 @@ def run(args, say: Say) -> int:
     if args.method != "sft":
         pairs = REPO_ROOT / "data" / "sample"
         overrides = [f"training.method={args.method}", f"data.train_file={pairs / 'pairs_train.jsonl'}",
-                     f"data.val_file={pairs / 'pairs_val.jsonl'}", *overrides, *train.from_override(args)]
+                     f"data.val_file={pairs / 'pairs_val.jsonl'}", *overrides, *from_override(args)]
     cfg = load_config(platform="cpu", overrides=[*overrides, *([f"backend={args.backend}"] if args.backend else [])])
     cfg.tracking.run_name = args.run_name or f"demo-{cfg.backend}{'' if args.method == 'sft' else '-' + args.method}"
     if not args.run_name:  # the demo's own folder: a new demo replaces the last one (a run you named is kept)

@@ -46,6 +46,20 @@ def data_options() -> argparse.ArgumentParser:
     return parent
 
 
+FROM_HELP = ("preference tuning (training.method dpo|orpo): start from this run's (or folder's) adapter, e.g. an SFT "
+             "run; sets preference.from_adapter")
+
+
+def add_from_option(p, help_text: str = FROM_HELP) -> None:
+    p.add_argument("--from", dest="from_run", metavar="RUN", help=help_text)
+
+
+def from_override(args) -> list[str]:
+    """--from RUN as the config key it sets (so the printed command that resumes the run carries it)."""
+    run = getattr(args, "from_run", None)
+    return [f"preference.from_adapter={run}"] if run else []
+
+
 def apply_data_options(args, cfg: QLoraConfig) -> None:
     """--data means the user's data only: the config's training and validation data both give way (a
     validation set of other data would score, and pick the best checkpoint, against the wrong task)."""

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from commands.options import apply_data_options, config_options, data_options, resolve
+from commands.options import (
+    add_from_option,
+    apply_data_options,
+    config_options,
+    data_options,
+    from_override,
+    resolve,
+)
 from common.config.schema import run_name_problem
 from common.console import Say
 from common.errors import UsageError
@@ -17,19 +24,11 @@ def add_parser(sub) -> None:
     p.add_argument("--time-budget", metavar="DURATION",
                    help="stop with everything saved before this much time has passed, e.g. 3h30m")
     p.add_argument("--run-name", help="run folder name under tracking.output_dir")
-    p.add_argument("--from", dest="from_run", metavar="RUN",
-                   help="preference tuning (training.method dpo|orpo): start from this run's (or folder's) adapter, "
-                        "e.g. an SFT run; sets preference.from_adapter")
+    add_from_option(p)
     p.add_argument("--gpus", metavar="N|all",
                    help="data-parallel on N GPUs of this machine (torchrun + DDP); the global batch stays the config's")
     add_verbose(p)
     p.set_defaults(handler=run)
-
-
-def from_override(args) -> list[str]:
-    """--from RUN as the config key it sets (so the printed command that resumes the run carries it)."""
-    run = getattr(args, "from_run", None)
-    return [f"preference.from_adapter={run}"] if run else []
 
 
 def add_verbose(p) -> None:

@@ -124,6 +124,20 @@ def test_starting_from_an_sft_run_uses_its_adapter_as_the_reference(sft_run, tin
 
 
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_the_backends_refuse_a_start_adapter_of_another_base(tiny_model_dir, tmp_path, backend):
+    """What a hub base not downloaded before the preflight meets: the backend reads the start adapter after
+    loading the model and names the mismatch (it was PEFT's size-mismatch RuntimeError, mlx's matmul ValueError)."""
+    from test_preference_data import write_start_adapter
+
+    from common.errors import ConfigError
+
+    wide = write_start_adapter(tmp_path / "wide", hidden=128, kv=64)
+    with pytest.raises(ConfigError, match="layer 0 q_proj: adapter maps 128 -> 128 features but .* has 64 -> 64"):
+        trainer_for(tiny_model_dir, tmp_path, "wide", backend, f"preference.from_adapter={wide}", "lora.r=8",
+                    "lora.alpha=16", "lora.target_modules=[q_proj, v_proj]")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
 def test_orpo_trains_and_logs_its_metrics(tiny_model_dir, tmp_path, backend):
     trainer = trainer_for(tiny_model_dir, tmp_path, "orpo", backend, "training.method=orpo", "training.max_steps=4",
                           "eval.eval_steps=4", "eval.save_steps=4", "eval.logging_steps=2", "training.learning_rate=2e-2")

@@ -78,7 +78,7 @@ def test_parquet_errors_name_the_row(tmp_path):
 
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist([{"instruction": "q", "output": "a"}, {"instruction": "q", "output": None}]), path)
-    with pytest.raises(DataError, match=rf"{path} row 2: missing key 'output'"):
+    with pytest.raises(DataError, match=rf"{path} row 2: 'output' is null; Alpaca records need"):
         read_conversations(path)
 
 

@@ -37,6 +37,8 @@ class MlxPreferenceTrainer(MlxTrainer):
             tensors = mlx_tensors(start.adapter, self.num_layers)
             self.model.load_weights([(k, mx.array(v)) for k, v in tensors.items()], strict=False)
             self.say.ok(f"starting from the adapter in {start.ref.folder}")
+            if start.warning:
+                self.say.warn(start.warning)
         self.reference = self._reference_weights(from_start=start is not None)
         self.stats = _Stats()
 

@@ -362,17 +362,23 @@ def base_shapes(base_dir: str | Path) -> tuple[int, dict[str, tuple[int, int]]]:
 
 def check_against_base(adapter: Adapter, base_dir: str | Path) -> int:
     layers, shapes = base_shapes(base_dir)
+    problem = shape_problem(adapter, layers, shapes, str(base_dir))
+    if problem:
+        raise AdapterError(f"{problem}: this adapter was not trained on this base model")
+    return layers
+
+
+def shape_problem(adapter: Adapter, layers: int, shapes: dict[str, tuple[int, int]], base: str) -> str | None:
+    """Where `adapter` does not fit a base of `layers` layers and these (in, out) projection shapes."""
     if adapter.layers[-1] >= layers:
-        raise AdapterError(f"adapter has layer {adapter.layers[-1]} but {base_dir} has {layers} layers")
+        return f"adapter has layer {adapter.layers[-1]} but {base} has {layers} layers"
     for (layer, proj), a in adapter.a.items():
         want_in, want_out = shapes[proj]
         got_in, got_out = a.shape[1], adapter.b[(layer, proj)].shape[0]
         if (got_in, got_out) != (want_in, want_out):
-            raise AdapterError(
-                f"layer {layer} {proj}: adapter maps {got_in} -> {got_out} features but {base_dir} "
-                f"has {want_in} -> {want_out}: this adapter was not trained on this base model"
-            )
-    return layers
+            return (f"layer {layer} {proj}: adapter maps {got_in} -> {got_out} features but {base} "
+                    f"has {want_in} -> {want_out}")
+    return None
 
 
 # ---------------------------------------------------------------------------- convert

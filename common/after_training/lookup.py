@@ -186,11 +186,7 @@ def base_model_for(ref: AdapterRef, override: str | None) -> str:
     must still exist; a hub id is passed on (the loader explains a missing cache)."""
     if override:
         return override
-    base = ref.recorded_base
-    if ref.run_root and not (base and Path(base).is_absolute()):
-        # a checkpoint records the base as the config named it (maybe relative to where training ran);
-        # the run folder's own adapter config has it as recorded after training: absolute, or a hub id
-        base = recorded_base(ref.run_root) or _run_config(ref.run_root).get("model", {}).get("name_or_path") or base
+    base = trained_base(ref)
     if not base:
         raise UsageError(f"{ref.folder}/adapter_config.json names no base model: pass --base-model (folder or hub id)")
     if not (Path(base).exists() or not looks_like_path(base)):
@@ -204,6 +200,16 @@ def base_model_for(ref: AdapterRef, override: str | None) -> str:
             check_against_base(ref.adapter, config.parent)
         except AdapterError as exc:
             raise AdapterError(f"{ref.folder}: {exc}. Pass --base-model with the base it was trained on") from None
+    return base
+
+
+def trained_base(ref: AdapterRef) -> str | None:
+    """The base model the adapter was trained on, as recorded; None when nothing records it."""
+    base = ref.recorded_base
+    if ref.run_root and not (base and Path(base).is_absolute()):
+        # a checkpoint records the base as the config named it (maybe relative to where training ran);
+        # the run folder's own adapter config has it as recorded after training: absolute, or a hub id
+        base = recorded_base(ref.run_root) or _run_config(ref.run_root).get("model", {}).get("name_or_path") or base
     return base
 
 

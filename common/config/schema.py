@@ -245,7 +245,8 @@ class PreferenceConfig(Section):
         "base = the base with the adapter disabled even when starting from an adapter.")
     from_adapter: str | None = Field(
         None, description="Start from this adapter (a run folder or a PEFT adapter folder, e.g. an SFT run's; "
-        "`qlora train --from RUN` sets it) instead of a new one. Its LoRA settings must equal the lora section's.")
+        "`qlora train --from RUN` and `qlora check --from RUN` set it) instead of a new one. Its LoRA settings must "
+        "equal the lora section's and its shapes model.name_or_path's; another recorded base model is a warning.")
 
 
 class EvalConfig(Section):

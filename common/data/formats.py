@@ -57,8 +57,10 @@ def detect(record: object, columns: Mapping[str, str]) -> str | None:
     return None
 
 
-def normalize(record: object, fmt: str, columns: Mapping[str, str], source: str) -> Conversation:
-    """One record of format `fmt` -> a validated Conversation; raises Problem."""
+def normalize(record: object, fmt: str, columns: Mapping[str, str], source: str,
+              text_cells: bool = False) -> Conversation:
+    """One record of format `fmt` -> a validated Conversation; raises Problem. `text_cells` is not needed:
+    a column that must be a list is read from JSON text in any source."""
     if not isinstance(record, dict):
         what = "'messages'" if fmt == "messages" else f"the {fmt} keys"
         raise Problem(f"expected a JSON object with {what}, got {type(record).__name__}")
@@ -89,7 +91,9 @@ class _Columns:
 
     def require(self, key: str, hint: str) -> Any:
         name = self.name(key)
-        if self.record.get(name) is None:
+        if name in self.record and self.record[name] is None:
+            raise Problem(f"{name!r} is null; {hint}")
+        if name not in self.record:
             present = ", ".join(sorted(map(str, self.record))) or "none"
             raise Problem(f"missing key {name!r} (keys present: {present}); {hint}")
         return self.record[name]

@@ -7,7 +7,11 @@ Hub cache; common/data/sources.py), all detected from the keys `chosen` and `rej
 - full conversations: `chosen` / `rejected` message lists sharing a prefix (the prompt) and ending in
   different assistant answers (UltraFeedback binarized, Anthropic HH as messages); a `prompt` column
   next to them is not needed and is ignored;
-- Anthropic HH-RLHF's raw text: `chosen` / `rejected` strings of "\\n\\nHuman: ... \\n\\nAssistant: ..." turns.
+- Anthropic HH-RLHF's raw text: `chosen` / `rejected` strings of "\\n\\nHuman: ... \\n\\nAssistant: ..." turns;
+  or those turns in `prompt` (Dahoas/full-hh-rlhf: it ends with "\\n\\nAssistant:") and the answers after it.
+
+A string is text, whatever it looks like, except in sources that store lists as JSON text (CSV cells,
+parquet and Hub string columns): there a string that parses to a list of objects with a `role` is messages.
 
 Each side is encoded as the conversation prompt + answer with mistral-common's v3 encoding (the same
 `ChatTokenizer` as SFT), so prompt + answer is token for token what mistral-common gives, and only the
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -62,12 +66,15 @@ def detect(record: object, columns: Mapping[str, str]) -> str | None:
     return None
 
 
-def normalize(record: object, fmt: str, columns: Mapping[str, str], source: str) -> PreferencePair:
-    """One record -> a checked PreferencePair; raises Problem saying what is wrong."""
+def normalize(record: object, fmt: str, columns: Mapping[str, str], source: str,
+              text_cells: bool = False) -> PreferencePair:
+    """One record -> a checked PreferencePair; raises Problem saying what is wrong. `text_cells`: the
+    source stores lists as JSON text (sources.normalized says which do)."""
     if not isinstance(record, dict):
         raise Problem(f"expected a JSON object with 'chosen' and 'rejected', got {type(record).__name__}")
     col = _Columns(record, columns)
-    chosen, rejected = _side(col, "chosen"), _side(col, "rejected")
+    chosen, rejected = (_text_or_messages(col, key, col.require(key, HINT), text_cells)
+                        for key in ("chosen", "rejected"))
     prompt_value = col.get("prompt")
     if prompt_value is None and isinstance(chosen, str) and isinstance(rejected, str) and HH_TURN.search(chosen):
         chosen, rejected = _hh_turns(chosen, "chosen"), _hh_turns(rejected, "rejected")
@@ -76,30 +83,36 @@ def normalize(record: object, fmt: str, columns: Mapping[str, str], source: str)
     else:
         if prompt_value is None:
             col.require("prompt", HINT)
-        prompt = _prompt(col, prompt_value)
-        chosen_tail, rejected_tail = _as_turns(chosen), _as_turns(rejected)
+        prompt, hh = _prompt(col, _text_or_messages(col, "prompt", prompt_value, text_cells))
+        chosen_tail, rejected_tail = _as_turns(chosen, hh), _as_turns(rejected, hh)
     pair = PreferencePair(_context(prompt), _answer(chosen_tail, "chosen"), _answer(rejected_tail, "rejected"),
                           source, _tools(col))
     _check(pair)
     return pair
 
 
-def _side(col: _Columns, key: str) -> str | list[Message]:
-    return _text_or_messages(col, key, col.require(key, HINT))
-
-
-def _text_or_messages(col: _Columns, key: str, value: object) -> str | list[Message]:
-    """A column as text, or as messages (a list, or a list held as JSON text in a CSV cell)."""
+def _text_or_messages(col: _Columns, key: str, value: object, text_cells: bool) -> str | list[Message]:
+    """A column as text, or as messages: a list, or where the source stores lists as JSON text, a string
+    holding a list of objects that each have a role (an answer such as '[{"name": "Ann"}]' stays text)."""
     if isinstance(value, str):
-        try:
-            parsed = json.loads(value) if value.lstrip()[:1] == "[" else None
-        except json.JSONDecodeError:
-            parsed = None
-        if not (isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed)):
+        parsed = _json_messages(value) if text_cells else None
+        if parsed is None:
             return value
         value = parsed
-    raw = col.listed(key, value)
-    return [read_message(m, i) for i, m in enumerate(raw, start=1)]
+    if not isinstance(value, list):
+        raise Problem(f"{col.name(key)!r} must be text or a list of messages, got {type(value).__name__}")
+    return [read_message(m, i) for i, m in enumerate(value, start=1)]
+
+
+def _json_messages(text: str) -> list | None:
+    if text.lstrip()[:1] != "[":
+        return None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    is_messages = isinstance(parsed, list) and parsed and all(isinstance(m, dict) and "role" in m for m in parsed)
+    return parsed if is_messages else None
 
 
 def _hh_turns(text: str, side: str) -> list[Message]:
@@ -119,19 +132,33 @@ def _split_shared(chosen: list[Message], rejected: list[Message]):
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def _prompt(col: _Columns, value: object) -> list[Message]:
-    value = _text_or_messages(col, "prompt", value)
-    if isinstance(value, str):
-        if not value.strip():
-            raise Problem(f"{col.name('prompt')!r} is empty")
-        system = col.get("system")
-        return ([Message("system", system)] if isinstance(system, str) and system.strip() else []) + [
-            Message("user", value)]
-    return value
+def _prompt(col: _Columns, value: str | list[Message]) -> tuple[list[Message], bool]:
+    """(the prompt's messages, whether it was HH-style text)."""
+    if not isinstance(value, str):
+        return value, False
+    if not value.strip():
+        raise Problem(f"{col.name('prompt')!r} is empty")
+    system = col.get("system")
+    hh = _hh_prompt(value)
+    return ([Message("system", system)] if isinstance(system, str) and system.strip() else []) + (
+        hh or [Message("user", value)]), hh is not None
 
 
-def _as_turns(side: str | list[Message]) -> list[Message]:
-    return [Message("assistant", side)] if isinstance(side, str) else side
+def _hh_prompt(text: str) -> list[Message] | None:
+    """An HH-style prompt's turns (Dahoas/full-hh-rlhf: "\\n\\nHuman: ...\\n\\nAssistant:"), less the open
+    assistant turn that the answers complete; None for other text."""
+    if not (text.lstrip("\n").startswith("Human:") and "\n\nAssistant:" in text):
+        return None
+    turns = _hh_turns(text, "prompt")
+    return turns[:-1] if turns[-1].role == "assistant" and not turns[-1].content else turns
+
+
+def _as_turns(side: str | list[Message], hh: bool = False) -> list[Message]:
+    """A text answer is one assistant turn; after an HH-style prompt it is stripped, as the turns of
+    HH's raw text are (" 4." and "4." encode differently)."""
+    if isinstance(side, str):
+        return [Message("assistant", side.strip() if hh else side)]
+    return side
 
 
 def _answer(turns: list[Message], side: str) -> Message:
@@ -215,7 +242,10 @@ def encode_pair(pair: PreferencePair, tokenizer: ChatTokenizer) -> PairExample:
 
 def fit_pair(example: PairExample, max_len: int, policy: str) -> tuple[PairExample | None, str]:
     """The overlong policy per row: "kept", "truncated" (each answer cut to fit after the prompt),
-    "dropped", or "prompt" (the prompt alone leaves no room for an answer)."""
+    "dropped", or "prompt" (the prompt alone leaves no room for an answer); and "same": the answers
+    encode to the same ids (they differ only in what the tokenizer erases, such as trailing spaces)."""
+    if example.chosen_ids == example.rejected_ids:
+        return None, "same"
     if example.longest <= max_len:
         return example, "kept"
     room = max_len - len(example.prompt_ids)
@@ -234,21 +264,55 @@ class PairTokens:
     examples: list[PairExample] = field(default_factory=list)
     truncated: int = 0
     dropped: int = 0
+    same: int = 0  # answers that encode to the same ids: nothing to prefer
     too_long: list[str] = field(default_factory=list)  # "file:line: why", prompts with no room for an answer
 
 
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: ChatTokenizer, cfg: DataConfig) -> PairTokens:
     out = PairTokens()
     for pair in pairs:
-        example, outcome = fit_pair(encode_pair(pair, tokenizer), cfg.max_seq_length, cfg.overlong)
+        encoded = encode_pair(pair, tokenizer)
+        example, outcome = fit_pair(encoded, cfg.max_seq_length, cfg.overlong)
         out.truncated += outcome == "truncated"
         out.dropped += outcome == "dropped"
+        out.same += outcome == "same"
         if outcome == "prompt":
-            out.too_long.append(f"{pair.source}: the prompt is {len(encode_pair(pair, tokenizer).prompt_ids)} "
-                                f"tokens, data.max_seq_length is {cfg.max_seq_length}: no room for an answer")
+            out.too_long.append(no_room(pair.source, len(encoded.prompt_ids), cfg.max_seq_length))
         if example is not None:
             out.examples.append(example)
     return out
+
+
+def unfit_prompts(cfg, tokenizer: Callable[[], ChatTokenizer]) -> list[str]:
+    """"file:line: why" for each pair of the config's data whose prompt alone fills data.max_seq_length,
+    which training refuses unless data.overlong is drop: what `qlora check` can say before training."""
+    if cfg.data.overlong == "drop":
+        return []
+    train, val, _ = load_conversations(cfg.data, partial(read_source, kind=PAIRS))
+    max_len, encoder, found = cfg.data.max_seq_length, None, {}
+    for pair in (*train, *val):
+        bound = _prompt_bound(pair)
+        if pair.source in found or bound is not None and bound < max_len:
+            continue
+        encoder = encoder or tokenizer()
+        prompt_tokens = len(encode_pair(pair, encoder).prompt_ids)
+        if prompt_tokens >= max_len:
+            found[pair.source] = no_room(pair.source, prompt_tokens, max_len)
+    return list(found.values())
+
+
+def _prompt_bound(pair: PreferencePair) -> int | None:
+    """At most how many tokens the prompt encodes to, read from its text: the v3 SentencePiece model
+    (identity normalization, byte fallback) gives every token at least one byte of the text, and a
+    message adds a few more ([INST], [/INST], </s>, a leading space). None with tools: mistral-common
+    writes their JSON its own way."""
+    if pair.tools or any(m.tool_calls or m.role == "tool" for m in pair.prompt):
+        return None
+    return 8 + sum(8 + len((m.content or "").encode()) for m in pair.prompt)
+
+
+def no_room(source: str, prompt_tokens: int, max_len: int) -> str:
+    return f"{source}: the prompt is {prompt_tokens} tokens, data.max_seq_length is {max_len}: no room for an answer"
 
 
 def prepare_pairs(cfg: DataConfig, tokenizer: ChatTokenizer) -> PreparedData:
@@ -257,18 +321,24 @@ def prepare_pairs(cfg: DataConfig, tokenizer: ChatTokenizer) -> PreparedData:
     train, val = tokenize_pairs(train_p, tokenizer, cfg), tokenize_pairs(val_p, tokenizer, cfg)
     too_long = train.too_long + val.too_long
     if too_long:
-        shown = "\n  ".join(too_long[:MAX_REPORTED]) + (
-            f"\n  ... and {len(too_long) - MAX_REPORTED} more" if len(too_long) > MAX_REPORTED else "")
-        raise DataError(f"{len(too_long)} pair(s) have a prompt that fills data.max_seq_length; nothing was "
-                        f"loaded.\n  {shown}\nRaise data.max_seq_length, shorten those prompts, or set "
-                        "data.overlong=drop to leave such pairs out.")
+        raise DataError(prompts_fill_message(too_long) + "; nothing was loaded.")
     _report(report, train, val, cfg)
-    for side, kept, total in (("training", train.examples, train_p), ("validation", val.examples, val_p)):
-        if not kept:
-            raise DataError(f"no {side} pair is left: all {len(total)} exceed data.max_seq_length="
-                            f"{cfg.max_seq_length} and data.overlong={cfg.overlong} removed them (`qlora data stats "
+    for side, tokens, total in (("training", train, train_p), ("validation", val, val_p)):
+        if not tokens.examples:
+            raise DataError(f"no {side} pair is left of {len(total)}: {tokens.dropped + tokens.truncated} exceed "
+                            f"data.max_seq_length={cfg.max_seq_length} and data.overlong={cfg.overlong} removed them; "
+                            f"{tokens.same} have answers that encode to the same tokens (`qlora data stats "
                             "--set training.method=dpo FILE` shows the lengths).")
     return PreparedData(train.examples, val.examples, report)
+
+
+def prompts_fill_message(too_long: list[str]) -> str:
+    """The pairs whose prompt alone fills data.max_seq_length ("file:line: why" each), and the fixes."""
+    shown = "\n  ".join(too_long[:MAX_REPORTED]) + (
+        f"\n  ... and {len(too_long) - MAX_REPORTED} more" if len(too_long) > MAX_REPORTED else "")
+    return (f"{len(too_long)} pair(s) have a prompt that fills data.max_seq_length (training refuses them)."
+            f"\n  {shown}\nRaise data.max_seq_length, shorten those prompts, or set data.overlong=drop to leave "
+            "such pairs out")
 
 
 def _report(report: DataReport, train: PairTokens, val: PairTokens, cfg: DataConfig) -> None:
@@ -278,6 +348,10 @@ def _report(report: DataReport, train: PairTokens, val: PairTokens, cfg: DataCon
         report.warnings.append(
             f"{report.truncated} pair(s) truncated (answers cut after the prompt) and {report.dropped} dropped "
             f"for exceeding data.max_seq_length={cfg.max_seq_length} (data.overlong={cfg.overlong})")
+    if train.same + val.same:
+        report.warnings.append(
+            f"{train.same + val.same} pair(s) dropped: chosen and rejected encode to the same tokens (they differ "
+            "only in what the tokenizer drops, such as trailing spaces)")
 
 
 def record_kind(cfg) -> RecordKind:

@@ -47,7 +47,9 @@ class RecordKind:
     formats: tuple[str, ...]
     expected: Mapping[str, str]  # format -> what a record looks like
     detect: Callable[[object, Mapping[str, str]], str | None]
-    normalize: Callable[[object, str, Mapping[str, str], str], Any]  # raises Problem
+    # (record, format, columns, "file:line", text cells) -> the item; raises Problem. Text cells: the
+    # source's values are strings that may hold lists as JSON text (CSV, parquet and Hub string columns)
+    normalize: Callable[[object, str, Mapping[str, str], str, bool], Any]
     default: str  # the format when detection finds none
 
 
@@ -361,8 +363,9 @@ def normalized(record: _Located, fmt: str, columns: Mapping[str, str], label: st
     if record.problem:
         return None, record.problem
     where = f"{label} {unit} {record.line}" if unit else f"{label}:{record.line}"
+    text_cells = unit == "row" or Path(label).suffix.lower() == ".csv"
     try:
-        return _tagged(kind.normalize(record.value, fmt, columns, where), label), None
+        return _tagged(kind.normalize(record.value, fmt, columns, where, text_cells), label), None
     except Problem as exc:
         return None, str(exc)
 

@@ -137,16 +137,31 @@ def require_model_source(name: str, cached: bool) -> None:
             raise QLoraError(unreachable_hub_message(name, reason))
 
 
-def layer_count(name_or_path: str, revision: str | None = None) -> int | None:
-    """The base's decoder layers, where they are known without loading it: its local config.json, the hub
-    cache's, or Mistral-7B-v0.3's own for its hub id; None otherwise (the model load checks then)."""
-    config = local_config(name_or_path)
-    cached = None if config is not None or looks_like_path(name_or_path) else cached_config(name_or_path, revision)
-    if cached is not None:
-        config = json.loads(cached.read_text())
+def known_config(name_or_path: str, revision: str | None = None) -> dict | None:
+    """The base's config, where it is known without loading the model: its local config.json, the hub
+    cache's, the demo model's shape (built on first use) or Mistral-7B-v0.3's for its hub id; None otherwise
+    (a model not downloaded yet, or an unreadable config: the model load says why)."""
+    try:
+        config = local_config(name_or_path)
+        cached = None if config is not None or looks_like_path(name_or_path) else cached_config(name_or_path, revision)
+        if cached is not None:
+            config = json.loads(cached.read_text())
+    except (OSError, ValueError):
+        return None
     if config is not None:
-        return config.get("num_hidden_layers")
-    return SHAPE_7B["num_hidden_layers"] if name_or_path == HUB_ID else None
+        return config
+    if is_demo_model(name_or_path):
+        from common.model.tiny import TINY_SHAPE
+
+        return dict(TINY_SHAPE)
+    return dict(SHAPE_7B) if name_or_path == HUB_ID else None
+
+
+def layer_count(name_or_path: str, revision: str | None = None) -> int | None:
+    """The base's decoder layers, where they are known without loading it (known_config); None otherwise
+    (the model load checks then)."""
+    config = known_config(name_or_path, revision)
+    return config.get("num_hidden_layers") if config is not None else None
 
 
 def checkpointed_layers_error(asked: int | str, model: str, layers: int | None) -> ConfigError | None:

@@ -166,7 +166,8 @@ def _train(request: TrainRequest, say: Say, budget: TimeBudget | None, run_folde
     show_checks(rows, say, problems_only=True)
     if blocked(rows):
         raise QLoraError(_preflight_refusal(rows))
-    with startup.stage("data", say, "preparing data (tokenized once, then read from the cache)"):
+    cached = "tokenized once, then read from the cache" if cfg.training.method == "sft" else "pairs are tokenized each run"
+    with startup.stage("data", say, f"preparing data ({cached})"):
         with distributed.main_first():  # rank 0 tokenizes and caches; the others read its cache
             data = training_data(cfg, say)
     report = data.report
