@@ -3,6 +3,9 @@ against the stock path's, on the same 4-bit model and the same adapter weights.
 
   python bench/loss_match.py --model /tmp/mistral-7b-random --data /tmp/bench-data/train.jsonl \
       --out bench/results/loss-match.json
+  # long rows: 4 documents, 2 a micro-batch, each micro-batch packed into one row of up to 32K tokens
+  python bench/loss_match.py --model /tmp/mistral-7b-random --data /tmp/bench-doc/train.jsonl \
+      --config configs/training_config_h100_32k.yaml --examples 4 --micro 2 --longest 32768 --out ...
 
 stock:     padded micro-batches, PyTorch SDPA, PEFT's LoRA forward, no Liger, every layer checkpointed
 optimized: the same examples packed padding-free per micro-batch, the fastest FlashAttention, Liger
@@ -57,6 +60,14 @@ def loss_and_grads(model, examples, micro: int, padding_free: bool, device: str)
     return total, grads
 
 
+def longest_fitting(examples, count: int, limit: int):
+    """The `count` longest examples of at most `limit` tokens, longest first."""
+    fitting = sorted((e for e in examples if len(e) <= limit), key=len, reverse=True)[:count]
+    if len(fitting) < count:
+        raise SystemExit(f"only {len(fitting)} example(s) of at most {limit} tokens; need {count}")
+    return fitting
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -66,6 +77,11 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4, help="examples per micro-batch")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for the optimized path, as in `qlora train --set`")
+    parser.add_argument("--longest", type=int, metavar="N",
+                        help="take the longest examples that keep each micro-batch's packed row within N tokens "
+                             "(every micro-batch then holds a document boundary at a long position), from the "
+                             "first --scan examples")
+    parser.add_argument("--scan", type=int, default=300, help="with --longest: examples read to choose from")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -85,7 +101,11 @@ def main() -> None:
 
     cfg = load_config(args.config, overrides=[f"model.name_or_path={args.model}", *args.overrides])
     conversations, _ = read_conversations(args.data)
-    examples, _, _ = tokenize_all(conversations[: args.examples], ChatTokenizer(), cfg.data)
+    if args.longest:
+        examples = longest_fitting(tokenize_all(conversations[: args.scan], ChatTokenizer(), cfg.data)[0],
+                                   args.examples, args.longest // args.micro)
+    else:
+        examples, _, _ = tokenize_all(conversations[: args.examples], ChatTokenizer(), cfg.data)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of this script only
     model = load_quantized_model(cfg, "sdpa", device)
@@ -132,6 +152,8 @@ def main() -> None:
         "target_tokens": sum(e.n_targets for e in examples),
         "tokens": sum(len(e) for e in examples),
         "micro_batch_examples": args.micro,
+        "example_tokens": [len(e) for e in examples],
+        "config": args.config,
         "stock": {"loss": stock_loss, "attention": "sdpa", "liger": False, "fused_lora": False,
                   "checkpointed_layers": total, "seconds": stock_s},
         "optimized": {"loss": ours_loss, "attention": attn, "liger": cfg.cuda.liger_kernels if liger else [],

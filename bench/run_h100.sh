@@ -9,6 +9,7 @@
 #   bash bench/run_h100.sh ablation [ablation.py args...]  # speed levers one at a time (+ profile)
 #   bash bench/run_h100.sh liger       # the Liger kernels one at a time
 #   bash bench/run_h100.sh loss-match  # stock vs optimized loss and gradients on one fixed batch
+#   bash bench/run_h100.sh loss-match-long  # the same at LENGTHS (32768 8192): 2 documents packed a row
 #   bash bench/run_h100.sh whole       # the shipped config through `qlora train`, 100 steps
 #   bash bench/run_h100.sh versions    # library versions, for the results file
 #   bash bench/run_h100.sh curve-stock|curve-ours|curve-compare   # 300-step loss curves, stock vs ours
@@ -150,6 +151,14 @@ PY
   loss-match)
     $PY bench/loss_match.py --model /tmp/mistral-7b-random --data /tmp/bench-data/train.jsonl \
       --config bench/h100_bench.yaml --out "$OUT/loss-match.json"
+    ;;
+  loss-match-long)  # after long-prepare: the fixed-batch check at LENGTHS (default 32768 8192): 4 documents, 2 a
+    # micro-batch packed into one row of up to N tokens (a document boundary mid-row), the config of that length
+    for n in ${LENGTHS:-32768 8192}; do
+      $PY bench/loss_match.py --model /tmp/mistral-7b-random --data /tmp/bench-doc/train.jsonl \
+        --config "configs/training_config_h100_$((n / 1024))k.yaml" --examples 4 --micro 2 --longest "$n" \
+        --out "$OUT/loss-match-$n.json" || echo "loss-match $n failed"
+    done
     ;;
   gpus)  # `bash bench/run_h100.sh gpus 1`, then `gpus 2`: the shipped config on that many GPUs through
     # `qlora train --gpus N`, STEPS (default 150) steps with an evaluation and a checkpoint save halfway and
