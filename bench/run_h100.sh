@@ -156,7 +156,7 @@ PY
     # micro-batch packed into one row of up to N tokens (a document boundary mid-row), the config of that length
     for n in ${LENGTHS:-32768 8192}; do
       $PY bench/loss_match.py --model /tmp/mistral-7b-random --data /tmp/bench-doc/train.jsonl \
-        --config "configs/training_config_h100_$((n / 1024))k.yaml" --examples 4 --micro 2 --longest "$n" \
+        --config "configs/training_config_h100_$((n / 1024))k.yaml" --examples 4 --micro 2 --longest "$n" --scan 100 \
         --out "$OUT/loss-match-$n.json" || echo "loss-match $n failed"
     done
     ;;
