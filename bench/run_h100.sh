@@ -24,6 +24,10 @@
 #   bash bench/run_h100.sh dpo [--set k=v ...]  # configs/dpo_h100.yaml, 20 steps on ~650-token pairs (plan + summary);
 #                                        # TAG=name suffixes the result files
 #   bash bench/run_h100.sh long-all      # one call: checkpoint, documents, then `long N` for each of LENGTHS
+#   bash bench/run_h100.sh long-tokens 32768    # our data layer's ids of the documents at that length, as JSON
+#   bash bench/run_h100.sh unsloth-long 32768   # Unsloth at that length, our config's layout (after unsloth-install)
+#   bash bench/run_h100.sh unsloth-long-all     # unsloth-long N for each of LENGTHS
+#   bash bench/run_h100.sh long-compare 32768   # `long N` then `unsloth-long N`, back to back
 #   bash bench/run_h100.sh data-at-scale # 1M conversations prepared cold then warm on all cores (no GPU used)
 # On a machine with the H100 stack installed (make setup-h100), only prepare/stock/train are needed.
 set -euo pipefail
@@ -33,6 +37,12 @@ OUT=${OUT:-bench/results}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/python_packages:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
+
+data_wheels() {  # WHEELS=dir: the data layer's wheels (mistral-common, pydantic, ...) into $SITE, for steps needing no more
+  if [ -n "${WHEELS:-}" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+  fi
+}
 
 case "${1:-}" in
   install)
@@ -74,20 +84,24 @@ PY
   tokens)
     $PY bench/export_tokens.py --config bench/h100_bench.yaml --out /tmp/bench-data/tokens.json
     ;;
-  unsloth-install)  # unsloth + unsloth-zoo + their imports (trl 1.15, datasets 4.8, xformers, torchao, tyro,
-    # cut-cross-entropy, msgspec, ...) and bitsandbytes; transformers 5.17 and peft come from the machine.
-    # .devsite-unsloth: the unsloth wheel unpacked without its 82 MB `studio` web app (never imported).
+  unsloth-install)  # .whlu: unsloth-zoo + what Unsloth imports (trl 1.15, datasets 4.8, torchao, tyro, cut-cross-entropy,
+    # msgspec, ...) and transformers 5.17 (Unsloth's highest), peft, accelerate; numpy, pyarrow, tokenizers, ... come
+    # from the machine. No xformers: PyPI's 0.0.35 is built for torch 2.10 and does not load under 2.11.
+    # .devsite-unsloth: the unsloth wheel unpacked without its 82 MB `studio` web app (never imported), and
+    # bitsandbytes 0.50.2 unpacked with only its cuda130 and cpu libraries (docs/benchmarks.md "Reproduce").
     mkdir -p "$USITE"
     if compgen -G ".whlu/*.whl" >/dev/null; then
       $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$USITE" .whlu/*.whl
     fi
     [ -d .devsite-unsloth ] && cp -r .devsite-unsloth/* "$USITE"/
-    PYTHONPATH="$USITE" $PY -c "import importlib.metadata as md; print({n: md.version(n) for n in ('unsloth', 'unsloth_zoo', 'transformers', 'trl', 'peft', 'xformers')})"
+    PYTHONPATH="$USITE" $PY -c "import importlib.metadata as md, transformers, trl, peft, datasets, bitsandbytes
+print({n: md.version(n) for n in ('unsloth', 'unsloth_zoo', 'transformers', 'trl', 'peft', 'accelerate',
+       'datasets', 'bitsandbytes', 'torchao', 'torch')}, transformers.__file__)"
     ;;
   unsloth)  # each dropout in its own process (Unsloth patches classes on import); PYTHONPATH without $SITE
     for dropout in 0.05 0; do
       PYTHONPATH="$USITE" $PY bench/unsloth_baseline.py --model /tmp/mistral-7b-random \
-        --tokens /tmp/bench-data/tokens.json --dropout $dropout --steps "${STEPS:-30}" \
+        --tokens /tmp/bench-data/tokens.json --rows 4 --accumulation 1 --dropout $dropout --steps "${STEPS:-30}" \
         --out "$OUT/unsloth-dropout-$dropout.json" || echo "unsloth dropout $dropout failed"
     done
     ;;
@@ -213,6 +227,38 @@ PY
     bash "$0" long-prepare
     for n in ${LENGTHS:-8192 16384 32768}; do bash "$0" long "$n"; done
     ;;
+  long-tokens)  # /tmp/bench-doc/tokens-N.json: our data layer's ids and loss masks of the documents at length N
+    # (the `long N` config's truncation), the first that hold 1.5x the tokens of STEPS (20) steps, and the config's
+    # layout (micro-batch, accumulation, LoRA, optimizer) for bench/unsloth_baseline.py. Needs our `install`, or
+    # only the data layer's wheels: WHEELS=.whl/data (18 MB).
+    n=${2:?"long-tokens N: 8192, 16384 or 32768"}
+    [ -d "$SITE/mistral_common" ] || data_wheels
+    bash "$0" long-prepare
+    $PY bench/export_tokens.py --config "configs/training_config_h100_$((n / 1024))k.yaml" \
+      --set data.train_file=/tmp/bench-doc/train.jsonl --set data.val_file=/tmp/bench-doc/val.jsonl \
+      --steps "${STEPS:-20}" --out "/tmp/bench-doc/tokens-$n.json"
+    ;;
+  unsloth-long)  # after unsloth-install: Unsloth on `long-tokens N` (made first when missing, with our environment),
+    # the config's micro-batch x accumulation and LoRA, STEPS (20) steps, steady rate after step 5 as `long N`;
+    # $OUT/unsloth-long-N.json (rate, peak memory, the attention kernel Unsloth picked). Its own process and PYTHONPATH.
+    n=${2:?"unsloth-long N: 8192, 16384 or 32768"}
+    [ -f "/tmp/bench-doc/tokens-$n.json" ] || bash "$0" long-tokens "$n"  # first: it brings the data layer's wheels
+    [ -f /tmp/mistral-7b-random/config.json ] || $PY bench/make_checkpoint.py /tmp/mistral-7b-random
+    PYTHONPATH="$USITE" $PY bench/unsloth_baseline.py --model /tmp/mistral-7b-random \
+      --tokens "/tmp/bench-doc/tokens-$n.json" --steps "${STEPS:-20}" --warmup 5 --logging-steps 1 \
+      --out "$OUT/unsloth-long-$n.json" || echo "unsloth at $n failed"
+    ;;
+  unsloth-long-all)  # unsloth-long N for each of LENGTHS (default 8192 16384 32768); ~7-8 min on an H100 (an ESTIMATE)
+    for n in ${LENGTHS:-8192 16384 32768}; do bash "$0" unsloth-long "$n"; done
+    ;;
+  long-compare)  # ours (`long N`) then Unsloth (`unsloth-long N`) at one length, back to back on this machine:
+    # $OUT/long-N.json and $OUT/unsloth-long-N.json. After `install` and `unsloth-install` (~3-6 min, an ESTIMATE)
+    n=${2:?"long-compare N: 8192, 16384 or 32768"}
+    [ -f /tmp/mistral-7b-random/config.json ] || $PY bench/make_checkpoint.py /tmp/mistral-7b-random
+    bash "$0" long-prepare
+    bash "$0" long "$n"
+    bash "$0" unsloth-long "$n"
+    ;;
   fast-start)  # after long-prepare: time to the first step of the 8K config, 2 steps each, on a fresh cache
     # folder: both caches off (before), on and empty (writes the 4-bit copy, compiles), on and filled (after).
     # Order bias: the first run fills the OS page cache (the base's files) and Triton's kernel cache for the
@@ -253,9 +299,7 @@ PY
     # `--kind short` conversations (125,000 generated, written 8 times over, as docs/data-at-scale.md), one worker a
     # core. Needs only the data layer's packages (mistral-common, pydantic: `install` or WHEELS=dir of wheels).
     # PHASE=cold|warm runs one phase (two calls when one would pass 10 minutes); PHASE unset runs both.
-    if [ -n "${WHEELS:-}" ]; then
-      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
-    fi
+    data_wheels
     d=/tmp/data-1m
     if [ ! -f $d/train.jsonl ]; then
       $PY bench/make_chat_data.py --kind short --train 125000 --val 0 --out $d/part
@@ -278,5 +322,5 @@ PY
       --out "$OUT/after-training.json"
     ;;
   *)
-    sed -n "2,20p" "$0"; exit 2 ;;
+    sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 2 ;;
 esac

@@ -261,3 +261,91 @@ def test_a_long_context_point_holds_the_plan_the_peak_the_steady_rate_and_the_fi
     (run / "summary.json").unlink()  # a run that died (out of memory, say) is named, with its plan
     failed = collect(32768, start, plan, run)
     assert failed["plan_peak_gb"] == 55.4 and "no summary.json" in failed["failed"]
+
+
+UNSLOTH_ARGS = ["--model", "/tmp/m", "--tokens", "tokens.json", "--out", "out.json"]
+LONG_LAYOUT = {"max_seq_length": 8192, "batch_size": 1, "gradient_accumulation_steps": 2,
+               "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
+               "optimizer": {"name": "paged_adamw_32bit", "learning_rate": 1e-4}}
+
+
+def test_unsloth_takes_the_configs_layout_from_the_tokens_file_unless_told_otherwise(capsys):
+    """bench/unsloth_baseline.py runs without this project (Unsloth's own environment): the long-context
+    config's micro-batch, accumulation, LoRA and optimizer come from bench/export_tokens.py's file."""
+    from bench.unsloth_baseline import parse_args, settings
+
+    run = settings(LONG_LAYOUT, parse_args([*UNSLOTH_ARGS, "--steps", "20", "--warmup", "5"]))
+    assert (run["max_length"], run["rows"], run["accumulation"]) == (8192, 1, 2)
+    assert run["lora"]["dropout"] == 0.05 and run["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert run["optimizer"]["learning_rate"] == 1e-4 and run["optimizer"]["max_grad_norm"] == 0.3  # the rest: the seed's
+    # the 4096 step's fixed layout (4 rows x 1) and its two dropouts win over the file's
+    run = settings(LONG_LAYOUT, parse_args([*UNSLOTH_ARGS, "--rows", "4", "--accumulation", "1", "--dropout", "0"]))
+    assert (run["rows"], run["accumulation"], run["lora"]["dropout"]) == (4, 1, 0.0)
+    # a tokens file from before the layout was written: 4 x 1, and the dropout must be named
+    old = {"max_seq_length": 4096}
+    assert settings(old, parse_args([*UNSLOTH_ARGS, "--dropout", "0.05"]))["rows"] == 4
+    with pytest.raises(SystemExit, match="names no LoRA dropout: pass --dropout"):
+        settings(old, parse_args(UNSLOTH_ARGS))
+    for bad, says in ((["--steps", "20", "--warmup", "20"], "leaves no step"), (["--rows", "0"], "--rows must be"),
+                      (["--dropout", "1.5"], "--dropout must be"), (["--logging-steps", "0"], "--logging-steps")):
+        with pytest.raises(SystemExit):
+            parse_args([*UNSLOTH_ARGS, *bad])
+        assert says in capsys.readouterr().err
+
+
+def test_unsloths_steady_rate_leaves_out_the_warm_up_steps():
+    from bench.unsloth_baseline import steady_rate
+
+    marks = [(0, 100.0, 0), (1, 160.0, 16_000)] + [(s, 160.0 + 2 * (s - 1), 16_000 * s) for s in range(2, 21)]
+    assert steady_rate(marks, warmup=5) == pytest.approx(8_000)  # steps 6-20: 15 x 16,000 tokens in 30 s
+    assert steady_rate(marks, warmup=0) < 8_000  # the first step's 60 s (loading, compiling) counted
+
+
+def test_the_examples_kept_for_a_number_of_steps():
+    from bench.export_tokens import examples_for_steps
+
+    assert examples_for_steps([5, 5, 5, 5], tokens_per_step=4, steps=2) == 3  # 1.5 x 8 tokens: 15 >= 12
+    assert examples_for_steps([5, 5], tokens_per_step=4, steps=10) == 2  # too few: all of them
+
+
+def test_long_documents_reach_unsloth_as_our_data_layers_ids_packed_into_rows_of_the_configs_length(tmp_path):
+    """`bash bench/run_h100.sh long-tokens 16384` on the CPU: the documents' ids from our data layer
+    (examples past 16,384 tokens handled as `qlora train` handles them), then TRL's BFD packing, the
+    step Unsloth's patched SFTTrainer takes, into rows of at most 16,384 tokens of whole documents."""
+    pytest.importorskip("trl")
+    from bench.unsloth_baseline import IGNORE, columns, packed, row_stats
+
+    docs, out = tmp_path / "doc", tmp_path / "tokens-16384.json"
+    subprocess.run([sys.executable, "bench/make_chat_data.py", "--kind", "document", "--train", "16", "--val", "2",
+                    "--out", str(docs)], check=True, capture_output=True, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "bench/export_tokens.py", "--config", "configs/training_config_h100_16k.yaml",
+         "--set", f"data.train_file={docs / 'train.jsonl'}", "--set", f"data.val_file={docs / 'val.jsonl'}",
+         "--steps", "2", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokens = json.loads(out.read_text())
+    assert {k: tokens[k] for k in ("max_seq_length", "batch_size", "gradient_accumulation_steps")} == {
+        "max_seq_length": 16384, "batch_size": 1, "gradient_accumulation_steps": 1}  # training_config_h100_16k.yaml
+    assert tokens["lora"]["r"] == 16 and len(tokens["lora"]["target_modules"]) == 7
+    lengths = [len(ids) for ids in tokens["input_ids"]]
+    assert max(lengths) <= 16_384 and sum(lengths[:-1]) < 1.5 * 2 * 16_384 <= sum(lengths)  # 2 steps' tokens, x1.5
+    assert f"wrote {len(lengths)} examples, {sum(lengths):,} tokens" in done.stdout
+
+    data = columns(tokens)
+    assert [[label != IGNORE for label in labels] for labels in data["labels"]] == [
+        [bool(keep) for keep in mask] for mask in tokens["loss_mask"]]
+    rows = packed(data, 16_384)
+    for ids, labels, documents in zip(rows["input_ids"], rows["labels"], rows["seq_lengths"], strict=True):
+        assert len(ids) == len(labels) == sum(documents) <= 16_384
+    assert sorted(n for documents in rows["seq_lengths"] for n in documents) == sorted(lengths)  # whole, each once
+    assert sum(label != IGNORE for labels in rows["labels"] for label in labels) == sum(map(sum, tokens["loss_mask"]))
+    stats = row_stats(rows, 16_384)
+    assert stats["packed_rows"] == len(rows) < len(lengths) and 0.5 < stats["packed_row_fill"] <= 1  # rows shared
+
+
+def test_the_unsloth_long_steps_name_their_length():
+    for step in ("unsloth-long", "long-tokens", "long-compare"):
+        done = subprocess.run(["bash", "bench/run_h100.sh", step], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode != 0 and f"{step} N: 8192, 16384 or 32768" in done.stderr
+    usage = subprocess.run(["bash", "bench/run_h100.sh"], capture_output=True, text=True, cwd=REPO).stdout
+    assert "unsloth-long 32768" in usage and "long-compare 32768" in usage
