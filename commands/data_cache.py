@@ -15,9 +15,11 @@ DAY = 86400.0
 def add_parser(data) -> None:
     p = data.add_parser("cache", parents=[config_options()],
                         help="list the prepared-data cache (source, size, age, last use) or clear it")
-    p.add_argument("--clear", action="store_true", help="remove every entry")
+    p.add_argument("--clear", action="store_true",
+                   help="remove every entry (with --older-than: only the entries that option names)")
     p.add_argument("--older-than", type=days, metavar="DAYS",
-                   help="remove the entries not used for more than DAYS days (e.g. 30, or 0.5)")
+                   help="remove only the entries not used for more than DAYS days (e.g. 30, or 0.5), "
+                        "with or without --clear")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cache)
 
@@ -39,7 +41,8 @@ def cache(args, say: Say) -> int:
     root = cache_root(cfg)
     entries, now = cache_entries(root), time.time()
     if args.clear or args.older_than is not None:
-        cutoff = now - (args.older_than or 0) * DAY if args.older_than is not None else float("inf")
+        # --older-than narrows --clear; alone it clears those entries too (one meaning either way)
+        cutoff = now - args.older_than * DAY if args.older_than is not None else float("inf")
         gone = [e for e in entries if e.last_used < cutoff and remove_entry(e)]
         leftovers = remove_leftovers(root, ENTRY_NAME)
         if leftovers:

@@ -372,11 +372,9 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.slow
-def test_a_run_pinned_to_a_hub_revision_generates_on_that_snapshot(tiny_model_dir, tmp_path):
-    """model.revision pins a commit; the hub cache also holds a newer main. generate/chat (4-bit, from the kept
-    copy or quantized) and merge (full precision) load the pinned snapshot, not main's."""
-    pytest.importorskip("bitsandbytes")
+def run_pinned_to_an_older_snapshot(tiny_model_dir, tmp_path, backend: str, script: str, *args) -> dict:
+    """`script`'s JSON, run on an adapter whose run pinned model.revision to a commit of "org/tiny" while the
+    offline hub cache's main is a newer commit (embeddings x 1.5); argv: run, old snapshot, new snapshot, args."""
     import os
     import shutil
     import subprocess
@@ -393,11 +391,55 @@ def test_a_run_pinned_to_a_hub_revision_generates_on_that_snapshot(tiny_model_di
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(new)
     run = make_adapter(tiny_model_dir, tmp_path / "run")
-    (run / "config.yaml").write_text(f"backend: cuda\nmodel:\n  name_or_path: org/tiny\n  revision: '{old}'\n")
+    (run / "config.yaml").write_text(f"backend: {backend}\nmodel:\n  name_or_path: org/tiny\n  revision: '{old}'\n")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    done = subprocess.run([sys.executable, "-c", REVISION_SCRIPT, str(run), str(repo / "snapshots" / old),
-                           str(repo / "snapshots" / new)], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script, str(run), str(repo / "snapshots" / old),
+                           str(repo / "snapshots" / new), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"revision": old, "fp32": [True, False], "4bit": [True, False]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_run_pinned_to_a_hub_revision_generates_on_that_snapshot(tiny_model_dir, tmp_path):
+    """model.revision pins a commit; the hub cache also holds a newer main. generate/chat (4-bit, from the kept
+    copy or quantized) and merge (full precision) load the pinned snapshot, not main's."""
+    pytest.importorskip("bitsandbytes")
+    result = run_pinned_to_an_older_snapshot(tiny_model_dir, tmp_path, "cuda", REVISION_SCRIPT)
+    assert result == {"revision": "1" * 40, "fp32": [True, False], "4bit": [True, False]}
+
+
+MLX_REVISION_SCRIPT = """
+import json, sys
+import mlx.core as mx
+from mlx_lm.utils import load
+from backends.mlx.inference import MlxInference, fuse
+from common.after_training.lookup import find_adapter
+from common.console import Say
+
+run, old, new, out = sys.argv[1:5]
+ref, ids = find_adapter(run, prefer="mlx"), mx.array([[1, 3, 1763, 1117, 4]])
+
+def matches(model, adapter):
+    result = []
+    for folder in (old, new):
+        expected, _ = load(folder, adapter_path=str(ref.as_format("mlx", folder)) if adapter else None)
+        expected.set_dtype(mx.float32)
+        result.append(mx.allclose(model(ids), expected(ids), atol=1e-3).item())
+    return result
+
+generate = MlxInference(ref, "org/tiny", "fp32", Say(sys.stderr)).model
+fuse(ref, "org/tiny", __import__("pathlib").Path(out), "fp32", Say(sys.stderr))
+merged, _ = load(out)
+print(json.dumps({"generate": matches(generate, True), "merge": matches(merged, True)}))
+"""
+
+
+@pytest.mark.slow
+def test_an_mlx_run_pinned_to_a_hub_revision_generates_and_merges_on_that_snapshot(tiny_model_dir, tmp_path):
+    """The same on MLX: mlx-lm's `load` of a hub id took the newest snapshot in the cache; generate/chat and
+    merge --to mlx (and so export --backend mlx) now load the run's model.revision."""
+    pytest.importorskip("mlx_lm")
+    result = run_pinned_to_an_older_snapshot(tiny_model_dir, tmp_path, "mlx", MLX_REVISION_SCRIPT, tmp_path / "fused")
+    assert result == {"generate": [True, False], "merge": [True, False]}

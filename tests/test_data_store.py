@@ -263,6 +263,25 @@ def test_cap_and_clear_leave_folders_that_are_not_entries(tmp_path, chat_tokeniz
     assert all(folder.is_dir() for folder in foreign)
 
 
+def test_clear_with_older_than_removes_only_the_older_entries_as_the_help_says(tmp_path, chat_tokenizer, runs,
+                                                                             capsys):
+    from commands import main
+
+    files = source_files(tmp_path, "ab")
+    for name in "ab":
+        runs()
+        prepared(config(tmp_path, files[name]), chat_tokenizer)
+    used_days_ago(tmp_path, files["a"], 10)
+    assert main(["data", "cache", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--clear", "--older-than", "5"]) == 0
+    assert "removed 1 entry (not used for 5 day(s)" in shown(capsys)
+    assert [e.source for e in store.cache_entries(tmp_path / "cache")] == [str(files["b"].resolve())]
+    with pytest.raises(SystemExit):
+        main(["data", "cache", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "--clear remove every entry (with --older-than: only the entries that option names)" in said
+    assert "only the entries not used for more than DAYS days (e.g. 30, or 0.5), with or without --clear" in said
+
+
 def test_entries_that_vanish_mid_scan_are_skipped(tmp_path, chat_tokenizer, runs, monkeypatch):
     files = source_files(tmp_path, "ab")
     for name in "ab":

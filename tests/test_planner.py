@@ -203,6 +203,24 @@ def test_disk_for_the_demo_model_is_its_own_adapters_size_not_a_7b_one(tmp_path)
     assert disk_needed_gb(seven_b, model_cached_or_local=True)[0] > 1  # 7B-shaped adapters and Adam state
 
 
+def test_disk_counts_the_frozen_reference_adapter_in_each_cuda_checkpoint_of_a_run_from_an_adapter(tmp_path):
+    """One more adapter's fp32 weights per kept checkpoint (its `ref/` folder); not with the base as reference,
+    not on MLX (whose checkpoints hold the trained adapter only)."""
+    from common.config.loader import load_config
+    from common.plan.preflight import disk_needed_gb
+
+    def disk(*extra, platform="h100"):
+        cfg = load_config(platform=platform, overrides=[f"model.name_or_path={tmp_path / 'not-there'}", *extra])
+        return disk_needed_gb(cfg, model_cached_or_local=True)
+
+    dpo = ("training.method=dpo", f"preference.from_adapter={tmp_path / 'sft'}")
+    (sft, _), (start, detail) = disk(), disk(*dpo)
+    adapter_gb, kept = 41_943_040 * 4 / 1024**3, 3 + 1  # 7B, r16 on the 7 projections; the best 3 and the newest
+    assert start - sft == pytest.approx(kept * adapter_gb) and "frozen reference adapter" in detail
+    assert disk(*dpo, "preference.reference=base")[0] == sft
+    assert disk(*dpo, platform="m4")[0] == disk(platform="m4")[0]
+
+
 def test_a_preference_micro_batch_is_sized_as_two_rows_per_pair_of_the_longer_answer():
     """DPO and ORPO run prompt + chosen and prompt + rejected for each pair: memory is sized for 2 x batch_size
     rows of the pair's longer side (not batch_size rows of both sides' total)."""

@@ -123,6 +123,37 @@ def test_starting_from_an_sft_run_uses_its_adapter_as_the_reference(sft_run, tin
     assert abs(base.evaluate() - math.log(2)) > 1e-3  # the base as reference: the SFT adapter already moved
 
 
+def weights_and_estimate(trainer) -> tuple[int, int]:
+    """(bytes of the newest checkpoint's weights and optimizer state, the preflight's estimate of them)."""
+    from common.plan.planner import lora_parameters, model_shape
+    from common.run.checkpoints import estimated_bytes, holds_reference_copy
+
+    cfg, folder = trainer.cfg, max(trainer.run.checkpoints.glob("checkpoint-*"), key=lambda f: int(f.name[11:]))
+    saved = sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in (".safetensors", ".pt"))
+    lora = lora_parameters(cfg, model_shape(cfg))
+    return saved, estimated_bytes(lora, lora if holds_reference_copy(cfg) else 0)
+
+
+def test_a_checkpoint_is_the_size_the_disk_estimate_counts(trained):
+    trainer, _ = trained
+    saved, estimate = weights_and_estimate(trainer)
+    assert not list(trainer.run.checkpoints.rglob("ref"))  # from a new adapter the reference is the base
+    assert saved == pytest.approx(estimate, rel=0.1)
+
+
+def test_a_checkpoint_from_a_start_adapter_holds_the_frozen_reference_and_the_estimate_counts_it(
+        sft_run, tiny_model_dir, tmp_path):
+    """CUDA: TRL's frozen copy of the start adapter is a second PEFT adapter, and transformers' checkpoints save
+    every adapter (a `ref/` folder; resume reloads the reference from it). `qlora plan`/`check` counted the
+    adapter and Adam's two moments only: a quarter short."""
+    trainer = trainer_for(tiny_model_dir, tmp_path, "from-sft-ckpt", "cuda", f"preference.from_adapter={sft_run}",
+                          "training.max_steps=1", "eval.eval_steps=1", "eval.save_steps=1")
+    trainer.train()
+    saved, estimate = weights_and_estimate(trainer)
+    assert (trainer.run.checkpoints / "checkpoint-1" / "ref" / "adapter_model.safetensors").is_file()
+    assert saved == pytest.approx(estimate, rel=0.1)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
 def test_the_backends_refuse_a_start_adapter_of_another_base(tiny_model_dir, tmp_path, backend):
     """What a hub base not downloaded before the preflight meets: the backend reads the start adapter after

@@ -46,7 +46,8 @@ class RunRules:
         owner, step = self.owner, self.state.global_step
         folder = ckpt.folder_of(owner.run.checkpoints, step)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        with owner._saving(), ckpt.writing(folder, step, ckpt.needed_bytes(owner.run.checkpoints, trainable)):
+        frozen = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n and not p.requires_grad)
+        with owner._saving(), ckpt.writing(folder, step, ckpt.needed_bytes(owner.run.checkpoints, trainable, frozen)):
             super()._save_checkpoint(model, trial)
             distributed.barrier()  # every process has written its RNG state
             if distributed.is_main():

@@ -30,6 +30,7 @@ from common.model.mistral import (
     unreachable_hub_message,
 )
 from common.plan import machine as plat
+from common.run.checkpoints import estimated_bytes, holds_reference_copy
 
 OK, WARN, BLOCK = "ok", "warning", "blocking"
 
@@ -292,10 +293,12 @@ def disk_needed_gb(cfg: QLoraConfig, model_cached_or_local: bool) -> tuple[float
     from common.plan.planner import lora_parameters, model_shape
 
     model_config = local_config(cfg.model.name_or_path)
-    adapter = lora_parameters(cfg, model_shape(cfg)) * 4  # fp32 master weights
-    checkpoint = adapter * 3  # adapter + Adam's two moments
+    parameters = lora_parameters(cfg, model_shape(cfg))
+    adapter = parameters * 4  # fp32 master weights
+    checkpoint = estimated_bytes(parameters, parameters if holds_reference_copy(cfg) else 0)
     keep = cfg.eval.save_total_limit + 1  # the best N and the newest
-    parts = {"checkpoints": keep * checkpoint, "final adapter (PEFT + native)": 2 * adapter}
+    held = " (each with the frozen reference adapter)" if holds_reference_copy(cfg) else ""
+    parts = {f"checkpoints{held}": keep * checkpoint, "final adapter (PEFT + native)": 2 * adapter}
     from_hub = model_config is None and not looks_like_path(cfg.model.name_or_path)
     if not model_cached_or_local and from_hub:
         parts["model download"] = DOWNLOAD_GB * GB

@@ -417,7 +417,21 @@ def size_of(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def needed_bytes(checkpoints: Path, trainable_parameters: int) -> int:
-    """A checkpoint's size: the newest one's, else fp32 weights plus Adam's two moments."""
+def holds_reference_copy(cfg: QLoraConfig) -> bool:
+    """CUDA, `--from RUN` with preference.reference start: TRL keeps a frozen copy of the start adapter as
+    a second PEFT adapter ("ref"), and transformers' checkpoints save every adapter (a `ref/` folder).
+    It stays: resume reloads the reference from it, and the start adapter may have changed since."""
+    p = cfg.preference
+    return cfg.backend == "cuda" and bool(p.from_adapter) and p.reference == "start"
+
+
+def estimated_bytes(trainable_parameters: int, frozen_parameters: int = 0) -> int:
+    """A checkpoint before one was written: fp32 weights plus Adam's two moments, plus the fp32 weights of a
+    frozen adapter saved beside them (holds_reference_copy)."""
+    return trainable_parameters * 12 + frozen_parameters * 4
+
+
+def needed_bytes(checkpoints: Path, trainable_parameters: int, frozen_parameters: int = 0) -> int:
+    """A checkpoint's size: the newest one's, else the estimate."""
     names = with_manifest(checkpoints)
-    return size_of(checkpoints / names[0]) if names else trainable_parameters * 12
+    return size_of(checkpoints / names[0]) if names else estimated_bytes(trainable_parameters, frozen_parameters)
