@@ -264,3 +264,54 @@ def test_preference_pairs_are_padded_as_trl_pads_them():
     assert steps_per_epoch(cfg, pair_tokens) == (1, 2 * 500)
     plan = make_plan(cfg, pair_tokens, [100], RATES, 80, "m", (1.0, "x"), train_rows=rows)
     assert figures(plan)["padding"] == pytest.approx(100 * (1 - 650 / 1200))
+
+
+def test_padded_rows_are_not_the_measured_packed_anchor():
+    """The anchor was measured on packed rows: the same layout padded is estimated from its micro-batch's
+    tokens, whatever its longest example."""
+    packed = load_config(platform="h100")
+    padded = load_config(platform="h100", overrides=["training.packing=false"])
+    assert anchor_rates(packed, 4096).measured and "ESTIMATE" not in anchor_rates(packed, 4096).source
+    short_rows = anchor_rates(padded, 4096, micro_tokens=2 * 1000)  # 2 rows padded to ~1,000 tokens
+    assert "ESTIMATE" in short_rows.source
+    assert short_rows.tokens_per_second < anchor_rates(packed, 4096).tokens_per_second
+
+
+def test_micro_batch_tokens_divide_by_micro_batches():
+    """20 pairs, 2 a micro-batch, 8 micro-batches a step: 10 micro-batches in 2 steps (the second a
+    remainder of 2), so a micro-batch is a tenth of the epoch's padded tokens, not a sixteenth."""
+    from common.data.preference import PairExample
+    from common.plan.planner import micro_batch_tokens
+
+    cfg = load_config(REPO / "configs" / "dpo_h100.yaml")
+    assert (cfg.training.batch_size, cfg.training.gradient_accumulation_steps) == (2, 8)
+    pairs = [PairExample(prompt_ids=[1] * 50, chosen_ids=[2] * 50, rejected_ids=[3] * 30) for _ in range(20)]
+    assert micro_batch_tokens(cfg, pairs) == pytest.approx(2 * 2 * 100)  # 4 rows of the 100-token longest row
+
+
+# DPO on one H100 80GB on 2026-12-07, ~650-token pairs from the bench's generators (bench/results/
+# 2026-12-07-h100-80gb-hbm3.json): steady real tokens/s of three layouts; the plan reads at most 10% slower.
+MEASURED_DPO = [(["cuda.checkpointed_layers=all", "training.batch_size=4", "training.gradient_accumulation_steps=4"], 4234),
+                ([], 5284),  # the shipped layout: 2 pairs x 8, one layer checkpointed
+                (["cuda.checkpointed_layers=16", "training.batch_size=4", "training.gradient_accumulation_steps=4"], 4834)]
+
+
+def test_dpo_speed_is_planned_as_measured(tmp_path):
+    bench = REPO / "bench"
+    run = [sys.executable, str(bench / "make_chat_data.py"), "--kind", "chat", "--train", "400", "--val", "16",
+           "--out", str(tmp_path / "src")]
+    subprocess.run(run, check=True, capture_output=True)
+    for split in ("train", "val"):
+        subprocess.run([sys.executable, str(bench / "make_pairs.py"), str(tmp_path / "src" / f"{split}.jsonl"),
+                        str(tmp_path / f"{split}.jsonl")], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for overrides, measured in MEASURED_DPO:
+        sets = [f"data.train_file={tmp_path / 'train.jsonl'}", f"data.val_file={tmp_path / 'val.jsonl'}",
+                "data.overlong=drop", *overrides]
+        out = subprocess.run([sys.executable, "-m", "commands", "plan", "--config", str(REPO / "configs" / "dpo_h100.yaml"),
+                              "--json", *[a for s in sets for a in ("--set", s)]],
+                             capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        f = {x["name"]: x["value"] for x in json.loads(out.stdout)["figures"]}
+        real_per_second = f["real tokens per epoch"] / (f["training time"] * 3600)  # one epoch: steps <= per epoch
+        assert 0.9 * measured <= real_per_second <= 1.03 * measured, (overrides, real_per_second)

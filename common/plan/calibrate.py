@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common.config.schema import QLoraConfig
 from common.data.prepare import PreparedData
-from common.plan.planner import Rates
+from common.plan.planner import Rates, row_lengths, steps_per_epoch
 
 CACHE = Path.home() / ".cache" / "mistral-qlora" / "calibration.json"
 # On the H100 the first ~6 steps run slow (kernel compilation for new packed-row shapes, allocator
@@ -28,7 +28,8 @@ STEPS = WARMUP + TIMED
 
 def signature(cfg: QLoraConfig, machine: str) -> str:
     t = cfg.training
-    parts = [machine, cfg.backend, cfg.model.name_or_path, cfg.data.max_seq_length, t.batch_size,
+    # "processed": rates of tokens processed, padding included (entries before 2026-12-07 held real tokens)
+    parts = ["processed", machine, cfg.backend, t.method, cfg.model.name_or_path, cfg.data.max_seq_length, t.batch_size,
              t.gradient_accumulation_steps, t.packing, t.gradient_checkpointing, cfg.lora.r,
              ",".join(cfg.lora.target_modules), cfg.cuda.attn_implementation, cfg.cuda.use_liger,
              ",".join(cfg.cuda.liger_kernels), cfg.cuda.fused_lora, cfg.cuda.replay_dropout,
@@ -92,6 +93,10 @@ def calibrate(cfg: QLoraConfig, data: PreparedData, machine: str, say, make_trai
 
         raise QLoraError("calibration measured no steady step; try again with more training data")
     when = time.strftime("%Y-%m-%d")
-    return Rates(rates[0], summary.peak_memory_gb, eval_rate, save, startup,
+    # the steps logged real tokens; the plan divides the tokens processed (padding included) by this rate
+    lengths = [len(e) for e in data.train]
+    _, processed = steps_per_epoch(cfg, lengths, row_lengths(data.train))
+    rate = rates[0] * processed / max(1, sum(lengths))
+    return Rates(rate, summary.peak_memory_gb, eval_rate, save, startup,
                  f"calibrated on {machine}, {when} ({STEPS} steps of this config)", True)
 

@@ -18,7 +18,7 @@ from common.model.mistral import SHAPE_7B
 
 @dataclass
 class Rates:
-    tokens_per_second: float  # real (non-padding) training tokens
+    tokens_per_second: float  # training tokens processed, padding included (packed rows: the real tokens)
     peak_gb: float
     eval_tokens_per_second: float
     save_seconds: float
@@ -82,8 +82,11 @@ ROW_SPEED = {1: 9473 / 12990, 2: 1.0, 4: 11264 * (2 + 16 / 32) / 2 / 12990}
 # and how long its rows are: a token costs more in a longer row (attention grows with the row), this
 # much more per doubling. Fitted on 2026-12-07 (bench/results/2026-12-07-h100-80gb-hbm3.json) to SFT at
 # 8K, 16K and 32K rows (11,977, 11,115 and 9,323 tokens/s) and DPO at 2 and 4 pairs a micro-batch of
-# ~1,100- and ~1,300-token padded rows (5,284, 4,234 and 4,834 tokens/s): SFT within 4%, DPO 2-10% slow. Rows
-# shorter than SHORTEST_COSTED_ROW are costed as that long (not measured).
+# ~1,100- and ~1,300-token padded rows (5,284, 4,234 and 4,834 tokens/s): SFT within 3%, DPO 1-9% slow. Rows
+# shorter than SHORTEST_COSTED_ROW are costed as that long (not measured). Packed rows are costed by their
+# length, though attention spans one document: the long-row points had documents of 5.7K / 9.2K / 14.4K
+# tokens on average (token-weighted), so short examples packed into long rows are planned slower than they
+# likely run (by up to ~19% at 32K; not measured).
 ROW_LENGTH_COST, SHORTEST_COSTED_ROW = 0.08, 1024
 # Replaying the dropout masks of one kept layer instead of storing them (4 x 1, 8 layers kept, one
 # process): 10,337 vs 10,506 tok/s, i.e. this factor per kept layer.
@@ -182,6 +185,11 @@ def row_speed(rows: float) -> float:
     return ROW_SPEED[low] + (ROW_SPEED[high] - ROW_SPEED[low]) * (rows - low) / (high - low)
 
 
+def row_length_cost(row: float) -> float:
+    """How much a token costs in a row of `row` tokens, relative to a 4096-token row (ROW_LENGTH_COST)."""
+    return 1 + ROW_LENGTH_COST * math.log2(max(row, SHORTEST_COSTED_ROW) / 4096)
+
+
 def all_recomputed(cfg: QLoraConfig) -> QLoraConfig:
     """`cfg` with every decoder layer recomputing its activations (what `recompute_everything` sets)."""
     return cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": True}),
@@ -195,19 +203,20 @@ def anchor_rates(cfg: QLoraConfig, row: int | None = None, micro_tokens: float |
     layers, model +9%), by the tokens a micro-batch processes and the row length, and by the measured
     factor of each kernel that differs from the anchor. `row`: the data's longest row (`row_tokens`), when
     known; `micro_tokens`: the tokens (padding included) a micro-batch processes on average, when known
-    (`micro_batch_tokens`), else its rows times `row`."""
+    (`micro_batch_tokens`), else its rows times `row` (packed rows PACKING_FILL full)."""
     base = ANCHORS.get(cfg.platform)
     if base is None or cfg.backend != "cuda" or cfg.platform != "h100":
         return base
     t, kernels = cfg.training, liger_kernels(cfg)
-    if t.method == "sft" and ((checkpointed(cfg), t.batch_size, row or cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora,
+    if t.method == "sft" and packs(cfg) and ((checkpointed(cfg), t.batch_size, row or cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora,
          cfg.cuda.async_metrics, cfg.cuda.optimizer, replaying_layers(cfg))
             == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER, ANCHOR_REPLAYING)):
         return base  # the measured configuration itself
     speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
-    tokens = micro_tokens or micro_rows(cfg) * (row or cfg.data.max_seq_length)
-    speed *= row_speed(tokens / 4096) / row_speed(ANCHOR_ROWS)
-    speed /= 1 + ROW_LENGTH_COST * math.log2(max(tokens / micro_rows(cfg), SHORTEST_COSTED_ROW) / 4096)
+    anchor_row = 4096 * PACKING_FILL  # the anchor's packed rows, as micro_batch_tokens counts them
+    tokens = micro_tokens or micro_rows(cfg) * (row or cfg.data.max_seq_length) * (PACKING_FILL if packs(cfg) else 1)
+    speed *= row_speed(tokens / 4096) / row_speed(ANCHOR_ROWS * anchor_row / 4096)
+    speed *= row_length_cost(anchor_row) / row_length_cost(tokens / micro_rows(cfg))
     speed *= REPLAY_SPEED_PER_KEPT_LAYER ** (replaying_layers(cfg) - ANCHOR_REPLAYING)
     speed *= math.prod(LIGER_SPEED[k] for k in kernels) / math.prod(LIGER_SPEED[k] for k in ANCHOR_LIGER)
     if not cfg.cuda.fused_lora:
@@ -318,7 +327,10 @@ def tokens_per_step(cfg: QLoraConfig, examples) -> float:
 
 def micro_batch_tokens(cfg: QLoraConfig, examples) -> float:
     """Tokens (padding included) one micro-batch processes on average, from the data layer's examples."""
-    return tokens_per_step(cfg, examples) / cfg.training.gradient_accumulation_steps
+    lengths = [len(e) for e in examples]
+    _, processed = steps_per_epoch(cfg, lengths, row_lengths(examples))
+    rows = math.ceil(sum(lengths) / (cfg.data.max_seq_length * PACKING_FILL)) if packs(cfg) else len(lengths)
+    return processed / max(1, math.ceil(rows / cfg.training.batch_size))
 
 
 def make_plan(
