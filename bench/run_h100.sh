@@ -12,6 +12,7 @@
 #   bash bench/run_h100.sh loss-match-long  # the same at LENGTHS (32768 8192): 2 documents packed a row
 #   bash bench/run_h100.sh whole       # the shipped config through `qlora train`, 100 steps
 #   bash bench/run_h100.sh versions    # library versions, for the results file
+#   bash bench/run_h100.sh dropout-kernels  # torch's LoRA dropout vs the Triton kernels, one projection; GPU smoke tests
 #   bash bench/run_h100.sh curve-stock|curve-ours|curve-compare   # 300-step loss curves, stock vs ours
 #   bash bench/run_h100.sh plan [qlora plan args...]     # the planner on the same config
 #   bash bench/run_h100.sh train [qlora train args...]   # the real `qlora train` path
@@ -145,6 +146,10 @@ print({n: md.version(n) for n in ('unsloth', 'unsloth_zoo', 'transformers', 'trl
       --set eval.save_steps=100 --set eval.logging_steps=5 --set tracking.run_name="$run"
     cp "/tmp/adapters/$run/metrics.jsonl" "$OUT/train-metrics.jsonl"
     cp "/tmp/adapters/$run/summary.json" "$OUT/train-summary.json"
+    ;;
+  dropout-kernels)  # one projection's dropout path, torch vs the Triton kernels, and the GPU smoke tests (~1 min)
+    $PY bench/dropout_kernels.py --out "$OUT/dropout-kernels.json"
+    $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_smoke.py 2>&1 | tail -15
     ;;
   versions)
     $PY - > "$OUT/versions.json" <<'PY'

@@ -68,3 +68,31 @@ def test_flash_attention_keeps_packed_examples_apart(tiny_model_dir):
         together = model(input_ids=packed, position_ids=positions).logits.float()
         apart = torch.cat([model(input_ids=first).logits, model(input_ids=second).logits], dim=1).float()
     assert torch.allclose(together, apart, atol=0.05, rtol=0.02)  # bf16: a cross-example leak moves far more
+
+
+def test_dropout_kernels_in_bf16_at_mistral_shapes():
+    """The LoRA dropout kernels in bf16 on the GPU (the CPU interpreter runs fp32/fp16 only), at a
+    micro-batch of the H100 config plus an odd tail, against the formula on the mask they draw."""
+    import torch
+
+    from backends.cuda import dropout_kernels as dk
+
+    device = torch.device("cuda")
+    for rows, cols in ((8192 + 13, 4096), (4096 + 5, 14336)):
+        g = torch.Generator(device).manual_seed(cols)
+        x = torch.randn(rows, cols, generator=g, device=device, dtype=torch.bfloat16)
+        a = torch.randn(16, cols, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+        grad_h = torch.randn(rows, 16, generator=g, device=device, dtype=torch.bfloat16)
+        grad_x = torch.randn(rows, cols, generator=g, device=device, dtype=torch.bfloat16)
+        seed, p = dk.new_seed(device), 0.05
+        keep = dk.keep_mask(seed, rows, cols, p, device)
+        dropped = x.float() * keep / (1 - p)
+        checks = (
+            (dk.dropout_lora_a(x, a, seed, p), dropped @ a.float().t()),
+            (dk.dropout_lora_a_grad(grad_h, x, seed, p), grad_h.float().t() @ dropped),
+            (dk.add_dropout_lora_x_grad_(grad_x.clone(), grad_h, a, seed, p),
+             grad_x.float() + (grad_h.float() @ a.float()) * keep / (1 - p)),
+        )
+        for got, expected in checks:
+            assert ((got.float() - expected).abs().max() / expected.abs().max()).item() < 1e-2
+        assert abs(keep.float().mean().item() - (1 - p)) < 1e-3

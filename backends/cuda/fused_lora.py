@@ -35,8 +35,13 @@ try:
     from peft.tuners.lora.bnb import VARIANT_KWARG_KEYS, Linear4bit
 except ImportError:  # PEFT without bitsandbytes: nothing to fuse
     VARIANT_KWARG_KEYS, Linear4bit, dequantize_4bit = (), None, None
+try:
+    from backends.cuda import dropout_kernels
+except ImportError:  # no Triton (it comes with PyTorch on Linux): torch's dropout
+    dropout_kernels = None
 
 REPLAY_ATTRIBUTE = "_qlora_replay_dropout"  # set per layer by `replay_dropout_in_kept_layers`
+KERNEL_ATTRIBUTE = "_qlora_dropout_kernel"  # set by `install_fused_lora(dropout_kernel=True)`
 
 
 def _generator(device: torch.device) -> torch.Generator:
@@ -50,32 +55,41 @@ class _LoraLinear4bit(torch.autograd.Function):
     """base(x) + scaling * dropout(x) @ A^T @ B^T for one bitsandbytes 4-bit layer, with its backward.
 
     The frozen 4-bit base gets no gradient (QLoRA); x, A and B do. `lora_dtype`: the dtype PEFT would
-    run the LoRA path in (autocast's under autocast, else the adapter weights')."""
+    run the LoRA path in (autocast's under autocast, else the adapter weights'). `kernel`: the dropout
+    mask drawn inside the LoRA-A kernels (backends/cuda/dropout_kernels.py) instead of torch's dropout."""
 
     @staticmethod
-    def forward(ctx, x, weight_a, weight_b, module, scaling, p, replay, lora_dtype):
+    def forward(ctx, x, weight_a, weight_b, module, scaling, p, replay, lora_dtype, kernel=False):
         result = module.base_layer(x)  # gradients are off in here: bitsandbytes' own 4-bit matmul
         weight = module.base_layer.weight
         x_lora = x.to(lora_dtype)
         a = weight_a.to(lora_dtype)
-        rng_state, mask = None, None
+        rng_state, mask, seed = None, None, None
+        kernel = kernel and p > 0 and dropout_kernels.supports(x_lora)
         with torch.autocast(x.device.type, enabled=False):  # every dtype below is explicit, as in PEFT
-            if p > 0:
-                if replay:
-                    rng_state = _generator(x.device).get_state()
-                dropped, mask = torch.native_dropout(x_lora, p, True)
+            if kernel:  # no mask in memory: the kernels draw it from `seed` where they read x
+                seed = dropout_kernels.new_seed(x.device)
+                x_lora = x_lora.contiguous()
+                h = dropout_kernels.dropout_lora_a(x_lora.view(-1, x_lora.shape[-1]), a, seed, p)
             else:
                 dropped = x_lora
-            h = torch.nn.functional.linear(dropped, a).to(result.dtype)
+                if p > 0:
+                    if replay:
+                        rng_state = _generator(x.device).get_state()
+                    dropped, mask = torch.native_dropout(x_lora, p, True)
+                h = torch.nn.functional.linear(dropped, a)
+            h = h.to(result.dtype)
             b = weight_b.to(result.dtype)
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
-        if p > 0 and replay:  # the input only: mask and dropped input come back from the generator's state
+        if kernel:
+            ctx.save_for_backward(x_lora, a, b, h, seed)
+        elif p > 0 and replay:  # the input only: mask and dropped input come back from the generator's state
             ctx.save_for_backward(x_lora, a, b, h)
         elif p > 0:
             ctx.save_for_backward(dropped, a, b, h, mask)
         else:
             ctx.save_for_backward(x_lora, a, b, h)
-        ctx.scaling, ctx.p, ctx.rng_state = scaling, p, rng_state
+        ctx.scaling, ctx.p, ctx.rng_state, ctx.kernel = scaling, p, rng_state, kernel
         ctx.base_weight, ctx.quant_state = weight.data, weight.quant_state  # as bitsandbytes keeps them
         ctx.x_dtype, ctx.weight_dtypes = x.dtype, (weight_a.dtype, weight_b.dtype)
         return flat.view(result.shape)
@@ -85,8 +99,10 @@ class _LoraLinear4bit(torch.autograd.Function):
         saved = ctx.saved_tensors
         x_lora, a, b, h = saved[:4]
         p, scaling = ctx.p, ctx.scaling
-        mask = None
-        if p > 0 and ctx.rng_state is not None:
+        mask = seed = None
+        if ctx.kernel:
+            seed = saved[4]
+        elif p > 0 and ctx.rng_state is not None:
             generator = _generator(x_lora.device)
             current = generator.get_state()
             generator.set_state(ctx.rng_state)
@@ -102,16 +118,22 @@ class _LoraLinear4bit(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = torch.mm(grad_flat.t(), h.reshape(-1, h.shape[-1])).mul_(scaling).to(ctx.weight_dtypes[1])
         if ctx.needs_input_grad[1]:
-            grad_a = torch.mm(grad_h.t(), x_lora.reshape(-1, x_lora.shape[-1])).to(ctx.weight_dtypes[0])
+            x_flat = x_lora.reshape(-1, x_lora.shape[-1])
+            if ctx.kernel:
+                grad_a = dropout_kernels.dropout_lora_a_grad(grad_h, x_flat, seed, p).to(ctx.weight_dtypes[0])
+            else:
+                grad_a = torch.mm(grad_h.t(), x_flat).to(ctx.weight_dtypes[0])
         if ctx.needs_input_grad[0]:
             base = dequantize_4bit(ctx.base_weight.view(-1, 1), ctx.quant_state).to(grad_out.dtype)
             grad_x = torch.mm(grad_flat, base)  # what bitsandbytes' own backward computes
-            if mask is None:
+            if ctx.kernel:
+                dropout_kernels.add_dropout_lora_x_grad_(grad_x, grad_h, a, seed, p)
+            elif mask is None:
                 grad_x.addmm_(grad_h.to(grad_x.dtype), a.to(grad_x.dtype))
             else:
                 grad_x.addcmul_(torch.mm(grad_h, a).to(grad_x.dtype), mask.reshape(grad_x.shape), value=1 / (1 - p))
             grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None
 
 
 def fused_forward(self, x, *args, **kwargs):
@@ -137,7 +159,8 @@ def fused_forward(self, x, *args, **kwargs):
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
         lora_dtype = torch.get_autocast_dtype(x.device.type) if autocast else lora_a.weight.dtype
         return _LoraLinear4bit.apply(x, lora_a.weight, lora_b.weight, self, self.scaling[name], p,
-                                     getattr(self, REPLAY_ATTRIBUTE, False), lora_dtype)
+                                     getattr(self, REPLAY_ATTRIBUTE, False), lora_dtype,
+                                     getattr(self, KERNEL_ATTRIBUTE, False))
     result = self.base_layer(x, *args, **kwargs)
     h = lora_a(self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype)))
     with torch.autocast(x.device.type, enabled=False):  # the base output's dtype, as PEFT returns
@@ -146,15 +169,23 @@ def fused_forward(self, x, *args, **kwargs):
     return flat.view(result.shape)
 
 
-def install_fused_lora(model) -> int:
-    """Route every PEFT bitsandbytes 4-bit LoRA layer of `model` through `fused_forward`.
-    Returns how many layers were switched (0 when the model has none, e.g. not quantized)."""
+def dropout_kernels_available() -> bool:
+    return dropout_kernels is not None
+
+
+def install_fused_lora(model, dropout_kernel: bool = False) -> int:
+    """Route every PEFT bitsandbytes 4-bit LoRA layer of `model` through `fused_forward`; with
+    `dropout_kernel` (and Triton importable), LoRA dropout on CUDA inputs runs in
+    backends/cuda/dropout_kernels.py. Returns how many layers were switched (0 when the model has none,
+    e.g. not quantized)."""
     if Linear4bit is None:
         return 0
+    dropout_kernel = dropout_kernel and dropout_kernels_available()
     switched = 0
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.forward = types.MethodType(fused_forward, module)
+            setattr(module, KERNEL_ATTRIBUTE, dropout_kernel)
             switched += 1
     return switched
 

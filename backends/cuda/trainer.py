@@ -190,11 +190,21 @@ class CudaTrainer(Stopping):
             rope = f"; RoPE: Liger's {rope_impl} kernel" if rope_impl else ""
             self.say.ok(f"Liger kernels: {', '.join(kernels)} (cuda.liger_kernels){rope}")
         if self.cfg.cuda.fused_lora:
-            from backends.cuda.fused_lora import dropout_replay_callback, install_fused_lora
+            from backends.cuda.fused_lora import (
+                dropout_kernels_available,
+                dropout_replay_callback,
+                install_fused_lora,
+            )
 
-            if install_fused_lora(self.trainer.model):
+            kernel = self.cfg.cuda.dropout_kernel and self.cfg.lora.dropout > 0 and self.device == "cuda"
+            if install_fused_lora(self.trainer.model, dropout_kernel=kernel):
                 self.say.ok("LoRA: each 4-bit projection runs as one fused function (cuda.fused_lora)")
-                if self.cfg.cuda.replay_dropout and self.cfg.lora.dropout > 0:
+                if kernel and dropout_kernels_available():
+                    self.say.ok("LoRA dropout: masks drawn inside the LoRA-A kernels, never stored (cuda.dropout_kernel)")
+                elif kernel:
+                    self.say.warn("LoRA dropout: Triton is not installed, so torch's dropout runs "
+                                  "(cuda.dropout_kernel needs it; it comes with PyTorch on Linux)")
+                if self.cfg.cuda.replay_dropout and self.cfg.lora.dropout > 0 and not (kernel and dropout_kernels_available()):
                     self.trainer.add_callback(dropout_replay_callback(self.say))
 
     def _keep_adapter_in_fp32(self) -> None:

@@ -345,6 +345,14 @@ class CudaConfig(Section):
         "less per kept layer per 4096-token row, for ~0.2% speed per layer). Same masks, same math; lets more "
         "layers keep their activations in the same memory.",
     )
+    dropout_kernel: bool = Field(
+        True,
+        description="With fused_lora and lora.dropout > 0 on a CUDA GPU: draw the LoRA dropout mask inside Triton "
+        "kernels that compute the LoRA-A product and its two gradients (backends/cuda/dropout_kernels.py), so "
+        "the mask and the dropped-out input are never written to memory, in any layer (replay_dropout then has "
+        "nothing left to do). Same dropout probability and math, other random draws than torch's dropout. "
+        "false: torch's dropout. Needs Triton (it comes with PyTorch on Linux); without it, torch's dropout.",
+    )
     cache_dir: str | None = Field(
         None,
         description="Where the CUDA backend keeps what makes the next start faster: the base model as loaded and "

@@ -33,7 +33,7 @@ SAFE_TO_CHANGE = (
     "eval.logging_steps", "eval.eval_steps", "eval.save_steps", "eval.save_total_limit", "eval.eval_batch_size",
     "eval.load_best_model_at_end", "tracking.", "data.min_val_examples", "model.local_files_only",
     "training.gradient_checkpointing", "cuda.attn_implementation", "cuda.use_liger", "cuda.liger_kernels",
-    "cuda.fused_lora", "cuda.replay_dropout", "cuda.checkpointed_layers", "mlx.model_cache_dir",
+    "cuda.fused_lora", "cuda.replay_dropout", "cuda.dropout_kernel", "cuda.checkpointed_layers", "mlx.model_cache_dir",
 )
 
 
