@@ -73,7 +73,7 @@ def profiler_callback(first_step: int, steps: int, out_dir: Path, name: str, res
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == first_step and self.prof is None:
                 sync()
-                self.prof = torch.profiler.profile(activities=activities)
+                self.prof = torch.profiler.profile(activities=activities, with_stack=True)
                 self.prof.__enter__()
                 self.started = time.perf_counter()
 
@@ -110,6 +110,23 @@ def summarize(prof, wall: float, steps: int, out_dir: Path, name: str, results: 
     }
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
     (out_dir / f"profile-{name}.txt").write_text(table)
+    results["profile"]["copy_sources"] = copy_sources(prof, steps)
+
+
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::_to_copy", "aten::fill_",
+            "aten::zero_", "aten::zeros_like", "aten::add_", "aten::add", "aten::mul", "aten::mul_")
+
+
+def copy_sources(prof, steps: int, top: int = 25) -> list:
+    """Where the copy and elementwise kernels are launched from: the CPU ops above with the device time
+    their kernels took (ms per step) and the Python frames that called them (innermost first)."""
+    rows = []
+    for event in prof.key_averages(group_by_stack_n=6):
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if event.key in COPY_OPS and device_us:
+            frames = [f for f in (event.stack or []) if "torch/" not in f or "nn/modules" in f][:6]
+            rows.append([event.key, round(device_us / 1e3 / steps, 2), event.count // steps, frames])
+    return sorted(rows, key=lambda r: -r[1])[:top]
 
 
 def steady_rate(records: list[dict], warmup: int) -> tuple[float, float]:

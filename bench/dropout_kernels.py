@@ -75,6 +75,10 @@ def main() -> None:
         row = measure(cols, rows, rank, p)
         print(json.dumps(row), flush=True)
         results["shapes"].append(row)
+    from backends.cuda import dropout_kernels as dk
+
+    results["tuned"] = {name: {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
+                        for name, kernel in dk._TUNED.items()}  # the tile each autotuned kernel chose
     # per step of the H100 config: 2 micro-batches x 32 layers x (6 projections reading 4096 features + down_proj 14336)
     by = {r["features"]: r for r in results["shapes"]}
     for path in ("torch", "kernel"):
