@@ -44,9 +44,7 @@ def measure(cols: int, rows: int, rank: int, p: float) -> dict:
         return dk.dropout_lora_a(x, a, seed, p)
 
     def kernel_backward():
-        grad_a = dk.dropout_lora_a_grad(grad_h, x, seed, p)
-        dk.add_dropout_lora_x_grad_(grad_x, grad_h, a, seed, p)
-        return grad_a
+        return dk.dropout_lora_backward_(grad_x, grad_h, x, a, seed, p)
 
     row = {"features": cols}
     for name, fn in (("torch_forward", torch_forward), ("kernel_forward", kernel_forward),

@@ -35,9 +35,10 @@ def check_kernels() -> None:
 
     assert dk.INTERPRETED
     cpu = torch.device("cpu")
-    # odd token counts (not a multiple of any tile), features not a multiple of a tile, ranks below 16
+    # odd token counts (not a multiple of any tile), features not a multiple of a tile (nor of 8), ranks
+    # below 16, and enough rows for the backward's 8 bands
     for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
-        for rows, cols, rank, p in ((70, 96, 8, 0.3), (130, 200, 16, 0.05), (600, 64, 4, 0.5)):
+        for rows, cols, rank, p in ((70, 96, 8, 0.3), (130, 200, 16, 0.05), (600, 64, 4, 0.5), (33, 100, 16, 0.2)):
             g = torch.Generator().manual_seed(rows)
             x = torch.randn(rows, cols, generator=g).to(dtype)
             a = (torch.randn(rank, cols, generator=g) * 0.1).to(dtype)
@@ -51,11 +52,8 @@ def check_kernels() -> None:
                 "grad_a": grad_h.float().t() @ dropped,
                 "grad_x": grad_x.float() + (grad_h.float() @ a.float()) * keep / (1 - p),
             }
-            got = {
-                "h": dk.dropout_lora_a(x, a, seed, p),
-                "grad_a": dk.dropout_lora_a_grad(grad_h, x, seed, p),
-                "grad_x": dk.add_dropout_lora_x_grad_(grad_x.clone(), grad_h, a, seed, p),
-            }
+            got = {"h": dk.dropout_lora_a(x, a, seed, p), "grad_x": grad_x.clone()}
+            got["grad_a"] = dk.dropout_lora_backward_(got["grad_x"], grad_h, x, a, seed, p)
             for name, value in got.items():
                 error = (value.float() - expected[name]).abs().max() / expected[name].abs().max()
                 assert error < tol, (dtype, rows, cols, rank, p, name, error)
@@ -117,7 +115,8 @@ def check_fused_layer(model_dir: str) -> None:
         assert torch.allclose(out - layer.base_layer(x), update, rtol=1e-4, atol=1e-5)
     for mine, theirs in ((x.grad, x_ref.grad), (layer.lora_A["default"].weight.grad, a.grad),
                          (layer.lora_B["default"].weight.grad, b.grad)):
-        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6), (mine - theirs).abs().max()
+        error = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+        assert error < 1e-5, error  # float32 sums in another order; a wrong mask moves them by ~p
     # p = 0 in evaluation (the layer's dropout is off): exactly the undropped update
     model.eval()
     with torch.no_grad():

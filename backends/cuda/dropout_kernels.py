@@ -10,15 +10,16 @@ reads x, from Philox counters (Triton's `randint4x`) keyed by a seed drawn from 
 generator at each forward and by the element's position, so the backward regenerates the forward's
 exact mask:
 
-    dropout_lora_a:        h   = (x * keep / (1 - p)) @ A^T            (one read of x)
-    dropout_lora_a_grad:   dA  = grad_h^T @ (x * keep / (1 - p))        (one read of x)
-    add_dropout_lora_x_grad_: dx += (grad_h @ A) * keep / (1 - p)       (in place, one read and write of dx)
+    dropout_lora_a:          h = (x * keep / (1 - p)) @ A^T                      (one read of x)
+    dropout_lora_backward_: dA = grad_h^T @ (x * keep / (1 - p)), and in place
+                            dx += (grad_h @ A) * keep / (1 - p)                  (one read of x and of dx)
 
-A element is kept when the upper 24 bits of its Philox word are >= p * 2^24 (torch's dropout draws a
-float in [0, 1) with 24 random bits as well). The seed advances the device generator, so
-`torch.manual_seed` and a checkpoint's saved RNG state reproduce the masks. No maintained library
-fuses dropout into a low-rank matmul's operands (Unsloth's LoRA kernels need dropout 0; Liger has
-none), hence these kernels.
+An element is kept when its 16 random bits are >= p * 2^16: p is applied at a resolution of 1/65536
+(0.05 -> 0.050003), and one Philox call serves 8 elements (torch's dropout draws 24 bits an element,
+4 a call; the draws, not the memory, bound its kernel on an H100). The seed advances the device
+generator, so `torch.manual_seed` and a checkpoint's saved RNG state reproduce the masks. No
+maintained library fuses dropout into a low-rank matmul's operands (Unsloth's LoRA kernels need
+dropout 0; Liger has none), hence these kernels.
 """
 
 from __future__ import annotations
@@ -30,19 +31,21 @@ import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
-MAX_ELEMENTS = 2**31  # Philox counters are 32-bit: rows x ceil(features / 4) must stay below
-SPLIT_ROWS = 8  # dA is summed over tokens in this many row bands (one partial sum each: deterministic)
+MAX_COUNTERS = 2**31  # Philox counters are 32-bit: rows x ceil(features / 8) must stay below
+BANDS = 8  # the backward sums dA over tokens in this many row bands (one partial sum each: deterministic)
 
 
 @triton.jit
 def _keep(seed, rows, first_col, counters_per_row, threshold, BLOCK_COLS: tl.constexpr):
-    """Which elements of the (rows x BLOCK_COLS) tile starting at column `first_col` (a multiple of 4)
-    survive dropout: one Philox call gives the words of 4 neighbouring columns."""
-    quads = first_col // 4 + tl.arange(0, BLOCK_COLS // 4)
-    counters = (rows[:, None] * counters_per_row + quads[None, :]).to(tl.uint32)
+    """Which elements of the (rows x BLOCK_COLS) tile starting at column `first_col` (a multiple of 8)
+    survive dropout. One Philox call gives four 32-bit words: each half word decides one element, so
+    one call covers 8 neighbouring columns (the random draws are what bounds torch's dropout kernel)."""
+    octets = first_col // 8 + tl.arange(0, BLOCK_COLS // 8)
+    counters = (rows[:, None] * counters_per_row + octets[None, :]).to(tl.uint32)
     w0, w1, w2, w3 = tl.randint4x(seed, counters)
-    words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (rows.shape[0], BLOCK_COLS))
-    return (words >> 8).to(tl.int32) >= threshold
+    pairs = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # (rows, BLOCK_COLS // 8, 2, 2)
+    halves = tl.join(pairs & 0xFFFF, pairs >> 16)  # (rows, BLOCK_COLS // 8, 2, 2, 2)
+    return tl.reshape(halves, (rows.shape[0], BLOCK_COLS)).to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -65,47 +68,34 @@ def _dropout_lora_a_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, n_rows, n_cols, rank, 
 
 
 @triton.jit
-def _dropout_lora_a_grad_kernel(gh_ptr, x_ptr, partial_ptr, seed_ptr, n_rows, n_cols, rank, counters_per_row,
-                                threshold, inv_keep, rows_per_band, BLOCK_ROWS: tl.constexpr,
-                                BLOCK_COLS: tl.constexpr, RANK: tl.constexpr):
+def _dropout_lora_backward_kernel(gx_ptr, gh_ptr, x_ptr, a_ptr, partial_ptr, seed_ptr, n_rows, n_cols, rank,
+                                  counters_per_row, threshold, inv_keep, rows_per_band, BLOCK_ROWS: tl.constexpr,
+                                  BLOCK_COLS: tl.constexpr, RANK: tl.constexpr):
+    """One column block x one band of rows: dA's partial sum over the band, and dx += the masked update,
+    drawing each mask element once."""
     seed = tl.load(seed_ptr)
     first = tl.program_id(0) * BLOCK_COLS
     band = tl.program_id(1)
     cols = first + tl.arange(0, BLOCK_COLS)
     ranks = tl.arange(0, RANK)
-    acc = tl.zeros((RANK, BLOCK_COLS), dtype=tl.float32)
-    for start in range(band * rows_per_band, tl.minimum((band + 1) * rows_per_band, n_rows), BLOCK_ROWS):
-        rows = start + tl.arange(0, BLOCK_ROWS)
-        inside = rows < tl.minimum((band + 1) * rows_per_band, n_rows)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * n_cols + cols[None, :],
-                    mask=inside[:, None] & (cols[None, :] < n_cols), other=0.0)
-        x = tl.where(_keep(seed, rows, first, counters_per_row, threshold, BLOCK_COLS), x, tl.zeros_like(x))
-        gh = tl.load(gh_ptr + rows[:, None] * rank + ranks[None, :], mask=inside[:, None] & (ranks[None, :] < rank),
-                     other=0.0)
-        acc = tl.dot(tl.trans(gh), x.to(gh.dtype), acc)
-    tl.store(partial_ptr + (band * RANK + ranks[:, None]) * n_cols + cols[None, :], acc * inv_keep,
-             mask=cols[None, :] < n_cols)
-
-
-@triton.jit
-def _add_dropout_lora_x_grad_kernel(gx_ptr, gh_ptr, a_ptr, seed_ptr, n_rows, n_cols, rank, counters_per_row,
-                                    threshold, inv_keep, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-                                    RANK: tl.constexpr):
-    seed = tl.load(seed_ptr)
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    first = tl.program_id(1) * BLOCK_COLS
-    cols = first + tl.arange(0, BLOCK_COLS)
-    ranks = tl.arange(0, RANK)
-    gh = tl.load(gh_ptr + rows[:, None] * rank + ranks[None, :], mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank),
-                 other=0.0)
     a = tl.load(a_ptr + ranks[:, None] * n_cols + cols[None, :], mask=(ranks[:, None] < rank) & (cols[None, :] < n_cols),
                 other=0.0)
-    update = tl.dot(gh, a.to(gh.dtype)) * inv_keep
-    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    where = gx_ptr + rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-    gx = tl.load(where, mask=inside, other=0.0).to(tl.float32)
-    keep = _keep(seed, rows, first, counters_per_row, threshold, BLOCK_COLS)
-    tl.store(where, (gx + tl.where(keep, update, 0.0)).to(gx_ptr.dtype.element_ty), mask=inside)
+    acc = tl.zeros((RANK, BLOCK_COLS), dtype=tl.float32)
+    end = tl.minimum((band + 1) * rows_per_band, n_rows)
+    for start in range(band * rows_per_band, end, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        inside = (rows[:, None] < end) & (cols[None, :] < n_cols)
+        offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        keep = _keep(seed, rows, first, counters_per_row, threshold, BLOCK_COLS)
+        gh = tl.load(gh_ptr + rows[:, None] * rank + ranks[None, :], mask=(rows[:, None] < end) & (ranks[None, :] < rank),
+                     other=0.0)
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+        acc = tl.dot(tl.trans(gh), tl.where(keep, x, tl.zeros_like(x)).to(gh.dtype), acc)
+        update = tl.dot(gh, a.to(gh.dtype)) * inv_keep
+        gx = tl.load(gx_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        tl.store(gx_ptr + offsets, (gx + tl.where(keep, update, 0.0)).to(gx_ptr.dtype.element_ty), mask=inside)
+    tl.store(partial_ptr + (band * RANK + ranks[:, None]) * n_cols + cols[None, :], acc * inv_keep,
+             mask=cols[None, :] < n_cols)
 
 
 @triton.jit
@@ -127,11 +117,10 @@ def _configs(*shapes):
 # A few tile shapes each, tuned once per (features, rank) at the first step: memory-bound kernels
 # whose best tile depends on how many programs the token count gives the H100's 132 SMs.
 _TUNING = {
-    "a": _configs((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)),
-    "a_grad": _configs((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 8, 3)),
-    "x_grad": _configs((64, 128, 4, 1), (128, 64, 4, 1), (64, 64, 4, 1)),
+    "forward": _configs((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)),
+    "backward": _configs((64, 64, 4, 2), (32, 128, 4, 2), (64, 128, 8, 2)),
 }
-_KERNELS = {"a": _dropout_lora_a_kernel, "a_grad": _dropout_lora_a_grad_kernel, "x_grad": _add_dropout_lora_x_grad_kernel}
+_KERNELS = {"forward": _dropout_lora_a_kernel, "backward": _dropout_lora_backward_kernel}
 _TUNED: dict[str, object] = {}
 
 
@@ -140,8 +129,9 @@ def _kernel(name: str):
     if INTERPRETED:
         return _KERNELS[name], _TUNING[name][0].kwargs
     if name not in _TUNED:
-        restore = ["gx_ptr"] if name == "x_grad" else []  # tuning runs the in-place kernel several times
-        _TUNED[name] = triton.autotune(_TUNING[name], key=["n_cols", "rank"], restore_value=restore)(_KERNELS[name])
+        restore = ["gx_ptr"] if name == "backward" else []  # tuning runs the in-place kernel several times
+        _TUNED[name] = triton.autotune(_TUNING[name], key=["n_cols", "rank"], restore_value=restore,
+                                       cache_results=True)(_KERNELS[name])
     return _TUNED[name], {}
 
 
@@ -150,7 +140,11 @@ def _rank_block(rank: int) -> int:
 
 
 def _threshold(p: float) -> int:
-    return round(p * 2**24)
+    return round(p * 2**16)
+
+
+def _counters_per_row(features: int) -> int:
+    return triton.cdiv(features, 8)
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -159,7 +153,7 @@ def supports(x: torch.Tensor) -> bool:
     if not (x.is_cuda or INTERPRETED) or x.dim() == 0:
         return False
     features = x.shape[-1]
-    return x.numel() // features * triton.cdiv(features, 4) < MAX_ELEMENTS
+    return x.numel() // features * _counters_per_row(features) < MAX_COUNTERS
 
 
 def new_seed(device: torch.device) -> torch.Tensor:
@@ -168,41 +162,31 @@ def new_seed(device: torch.device) -> torch.Tensor:
 
 
 def dropout_lora_a(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """(x * keep / (1 - p)) @ a.T for x (tokens x features) and a (rank x features), in x's dtype."""
+    """(x * keep / (1 - p)) @ a.T for x (tokens x features, contiguous) and a (rank x features), in x's dtype."""
     rows, cols = x.shape
     rank = a.shape[0]
     h = torch.empty(rows, rank, device=x.device, dtype=x.dtype)
-    kernel, meta = _kernel("a")
+    kernel, meta = _kernel("forward")
     kernel[lambda m: (triton.cdiv(rows, m["BLOCK_ROWS"]),)](
-        x, a.contiguous(), h, seed, rows, cols, rank, triton.cdiv(cols, 4), _threshold(p), 1 / (1 - p),
+        x, a.contiguous(), h, seed, rows, cols, rank, _counters_per_row(cols), _threshold(p), 1 / (1 - p),
         RANK=_rank_block(rank), **meta)
     return h
 
 
-def dropout_lora_a_grad(grad_h: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """grad_h.T @ (x * keep / (1 - p)): the gradient of A (rank x features), in float32."""
+def dropout_lora_backward_(grad_x: torch.Tensor, grad_h: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                           seed: torch.Tensor, p: float) -> torch.Tensor:
+    """grad_x += (grad_h @ a) * keep / (1 - p) in place (grad_x: tokens x features, contiguous), and
+    returns grad_h.T @ (x * keep / (1 - p)), the gradient of A (rank x features), in float32."""
     rows, cols = x.shape
-    rank = grad_h.shape[1]
-    block = _rank_block(rank)
-    bands = SPLIT_ROWS if rows >= 64 * SPLIT_ROWS else 1
-    partial = torch.empty(bands, block, cols, device=x.device, dtype=torch.float32)
-    kernel, meta = _kernel("a_grad")
-    kernel[lambda m: (triton.cdiv(cols, m["BLOCK_COLS"]), bands)](
-        grad_h.contiguous(), x, partial, seed, rows, cols, rank, triton.cdiv(cols, 4), _threshold(p), 1 / (1 - p),
-        triton.cdiv(rows, bands), RANK=block, **meta)
-    return partial.sum(0)[:rank]
-
-
-def add_dropout_lora_x_grad_(grad_x: torch.Tensor, grad_h: torch.Tensor, a: torch.Tensor, seed: torch.Tensor,
-                             p: float) -> torch.Tensor:
-    """grad_x += (grad_h @ a) * keep / (1 - p), in place (grad_x: tokens x features, contiguous)."""
-    rows, cols = grad_x.shape
     rank = a.shape[0]
-    kernel, meta = _kernel("x_grad")
-    kernel[lambda m: (triton.cdiv(rows, m["BLOCK_ROWS"]), triton.cdiv(cols, m["BLOCK_COLS"]))](
-        grad_x, grad_h.contiguous(), a.contiguous(), seed, rows, cols, rank, triton.cdiv(cols, 4), _threshold(p),
-        1 / (1 - p), RANK=_rank_block(rank), **meta)
-    return grad_x
+    block = _rank_block(rank)
+    bands = BANDS if rows >= 64 * BANDS else 1
+    partial = torch.empty(bands, block, cols, device=x.device, dtype=torch.float32)
+    kernel, meta = _kernel("backward")
+    kernel[lambda m: (triton.cdiv(cols, m["BLOCK_COLS"]), bands)](
+        grad_x, grad_h.contiguous(), x, a.contiguous(), partial, seed, rows, cols, rank, _counters_per_row(cols),
+        _threshold(p), 1 / (1 - p), triton.cdiv(rows, bands), RANK=block, **meta)
+    return partial.sum(0)[:rank]
 
 
 def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
@@ -210,5 +194,5 @@ def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.
     mask = torch.empty(rows, cols, device=device, dtype=torch.bool)
     block_rows, block_cols = 32, 64
     _keep_mask_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))](
-        mask, seed, rows, cols, triton.cdiv(cols, 4), _threshold(p), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+        mask, seed, rows, cols, _counters_per_row(cols), _threshold(p), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     return mask

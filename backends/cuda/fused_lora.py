@@ -117,17 +117,22 @@ class _LoraLinear4bit(torch.autograd.Function):
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = torch.mm(grad_flat.t(), h.reshape(-1, h.shape[-1])).mul_(scaling).to(ctx.weight_dtypes[1])
-        if ctx.needs_input_grad[1]:
-            x_flat = x_lora.reshape(-1, x_lora.shape[-1])
-            if ctx.kernel:
-                grad_a = dropout_kernels.dropout_lora_a_grad(grad_h, x_flat, seed, p).to(ctx.weight_dtypes[0])
-            else:
-                grad_a = torch.mm(grad_h.t(), x_flat).to(ctx.weight_dtypes[0])
+        x_flat = x_lora.reshape(-1, x_lora.shape[-1])
         if ctx.needs_input_grad[0]:
             base = dequantize_4bit(ctx.base_weight.view(-1, 1), ctx.quant_state).to(grad_out.dtype)
             grad_x = torch.mm(grad_flat, base)  # what bitsandbytes' own backward computes
+        if ctx.kernel and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            # both LoRA-A gradients in one pass that draws the mask once (dx's update lands in a
+            # scratch buffer when x needs no gradient)
+            into = grad_x if grad_x is not None else torch.zeros_like(x_flat, dtype=grad_out.dtype)
+            kernel_grad_a = dropout_kernels.dropout_lora_backward_(into, grad_h, x_flat, a, seed, p)
+            if ctx.needs_input_grad[1]:
+                grad_a = kernel_grad_a.to(ctx.weight_dtypes[0])
+        elif ctx.needs_input_grad[1]:
+            grad_a = torch.mm(grad_h.t(), x_flat).to(ctx.weight_dtypes[0])
+        if grad_x is not None:
             if ctx.kernel:
-                dropout_kernels.add_dropout_lora_x_grad_(grad_x, grad_h, a, seed, p)
+                pass  # its LoRA part was added in place above
             elif mask is None:
                 grad_x.addmm_(grad_h.to(grad_x.dtype), a.to(grad_x.dtype))
             else:
