@@ -50,7 +50,8 @@ def _keep(seed, rows, first_col, counters_per_row, threshold, BLOCK_COLS: tl.con
 
 @triton.jit
 def _dropout_lora_a_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, n_rows, n_cols, rank, counters_per_row, threshold,
-                           inv_keep, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, RANK: tl.constexpr):
+                           inv_keep, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, RANK: tl.constexpr,
+                           PRECISION: tl.constexpr):
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     ranks = tl.arange(0, RANK)
@@ -62,7 +63,7 @@ def _dropout_lora_a_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, n_rows, n_cols, rank, 
         x = tl.where(_keep(seed, rows, first, counters_per_row, threshold, BLOCK_COLS), x, tl.zeros_like(x))
         a_t = tl.load(a_ptr + ranks[None, :] * n_cols + cols[:, None],
                       mask=(ranks[None, :] < rank) & (cols[:, None] < n_cols), other=0.0)
-        acc = tl.dot(x, a_t, acc)
+        acc = tl.dot(x, a_t, acc, input_precision=PRECISION)
     tl.store(h_ptr + rows[:, None] * rank + ranks[None, :], (acc * inv_keep).to(h_ptr.dtype.element_ty),
              mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank))
 
@@ -70,7 +71,7 @@ def _dropout_lora_a_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, n_rows, n_cols, rank, 
 @triton.jit
 def _dropout_lora_backward_kernel(gx_ptr, gh_ptr, x_ptr, a_ptr, partial_ptr, seed_ptr, n_rows, n_cols, rank,
                                   counters_per_row, threshold, inv_keep, rows_per_band, BLOCK_ROWS: tl.constexpr,
-                                  BLOCK_COLS: tl.constexpr, RANK: tl.constexpr):
+                                  BLOCK_COLS: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr):
     """One column block x one band of rows: dA's partial sum over the band, and dx += the masked update,
     drawing each mask element once."""
     seed = tl.load(seed_ptr)
@@ -90,8 +91,8 @@ def _dropout_lora_backward_kernel(gx_ptr, gh_ptr, x_ptr, a_ptr, partial_ptr, see
         gh = tl.load(gh_ptr + rows[:, None] * rank + ranks[None, :], mask=(rows[:, None] < end) & (ranks[None, :] < rank),
                      other=0.0)
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
-        acc = tl.dot(tl.trans(gh), tl.where(keep, x, tl.zeros_like(x)).to(gh.dtype), acc)
-        update = tl.dot(gh, a.to(gh.dtype)) * inv_keep
+        acc = tl.dot(tl.trans(gh), tl.where(keep, x, tl.zeros_like(x)).to(gh.dtype), acc, input_precision=PRECISION)
+        update = tl.dot(gh, a.to(gh.dtype), input_precision=PRECISION) * inv_keep
         gx = tl.load(gx_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
         tl.store(gx_ptr + offsets, (gx + tl.where(keep, update, 0.0)).to(gx_ptr.dtype.element_ty), mask=inside)
     tl.store(partial_ptr + (band * RANK + ranks[:, None]) * n_cols + cols[None, :], acc * inv_keep,
@@ -143,6 +144,10 @@ def _threshold(p: float) -> int:
     return round(p * 2**16)
 
 
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # float32 as torch's matmul computes it (no TF32)
+
+
 def _counters_per_row(features: int) -> int:
     return triton.cdiv(features, 8)
 
@@ -169,7 +174,7 @@ def dropout_lora_a(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: floa
     kernel, meta = _kernel("forward")
     kernel[lambda m: (triton.cdiv(rows, m["BLOCK_ROWS"]),)](
         x, a.contiguous(), h, seed, rows, cols, rank, _counters_per_row(cols), _threshold(p), 1 / (1 - p),
-        RANK=_rank_block(rank), **meta)
+        RANK=_rank_block(rank), PRECISION=_precision(x.dtype), **meta)
     return h
 
 
@@ -185,7 +190,7 @@ def dropout_lora_backward_(grad_x: torch.Tensor, grad_h: torch.Tensor, x: torch.
     kernel, meta = _kernel("backward")
     kernel[lambda m: (triton.cdiv(cols, m["BLOCK_COLS"]), bands)](
         grad_x, grad_h.contiguous(), x, a.contiguous(), partial, seed, rows, cols, rank, _counters_per_row(cols),
-        _threshold(p), 1 / (1 - p), triton.cdiv(rows, bands), RANK=block, **meta)
+        _threshold(p), 1 / (1 - p), triton.cdiv(rows, bands), RANK=block, PRECISION=_precision(grad_h.dtype), **meta)
     return partial.sum(0)[:rank]
 
 
