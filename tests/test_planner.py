@@ -54,7 +54,7 @@ def test_memory_that_does_not_fit_gets_concrete_changes():
 STORED = ["training.batch_size=4", "training.gradient_accumulation_steps=1", "training.gradient_checkpointing=true",
           "cuda.replay_dropout=false"]
 FOUR_ROWS = ["training.batch_size=4", "training.gradient_accumulation_steps=1", "training.gradient_checkpointing=true"]
-MEASURED_PEAKS = [
+TORCH_DROPOUT_PEAKS = [  # measured before cuda.dropout_kernel: torch's dropout
     (STORED + ["cuda.checkpointed_layers=24"], 33.94),
     (STORED + ["cuda.checkpointed_layers=24", "cuda.use_liger=false"], 40.05),
     (STORED + ["cuda.checkpointed_layers=24", "cuda.liger_kernels=[rms_norm]"], 37.39),
@@ -76,6 +76,10 @@ MEASURED_PEAKS = [
     (FOUR_ROWS + ["cuda.checkpointed_layers=16"], 42.13),
     (FOUR_ROWS + ["cuda.checkpointed_layers=24", "cuda.replay_dropout=false"], 34.16),
 ]
+# 2026-12-07, one H100 80GB (bench/results/2026-12-07-h100-80gb-hbm3-2.json): the dropout kernels
+MEASURED_PEAKS = [(overrides + ["cuda.dropout_kernel=false"], gb) for overrides, gb in TORCH_DROPOUT_PEAKS] + [
+    ([], 38.07),  # the shipped config (30-step ablation run)
+]
 
 
 @pytest.mark.parametrize("overrides, measured", MEASURED_PEAKS)
@@ -84,30 +88,39 @@ def test_cuda_memory_model_is_within_five_percent_of_the_measurements(overrides,
     assert abs(predicted - measured) / measured < 0.05
 
 
+def h100(*overrides: str):
+    """The H100 config with torch's dropout (the anchor was measured so), plus `overrides`."""
+    return load_config(platform="h100", overrides=["cuda.dropout_kernel=false", *overrides])
+
+
 def test_anchor_follows_the_config():
-    shipped = anchor_rates(load_config(platform="h100"))
+    shipped = anchor_rates(h100())
     assert shipped.peak_gb == 38.5 and "ESTIMATE" not in shipped.source  # the measured configuration
-    synced = anchor_rates(load_config(platform="h100", overrides=["cuda.async_metrics=false"]))
-    torch_adamw = anchor_rates(load_config(platform="h100", overrides=["cuda.optimizer=adamw_torch"]))
+    synced = anchor_rates(h100("cuda.async_metrics=false"))
+    torch_adamw = anchor_rates(h100("cuda.optimizer=adamw_torch"))
     assert synced.tokens_per_second == pytest.approx(shipped.tokens_per_second * 10447 / 10855)  # measured in one process
     assert torch_adamw.tokens_per_second == pytest.approx(shipped.tokens_per_second * 11122 / 10855)
     assert "ESTIMATE" in synced.source
-    all_layers = anchor_rates(load_config(platform="h100", overrides=["cuda.checkpointed_layers=all"]))
+    all_layers = anchor_rates(h100("cuda.checkpointed_layers=all"))
     assert all_layers.peak_gb < shipped.peak_gb - 25  # 31 layers x 2 rows of kept activations
     assert all_layers.tokens_per_second < shipped.tokens_per_second  # every layer recomputed
     assert "ESTIMATE" in all_layers.source and "H100" in all_layers.source
-    no_rope = anchor_rates(load_config(platform="h100", overrides=["cuda.liger_kernels=[rms_norm,swiglu]"]))
+    no_rope = anchor_rates(h100("cuda.liger_kernels=[rms_norm,swiglu]"))
     assert no_rope.tokens_per_second == pytest.approx(shipped.tokens_per_second * 9926 / 10533)  # measured pair
     assert no_rope.peak_gb == pytest.approx(shipped.peak_gb, abs=0.5) and "ESTIMATE" in no_rope.source
     assert no_rope.startup_seconds == shipped.startup_seconds  # Liger's Triton RoPE compiles once, not per length
-    no_dropout = anchor_rates(load_config(platform="h100", overrides=["lora.dropout=0"]))
+    no_dropout = anchor_rates(h100("lora.dropout=0"))
     assert no_dropout.tokens_per_second > shipped.tokens_per_second  # no masks to draw twice
     assert "ESTIMATE" in no_dropout.source and no_dropout.peak_gb == pytest.approx(shipped.peak_gb, abs=0.1)
-    stored = anchor_rates(load_config(platform="h100", overrides=["cuda.replay_dropout=false"]))
+    stored = anchor_rates(h100("cuda.replay_dropout=false"))
     assert stored.tokens_per_second == pytest.approx(no_dropout.tokens_per_second)  # masks drawn once...
     assert stored.peak_gb > shipped.peak_gb + 10  # ...and kept: 31 layers x 2 rows x 0.25 GB
-    no_liger = anchor_rates(load_config(platform="h100", overrides=["cuda.use_liger=false"]))
+    no_liger = anchor_rates(h100("cuda.use_liger=false"))
     assert no_liger.peak_gb > shipped.peak_gb + 5 and no_liger.tokens_per_second < shipped.tokens_per_second
+    kernels = anchor_rates(load_config(platform="h100"))  # the shipped config: the dropout kernels
+    assert kernels.tokens_per_second == pytest.approx(1 / (1 / shipped.tokens_per_second - (1 / 13216 - 1 / 14708)))
+    assert kernels.tokens_per_second == pytest.approx(14708, rel=0.03)  # measured 2026-12-07 (another machine)
+    assert "ESTIMATE" in kernels.source and kernels.peak_gb == pytest.approx(38.07, rel=0.02)
 
 
 def test_memory_over_with_kept_activations_proposes_checkpointing_every_layer():
@@ -239,19 +252,26 @@ def test_a_preference_micro_batch_is_sized_as_two_rows_per_pair_of_the_longer_an
     assert figures(plan)["longest row"] == 80
 
 
-# Steady real tokens/s measured on one H100 80GB on 2026-12-07 (bench/results/2026-12-07-h100-80gb-hbm3.json)
-# with the shipped long-context configs: the planner's speed within 5% at each length, its peak within 2%.
-MEASURED_LONG = [("training_config_h100_8k.yaml", 11_977, 38.48), ("training_config_h100_16k.yaml", 11_115, 58.19),
-                 ("training_config_h100_32k.yaml", 9_323, 55.80)]
+# Steady real tokens/s measured on one H100 80GB on 2026-12-07 with the shipped long-context configs:
+# with torch's dropout (bench/results/2026-12-07-h100-80gb-hbm3.json, 20-step runs) the planner's speed
+# within 5% at each length and its peak within 2%; with the dropout kernels (...-2.json, 15-step runs on
+# another machine) within 8% and 5% (the issue asks 10% of the peak).
+MEASURED_LONG = [("training_config_h100_8k.yaml", False, 11_977, 38.48, 0.05, 0.02),
+                 ("training_config_h100_16k.yaml", False, 11_115, 58.19, 0.05, 0.02),
+                 ("training_config_h100_32k.yaml", False, 9_323, 55.80, 0.05, 0.02),
+                 ("training_config_h100_8k.yaml", True, 12_387, 37.94, 0.08, 0.05),
+                 ("training_config_h100_16k.yaml", True, 11_733, 57.10, 0.08, 0.05),
+                 ("training_config_h100_32k.yaml", True, 10_103, 53.62, 0.08, 0.05)]
 
 
-@pytest.mark.parametrize(("name", "tokens_per_second", "peak_gb"), MEASURED_LONG)
-def test_long_rows_are_planned_as_measured(name, tokens_per_second, peak_gb):
-    cfg = load_config(REPO / "configs" / name)
+@pytest.mark.parametrize(("name", "kernels", "tokens_per_second", "peak_gb", "speed_tolerance", "peak_tolerance"),
+                         MEASURED_LONG)
+def test_long_rows_are_planned_as_measured(name, kernels, tokens_per_second, peak_gb, speed_tolerance, peak_tolerance):
+    cfg = load_config(REPO / "configs" / name, overrides=[f"cuda.dropout_kernel={str(kernels).lower()}"])
     row = cfg.data.max_seq_length
     rates = anchor_rates(cfg, row, cfg.training.batch_size * row * 0.98)  # packed rows, 98% full
-    assert rates.tokens_per_second == pytest.approx(tokens_per_second, rel=0.05)
-    assert rates.peak_gb == pytest.approx(peak_gb, rel=0.02)
+    assert rates.tokens_per_second == pytest.approx(tokens_per_second, rel=speed_tolerance)
+    assert rates.peak_gb == pytest.approx(peak_gb, rel=peak_tolerance)
 
 
 def test_preference_pairs_are_padded_as_trl_pads_them():
@@ -269,8 +289,8 @@ def test_preference_pairs_are_padded_as_trl_pads_them():
 def test_padded_rows_are_not_the_measured_packed_anchor():
     """The anchor was measured on packed rows: the same layout padded is estimated from its micro-batch's
     tokens, whatever its longest example."""
-    packed = load_config(platform="h100")
-    padded = load_config(platform="h100", overrides=["training.packing=false"])
+    packed = h100()
+    padded = h100("training.packing=false")
     assert anchor_rates(packed, 4096).measured and "ESTIMATE" not in anchor_rates(packed, 4096).source
     short_rows = anchor_rates(padded, 4096, micro_tokens=2 * 1000)  # 2 rows padded to ~1,000 tokens
     assert "ESTIMATE" in short_rows.source
@@ -307,7 +327,7 @@ def test_dpo_speed_is_planned_as_measured(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for overrides, measured in MEASURED_DPO:
         sets = [f"data.train_file={tmp_path / 'train.jsonl'}", f"data.val_file={tmp_path / 'val.jsonl'}",
-                "data.overlong=drop", *overrides]
+                "data.overlong=drop", "cuda.dropout_kernel=false", *overrides]  # measured with torch's dropout
         out = subprocess.run([sys.executable, "-m", "commands", "plan", "--config", str(REPO / "configs" / "dpo_h100.yaml"),
                               "--json", *[a for s in sets for a in ("--set", s)]],
                              capture_output=True, text=True, env=env, cwd=tmp_path)

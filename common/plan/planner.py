@@ -91,6 +91,13 @@ ROW_LENGTH_COST, SHORTEST_COSTED_ROW = 0.08, 1024
 # Replaying the dropout masks of one kept layer instead of storing them (4 x 1, 8 layers kept, one
 # process): 10,337 vs 10,506 tok/s, i.e. this factor per kept layer.
 REPLAY_SPEED_PER_KEPT_LAYER = (10337 / 10506) ** (1 / 8)
+# The LoRA dropout kernels (cuda.dropout_kernel, backends/cuda/dropout_kernels.py) against torch's
+# dropout with the masks replayed, the shipped layout, one process on one H100 80GB (2026-12-07,
+# bench/results/2026-12-07-h100-80gb-hbm3-2.json): 14,708 vs 13,216 real tok/s. The kernels save work
+# per token and projection, not per attention pair, so the saving is modelled as seconds per token: at
+# 8K / 16K / 32K rows it predicts 13,190 / 12,152 / 10,042 from the torch-dropout rates of the same day,
+# measured 12,387 / 11,733 / 10,103 (15-step runs, another machine than the torch-dropout ones).
+DROPOUT_KERNEL_SECONDS_PER_TOKEN = 1 / 13216 - 1 / 14708
 
 
 def liger_kernels(cfg: QLoraConfig) -> frozenset[str]:
@@ -145,17 +152,24 @@ def row_tokens(cfg: QLoraConfig, lengths: list[int]) -> int:
     return min(cfg.data.max_seq_length, longest)
 
 
+def dropout_kernel(cfg: QLoraConfig) -> bool:
+    """Whether LoRA dropout runs in backends/cuda/dropout_kernels.py (no mask stored in any layer)."""
+    return cfg.backend == "cuda" and cfg.lora.dropout > 0 and cfg.cuda.fused_lora and cfg.cuda.dropout_kernel
+
+
 def dropout_masks(cfg: QLoraConfig) -> str:
-    """'replayed' when kept layers store no LoRA dropout masks (the fused path replays them, or there
-    is no dropout), else 'stored'."""
-    if cfg.lora.dropout == 0 or (cfg.cuda.fused_lora and cfg.cuda.replay_dropout):
+    """'replayed' when kept layers store no LoRA dropout masks (the dropout kernels draw them where they
+    are used, the fused path replays them, or there is no dropout), else 'stored'."""
+    if cfg.lora.dropout == 0 or dropout_kernel(cfg) or (cfg.cuda.fused_lora and cfg.cuda.replay_dropout):
         return "replayed"
     return "stored"
 
 
 def replaying_layers(cfg: QLoraConfig) -> int:
-    """Decoder layers that draw their LoRA dropout masks twice (forward, then replayed in the backward)."""
-    if cfg.lora.dropout > 0 and cfg.cuda.fused_lora and cfg.cuda.replay_dropout:
+    """Decoder layers that draw their LoRA dropout masks twice (forward, then replayed in the backward)
+    with torch's dropout; the dropout kernels are costed from the same count (DROPOUT_KERNEL_SECONDS_PER_TOKEN
+    was measured against the shipped layout replaying)."""
+    if cfg.lora.dropout > 0 and cfg.cuda.fused_lora and (cfg.cuda.replay_dropout or dropout_kernel(cfg)):
         return kept_layers(cfg)
     return 0
 
@@ -209,8 +223,9 @@ def anchor_rates(cfg: QLoraConfig, row: int | None = None, micro_tokens: float |
         return base
     t, kernels = cfg.training, liger_kernels(cfg)
     if t.method == "sft" and packs(cfg) and ((checkpointed(cfg), t.batch_size, row or cfg.data.max_seq_length, kernels, cfg.cuda.fused_lora,
-         cfg.cuda.async_metrics, cfg.cuda.optimizer, replaying_layers(cfg))
-            == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER, ANCHOR_REPLAYING)):
+         cfg.cuda.async_metrics, cfg.cuda.optimizer, replaying_layers(cfg), dropout_kernel(cfg))
+            == (ANCHOR_CHECKPOINTED, ANCHOR_ROWS, 4096, ANCHOR_LIGER, True, True, ANCHOR_OPTIMIZER, ANCHOR_REPLAYING,
+                False)):
         return base  # the measured configuration itself
     speed = base.tokens_per_second * (2 + ANCHOR_CHECKPOINTED / DECODER_LAYERS) / (2 + checkpointed(cfg) / DECODER_LAYERS)
     anchor_row = 4096 * PACKING_FILL  # the anchor's packed rows, as micro_batch_tokens counts them
@@ -224,6 +239,8 @@ def anchor_rates(cfg: QLoraConfig, row: int | None = None, micro_tokens: float |
     if not cfg.cuda.async_metrics:
         speed /= ASYNC_METRICS_SPEED
     speed *= OPTIMIZER_SPEED.get(cfg.cuda.optimizer, 1.0) / OPTIMIZER_SPEED[ANCHOR_OPTIMIZER]
+    if dropout_kernel(cfg):
+        speed = 1 / (1 / speed - DROPOUT_KERNEL_SECONDS_PER_TOKEN)
     if t.method == "dpo":  # plus the reference's forward pass (no gradients) over every pair: one pass more
         speed *= (2 + checkpointed(cfg) / DECODER_LAYERS) / (3 + checkpointed(cfg) / DECODER_LAYERS)
     return Rates(speed, cuda_peak_gb(cfg, row), base.eval_tokens_per_second, base.save_seconds, base.startup_seconds,
