@@ -14,7 +14,9 @@ activations (cuda.checkpointed_layers spares it), the dropout mask and the dropp
 per input feature per token) are not stored: the backward pass regenerates them from the random
 generator's state, so kept layers cost about as much memory as at dropout 0 and more of them fit
 (docs/benchmarks.md measures it). In layers that recompute their activations the mask is kept as
-PEFT keeps it: that memory is freed layer by layer anyway.
+PEFT keeps it: that memory is freed layer by layer anyway. With cuda.dropout_kernel (the default on
+a CUDA GPU) neither happens: the mask is drawn inside the LoRA-A kernels of
+backends/cuda/dropout_kernels.py, in every layer, and never stored.
 
 Same modules, same weights, same dropout probability, same adapter files. No maintained library
 does this for 4-bit LoRA with dropout (Unsloth's fused LoRA kernels need dropout 0 and their own
