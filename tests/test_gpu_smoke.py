@@ -64,8 +64,13 @@ def test_flash_attention_keeps_packed_examples_apart(tiny_model_dir):
                      for n in (40, 24))
     packed = torch.cat([first, second], dim=1)
     positions = torch.cat([torch.arange(40), torch.arange(24)]).unsqueeze(0).cuda()
+    # the boundaries as TRL's padding-free collator passes them (training's path): with position_ids
+    # alone, transformers 5.24 hands flash-attn-4 the longest length as a tensor, which its CuTe DSL
+    # refuses ("Expected IntTuple ... got 40", H100, 2026-12-07)
+    bounds = torch.tensor([0, 40, 64], dtype=torch.int32).cuda()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        together = model(input_ids=packed, position_ids=positions).logits.float()
+        together = model(input_ids=packed, position_ids=positions, cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
+                         max_length_q=40, max_length_k=40).logits.float()
         apart = torch.cat([model(input_ids=first).logits, model(input_ids=second).logits], dim=1).float()
     assert torch.allclose(together, apart, atol=0.05, rtol=0.02)  # bf16: a cross-example leak moves far more
 
