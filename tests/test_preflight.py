@@ -163,7 +163,8 @@ def test_memory_fit_follows_the_config(tmp_path):
     gpu = plat.GpuInfo("NVIDIA L40S", 48, 47, (8, 9))
     env = machine(gpu=gpu, env={"HF_TOKEN": "x"})
     shipped = by_name(pf.check_memory(h100_config(tmp_path), env))["memory fit"]
-    assert shipped.status == pf.OK and "~38.5 GB needed" in shipped.message  # measured: 2 rows x 2, 1 layer checkpointed
+    # 2 rows x 2, 1 layer checkpointed: the memory model's 38.4 (measured 38.5 with torch's dropout, 38.1 with the kernels)
+    assert shipped.status == pf.OK and "~38.4 GB needed" in shipped.message
     small = plat.GpuInfo("NVIDIA RTX 4090", 24, 23, (8, 9))
     row = by_name(pf.check_memory(h100_config(tmp_path), machine(gpu=small, env={"HF_TOKEN": "x"})))["memory fit"]
     assert row.status == pf.WARN and "--set cuda.checkpointed_layers=all" in row.fix
