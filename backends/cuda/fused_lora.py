@@ -28,6 +28,7 @@ update's separate kernels.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -37,10 +38,16 @@ try:
     from peft.tuners.lora.bnb import VARIANT_KWARG_KEYS, Linear4bit
 except ImportError:  # PEFT without bitsandbytes: nothing to fuse
     VARIANT_KWARG_KEYS, Linear4bit, dequantize_4bit = (), None, None
-try:
-    from backends.cuda import dropout_kernels
-except ImportError:  # no Triton (it comes with PyTorch on Linux): torch's dropout
-    dropout_kernels = None
+
+@functools.cache
+def _dropout_kernels():
+    """backends/cuda/dropout_kernels.py, imported on first use (it imports Triton), or None without Triton."""
+    try:
+        from backends.cuda import dropout_kernels
+    except ImportError:  # no Triton (it comes with PyTorch on Linux): torch's dropout
+        return None
+    return dropout_kernels
+
 
 REPLAY_ATTRIBUTE = "_qlora_replay_dropout"  # set per layer by `replay_dropout_in_kept_layers`
 KERNEL_ATTRIBUTE = "_qlora_dropout_kernel"  # set by `install_fused_lora(dropout_kernel=True)`
@@ -67,7 +74,8 @@ class _LoraLinear4bit(torch.autograd.Function):
         x_lora = x.to(lora_dtype)
         a = weight_a.to(lora_dtype)
         rng_state, mask, seed = None, None, None
-        kernel = kernel and p > 0 and dropout_kernels.supports(x_lora)
+        dropout_kernels = _dropout_kernels() if kernel and p > 0 else None  # installed only where it imports
+        kernel = dropout_kernels is not None and dropout_kernels.supports(x_lora)
         with torch.autocast(x.device.type, enabled=False):  # every dtype below is explicit, as in PEFT
             if kernel:  # no mask in memory: the kernels draw it from `seed` where they read x
                 seed = dropout_kernels.new_seed(x.device)
@@ -127,14 +135,14 @@ class _LoraLinear4bit(torch.autograd.Function):
             # both LoRA-A gradients in one pass that draws the mask once (dx's update lands in a
             # scratch buffer when x needs no gradient)
             into = grad_x if grad_x is not None else torch.zeros_like(x_flat, dtype=grad_out.dtype)
-            kernel_grad_a = dropout_kernels.dropout_lora_backward_(into, grad_h, x_flat, a, seed, p)
+            kernel_grad_a = _dropout_kernels().dropout_lora_backward_(into, grad_h, x_flat, a, seed, p)
             if ctx.needs_input_grad[1]:
                 grad_a = kernel_grad_a.to(ctx.weight_dtypes[0])
         elif ctx.needs_input_grad[1]:
             grad_a = torch.mm(grad_h.t(), x_flat).to(ctx.weight_dtypes[0])
         if grad_x is not None:
-            if ctx.kernel:
-                pass  # its LoRA part was added in place above
+            if ctx.kernel:  # its LoRA part was added in place above
+                pass
             elif mask is None:
                 grad_x.addmm_(grad_h.to(grad_x.dtype), a.to(grad_x.dtype))
             else:
@@ -177,7 +185,7 @@ def fused_forward(self, x, *args, **kwargs):
 
 
 def dropout_kernels_available() -> bool:
-    return dropout_kernels is not None
+    return _dropout_kernels() is not None
 
 
 def install_fused_lora(model, dropout_kernel: bool = False) -> int:

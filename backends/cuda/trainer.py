@@ -196,15 +196,16 @@ class CudaTrainer(Stopping):
                 install_fused_lora,
             )
 
-            kernel = self.cfg.cuda.dropout_kernel and self.cfg.lora.dropout > 0 and self.device == "cuda"
+            wanted = self.cfg.cuda.dropout_kernel and self.cfg.lora.dropout > 0 and self.device == "cuda"
+            kernel = wanted and dropout_kernels_available()
             if install_fused_lora(self.trainer.model, dropout_kernel=kernel):
                 self.say.ok("LoRA: each 4-bit projection runs as one fused function (cuda.fused_lora)")
-                if kernel and dropout_kernels_available():
+                if kernel:
                     self.say.ok("LoRA dropout: masks drawn inside the LoRA-A kernels, never stored (cuda.dropout_kernel)")
-                elif kernel:
+                elif wanted:
                     self.say.warn("LoRA dropout: Triton is not installed, so torch's dropout runs "
                                   "(cuda.dropout_kernel needs it; it comes with PyTorch on Linux)")
-                if self.cfg.cuda.replay_dropout and self.cfg.lora.dropout > 0 and not (kernel and dropout_kernels_available()):
+                if self.cfg.cuda.replay_dropout and self.cfg.lora.dropout > 0 and not kernel:
                     self.trainer.add_callback(dropout_replay_callback(self.say))
 
     def _keep_adapter_in_fp32(self) -> None:

@@ -32,7 +32,7 @@ def signature(cfg: QLoraConfig, machine: str) -> str:
     parts = ["processed", machine, cfg.backend, t.method, cfg.model.name_or_path, cfg.data.max_seq_length, t.batch_size,
              t.gradient_accumulation_steps, t.packing, t.gradient_checkpointing, cfg.lora.r,
              ",".join(cfg.lora.target_modules), cfg.cuda.attn_implementation, cfg.cuda.use_liger,
-             ",".join(cfg.cuda.liger_kernels), cfg.cuda.fused_lora, cfg.cuda.replay_dropout,
+             ",".join(cfg.cuda.liger_kernels), cfg.cuda.fused_lora, cfg.cuda.replay_dropout, cfg.cuda.dropout_kernel,
              cfg.cuda.checkpointed_layers, cfg.mlx.quant_bits]
     return "|".join(map(str, parts))
 
