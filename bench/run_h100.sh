@@ -2,7 +2,8 @@
 # Steps of the H100 benchmark, run on a CUDA machine from the repository root:
 #   bash bench/run_h100.sh install   # wheels carried in .whl1/.whl2/.whl3 (see docs/benchmarks.md)
 #   bash bench/run_h100.sh prepare   # random-weight Mistral-7B-shaped checkpoint + synthetic data
-#   bash bench/run_h100.sh stock     # the stock TRL baseline, 25 steps
+#   bash bench/run_h100.sh stock     # the stock TRL baseline, 25 steps (DATA=/tmp/bench-long: long-tailed data)
+#   bash bench/run_h100.sh stock-long 32768  # the stock stack at that length (one document a micro-batch), 8 steps
 #   bash bench/run_h100.sh tokens    # our data layer's token ids of the first 4,000 examples, as JSON
 #   bash bench/run_h100.sh unsloth-install  # Unsloth's own environment (.whlu, .devsite-unsloth) in $USITE
 #   bash bench/run_h100.sh unsloth   # Unsloth on those token ids, LoRA dropout 0.05 and 0, 30 steps each
@@ -82,8 +83,10 @@ PY
     cp /tmp/bench-long/stats.json "$OUT/long-stats.json"
     cat /tmp/bench-data/stats.json
     ;;
-  tokens)
-    $PY bench/export_tokens.py --config bench/h100_bench.yaml --out /tmp/bench-data/tokens.json
+  tokens)  # DATA=/tmp/bench-long: the long-tailed data's (default /tmp/bench-data), into $DATA/tokens.json
+    d=${DATA:-/tmp/bench-data}
+    $PY bench/export_tokens.py --config bench/h100_bench.yaml --set "data.train_file=$d/train.jsonl" \
+      --set "data.val_file=$d/val.jsonl" --out "$d/tokens.json"
     ;;
   unsloth-install)  # .whlu: unsloth-zoo + what Unsloth imports (trl 1.15, datasets 4.8, torchao, tyro, cut-cross-entropy,
     # msgspec, ...) and transformers 5.17 (Unsloth's highest), peft, accelerate; numpy, pyarrow, tokenizers, ... come
@@ -99,16 +102,26 @@ PY
 print({n: md.version(n) for n in ('unsloth', 'unsloth_zoo', 'transformers', 'trl', 'peft', 'accelerate',
        'datasets', 'bitsandbytes', 'torchao', 'torch')}, transformers.__file__)"
     ;;
-  unsloth)  # each dropout in its own process (Unsloth patches classes on import); PYTHONPATH without $SITE
-    for dropout in 0.05 0; do
+  unsloth)  # each dropout in its own process (Unsloth patches classes on import); PYTHONPATH without $SITE.
+    # DATA=/tmp/bench-long (after `DATA=/tmp/bench-long tokens`): the long-tailed data; DROPOUTS="0.05": one run;
+    # TAG=name suffixes the result files
+    for dropout in ${DROPOUTS:-0.05 0}; do
       PYTHONPATH="$USITE" $PY bench/unsloth_baseline.py --model /tmp/mistral-7b-random \
-        --tokens /tmp/bench-data/tokens.json --rows 4 --accumulation 1 --dropout $dropout --steps "${STEPS:-30}" \
-        --out "$OUT/unsloth-dropout-$dropout.json" || echo "unsloth dropout $dropout failed"
+        --tokens "${DATA:-/tmp/bench-data}/tokens.json" --rows 4 --accumulation 1 --dropout $dropout \
+        --steps "${STEPS:-30}" --warmup "${WARMUP:-10}" --out "$OUT/unsloth-dropout-$dropout${TAG:+-$TAG}.json" || echo "unsloth dropout $dropout failed"
     done
     ;;
-  stock)
-    $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-data --steps "${STEPS:-25}" \
-      --out "$OUT/stock.json"
+  stock)  # DATA=/tmp/bench-long: the long-tailed data (default /tmp/bench-data); TAG=name suffixes the result file
+    $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data "${DATA:-/tmp/bench-data}" --steps "${STEPS:-25}" \
+      --out "$OUT/stock${TAG:+-$TAG}.json"
+    ;;
+  stock-long)  # after long-prepare: the stock stack on the documents at length N: one padded document a micro-batch
+    # (no packing), the first 200 documents, the `long N` config's accumulation (8K 2, 16K 1, 32K 1), STEPS (8) steps; $OUT/stock-long-N.json
+    n=${2:?"stock-long N: 8192, 16384 or 32768"}
+    acc=$([ "$n" -le 8192 ] && echo 2 || echo 1)
+    $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-doc --steps "${STEPS:-8}" \
+      --logging-steps 1 --batch 1 --accumulation "$acc" --max-length "$n" --examples 200 --out "$OUT/stock-long-$n.json" \
+      || echo "stock at $n failed"
     ;;
   ablation)
     shift

@@ -25,8 +25,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--logging-steps", type=int, default=5)
     parser.add_argument("--eval-steps", type=int, default=0, help="evaluate on val.jsonl every N steps (0: never)")
-    parser.add_argument("--accumulation", type=int, default=4, help="micro-batches of 4 per step (seed: 4)")
+    parser.add_argument("--batch", type=int, default=4, help="examples a micro-batch (seed: 4)")
+    parser.add_argument("--accumulation", type=int, default=4, help="micro-batches a step (seed: 4)")
     parser.add_argument("--max-length", type=int, default=4096, help="truncation length (seed: 4096)")
+    parser.add_argument("--examples", type=int, default=0, help="only the first N conversations (0: all)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -43,6 +45,7 @@ def main() -> None:
 
     def as_dataset(name: str):
         conversations, _ = read_conversations(Path(args.data) / name)
+        conversations = conversations[: args.examples or None]
         examples, _, _ = tokenize_all(conversations, ChatTokenizer(), DataConfig(max_seq_length=args.max_length))
         return examples, Dataset.from_dict(
             {"input_ids": [e.input_ids for e in examples], "assistant_masks": [e.loss_mask for e in examples]}
@@ -60,7 +63,7 @@ def main() -> None:
     config = SFTConfig(
         output_dir="/tmp/stock-baseline", max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="cosine",
         warmup_steps=0.03, optim="paged_adamw_32bit", weight_decay=0.01, max_grad_norm=0.3,
-        per_device_train_batch_size=4, gradient_accumulation_steps=args.accumulation, gradient_checkpointing=True,
+        per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accumulation, gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=True, max_length=args.max_length, packing=False,
         logging_steps=args.logging_steps, save_strategy="no", per_device_eval_batch_size=4,
         eval_strategy="steps" if evaluating else "no", eval_steps=args.eval_steps if evaluating else None, report_to=[], include_num_input_tokens_seen="non_padding",
@@ -85,11 +88,12 @@ def main() -> None:
     wall = time.time() - started
     seconds, tokens = clock.end[0] - clock.start[0], clock.end[1] - clock.start[1]
     lengths = [len(e) for e in examples]
-    # padding of random batches of 4 padded to their longest example (the planner's simulation; the
+    # padding of random batches padded to their longest example (the planner's simulation; the
     # Trainer counts only non-padding tokens)
-    padded = padded_tokens(lengths, 4, 42)
+    padded = padded_tokens(lengths, args.batch, 42)
     result = {
-        "name": f"stock TRL SFTTrainer (padded batches 4 x {args.accumulation}, SDPA, no packing, no Liger)",
+        "name": f"stock TRL SFTTrainer (padded batches {args.batch} x {args.accumulation}, SDPA, no packing, no Liger)",
+        "batch": args.batch,
         "steps": args.steps,
         "accumulation": args.accumulation,
         "max_length": args.max_length,

@@ -349,3 +349,33 @@ def test_the_unsloth_long_steps_name_their_length():
         assert done.returncode != 0 and f"{step} N: 8192, 16384 or 32768" in done.stderr
     usage = subprocess.run(["bash", "bench/run_h100.sh"], capture_output=True, text=True, cwd=REPO).stdout
     assert "unsloth-long 32768" in usage and "long-compare 32768" in usage
+
+
+def test_compare_table_sets_the_three_trainers_side_by_side(tmp_path):
+    """bench/compare.py: each trainer's figures at each length from the files the steps write; a missing
+    or failed run reads "not measured", never a number from another row."""
+    from bench.compare import rows, table
+
+    def write(name, data):
+        (tmp_path / name).write_text(json.dumps(data))
+
+    write("ablation.json", {"variants": [{"variant": "shipped", "overrides": [], "steady_tokens_per_second": 15000.0,
+                                          "peak_memory_gb": 38.0, "micro_batch_rows": 2, "accumulation": 2}]})
+    write("plan-4096.json", {"figures": [{"name": "peak memory", "value": 38.4}]})
+    write("stock.json", {"real_tokens_per_second": 3000.0, "peak_memory_gb": 20.0, "name": "stock"})
+    write("unsloth-dropout-0.05.json", {"real_tokens_per_second": 7500.0, "peak_memory_gb": 8.7,
+                                        "attention_dispatch": {"packed_kernel": "sdpa"}})
+    write("long-32768.json", {"steady_tokens_per_second": 10000.0, "peak_memory_gb": 53.6, "plan_peak_gb": 55.4})
+    write("unsloth-long-32768.json", {"real_tokens_per_second": 4000.0, "peak_memory_gb": 30.0})
+    write("stock-long-32768.json", {"real_tokens_per_second": None})  # a run that failed to time any step
+    (tmp_path / "stock-long-8192.json").write_text("")  # a run killed before it wrote
+    found = {(r["length"], r["data"]): r for r in rows(tmp_path)}
+    chat = found[(4096, "chat (bench)")]
+    assert chat["ours_over_stock"] == pytest.approx(5.0) and chat["ours_over_unsloth"] == pytest.approx(2.0)
+    assert chat["plan_peak_gb"] == 38.4 and chat["unsloth"]["attention"] == "sdpa"
+    longest = found[(32768, "documents")]
+    assert longest["stock"] is None and longest["ours_over_unsloth"] == pytest.approx(2.5)
+    assert found[(8192, "documents")]["ours"] is None
+    text = table(rows(tmp_path))
+    assert "| 4096 | chat (bench) | 15,000 | 38.00 | 38.40 | 3,000 | 20.00 | 7,500 | 8.70 | 5.00x | 2.00x |" in text
+    assert "| 32768 | documents | 10,000 | 53.60 | 55.40 | not measured | - | 4,000 | 30.00 | - | 2.50x |" in text
