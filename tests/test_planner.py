@@ -185,7 +185,8 @@ def test_a_calibration_is_reused_only_for_the_same_speed_settings(tmp_path):
     assert cached_rates(shipped, "NVIDIA H100 80GB HBM3 (80 GB)", cache=cache) == RATES
     for change in ("cuda.checkpointed_layers=all", "cuda.fused_lora=false", "cuda.use_liger=false",
                    "training.batch_size=4", "cuda.replay_dropout=false", "cuda.liger_kernels=[rms_norm]",
-                   "cuda.dropout_kernel=false"):
+                   "cuda.dropout_kernel=false", "lora.dropout=0", "cuda.optimizer=adamw_torch",
+                   "cuda.async_metrics=false"):
         other = load_config(platform="h100", overrides=[change])
         assert cached_rates(other, "NVIDIA H100 80GB HBM3 (80 GB)", cache=cache) is None, change
     assert cached_rates(shipped, "NVIDIA H200 (140 GB)", cache=cache) is None

@@ -33,7 +33,8 @@ def signature(cfg: QLoraConfig, machine: str) -> str:
              t.gradient_accumulation_steps, t.packing, t.gradient_checkpointing, cfg.lora.r,
              ",".join(cfg.lora.target_modules), cfg.cuda.attn_implementation, cfg.cuda.use_liger,
              ",".join(cfg.cuda.liger_kernels), cfg.cuda.fused_lora, cfg.cuda.replay_dropout, cfg.cuda.dropout_kernel,
-             cfg.cuda.checkpointed_layers, cfg.mlx.quant_bits]
+             cfg.cuda.checkpointed_layers, cfg.mlx.quant_bits, cfg.lora.dropout, cfg.cuda.optimizer,
+             cfg.cuda.async_metrics]
     return "|".join(map(str, parts))
 
 
