@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 from common.config.schema import QLoraConfig
 from common.data.preference import PairExample
@@ -288,7 +289,13 @@ class Plan:
 
 
 def padded_tokens(lengths: list[int], batch: int, seed: int) -> int:
-    """Tokens including padding when random batches are padded to their longest example."""
+    """Tokens including padding when random batches are padded to their longest example (one plan asks
+    for the same data's figure several times: a million-example shuffle is worth keeping)."""
+    return _padded_tokens(tuple(lengths), batch, seed)
+
+
+@lru_cache(maxsize=4)
+def _padded_tokens(lengths: tuple[int, ...], batch: int, seed: int) -> int:
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     total = 0
