@@ -318,6 +318,8 @@ distributed.start(on_cpu=True)
 group = distributed._stop_group
 print(json.dumps({"own_gloo_group": group is not None and group != dist.group.WORLD and dist.get_backend(group) == "gloo",
                   "one_of_two": distributed.any_rank(dist.get_rank() == 1), "neither": distributed.any_rank(False)}))
+distributed.stop()  # as as_rank does after a rank's work: gloo's threads end before the interpreter does
+assert not dist.is_initialized() and distributed._stop_group is None
 """
 
 

@@ -257,6 +257,21 @@ def start(on_cpu: bool) -> None:
         _stop_group = dist.new_group(backend="gloo")
 
 
+def stop() -> None:
+    """Leave the process groups (the stop group with the default one) before the process exits. Left
+    to the interpreter's exit, gloo's threads can outlive it and abort the process ("terminate called
+    without an active exception") after a rank that finished its work."""
+    global _stop_group
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()  # every group, the stop group too
+        except Exception:  # noqa: BLE001  (the rank's work is done and recorded: a teardown error must not undo it)
+            pass
+    _stop_group = None
+
+
 @contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first, then the others (what it wrote, they read)."""
@@ -391,6 +406,7 @@ def as_rank(body, on_cpu: bool) -> int:
     try:
         code = body()
         record_success()
+        stop()
         return code
     except QLoraError as exc:
         record_failure(str(exc), ours=True)
