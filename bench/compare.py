@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.long_context import plan_peak  # noqa: E402
 
 LENGTHS = (8192, 16384, 32768)
 
@@ -30,12 +34,6 @@ def _read(folder: Path, name: str) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-
-
-def _plan_peak(plan: dict | None) -> float | None:
-    if not plan:
-        return None
-    return next((f["value"] for f in plan.get("figures", []) if f["name"] == "peak memory"), None)
 
 
 def _ours_ablation(ablation: dict | None) -> dict | None:
@@ -76,10 +74,10 @@ def rows(folder: Path) -> list[dict]:
     """One row per length and data: each trainer's figures (None where its file is missing or failed)."""
     out = [
         {"length": 4096, "data": "chat (bench)", "ours": _ours_ablation(_read(folder, "ablation.json")),
-         "plan_peak_gb": _plan_peak(_read(folder, "plan-4096.json")), "stock": _stock(_read(folder, "stock.json")),
+         "plan_peak_gb": plan_peak(_read(folder, "plan-4096.json")), "stock": _stock(_read(folder, "stock.json")),
          "unsloth": _unsloth(_read(folder, "unsloth-dropout-0.05.json"))},
         {"length": 4096, "data": "long-tailed", "ours": _ours_ablation(_read(folder, "ablation-long.json")),
-         "plan_peak_gb": _plan_peak(_read(folder, "plan-4096-long.json")),
+         "plan_peak_gb": plan_peak(_read(folder, "plan-4096-long.json")),
          "stock": _stock(_read(folder, "stock-long.json")),
          "unsloth": _unsloth(_read(folder, "unsloth-dropout-0.05-long.json"))},
     ]

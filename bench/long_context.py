@@ -15,9 +15,14 @@ from pathlib import Path
 WARMUP = 5  # steps left out of the steady rate (kernel compilation, allocator growth)
 
 
+def plan_peak(plan: dict | None) -> float | None:
+    """The peak memory (GB) that `qlora plan --json` predicted, None without one."""
+    return next((f["value"] for f in (plan or {}).get("figures", []) if f["name"] == "peak memory"), None)
+
+
 def collect(length: int, start: float, plan_file: Path, run: Path) -> dict:
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() and plan_file.stat().st_size else {}
-    predicted = next((f["value"] for f in plan.get("figures", []) if f["name"] == "peak memory"), None)
+    predicted = plan_peak(plan)
     out: dict = {"max_seq_length": length, "plan_peak_gb": predicted, "plan": plan}
     summary = run / "summary.json"
     if not summary.is_file():

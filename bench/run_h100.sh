@@ -115,8 +115,8 @@ print({n: md.version(n) for n in ('unsloth', 'unsloth_zoo', 'transformers', 'trl
     $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data "${DATA:-/tmp/bench-data}" --steps "${STEPS:-25}" \
       --out "$OUT/stock${TAG:+-$TAG}.json"
     ;;
-  stock-long)  # after long-prepare: the stock stack on the documents at length N: one padded document a micro-batch
-    # (no packing), the first 200 documents, the `long N` config's accumulation (8K 2, 16K 1, 32K 1), STEPS (8) steps; $OUT/stock-long-N.json
+  stock-long)  # after long-prepare: the stock stack on the documents at length N: one document a micro-batch
+    # (so no padding; no packing), the first 200 documents, the `long N` config's accumulation (8K 2, 16K 1, 32K 1), STEPS (8) steps; $OUT/stock-long-N.json
     n=${2:?"stock-long N: 8192, 16384 or 32768"}
     acc=$([ "$n" -le 8192 ] && echo 2 || echo 1)
     $PY bench/stock_baseline.py --model /tmp/mistral-7b-random --data /tmp/bench-doc --steps "${STEPS:-8}" \
